@@ -1,0 +1,279 @@
+"""Run configuration: frozen dataclasses with defaults, loaded from YAML, overridden by key=value.
+
+    cfg = load_config("configs/default.yaml", overrides=["optimizer.lr=0.003", "run.workers=4"])
+    cfg.optimizer.lr        # 0.003
+    save_config(cfg, "runs/x/config.yaml")
+
+Every section owns its defaults. A key that does not exist, or a value of the wrong type, is an
+error that names the key (``ConfigError``). Values in overrides are parsed as YAML scalars.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "cnn1d"           # a registry name (asgd.models) or "package.module:factory"
+    args: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "mnist1d"         # mnist1d | digits | synthetic | "package.module:factory"
+    args: dict = field(default_factory=dict)
+    cache_dir: str = ""           # where generated data sets are cached ("" = ~/.cache/asgd)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adam"            # sgd | adam | adamw | adagrad
+    lr: float = 0.01
+    momentum: float = 0.0         # sgd
+    nesterov: bool = False        # sgd
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: str = "constant"        # constant | cosine | step; driven by the server's version
+    warmup: int = 0               # updates of linear warm-up from 0
+    total: int = 0                # cosine: updates to reach min_lr (0 = run.max_updates)
+    min_lr: float = 0.0           # cosine floor
+    step_size: int = 1000         # step: multiply by gamma every step_size updates
+    gamma: float = 0.1
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    bind: str = "tcp://127.0.0.1:5555"
+    policy: str = "none"          # none | max_staleness (see asgd.policies)
+    max_staleness: Optional[int] = None   # drop pushes staler than this (null = no bound)
+    max_message_mb: float = 512.0
+    checkpoint_dir: str = ""      # "" = <run dir>/checkpoint, or ./checkpoint without a run dir
+    checkpoint_every: int = 0     # also checkpoint every N updates (0 = only on shutdown)
+    stats_every_s: float = 1.0    # how often a "server" record goes to metrics.jsonl
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    batch_size: int = 100
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    threads: int = 1              # torch.set_num_threads for each worker process
+    request_timeout_s: float = 10.0
+    reconnect_timeout_s: float = 30.0   # give up after the server is gone this long
+    log_every: int = 10           # a worker_step record every N steps
+    max_steps: int = 0            # per-worker step budget (0 = none)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = ""                # run directory name ("" = a timestamp)
+    out_dir: str = "runs"
+    seed: int = 0
+    workers: int = 2
+    max_updates: int = 0          # stop once the server's version reaches this (0 = none)
+    max_seconds: float = 60.0     # stop the workers after this long (0 = none)
+    eval_every_s: float = 0.0     # evaluate the live weights this often during a launch (0 = never)
+    eval_batch_size: int = 1000
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> "Config":
+        """A copy with dotted keys replaced: cfg.replace(**{"run.workers": 4})."""
+        return apply_overrides(self, [(k, v) for k, v in overrides.items()], parsed=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# type checking
+
+def _check(key: str, value: Any, tp: Any) -> Any:
+    """``value`` coerced to the annotated type ``tp``, or ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or tp is dict:
+        if isinstance(value, tp):
+            return value
+    else:
+        raise ConfigError(f"{key}: unsupported type {tp}")
+    want = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{key}: expected {want}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f" in {prefix}" if prefix else ""
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''}{where}: "
+                          + ", ".join(f"{prefix}.{k}" if prefix else k for k in unknown)
+                          + f" (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v, key)
+        else:
+            kwargs[k] = _check(key, v, tp)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict | None) -> Config:
+    cfg = _build(Config, data or {}, "")
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides, parsed: bool = False) -> Config:
+    """Apply ``key=value`` strings (or (key, value) pairs when ``parsed``) to ``cfg``."""
+    data = cfg.to_dict()
+    for item in overrides:
+        if parsed:
+            key, value = item
+        else:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+            key, text = item.split("=", 1)
+            key = key.strip()
+            try:
+                value = yaml.safe_load(text) if text.strip() else ""
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{key}: cannot parse value {text!r}: {e}") from None
+        parts = key.split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"unknown key: {'.'.join(parts[:i + 1])} (in override {key})")
+            node = node[part]
+        if not isinstance(node, dict) or (parts[-1] not in node and len(parts) < 3):
+            raise ConfigError(f"unknown key: {key}")
+        node[parts[-1]] = value
+    return from_dict(data)
+
+
+# ----------------------------------------------------------------------------------------------
+# semantic checks
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
+SCHEDULES = ("constant", "cosine", "step")
+
+
+def validate(cfg: Config) -> None:
+    def need(ok: bool, key: str, msg: str):
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+
+    from asgd.policies import POLICIES
+
+    o, s, sv, w, r = cfg.optimizer, cfg.schedule, cfg.server, cfg.worker, cfg.run
+    need(o.name in OPTIMIZERS, "optimizer.name", f"{o.name!r} is not one of {', '.join(OPTIMIZERS)}")
+    need(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
+    need(0 <= o.momentum < 1, "optimizer.momentum", f"must be in [0, 1), got {o.momentum}")
+    need(not o.nesterov or o.momentum > 0, "optimizer.nesterov", "needs momentum > 0")
+    need(len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas),
+         "optimizer.betas", f"must be two numbers in [0, 1), got {o.betas}")
+    need(o.eps > 0, "optimizer.eps", "must be > 0")
+    need(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    need(s.kind in SCHEDULES, "schedule.kind", f"{s.kind!r} is not one of {', '.join(SCHEDULES)}")
+    need(s.warmup >= 0, "schedule.warmup", "must be >= 0")
+    need(s.total >= 0, "schedule.total", "must be >= 0")
+    need(s.step_size > 0, "schedule.step_size", "must be > 0")
+    need(0 < s.gamma <= 1, "schedule.gamma", "must be in (0, 1]")
+    need(s.min_lr >= 0, "schedule.min_lr", "must be >= 0")
+    need(sv.policy in POLICIES, "server.policy",
+         f"{sv.policy!r} is not one of {', '.join(POLICIES)}")
+    need(sv.max_staleness is None or sv.max_staleness >= 0, "server.max_staleness",
+         "must be >= 0 or null")
+    need(sv.policy != "max_staleness" or sv.max_staleness is not None, "server.max_staleness",
+         "policy max_staleness needs a bound K")
+    need(sv.max_message_mb > 0, "server.max_message_mb", "must be > 0")
+    need(sv.checkpoint_every >= 0, "server.checkpoint_every", "must be >= 0")
+    need(sv.stats_every_s > 0, "server.stats_every_s", "must be > 0")
+    need(sv.threads >= 1, "server.threads", "must be >= 1")
+    need(w.batch_size >= 1, "worker.batch_size", "must be >= 1")
+    need(w.device == "auto" or w.device == "cpu" or w.device.startswith("cuda"),
+         "worker.device", f"must be auto, cpu, cuda or cuda:N, got {w.device!r}")
+    need(w.threads >= 1, "worker.threads", "must be >= 1")
+    need(w.request_timeout_s > 0, "worker.request_timeout_s", "must be > 0")
+    need(w.reconnect_timeout_s > 0, "worker.reconnect_timeout_s", "must be > 0")
+    need(w.log_every >= 1, "worker.log_every", "must be >= 1")
+    need(w.max_steps >= 0, "worker.max_steps", "must be >= 0")
+    need(r.workers >= 1, "run.workers", "must be >= 1")
+    need(r.max_updates >= 0, "run.max_updates", "must be >= 0")
+    need(r.max_seconds >= 0, "run.max_seconds", "must be >= 0")
+    need(r.max_updates > 0 or r.max_seconds > 0 or w.max_steps > 0, "run.max_updates",
+         "a run needs a budget: run.max_updates, run.max_seconds or worker.max_steps")
+    need(r.eval_every_s >= 0, "run.eval_every_s", "must be >= 0")
+    need(r.eval_batch_size >= 1, "run.eval_batch_size", "must be >= 1")
+    need("/" not in r.name and r.name not in (".", ".."), "run.name", "must be a plain name")
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+
+def load_config(path: str | Path | None = None, overrides=()) -> Config:
+    data = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    cfg = from_dict(data)
+    return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(dump_config(cfg))

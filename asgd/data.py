@@ -1,0 +1,175 @@
+"""Data sets and sharding.
+
+    ds = load_dataset(cfg.data, seed=cfg.run.seed)        # a Dataset of CPU tensors
+    for x, y in ShardLoader(ds.x_train, ds.y_train, rank=0, world=2, batch_size=100, seed=0):
+        ...
+
+Data sets: ``mnist1d`` (generated offline by the mnist1d package with its default arguments:
+4,000 training and 1,000 test samples; cached as .npz), ``digits`` (scikit-learn's 8x8 digits,
+a fixed 80/20 split), ``synthetic`` (a learnable random teacher of configurable size, for
+throughput work) and any ``package.module:factory`` returning a Dataset or a dict with
+x_train, y_train, x_test, y_test.
+
+Sharding: worker ``rank`` of ``world`` owns a disjoint slice of one seeded permutation of the
+training split; together the shards cover it. Each epoch reshuffles the shard with the seed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: torch.Tensor   # (N, *input_shape) float32
+    y_train: torch.Tensor   # (N,) int64
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.x_train.shape[1:])
+
+
+def _cache_dir(cache_dir: str) -> Path:
+    root = Path(cache_dir or os.environ.get("ASGD_CACHE") or Path.home() / ".cache" / "asgd")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _from_arrays(name, x, y, xt, yt, num_classes=None) -> Dataset:
+    x, xt = (torch.as_tensor(np.asarray(a), dtype=torch.float32) for a in (x, xt))
+    y, yt = (torch.as_tensor(np.asarray(a), dtype=torch.int64) for a in (y, yt))
+    k = int(num_classes or int(max(y.max(), yt.max())) + 1)
+    return Dataset(name, x.contiguous(), y, xt.contiguous(), yt, k)
+
+
+def mnist1d(cache_dir: str = "", **overrides) -> Dataset:
+    """MNIST-1D from the mnist1d package's generator (never its download)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args(as_dict=True)
+    unknown = set(overrides) - set(args)
+    if unknown:
+        raise ValueError(f"data.args: unknown mnist1d arguments {sorted(unknown)}")
+    args.update(overrides)
+    args.pop("url", None)
+    key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
+    path = _cache_dir(cache_dir) / f"mnist1d-{key}.npz"
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return _from_arrays("mnist1d", z["x"], z["y"], z["x_test"], z["y_test"], 10)
+        except (OSError, ValueError, KeyError):
+            pass  # a torn cache file: generate again
+    from mnist1d.utils import ObjectView
+
+    d = make_dataset(ObjectView(dict(args, url="")))
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, x=d["x"], y=d["y"], x_test=d["x_test"], y_test=d["y_test"])
+    os.replace(tmp, path)
+    return _from_arrays("mnist1d", d["x"], d["y"], d["x_test"], d["y_test"], 10)
+
+
+def digits(test_fraction: float = 0.2, seed: int = 0, cache_dir: str = "") -> Dataset:
+    """scikit-learn's 8x8 handwritten digits (1,797 images), scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)    # (N, 8, 8)
+    perm = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(round(len(x) * test_fraction))
+    test, train = perm[:n_test], perm[n_test:]
+    return _from_arrays("digits", x[train], d.target[train], x[test], d.target[test], 10)
+
+
+def synthetic(n_train: int = 10000, n_test: int = 2000, shape=(64,), num_classes: int = 10,
+              noise: float = 0.5, seed: int = 0, cache_dir: str = "") -> Dataset:
+    """Gaussian inputs labelled by a random linear teacher plus noise: learnable, any size."""
+    g = torch.Generator().manual_seed(seed)
+    shape = tuple(shape) if isinstance(shape, (list, tuple)) else (int(shape),)
+    dim = int(np.prod(shape))
+    teacher = torch.randn(dim, num_classes, generator=g)
+    x = torch.randn(n_train + n_test, dim, generator=g)
+    logits = x @ teacher + noise * torch.randn(n_train + n_test, num_classes, generator=g)
+    y = logits.argmax(1)
+    x = x.reshape(-1, *shape)
+    return Dataset("synthetic", x[:n_train].contiguous(), y[:n_train], x[n_train:].contiguous(),
+                   y[n_train:], num_classes)
+
+
+DATASETS = {"mnist1d": mnist1d, "digits": digits, "synthetic": synthetic}
+
+
+def load_dataset(data_cfg, seed: int = 0) -> Dataset:
+    from asgd.models import import_object
+
+    factory = DATASETS.get(data_cfg.name) or import_object(data_cfg.name, "data set")
+    kwargs = dict(data_cfg.args)
+    if factory in (digits, synthetic):
+        kwargs.setdefault("seed", seed)
+    try:
+        if factory in DATASETS.values():
+            ds = factory(cache_dir=data_cfg.cache_dir, **kwargs)
+        else:
+            ds = factory(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"data set {data_cfg.name!r}: bad arguments {kwargs}: {e}") from None
+    if isinstance(ds, dict):
+        ds = _from_arrays(data_cfg.name, ds["x_train"], ds["y_train"], ds["x_test"],
+                          ds["y_test"], ds.get("num_classes"))
+    if not isinstance(ds, Dataset):
+        raise ValueError(f"data set {data_cfg.name!r} returned {type(ds).__name__}")
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------
+# sharding
+
+def shard_indices(n: int, rank: int, world: int, seed: int) -> torch.Tensor:
+    """Worker ``rank``'s disjoint share of range(n); the shares of all ranks cover it."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[rank::world].clone()
+
+
+class ShardLoader:
+    """Endless batches from one worker's shard, reshuffled each epoch with (seed, rank, epoch).
+    The data stay in one tensor (on the worker's device); a batch is an index_select."""
+
+    def __init__(self, x, y, rank: int, world: int, batch_size: int, seed: int = 0,
+                 device="cpu"):
+        self.indices = shard_indices(len(x), rank, world, seed).to(device)
+        if len(self.indices) == 0:
+            raise ValueError(f"shard {rank} of {world} is empty ({len(x)} samples)")
+        self.x, self.y = x.to(device), y.to(device)
+        self.batch_size = min(batch_size, len(self.indices))
+        self.seed, self.rank = seed, rank
+        self.epoch, self._order, self._pos = 0, None, 0
+        self._reshuffle()
+
+    def _reshuffle(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7919 + self.epoch)
+        perm = torch.randperm(len(self.indices), generator=g).to(self.indices.device)
+        self._order, self._pos = self.indices[perm], 0
+
+    def next(self):
+        if self._pos + self.batch_size > len(self._order):
+            self.epoch += 1
+            self._reshuffle()
+        idx = self._order[self._pos:self._pos + self.batch_size]
+        self._pos += self.batch_size
+        return self.x.index_select(0, idx), self.y.index_select(0, idx)
+
+    def __iter__(self):
+        while True:
+            yield self.next()

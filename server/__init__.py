@@ -1,0 +1,1 @@
+"""The asgd parameter server: parameter store, request handling, checkpoints, ROUTER loop."""

@@ -1,0 +1,170 @@
+"""The parameter store: every weight in one flat buffer, the optimizer beside it, a version.
+
+    store = ParameterStore.from_model(model, cfg)
+    result = store.push(grads, base_version=3)   # grads: list of arrays in layout order
+    result.applied, result.staleness, store.version
+
+The flat buffer is one float32 allocation; ``views`` are per-tensor views into it in the
+model's parameter order. The optimizer is torch.optim's, run on the flat buffer as a single
+parameter (its update rules are elementwise, so this is the same arithmetic as per tensor).
+The learning rate of each update is the schedule at the current version times the policy's
+factor. A push that fails validation changes nothing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from asgd.config import Config
+from asgd.policies import decide
+
+
+# ----------------------------------------------------------------------------------------------
+# learning-rate schedule, driven by the version
+
+def scheduled_lr(cfg: Config, version: int) -> float:
+    s, base = cfg.schedule, cfg.optimizer.lr
+    if s.warmup and version < s.warmup:
+        return base * (version + 1) / s.warmup
+    if s.kind == "constant":
+        return base
+    if s.kind == "step":
+        return base * s.gamma ** ((version - s.warmup) // s.step_size)
+    total = s.total or cfg.run.max_updates
+    if total <= s.warmup:
+        return base
+    progress = min(1.0, (version - s.warmup) / (total - s.warmup))
+    return s.min_lr + (base - s.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                               weight_decay=o.weight_decay)
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                 weight_decay=o.weight_decay)
+    if o.name == "adagrad":
+        return torch.optim.Adagrad(params, lr=o.lr, eps=o.eps, weight_decay=o.weight_decay)
+    raise ValueError(f"unknown optimizer {o.name!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PushResult:
+    applied: bool
+    staleness: int
+    version: int          # the version after this push
+    lr: float = 0.0
+    reason: str = ""
+
+
+class ParameterStore:
+    def __init__(self, specs: list[dict], init: torch.Tensor, cfg: Config, version: int = 0):
+        self.cfg = cfg
+        self.specs = [dict(s) for s in specs]
+        for s in self.specs:
+            if s["dtype"] != "float32":
+                raise ValueError(f"parameter {s['name']}: only float32 parameters are served")
+        sizes = [math.prod(s["shape"]) for s in self.specs]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
+        self.numel = self.offsets[-1]
+        if init.numel() != self.numel:
+            raise ValueError(f"initial weights have {init.numel()} values, layout needs {self.numel}")
+        self.flat = torch.nn.Parameter(init.detach().to(torch.float32).clone().reshape(-1))
+        self.flat.grad = torch.zeros_like(self.flat)
+        self.views = [self.flat.data[a:b].view(s["shape"])
+                      for s, a, b in zip(self.specs, self.offsets[:-1], self.offsets[1:])]
+        self.grad_np = self.flat.grad.numpy()
+        self.optimizer = make_optimizer(cfg, [self.flat])
+        self.version = version
+        self._snapshot = None   # (version, flat copy) shared by replies at the same version
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, cfg: Config) -> "ParameterStore":
+        from asgd.models import parameter_specs
+
+        with torch.no_grad():
+            init = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        return cls(parameter_specs(model), init, cfg)
+
+    @property
+    def names(self) -> list[str]:
+        return [s["name"] for s in self.specs]
+
+    # ------------------------------------------------------------------------------------------
+
+    def staleness_of(self, base_version: int) -> int:
+        return self.version - base_version
+
+    def push(self, grads, base_version: int, lr_scale: float = 1.0) -> PushResult:
+        """Apply one gradient (arrays in layout order, already validated) computed from
+        ``base_version``, subject to the staleness policy."""
+        staleness = self.staleness_of(base_version)
+        sv = self.cfg.server
+        decision = decide(sv.policy, staleness, sv.max_staleness)
+        if not decision.apply:
+            return PushResult(False, staleness, self.version, 0.0, decision.reason)
+        for (a, b), g in zip(zip(self.offsets[:-1], self.offsets[1:]), grads):
+            np.copyto(self.grad_np[a:b], np.asarray(g).reshape(-1), casting="same_kind")
+        lr = scheduled_lr(self.cfg, self.version) * decision.lr_scale * lr_scale
+        self.apply_flat_grad(lr)
+        return PushResult(True, staleness, self.version, lr)
+
+    def apply_flat_grad(self, lr: float) -> None:
+        """One optimizer step with the gradient already in ``flat.grad``; version += 1."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.version += 1
+
+    def snapshot(self) -> torch.Tensor:
+        """A copy of the weights at the current version, safe to send without copying again
+        (the live buffer changes under zero-copy frames still queued for sending)."""
+        if self._snapshot is None or self._snapshot[0] != self.version:
+            self._snapshot = (self.version, self.flat.detach().clone())
+        return self._snapshot[1]
+
+    def weight_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        snap = self.snapshot()
+        return [(s["name"], snap[a:b].view(s["shape"]))
+                for s, a, b in zip(self.specs, self.offsets[:-1], self.offsets[1:])]
+
+    # ------------------------------------------------------------------------------------------
+    # optimizer state, for checkpoints (tensors and plain scalars only: nothing pickled)
+
+    def optimizer_state(self) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
+        state = self.optimizer.state.get(self.flat, {})
+        scalars, tensors = {}, []
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.numel() == self.numel:
+                tensors.append((f"optim.{k}", v))
+            elif torch.is_tensor(v):
+                scalars[k] = {"tensor": float(v.item())}
+            else:
+                scalars[k] = v
+        return scalars, tensors
+
+    def load_optimizer_state(self, scalars: dict, tensors: dict[str, torch.Tensor]) -> None:
+        state = {}
+        for k, v in scalars.items():
+            state[k] = torch.tensor(v["tensor"], dtype=torch.float32) if isinstance(v, dict) else v
+        for k, t in tensors.items():
+            if k.startswith("optim."):
+                state[k[len("optim."):]] = t.clone().reshape(-1)
+        if state:
+            self.optimizer.state[self.flat] = state
+
+    def load_weights(self, flat: torch.Tensor, version: int) -> None:
+        with torch.no_grad():
+            self.flat.data.copy_(flat.reshape(-1))
+        self.version = version
+        self._snapshot = None

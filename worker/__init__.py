@@ -1,0 +1,1 @@
+"""The asgd worker: server client, training loop."""

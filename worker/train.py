@@ -1,0 +1,203 @@
+"""The worker's training loop: pull, compute a gradient on its own shard, push_pull, repeat.
+
+    python -m worker --config configs/default.yaml --server tcp://127.0.0.1:5555 --rank 0
+
+No barrier and no waiting on other workers: each step computes the gradient on the weights of
+version v and sends it with v; the reply carries the weights after the server applied it (and
+whatever other workers pushed meanwhile). When the server goes away the worker reconnects with
+bounded exponential back-off, and gives up with a clear message after
+``worker.reconnect_timeout_s``; the gradient in flight at that moment is dropped, not resent.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from asgd.config import Config
+from asgd.data import ShardLoader, load_dataset
+from asgd.metrics import MetricsWriter
+from asgd.models import build_model, parameter_specs
+from worker.client import Client, ServerError, ServerTimeout
+
+log = logging.getLogger("asgd.worker")
+
+
+class WorkerError(Exception):
+    """A condition the worker cannot train through (exit code 2)."""
+
+
+class ServerGone(WorkerError):
+    """The server did not come back within the reconnect budget (exit code 3)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise WorkerError(f"worker.device is {name!r} but CUDA is not available here")
+    return torch.device(name)
+
+
+@dataclass
+class WorkerResult:
+    steps: int = 0
+    samples: int = 0
+    version: int = 0
+    elapsed_s: float = 0.0
+    reason: str = ""
+
+
+class Worker:
+    def __init__(self, cfg: Config, endpoint: str, rank: int = 0, worker_id: str | None = None,
+                 metrics: MetricsWriter | None = None):
+        if not 0 <= rank < cfg.run.workers:
+            raise WorkerError(f"rank {rank} is not in [0, run.workers={cfg.run.workers})")
+        self.cfg, self.rank = cfg, rank
+        self.id = worker_id or f"w{rank}"
+        self.metrics = metrics or MetricsWriter(None)
+        self.device = resolve_device(cfg.worker.device)
+        ds = load_dataset(cfg.data, seed=cfg.run.seed)
+        self.model = build_model(cfg.model, ds.input_shape, ds.num_classes,
+                                 seed=cfg.run.seed).to(self.device)
+        self.params = list(self.model.parameters())
+        self.names = [n for n, _ in self.model.named_parameters()]
+        self.loader = ShardLoader(ds.x_train, ds.y_train, rank, cfg.run.workers,
+                                  cfg.worker.batch_size, seed=cfg.run.seed, device=self.device)
+        self.client = Client(endpoint, self.id, timeout_s=cfg.worker.request_timeout_s)
+        self.version = 0
+        self.stopping = False
+
+    def request_stop(self, *_):
+        self.stopping = True
+
+    # ------------------------------------------------------------------------------------------
+    # connection
+
+    def _with_retry(self, what: str, fn):
+        """Call ``fn``; on a timeout reconnect with bounded back-off until the budget is spent."""
+        budget = self.cfg.worker.reconnect_timeout_s
+        give_up = time.monotonic() + budget
+        delay = 0.1
+        while True:
+            try:
+                return fn()
+            except ServerTimeout as e:
+                if self.stopping or time.monotonic() + delay > give_up:
+                    raise ServerGone(f"worker {self.id}: server {self.client.endpoint} did not "
+                                     f"answer for {budget:g} s ({what}): {e}") from None
+                log.warning("%s: %s; reconnecting in %.1f s", self.id, e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                self.client.reconnect()
+
+    def connect(self) -> dict:
+        info, weights = self._with_retry("hello", lambda: self.client.hello(rank=self.rank))
+        mine = parameter_specs(self.model)
+        theirs = info.get("tensors", [])
+        if [(s["name"], list(s["shape"]), s["dtype"]) for s in mine] != \
+                [(s["name"], list(s["shape"]), s["dtype"]) for s in theirs]:
+            raise WorkerError(
+                f"worker {self.id}: the model built from the config does not match the server's "
+                f"parameters\n  worker: {[(s['name'], s['shape']) for s in mine]}\n"
+                f"  server: {[(s['name'], s['shape']) for s in theirs]}")
+        self._load(info["version"], weights)
+        return info
+
+    def _load(self, version: int, weights) -> None:
+        with torch.no_grad():
+            for p, t in zip(self.params, weights):
+                p.copy_(t.to_torch(), non_blocking=True)
+        self.version = version
+
+    # ------------------------------------------------------------------------------------------
+
+    def compute_gradient(self):
+        x, y = self.loader.next()
+        loss = F.cross_entropy(self.model(x), y)
+        for p in self.params:
+            p.grad = None
+        loss.backward()
+        grads = [(n, p.grad if p.grad is not None else torch.zeros_like(p))
+                 for n, p in zip(self.names, self.params)]
+        return loss, grads, len(x)
+
+    def run(self) -> WorkerResult:
+        cfg = self.cfg
+        self.connect()
+        res = WorkerResult(version=self.version)
+        started = time.monotonic()
+        window_loss, window_stale, window_t, window_samples = 0.0, 0, started, 0
+        while True:
+            reason = self._budget_reason(res)
+            if reason:
+                res.reason = reason
+                break
+            loss, grads, n = self.compute_gradient()
+            try:
+                reply, weights = self.client.push_pull(self.version, grads)
+            except ServerTimeout:
+                info, weights = self._with_retry(
+                    "reconnect", lambda: self.client.hello(rank=self.rank))
+                self._load(info["version"], weights)
+                continue
+            except ServerError as e:
+                if e.code == "bad_version":  # the server restarted behind us: resync
+                    log.warning("%s: %s; pulling fresh weights", self.id, e)
+                    self._load(*self._with_retry("pull", self.client.pull))
+                    continue
+                raise WorkerError(f"worker {self.id}: {e}") from None
+            self._load(reply["version"], weights)
+            res.steps += 1
+            res.samples += n
+            res.version = self.version
+            window_loss += float(loss)
+            window_stale += int(reply.get("staleness", 0))
+            window_samples += n
+            if res.steps % cfg.worker.log_every == 0:
+                now = time.monotonic()
+                k = cfg.worker.log_every
+                self.metrics.write("worker_step", worker=self.id, rank=self.rank, step=res.steps,
+                                   loss=window_loss / k, staleness=window_stale / k,
+                                   samples_per_s=window_samples / max(now - window_t, 1e-9),
+                                   version=self.version, samples=res.samples)
+                window_loss, window_stale, window_t, window_samples = 0.0, 0, now, 0
+        res.elapsed_s = time.monotonic() - started
+        self.metrics.write("worker_done", worker=self.id, rank=self.rank, step=res.steps,
+                           samples=res.samples, version=res.version, elapsed_s=res.elapsed_s,
+                           samples_per_s=res.samples / max(res.elapsed_s, 1e-9), reason=res.reason)
+        return res
+
+    def _budget_reason(self, res: WorkerResult) -> str:
+        cfg = self.cfg
+        if self.stopping:
+            return "stopped"
+        if cfg.worker.max_steps and res.steps >= cfg.worker.max_steps:
+            return "max_steps"
+        if cfg.run.max_updates and self.version >= cfg.run.max_updates:
+            return "max_updates"
+        if cfg.run.max_seconds and time.time() - self.metrics.t0 >= cfg.run.max_seconds:
+            return "max_seconds"
+        return ""
+
+    def close(self):
+        self.client.close()
+
+
+def run_worker(cfg: Config, endpoint: str, rank: int, run_dir=None,
+               worker_id: str | None = None) -> WorkerResult:
+    torch.set_num_threads(cfg.worker.threads)
+    metrics = MetricsWriter(os.path.join(run_dir, "metrics.jsonl") if run_dir else None)
+    worker = Worker(cfg, endpoint, rank, worker_id, metrics)
+    signal.signal(signal.SIGTERM, worker.request_stop)
+    signal.signal(signal.SIGINT, worker.request_stop)
+    try:
+        return worker.run()
+    finally:
+        worker.close()
+        metrics.close()
