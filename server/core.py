@@ -69,7 +69,17 @@ class ServerCore:
 
     # ------------------------------------------------------------------------------------------
 
-    def handle(self, frames) -> list:
+    def handle(self, identity: bytes, frames) -> list[tuple[bytes, list]]:
+        """The replies to send now, as (identity, frames) pairs, for one request from
+        ``identity``. Usually one pair; none when a policy defers the reply (ssp, sync) and
+        several when this request releases deferred ones. Never raises."""
+        return [(identity, self.handle_frames(frames))]
+
+    def tick(self) -> list[tuple[bytes, list]]:
+        """Replies released by the passage of time (a dead worker stops counting)."""
+        return []
+
+    def handle_frames(self, frames) -> list:
         """Reply frames for one request's frames. Never raises."""
         nbytes = sum(_nbytes(f) for f in frames)
         self.bytes_in += nbytes

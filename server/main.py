@@ -92,6 +92,8 @@ class Server:
                     except zmq.Again:
                         break
                     self._serve_one(frames)
+            for identity, reply in self.core.tick():
+                self._send(identity, reply)
             now = time.monotonic()
             if now >= next_stats:
                 next_stats = now + every
@@ -101,8 +103,11 @@ class Server:
                 self.checkpoint()
 
     def _serve_one(self, frames) -> None:
-        identity, request = frames[0], frames[1:]
-        reply = self.core.handle(request)
+        identity, request = frames[0].bytes, frames[1:]
+        for peer, reply in self.core.handle(identity, request):
+            self._send(peer, reply)
+
+    def _send(self, identity: bytes, reply: list) -> None:
         try:
             self.sock.send_multipart([identity, *reply], copy=False)
         except zmq.ZMQError as e:  # the peer is gone: nothing to do
