@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-from importlib import resources
 from pathlib import Path
 
 import click
@@ -18,15 +17,14 @@ import click
 from asgd.config import ConfigError, load_config
 
 
-def default_config_path() -> Path:
-    """configs/default.yaml of a source checkout, else the copy packaged with asgd."""
-    here = Path.cwd() / "configs" / "default.yaml"
-    if here.exists():
-        return here
-    src = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
-    if src.exists():
-        return src
-    return Path(str(resources.files("asgd") / "default.yaml"))
+def default_config_path() -> Path | None:
+    """configs/default.yaml of the current folder or the source checkout; None (the built-in
+    defaults, which are the same run) when neither is there."""
+    for path in (Path.cwd() / "configs" / "default.yaml",
+                 Path(__file__).resolve().parent.parent / "configs" / "default.yaml"):
+        if path.exists():
+            return path
+    return None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

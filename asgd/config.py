@@ -1,5 +1,8 @@
 """Run configuration: frozen dataclasses with defaults, loaded from YAML, overridden by key=value.
 
+The defaults are the default run (configs/default.yaml spells them out): MNIST-1D, the 1D CNN,
+two workers, Adam with a cosine schedule over 6,000 updates.
+
     cfg = load_config("configs/default.yaml", overrides=["optimizer.lr=0.003", "run.workers=4"])
     cfg.optimizer.lr        # 0.003
     save_config(cfg, "runs/x/config.yaml")
@@ -48,10 +51,10 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    kind: str = "constant"        # constant | cosine | step; driven by the server's version
-    warmup: int = 0               # updates of linear warm-up from 0
+    kind: str = "cosine"          # constant | cosine | step; driven by the server's version
+    warmup: int = 50              # updates of linear warm-up from 0
     total: int = 0                # cosine: updates to reach min_lr (0 = run.max_updates)
-    min_lr: float = 0.0           # cosine floor
+    min_lr: float = 0.0005        # cosine floor
     step_size: int = 1000         # step: multiply by gamma every step_size updates
     gamma: float = 0.1
 
@@ -59,8 +62,13 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     bind: str = "tcp://127.0.0.1:5555"
-    policy: str = "none"          # none | max_staleness (see asgd.policies)
+    policy: str = "none"          # none | max_staleness | scale | dc | ssp | sync, '+'-joined
     max_staleness: Optional[int] = None   # drop pushes staler than this (null = no bound)
+    dc_lambda: float = 2.0        # dc: λ (λ0 of DC-ASGD-a when dc_adaptive)
+    dc_adaptive: bool = True      # dc: λ / sqrt(mean square of g), DC-ASGD's adaptive variant
+    dc_history: int = 64          # dc: versions of weights kept to compensate against
+    ssp_slack: int = 2            # ssp: S, pushes a worker may run ahead of the slowest
+    worker_timeout_s: float = 10.0   # ssp/sync: a silent worker stops counting after this
     max_message_mb: float = 512.0
     checkpoint_dir: str = ""      # "" = <run dir>/checkpoint, or ./checkpoint without a run dir
     checkpoint_every: int = 0     # also checkpoint every N updates (0 = only on shutdown)
@@ -70,13 +78,18 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    batch_size: int = 100
+    batch_size: int = 50
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     threads: int = 1              # torch.set_num_threads for each worker process
-    request_timeout_s: float = 10.0
+    request_timeout_s: float = 30.0   # longer than server.worker_timeout_s: ssp/sync hold replies
     reconnect_timeout_s: float = 30.0   # give up after the server is gone this long
     log_every: int = 10           # a worker_step record every N steps
     max_steps: int = 0            # per-worker step budget (0 = none)
+    # Straggler simulation, for experiments: each step of a slowed rank takes slow_factor
+    # times its compute time (by sleeping), plus delay_s seconds.
+    slow_factor: float = 1.0
+    delay_s: float = 0.0
+    slow_ranks: Optional[list] = None   # ranks slowed (null = every rank)
 
 
 @dataclass(frozen=True)
@@ -85,8 +98,8 @@ class RunConfig:
     out_dir: str = "runs"
     seed: int = 0
     workers: int = 2
-    max_updates: int = 0          # stop once the server's version reaches this (0 = none)
-    max_seconds: float = 60.0     # stop the workers after this long (0 = none)
+    max_updates: int = 6000       # stop once the server's version reaches this (0 = none)
+    max_seconds: float = 75.0     # stop the workers after this long (0 = none)
     eval_every_s: float = 0.0     # evaluate the live weights this often during a launch (0 = never)
     eval_batch_size: int = 1000
 
@@ -208,7 +221,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
 
-    from asgd.policies import POLICIES
+    from asgd.policies import parse_policy
 
     o, s, sv, w, r = cfg.optimizer, cfg.schedule, cfg.server, cfg.worker, cfg.run
     need(o.name in OPTIMIZERS, "optimizer.name", f"{o.name!r} is not one of {', '.join(OPTIMIZERS)}")
@@ -225,11 +238,21 @@ def validate(cfg: Config) -> None:
     need(s.step_size > 0, "schedule.step_size", "must be > 0")
     need(0 < s.gamma <= 1, "schedule.gamma", "must be in (0, 1]")
     need(s.min_lr >= 0, "schedule.min_lr", "must be >= 0")
-    need(sv.policy in POLICIES, "server.policy",
-         f"{sv.policy!r} is not one of {', '.join(POLICIES)}")
+    try:
+        parse_policy(sv.policy)
+    except ValueError as e:
+        raise ConfigError(f"server.policy: {e}") from None
+    need(sv.dc_lambda >= 0, "server.dc_lambda", "must be >= 0")
+    need(sv.dc_history >= 1, "server.dc_history", "must be >= 1")
+    need(sv.ssp_slack >= 0, "server.ssp_slack", "must be >= 0")
+    need(sv.worker_timeout_s > 0, "server.worker_timeout_s", "must be > 0")
+    need(w.slow_factor >= 1.0, "worker.slow_factor", "must be >= 1")
+    need(w.delay_s >= 0, "worker.delay_s", "must be >= 0")
+    need(w.slow_ranks is None or all(isinstance(r, int) and r >= 0 for r in w.slow_ranks),
+         "worker.slow_ranks", "must be null or a list of ranks")
     need(sv.max_staleness is None or sv.max_staleness >= 0, "server.max_staleness",
          "must be >= 0 or null")
-    need(sv.policy != "max_staleness" or sv.max_staleness is not None, "server.max_staleness",
+    need("max_staleness" not in sv.policy or sv.max_staleness is not None, "server.max_staleness",
          "policy max_staleness needs a bound K")
     need(sv.max_message_mb > 0, "server.max_message_mb", "must be > 0")
     need(sv.checkpoint_every >= 0, "server.checkpoint_every", "must be >= 0")

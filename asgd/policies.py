@@ -1,19 +1,30 @@
 """Staleness policies: what the server does with a push, given how stale it is.
 
-Plain functions of integers and the server's settings, testable without a socket:
+Plain functions of integers and tensors, testable without a socket. A configured policy is a
+'+'-joined set of names (``server.policy: "scale+ssp"``):
 
-    decision = decide("max_staleness", staleness=5, max_staleness=4)
-    decision.apply        # False: staler than the bound, dropped
-    decision.lr_scale     # factor on the learning rate for this update
+| name            | effect                                                                   |
+| --------------- | ------------------------------------------------------------------------ |
+| ``none``        | apply every gradient as it comes (Downpour SGD)                          |
+| ``max_staleness`` | drop pushes staler than ``server.max_staleness`` (the bound also works with any other policy) |
+| ``scale``       | learning rate / max(1, staleness) (Zhang, Gupta, Lian, Liu 2016)         |
+| ``dc``          | delay compensation g + λ g⊙g⊙(w_now − w_base) (DC-ASGD, Zheng et al. 2017)|
+| ``ssp``         | stale synchronous parallel: no worker more than ``ssp_slack`` pushes ahead of the slowest live worker (the server defers its reply) |
+| ``sync``        | synchronous SGD: one gradient from each live worker, their mean applied as one update |
 
-The staleness of a push is the server's version when it arrives minus the version its gradient
-was computed from. A bound (``max_staleness``) combines with every policy: a push staler than
-the bound is dropped whatever the policy.
+    decision = decide(parse_policy("scale"), staleness=4, max_staleness=8)
+    decision.apply, decision.lr_scale            # True, 0.25
+    g = dc_compensate(g, w_now, w_base, lam=0.04)
+    ssp_may_proceed(clock=7, live_clocks=[5, 7, 6], slack=2)   # True
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Iterable, Optional
+
+import torch
+
+POLICIES = ("none", "max_staleness", "scale", "dc", "ssp", "sync")
 
 
 @dataclass(frozen=True)
@@ -23,24 +34,61 @@ class Decision:
     reason: str = ""
 
 
-def _none(staleness: int) -> Decision:
-    """Downpour SGD: apply every gradient as it comes."""
-    return Decision(True)
+def parse_policy(policy: str) -> frozenset[str]:
+    """The set of policy names in ``policy`` ('+'-joined); ValueError on unknown or clashing
+    names."""
+    names = frozenset(p.strip() for p in policy.split("+") if p.strip())
+    if not names:
+        raise ValueError("empty staleness policy")
+    unknown = sorted(names - set(POLICIES))
+    if unknown:
+        raise ValueError(f"unknown staleness policy {', '.join(unknown)} "
+                         f"(known: {', '.join(POLICIES)})")
+    if "sync" in names and len(names - {"none"}) > 1:
+        raise ValueError("sync cannot be combined with other policies (its staleness is 0)")
+    if "none" in names and len(names) > 1:
+        names = names - {"none"}
+    return names
 
 
-POLICIES: dict[str, Callable[[int], Decision]] = {
-    "none": _none,
-    "max_staleness": _none,  # the bound itself does the work, see decide()
-}
+def scale_factor(staleness: int) -> float:
+    """Staleness-aware learning rate factor: 1 / max(1, staleness)."""
+    return 1.0 / max(1, staleness)
 
 
-def decide(policy: str, staleness: int, max_staleness: Optional[int] = None) -> Decision:
+def decide(policy: str | frozenset, staleness: int, max_staleness: Optional[int] = None
+           ) -> Decision:
+    """Whether a push of this staleness is applied, and the factor on its learning rate."""
+    names = parse_policy(policy) if isinstance(policy, str) else policy
     if staleness < 0:
         raise ValueError(f"staleness must be >= 0, got {staleness}")
     if max_staleness is not None and staleness > max_staleness:
         return Decision(False, 0.0, f"staleness {staleness} > max_staleness {max_staleness}")
-    try:
-        rule = POLICIES[policy]
-    except KeyError:
-        raise ValueError(f"unknown staleness policy {policy!r}") from None
-    return rule(staleness)
+    if "scale" in names:
+        return Decision(True, scale_factor(staleness))
+    return Decision(True, 1.0)
+
+
+def dc_compensate(grad: torch.Tensor, w_now: torch.Tensor, w_base: torch.Tensor,
+                  lam: float) -> torch.Tensor:
+    """DC-ASGD's delay-compensated gradient g + λ · g ⊙ g ⊙ (w_now − w_base): a first-order
+    Taylor correction of the gradient towards the current weights, with the outer product
+    g gᵀ standing in (diagonally) for the Hessian. Returns a new tensor."""
+    return grad + lam * grad * grad * (w_now - w_base)
+
+
+def ssp_may_proceed(clock: int, live_clocks: Iterable[int], slack: int) -> bool:
+    """Stale synchronous parallel: a worker that has completed ``clock`` pushes may go on
+    while it is at most ``slack`` pushes ahead of the slowest live worker."""
+    clocks = list(live_clocks)
+    return not clocks or clock - min(clocks) <= slack
+
+
+def sync_mean(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The synchronous update's gradient: the mean of one gradient from each worker."""
+    if not grads:
+        raise ValueError("a synchronous round needs at least one gradient")
+    out = grads[0].clone()
+    for g in grads[1:]:
+        out += g
+    return out.div_(len(grads))

@@ -12,6 +12,7 @@ See docs/protocol.md for the full description.
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -87,7 +88,8 @@ class Tensor:
 
 def wire_dtype(array) -> str:
     """The wire name of a numpy array's or torch tensor's dtype."""
-    name = str(array.dtype).replace("torch.", "")
+    dt = array.dtype
+    name = dt.name if isinstance(dt, np.dtype) else str(dt).replace("torch.", "")
     if name not in DTYPES:
         raise ProtocolError("bad_tensor", f"dtype {name} cannot go on the wire")
     return name
@@ -194,7 +196,7 @@ def decode(frames: Sequence, max_bytes: int | None = None) -> tuple[dict, list[T
         if max_bytes is not None and total > max_bytes:
             raise ProtocolError("too_large", f"message exceeds {max_bytes} bytes")
         dt = DTYPES[spec["dtype"]]
-        count = int(np.prod(spec["shape"], dtype=np.int64))
+        count = math.prod(spec["shape"])   # exact: no overflow on absurd shapes
         if buf.nbytes != count * dt.itemsize:
             raise ProtocolError(
                 "bad_tensor",

@@ -66,7 +66,7 @@ def write_frames(path: Path, frames) -> None:
 
 def read_frames(path: Path) -> list[memoryview]:
     data = memoryview(Path(path).read_bytes())
-    if data[:8].tobytes() != MAGIC:
+    if len(data) < 12 or data[:8].tobytes() != MAGIC:
         raise ValueError(f"{path} is not an asgd checkpoint")
     (count,) = struct.unpack_from("<I", data, 8)
     pos, frames = 12, []

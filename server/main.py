@@ -64,7 +64,7 @@ class Server:
             resume_store(self.store, self.checkpoint_dir)
             log.info("resumed from %s at version %d", self.checkpoint_dir, self.store.version)
         self.metrics = MetricsWriter(run_dir / "metrics.jsonl" if run_dir else None)
-        self.core = ServerCore(self.store, cfg)
+        self.core = ServerCore(self.store, cfg, metrics=self.metrics)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.linger = 0

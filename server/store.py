@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from asgd.config import Config
-from asgd.policies import decide
+from asgd.policies import decide, parse_policy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,6 +87,17 @@ class ParameterStore:
         self.optimizer = make_optimizer(cfg, [self.flat])
         self.version = version
         self._snapshot = None   # (version, flat copy) shared by replies at the same version
+        self.policy = parse_policy(cfg.server.policy)
+        self.dc_fallbacks = 0   # dc pushes older than the kept history
+        if "dc" in self.policy:
+            # DC needs the weights each gradient was computed from: a ring of the last
+            # dc_history versions (dc_history x 4 bytes x parameters of server memory), and
+            # for the adaptive variant the running mean square of the gradient.
+            k = cfg.server.dc_history
+            self._ring = torch.empty(k, self.numel)
+            self._ring_versions = [-1] * k
+            self._mean_square = torch.zeros(self.numel)
+            self._remember()
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, cfg: Config) -> "ParameterStore":
@@ -105,16 +116,28 @@ class ParameterStore:
     def staleness_of(self, base_version: int) -> int:
         return self.version - base_version
 
+    def load_grad(self, grads) -> None:
+        """Copy a gradient (arrays in layout order) into ``flat.grad``."""
+        for (a, b), g in zip(zip(self.offsets[:-1], self.offsets[1:]), grads):
+            np.copyto(self.grad_np[a:b], np.asarray(g).reshape(-1), casting="same_kind")
+
+    def add_grad(self, grads, into: torch.Tensor) -> None:
+        """Add a gradient (arrays in layout order) to a flat accumulator."""
+        acc = into.numpy()
+        for (a, b), g in zip(zip(self.offsets[:-1], self.offsets[1:]), grads):
+            acc[a:b] += np.asarray(g).reshape(-1)
+
     def push(self, grads, base_version: int, lr_scale: float = 1.0) -> PushResult:
         """Apply one gradient (arrays in layout order, already validated) computed from
         ``base_version``, subject to the staleness policy."""
         staleness = self.staleness_of(base_version)
         sv = self.cfg.server
-        decision = decide(sv.policy, staleness, sv.max_staleness)
+        decision = decide(self.policy, staleness, sv.max_staleness)
         if not decision.apply:
             return PushResult(False, staleness, self.version, 0.0, decision.reason)
-        for (a, b), g in zip(zip(self.offsets[:-1], self.offsets[1:]), grads):
-            np.copyto(self.grad_np[a:b], np.asarray(g).reshape(-1), casting="same_kind")
+        self.load_grad(grads)
+        if "dc" in self.policy:
+            self._compensate(base_version)
         lr = scheduled_lr(self.cfg, self.version) * decision.lr_scale * lr_scale
         self.apply_flat_grad(lr)
         return PushResult(True, staleness, self.version, lr)
@@ -125,6 +148,42 @@ class ParameterStore:
             group["lr"] = lr
         self.optimizer.step()
         self.version += 1
+        if "dc" in self.policy:
+            self._remember()
+
+    # ------------------------------------------------------------------------------------------
+    # delay compensation
+
+    def _remember(self) -> None:
+        slot = self.version % len(self._ring_versions)
+        self._ring[slot].copy_(self.flat.detach())
+        self._ring_versions[slot] = self.version
+
+    def weights_at(self, version: int) -> torch.Tensor:
+        """The weights of ``version`` if kept, else the oldest kept (counted in dc_fallbacks)."""
+        slot = version % len(self._ring_versions)
+        if self._ring_versions[slot] == version:
+            return self._ring[slot]
+        self.dc_fallbacks += 1
+        kept = [v for v in self._ring_versions if v >= 0]
+        oldest = min(kept)
+        return self._ring[oldest % len(self._ring_versions)]
+
+    def _compensate(self, base_version: int) -> None:
+        """flat.grad <- g + λ g⊙g⊙(w_now − w_base) (DC-ASGD; adaptive λ by default)."""
+        from asgd.policies import dc_compensate
+
+        sv = self.cfg.server
+        g = self.flat.grad
+        if sv.dc_adaptive:   # DC-ASGD-a: λ_t = λ0 / sqrt(MeanSquare(g)), momentum 0.95
+            self._mean_square.mul_(0.95).addcmul_(g, g, value=0.05)
+            lam = sv.dc_lambda / (self._mean_square.sqrt() + 1e-7)
+        else:
+            lam = sv.dc_lambda
+        if base_version == self.version:
+            return
+        w_base = self.weights_at(base_version)
+        g.copy_(dc_compensate(g, self.flat.detach(), w_base, lam))
 
     def snapshot(self) -> torch.Tensor:
         """A copy of the weights at the current version, safe to send without copying again
@@ -168,3 +227,6 @@ class ParameterStore:
             self.flat.data.copy_(flat.reshape(-1))
         self.version = version
         self._snapshot = None
+        if "dc" in self.policy:
+            self._ring_versions = [-1] * len(self._ring_versions)
+            self._remember()

@@ -81,6 +81,9 @@ class Client:
             reply = self.sock.recv_multipart(copy=False)
             self.bytes_received += sum(f.buffer.nbytes for f in reply)
             head, out = protocol.decode(reply)
+            if head.get("id") is None and not head.get("ok"):
+                # an error the server could not tie to an id: ours is the only request waiting
+                raise ServerError(head.get("error", "internal"), head.get("message", ""))
             if head.get("id") != rid:
                 continue  # a late reply to an earlier request
             if not head.get("ok"):
@@ -110,6 +113,11 @@ class Client:
             fields["encoding"] = encoding
         head, tensors = self.request("push_pull", grads, **fields)
         return head, tensors
+
+    def bye(self) -> dict:
+        """Tell the server this worker is leaving (it stops counting for ssp and sync)."""
+        head, _ = self.request("bye")
+        return head
 
     def stats(self) -> dict:
         head, _ = self.request("stats")

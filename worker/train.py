@@ -72,6 +72,10 @@ class Worker:
         self.client = Client(endpoint, self.id, timeout_s=cfg.worker.request_timeout_s)
         self.version = 0
         self.stopping = False
+        w = cfg.worker
+        slowed = w.slow_ranks is None or rank in w.slow_ranks
+        self.slow_factor = w.slow_factor if slowed else 1.0
+        self.delay_s = w.delay_s if slowed else 0.0
 
     def request_stop(self, *_):
         self.stopping = True
@@ -118,6 +122,7 @@ class Worker:
     # ------------------------------------------------------------------------------------------
 
     def compute_gradient(self):
+        started = time.perf_counter()
         x, y = self.loader.next()
         loss = F.cross_entropy(self.model(x), y)
         for p in self.params:
@@ -125,7 +130,15 @@ class Worker:
         loss.backward()
         grads = [(n, p.grad if p.grad is not None else torch.zeros_like(p))
                  for n, p in zip(self.names, self.params)]
+        self._simulate_slowness(time.perf_counter() - started)
         return loss, grads, len(x)
+
+    def _simulate_slowness(self, compute_s: float) -> None:
+        """Straggler simulation: stretch this step to slow_factor times its compute time,
+        plus delay_s. Sleeping, so the slowed worker leaves the CPU to the others."""
+        extra = (self.slow_factor - 1.0) * compute_s + self.delay_s
+        if extra > 0:
+            time.sleep(extra)
 
     def run(self) -> WorkerResult:
         cfg = self.cfg
@@ -156,7 +169,7 @@ class Worker:
             res.steps += 1
             res.samples += n
             res.version = self.version
-            window_loss += float(loss)
+            window_loss += loss.item()
             window_stale += int(reply.get("staleness", 0))
             window_samples += n
             if res.steps % cfg.worker.log_every == 0:
@@ -168,6 +181,11 @@ class Worker:
                                    version=self.version, samples=res.samples)
                 window_loss, window_stale, window_t, window_samples = 0.0, 0, now, 0
         res.elapsed_s = time.monotonic() - started
+        try:  # best effort: under ssp or sync the others need not wait for us to time out
+            self.client.timeout_s = min(self.client.timeout_s, 2.0)
+            self.client.bye()
+        except (ServerTimeout, ServerError):
+            pass
         self.metrics.write("worker_done", worker=self.id, rank=self.rank, step=res.steps,
                            samples=res.samples, version=res.version, elapsed_s=res.elapsed_s,
                            samples_per_s=res.samples / max(res.elapsed_s, 1e-9), reason=res.reason)
