@@ -131,6 +131,15 @@ def load_dataset(data_cfg, seed: int = 0) -> Dataset:
     return ds
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA where there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but CUDA is not available here")
+    return torch.device(name)
+
+
 # ----------------------------------------------------------------------------------------------
 # sharding
 
