@@ -17,11 +17,11 @@ import click
 from asgd.config import ConfigError, load_config
 
 
-def default_config_path() -> Path | None:
-    """configs/default.yaml of the current folder or the source checkout; None (the built-in
-    defaults, which are the same run) when neither is there."""
-    for path in (Path.cwd() / "configs" / "default.yaml",
-                 Path(__file__).resolve().parent.parent / "configs" / "default.yaml"):
+def default_config_path(name: str = "default.yaml") -> Path | None:
+    """configs/<name> of the current folder or the source checkout; None (the built-in
+    defaults, which are the default run) when neither is there."""
+    for path in (Path.cwd() / "configs" / name,
+                 Path(__file__).resolve().parent.parent / "configs" / name):
         if path.exists():
             return path
     return None
@@ -112,7 +112,7 @@ def _experiment_command(kind: str):
     d = EXPERIMENT_DEFAULTS[kind]
 
     @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-                  help="Base run configuration (default: configs/default.yaml).")
+                  help="Base run configuration (default: configs/experiments.yaml).")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override a base config key (repeatable).")
     @click.option("--workers", default=d["workers"], show_default=True,
@@ -145,7 +145,8 @@ def _experiment_command(kind: str):
         from asgd.policies import parse_policy
 
         try:
-            base = load_config(config_path or default_config_path(), overrides)
+            base = load_config(config_path or default_config_path("experiments.yaml"),
+                               overrides)
         except ConfigError as e:
             raise click.ClickException(str(e))
         counts = _ints(workers, "--workers")

@@ -85,8 +85,8 @@ class WorkerConfig:
     reconnect_timeout_s: float = 30.0   # give up after the server is gone this long
     log_every: int = 10           # a worker_step record every N steps
     max_steps: int = 0            # per-worker step budget (0 = none)
-    # Straggler simulation, for experiments: each step of a slowed rank takes slow_factor
-    # times its compute time (by sleeping), plus delay_s seconds.
+    # Straggler simulation, for experiments: each step of a slowed rank (gradient and
+    # exchange) takes slow_factor times as long (by sleeping), plus delay_s seconds.
     slow_factor: float = 1.0
     delay_s: float = 0.0
     slow_ranks: Optional[list] = None   # ranks slowed (null = every rank)

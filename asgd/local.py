@@ -132,8 +132,8 @@ def train_local(cfg: Config, run_dir: Path, rank: int = 0, world: int = 1,
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()   # DDP averages the gradients across ranks here
-        straggler.after_step(time.perf_counter() - t)
         opt.step()
+        straggler.after_step(time.perf_counter() - t)
         step += 1
         samples += len(x)
         window_loss += loss.item()

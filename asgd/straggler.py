@@ -1,10 +1,10 @@
 """Straggler simulation for experiments: make chosen ranks slower on one machine.
 
     s = Straggler.for_rank(cfg.worker, rank)
-    ... compute a step, taking compute_s seconds ...
-    s.after_step(compute_s)     # sleeps (slow_factor - 1) * compute_s + delay_s
+    ... compute a gradient and exchange it, taking step_s seconds ...
+    s.after_step(step_s)        # sleeps (slow_factor - 1) * step_s + delay_s
 
-A slowed step takes ``slow_factor`` times its compute time plus ``delay_s`` seconds. The extra
+A slowed step takes ``slow_factor`` times as long as it would, plus ``delay_s`` seconds. The extra
 time is spent sleeping, so the slow worker leaves the CPU to the others, as a slower device
 would. This is a simulation of heterogeneous hardware, not a model of any particular one.
 """

@@ -176,6 +176,8 @@ class ServerCore:
         worker.rank = rank
         if self.people is not None:
             self.people.join(h["worker"], self.clock())
+            self._log("join", worker=h["worker"], clock=self.people.clocks[h["worker"]],
+                      version=self.store.version)
         # "tensors" is the model's parameter list; its frames are the current weights, so the
         # header describes its frames as every message's does and a new worker needs no pull.
         return {
@@ -263,6 +265,7 @@ class ServerCore:
         self._no_tensors("bye", tensors)
         if self.people is not None:
             self.people.leave(h["worker"])
+            self._log("leave", worker=h["worker"], version=self.store.version)
             self._release()
         return {"version": self.store.version}, []
 

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from asgd.config import Config
-from asgd.data import ShardLoader, load_dataset
+from asgd.data import ShardLoader, load_dataset, resolve_device as _resolve_device
 from asgd.metrics import MetricsWriter
 from asgd.models import build_model, parameter_specs
+from asgd.straggler import Straggler
 from worker.client import Client, ServerError, ServerTimeout
 
 log = logging.getLogger("asgd.worker")
@@ -37,11 +38,10 @@ class ServerGone(WorkerError):
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise WorkerError(f"worker.device is {name!r} but CUDA is not available here")
-    return torch.device(name)
+    try:
+        return _resolve_device(name)
+    except ValueError as e:
+        raise WorkerError(str(e)) from None
 
 
 @dataclass
@@ -72,10 +72,7 @@ class Worker:
         self.client = Client(endpoint, self.id, timeout_s=cfg.worker.request_timeout_s)
         self.version = 0
         self.stopping = False
-        w = cfg.worker
-        slowed = w.slow_ranks is None or rank in w.slow_ranks
-        self.slow_factor = w.slow_factor if slowed else 1.0
-        self.delay_s = w.delay_s if slowed else 0.0
+        self.straggler = Straggler.for_rank(cfg.worker, rank)
 
     def request_stop(self, *_):
         self.stopping = True
@@ -122,7 +119,6 @@ class Worker:
     # ------------------------------------------------------------------------------------------
 
     def compute_gradient(self):
-        started = time.perf_counter()
         x, y = self.loader.next()
         loss = F.cross_entropy(self.model(x), y)
         for p in self.params:
@@ -130,15 +126,7 @@ class Worker:
         loss.backward()
         grads = [(n, p.grad if p.grad is not None else torch.zeros_like(p))
                  for n, p in zip(self.names, self.params)]
-        self._simulate_slowness(time.perf_counter() - started)
         return loss, grads, len(x)
-
-    def _simulate_slowness(self, compute_s: float) -> None:
-        """Straggler simulation: stretch this step to slow_factor times its compute time,
-        plus delay_s. Sleeping, so the slowed worker leaves the CPU to the others."""
-        extra = (self.slow_factor - 1.0) * compute_s + self.delay_s
-        if extra > 0:
-            time.sleep(extra)
 
     def run(self) -> WorkerResult:
         cfg = self.cfg
@@ -151,9 +139,13 @@ class Worker:
             if reason:
                 res.reason = reason
                 break
+            step_started = time.perf_counter()
             loss, grads, n = self.compute_gradient()
             try:
                 reply, weights = self.client.push_pull(self.version, grads)
+                # a slowed rank's whole step (compute and exchange) takes slow_factor times as
+                # long: it sleeps before its next gradient, as a slower device would compute
+                self.straggler.after_step(time.perf_counter() - step_started)
             except ServerTimeout:
                 info, weights = self._with_retry(
                     "reconnect", lambda: self.client.hello(rank=self.rank))

@@ -1,0 +1,230 @@
+"""Staleness control without sockets: the policies' arithmetic, and ssp/sync in ServerCore.
+
+ServerCore takes a clock, so worker time-outs are driven by a fake clock here, not by sleeping.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from asgd import protocol
+from asgd.config import Config
+from asgd.policies import (dc_compensate, decide, parse_policy, scale_factor, ssp_may_proceed,
+                           sync_mean)
+from server.core import ServerCore
+from server.store import ParameterStore
+
+SPECS = [{"name": "w", "dtype": "float32", "shape": [4]}, {"name": "b", "dtype": "float32",
+                                                           "shape": [2]}]
+
+
+def make_store(**overrides) -> ParameterStore:
+    base = {"optimizer.name": "sgd", "optimizer.lr": 0.5, "schedule.kind": "constant",
+            "schedule.warmup": 0}
+    base.update(overrides)
+    cfg = Config().replace(**base)
+    return ParameterStore(SPECS, torch.arange(6, dtype=torch.float32) / 10, cfg)
+
+
+def grads(values):
+    t = torch.as_tensor(values, dtype=torch.float32)
+    return [t[:4].numpy(), t[4:].numpy()]
+
+
+# ----------------------------------------------------------------------------------------------
+# pure functions
+
+def test_scale_factor_is_one_over_staleness_floored_at_one():
+    assert [scale_factor(s) for s in (0, 1, 2, 4, 10)] == [1.0, 1.0, 0.5, 0.25, 0.1]
+    d = decide("scale", 4)
+    assert d.apply and d.lr_scale == 0.25
+
+
+def test_bound_combines_with_scale():
+    assert not decide("scale+max_staleness", 5, max_staleness=4).apply
+    d = decide("scale+max_staleness", 4, max_staleness=4)
+    assert d.apply and d.lr_scale == 0.25
+
+
+def test_parse_policy_rejects_unknown_and_clashing_names():
+    assert parse_policy("ssp+scale") == {"ssp", "scale"}
+    assert parse_policy("none") == {"none"}
+    with pytest.raises(ValueError, match="bogus"):
+        parse_policy("scale+bogus")
+    with pytest.raises(ValueError, match="sync"):
+        parse_policy("sync+scale")
+
+
+def test_dc_compensate_matches_the_formula_elementwise():
+    g = torch.tensor([1.0, -2.0, 0.5])
+    w_now = torch.tensor([0.3, 0.1, -1.0])
+    w_base = torch.tensor([0.1, 0.4, -1.0])
+    out = dc_compensate(g, w_now, w_base, lam=0.5)
+    expected = [1.0 + 0.5 * 1.0 * 0.2, -2.0 + 0.5 * 4.0 * -0.3, 0.5]
+    torch.testing.assert_close(out, torch.tensor(expected))
+    assert g.tolist() == [1.0, -2.0, 0.5]   # the input is not modified
+
+
+def test_ssp_may_proceed_counts_from_the_slowest():
+    assert ssp_may_proceed(5, [3, 5, 4], slack=2)
+    assert not ssp_may_proceed(6, [3, 6, 4], slack=2)
+    assert ssp_may_proceed(3, [], slack=0)
+
+
+def test_sync_mean_is_the_mean():
+    out = sync_mean([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])])
+    assert out.tolist() == [2.0, 4.0]
+    with pytest.raises(ValueError):
+        sync_mean([])
+
+
+# ----------------------------------------------------------------------------------------------
+# the store under scale and dc
+
+def test_scale_divides_the_step_by_the_staleness():
+    store = make_store(**{"server.policy": "scale"})
+    store.push(grads([0] * 6), 0)
+    store.push(grads([0] * 6), 1)               # version 2 now
+    before = store.flat.detach().clone()
+    g = torch.tensor([1.0, 2, 3, 4, 5, 6])
+    r = store.push(grads(g), 0)                 # staleness 2
+    assert r.staleness == 2 and r.lr == pytest.approx(0.25)
+    torch.testing.assert_close(store.flat.detach(), before - 0.25 * g)
+
+
+def test_dc_compensates_against_the_weights_the_gradient_came_from():
+    store = make_store(**{"server.policy": "dc", "server.dc_adaptive": False,
+                          "server.dc_lambda": 0.5})
+    w0 = store.flat.detach().clone()
+    store.push(grads([1.0] * 6), 0)             # version 1, weights moved
+    w1 = store.flat.detach().clone()
+    g = torch.tensor([1.0, -1, 2, 0, 3, 1])
+    store.push(grads(g), 0)                     # computed on version 0's weights
+    compensated = g + 0.5 * g * g * (w1 - w0)
+    torch.testing.assert_close(store.flat.detach(), w1 - 0.5 * compensated)
+
+
+def test_dc_without_staleness_is_plain_sgd():
+    store = make_store(**{"server.policy": "dc"})
+    before = store.flat.detach().clone()
+    g = torch.tensor([1.0, -1, 2, 0, 3, 1])
+    store.push(grads(g), 0)
+    torch.testing.assert_close(store.flat.detach(), before - 0.5 * g)
+
+
+def test_dc_history_is_bounded_and_falls_back_to_the_oldest():
+    store = make_store(**{"server.policy": "dc", "server.dc_history": 3})
+    for v in range(5):
+        store.push(grads([0.1] * 6), v)
+    assert store._ring.shape == (3, 6)          # memory: dc_history x parameters
+    store.push(grads([0.1] * 6), 0)             # version 0 is no longer kept
+    assert store.dc_fallbacks == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# ServerCore: ssp and sync with a fake clock
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def request(op, worker, rid, tensors=(), **fields):
+    return protocol.encode({"v": 1, "op": op, "id": rid, "worker": worker, **fields}, tensors)
+
+
+def push(core, worker, rid, version, values):
+    t = torch.as_tensor(values, dtype=torch.float32)
+    return core.handle(worker.encode(), request("push", worker, rid,
+                                                [("w", t[:4]), ("b", t[4:])], version=version))
+
+
+def replies(out):
+    return {ident.decode(): protocol.decode([bytes(f) for f in frames])[0]
+            for ident, frames in out}
+
+
+def make_core(policy, clock, **overrides):
+    store = make_store(**{"server.policy": policy, **overrides})
+    return store, ServerCore(store, store.cfg, clock=clock)
+
+
+def test_ssp_holds_the_worker_that_runs_ahead_until_the_slowest_catches_up():
+    clock = FakeClock()
+    store, core = make_core("ssp", clock, **{"server.ssp_slack": 1})
+    for w in ("a", "b"):
+        core.handle(w.encode(), request("hello", w, 1))
+    assert replies(push(core, "a", 2, 0, [0] * 6))["a"]["ok"]     # a: clock 1, b: 0
+    assert push(core, "a", 3, 1, [0] * 6) == []                   # a: clock 2 > 0 + 1: held
+    assert store.version == 2                                     # ... but its push applied
+    out = replies(push(core, "b", 2, 0, [0] * 6))                 # b: clock 1 releases a
+    assert set(out) == {"a", "b"}
+    assert out["a"]["id"] == 3 and out["a"]["version"] == 3
+
+
+def test_ssp_dead_worker_stops_counting_after_the_timeout():
+    clock = FakeClock()
+    store, core = make_core("ssp", clock, **{"server.ssp_slack": 0,
+                                             "server.worker_timeout_s": 5.0})
+    for w in ("a", "b"):
+        core.handle(w.encode(), request("hello", w, 1))
+    assert push(core, "a", 2, 0, [0] * 6) == []                   # 1 > 0 + 0: held on b
+    clock.now += 4.0
+    assert core.tick() == []                                      # b still counts
+    clock.now += 2.0
+    out = replies(core.tick())                                    # b silent 6 s > 5 s
+    assert out["a"]["ok"] and out["a"]["id"] == 2
+
+
+def test_sync_applies_the_mean_once_every_live_worker_has_pushed():
+    clock = FakeClock()
+    store, core = make_core("sync", clock)
+    for w in ("a", "b"):
+        core.handle(w.encode(), request("hello", w, 1))
+    before = store.flat.detach().clone()
+    g1, g2 = torch.arange(6.0), torch.full((6,), 2.0)
+    assert push(core, "a", 2, 0, g1) == []
+    assert store.version == 0
+    out = replies(push(core, "b", 2, 0, g2))
+    assert set(out) == {"a", "b"}
+    assert store.version == 1 and all(r["version"] == 1 and r["staleness"] == 0
+                                      for r in out.values())
+    torch.testing.assert_close(store.flat.detach(), before - 0.5 * (g1 + g2) / 2)
+    s = core.stats()
+    assert s["updates_applied"] == 1 and s["workers"]["a"]["pushes"] == 1
+
+
+def test_sync_round_completes_without_a_dead_worker():
+    clock = FakeClock()
+    store, core = make_core("sync", clock, **{"server.worker_timeout_s": 3.0})
+    for w in ("a", "b", "c"):
+        core.handle(w.encode(), request("hello", w, 1))
+    push(core, "a", 2, 0, [1.0] * 6)
+    push(core, "b", 2, 0, [3.0] * 6)
+    assert core.tick() == [] and store.version == 0               # c may still come
+    clock.now += 3.5
+    out = replies(core.tick())                                    # c is dead: round of two
+    assert set(out) == {"a", "b"} and store.version == 1
+
+
+def test_sync_bye_releases_the_round_at_once():
+    clock = FakeClock()
+    store, core = make_core("sync", clock)
+    for w in ("a", "b"):
+        core.handle(w.encode(), request("hello", w, 1))
+    push(core, "a", 2, 0, [1.0] * 6)
+    out = replies(core.handle(b"b", request("bye", "b", 2)))
+    assert set(out) == {"a", "b"} and out["a"]["version"] == 1
+
+
+def test_observers_do_not_join_a_sync_round():
+    clock = FakeClock()
+    store, core = make_core("sync", clock)
+    core.handle(b"a", request("hello", "a", 1))
+    core.handle(b"m", request("pull", "monitor", 1))               # the launcher's evaluation
+    core.handle(b"m", request("stats", "monitor", 2))
+    out = replies(push(core, "a", 2, 0, [1.0] * 6))
+    assert out["a"]["ok"] and store.version == 1
