@@ -1,0 +1,203 @@
+"""A real server process on loopback: staleness over the socket, bad requests that change
+nothing, SIGTERM writing the checkpoint and --resume picking it up bitwise."""
+from __future__ import annotations
+
+import signal
+
+import msgpack
+import numpy as np
+import pytest
+
+from asgd import protocol
+from asgd.config import load_config
+from asgd.metrics import read_metrics
+from server.checkpoint import FILENAME, load_checkpoint
+from server.main import build_store
+from worker.client import ServerError
+
+
+def gradients(specs, seed: int, scale: float = 0.1) -> list[tuple[str, np.ndarray]]:
+    g = np.random.default_rng(seed)
+    return [(s["name"], (scale * g.standard_normal(s["shape"])).astype(np.float32))
+            for s in specs]
+
+
+def flat(tensors) -> bytes:
+    return b"".join(t.array.tobytes() for t in tensors)
+
+
+def test_hello_pull_and_push_over_the_socket(start_server, make_config, clients):
+    server = start_server(make_config())
+    client = clients(server.endpoint, "w0")
+    info, weights = client.hello(rank=0)
+    assert info["ok"] is True and info["version"] == 0
+    assert info["shard"] == {"index": 0, "count": 1}
+    assert [s["name"] for s in info["tensors"]] == [t.name for t in weights]
+    version, pulled = client.pull()
+    assert version == 0 and flat(pulled) == flat(weights)
+    reply, fresh = client.push_pull(0, gradients(info["tensors"], 0))
+    assert (reply["version"], reply["staleness"], reply["applied"]) == (1, 0, True)
+    assert flat(fresh) != flat(weights)
+    assert flat(client.pull()[1]) == flat(fresh)
+
+
+def test_stale_push_reports_staleness_over_the_socket(start_server, make_config, clients):
+    server = start_server(make_config())
+    slow, fast = clients(server.endpoint, "slow"), clients(server.endpoint, "fast")
+    info, _ = slow.hello(rank=0)
+    specs = info["tensors"]
+    base, _ = slow.pull()                                # slow computes from version 0 ...
+    assert base == 0
+    for k in range(3):                                   # ... while fast pushes 3 times
+        reply = fast.push(k, gradients(specs, k))
+        assert (reply["staleness"], reply["version"], reply["applied"]) == (0, k + 1, True)
+    reply = slow.push(base, gradients(specs, 10))
+    assert (reply["staleness"], reply["version"], reply["applied"]) == (3, 4, True)
+    reply, _ = slow.push_pull(2, gradients(specs, 11))
+    assert (reply["staleness"], reply["version"]) == (2, 5)
+    stats = fast.stats()
+    assert stats["version"] == stats["updates_applied"] == 5
+    assert stats["staleness_histogram"] == {"0": 3, "2": 1, "3": 1}
+    assert stats["workers"]["slow"]["pushes"] == 2 and stats["workers"]["fast"]["pushes"] == 3
+
+
+def test_max_staleness_drops_over_the_socket(start_server, make_config, clients):
+    server = start_server(make_config(server={"policy": "max_staleness", "max_staleness": 1}))
+    client = clients(server.endpoint)
+    specs = client.hello()[0]["tensors"]
+    client.push(0, gradients(specs, 0))
+    client.push(1, gradients(specs, 1))
+    _, before = client.pull()
+    reply, weights = client.push_pull(0, gradients(specs, 2))    # staleness 2 > 1
+    assert (reply["ok"], reply["applied"], reply["staleness"], reply["version"]) == \
+        (True, False, 2, 2)
+    assert flat(weights) == flat(before)
+    assert client.stats()["updates_dropped"] == 1
+
+
+def test_bad_requests_over_the_socket_change_nothing(start_server, make_config, clients,
+                                                     raw_peer):
+    server = start_server(make_config(server={"max_message_mb": 0.05}))
+    client = clients(server.endpoint, "w0")
+    specs = client.hello()[0]["tensors"]
+    client.push(0, gradients(specs, 0))
+    version, weights = client.pull()
+    assert version == 1
+    before = flat(weights)
+
+    good = gradients(specs, 1)
+    header = {"v": 1, "op": "push", "id": 1, "worker": "raw", "version": 1}
+    wrong_shape = list(good)
+    wrong_shape[0] = (good[0][0], good[0][1].reshape(-1))
+    with_nan = list(good)
+    with_nan[1] = (good[1][0], np.full(good[1][1].shape, np.nan, np.float32))
+    with_inf = list(good)
+    with_inf[2] = (good[2][0], np.full(good[2][1].shape, np.inf, np.float32))
+    frames_ok = protocol.encode(header, good)
+    cases = [
+        ("garbage frames", [b"\xc1\xff garbage", b"\x00" * 100, b"more"], "bad_request"),
+        ("one garbage frame", [b"\xde\xad\xbe\xef"], "bad_request"),
+        ("non-msgpack header", [b"{\"op\": \"push\"}"] + frames_ok[1:], "bad_request"),
+        ("header not a map", [msgpack.packb([1, 2, 3])], "bad_request"),
+        ("protocol v2", protocol.encode({**header, "v": 2}, good), "bad_version"),
+        ("unknown op", protocol.encode({**header, "op": "delete_all"}), "unknown_op"),
+        ("no worker id", protocol.encode({k: v for k, v in header.items() if k != "worker"},
+                                         good), "bad_request"),
+        ("wrong shapes", protocol.encode(header, wrong_shape), "bad_tensor"),
+        ("NaN", protocol.encode(header, with_nan), "bad_tensor"),
+        ("inf", protocol.encode(header, with_inf), "bad_tensor"),
+        ("wrong names", protocol.encode(header, [(n + "x", a) for n, a in good]), "bad_tensor"),
+        ("wrong dtype", protocol.encode(header, [(n, a.astype(np.float16)) for n, a in good]),
+         "bad_tensor"),
+        ("missing tensor", protocol.encode(header, good[:-1]), "bad_tensor"),
+        ("frame count", frames_ok[:-1], "bad_request"),
+        ("frame size", frames_ok[:-1] + [b"\x00" * 3], "bad_tensor"),
+        ("future version", protocol.encode({**header, "version": 7}, good), "bad_version"),
+        ("negative version", protocol.encode({**header, "version": -1}, good), "bad_version"),
+        ("too large", frames_ok + [b"\x00" * (64 * 1024)], "too_large"),
+    ]
+    peer = raw_peer(server.endpoint)
+    expected_errors: dict[str, int] = {}
+    for name, frames, code in cases:
+        head, tensors = peer.exchange(frames)
+        assert head["ok"] is False, name
+        assert head["error"] == code, (name, head)
+        assert tensors == []
+        expected_errors[code] = expected_errors.get(code, 0) + 1
+        # nothing changed
+        version, weights = client.pull()
+        assert version == 1, name
+        assert flat(weights) == before, name
+
+    # the server keeps serving, the raw peer included
+    head, _ = peer.exchange(frames_ok)
+    assert (head["ok"], head["id"], head["version"], head["applied"]) == (True, 1, 2, True)
+    stats = client.stats()
+    assert stats["version"] == stats["updates_applied"] == 2
+    assert stats["errors"] == expected_errors
+    assert server.popen.poll() is None
+
+
+def test_client_gets_too_large_error_not_a_timeout(start_server, make_config, clients):
+    """An oversized request whose header is readable is answered with its id, so the client
+    sees ``too_large`` instead of waiting out its timeout."""
+    server = start_server(make_config(server={"max_message_mb": 0.05}))
+    client = clients(server.endpoint, timeout_s=3.0)
+    specs = client.hello()[0]["tensors"]
+    with pytest.raises(ServerError) as e:
+        client.request("push", gradients(specs, 0), version=0, pad="x" * (64 * 1024))
+    assert e.value.code == "too_large"
+    assert client.pull()[0] == 0
+
+
+def test_sigterm_writes_checkpoint_and_resume_continues_bitwise(
+        start_server, make_config, clients, tmp_path):
+    config = make_config(optimizer={"name": "adam", "lr": 0.01},
+                         schedule={"kind": "cosine", "warmup": 2, "total": 20})
+    run_dir = tmp_path / "run"
+    first = start_server(config, run_dir=run_dir)
+    client = clients(first.endpoint, "w0")
+    specs = client.hello()[0]["tensors"]
+    for k in range(4):
+        client.push(k, gradients(specs, k))
+    version, weights = client.pull()
+    assert version == 4
+    client.close()
+
+    assert first.stop(signal.SIGTERM) == 0, first.log()
+    ckpt_path = run_dir / "checkpoint" / FILENAME
+    assert ckpt_path.exists(), first.log()
+    ckpt = load_checkpoint(run_dir / "checkpoint")
+    assert ckpt.version == 4
+    assert ckpt.flat.numpy().tobytes() == flat(weights)
+    assert ckpt.config == load_config(config).to_dict()
+    assert any(r["kind"] == "server" and r["version"] == 4
+               for r in read_metrics(run_dir / "metrics.jsonl"))
+
+    second = start_server(config, run_dir=run_dir, resume=True)
+    client = clients(second.endpoint, "w0")
+    info, hello_weights = client.hello()
+    assert info["version"] == 4
+    assert flat(hello_weights) == flat(weights)
+    version, pulled = client.pull()
+    assert version == 4 and flat(pulled) == flat(weights)
+
+    # the next step equals the one an uninterrupted server takes (optimizer state resumed)
+    reply, after = client.push_pull(4, gradients(specs, 4))
+    assert reply["version"] == 5
+    reference = build_store(load_config(config))
+    for k in range(5):
+        reference.push([a for _, a in gradients(specs, k)], reference.version)
+    assert reference.version == 5
+    assert flat(after) == reference.flat.detach().numpy().tobytes()
+    assert second.stop(signal.SIGINT) == 0, second.log()
+    assert load_checkpoint(run_dir / "checkpoint").version == 5
+
+
+def test_resume_without_checkpoint_fails_clearly(processes, make_config, tmp_path,
+                                                 mnist1d_cached):
+    result = processes.run(["-m", "server", "--config", str(make_config()), "--bind",
+                            "tcp://127.0.0.1:0", "--run-dir", str(tmp_path / "empty"),
+                            "--resume"], timeout=60)
+    assert result.returncode != 0
+    assert "state.asgd" in result.stderr or "checkpoint" in result.stderr.lower(), result.stderr

@@ -1,0 +1,255 @@
+"""The parameter store (server.store): flat layout, optimizer steps equal to torch.optim's on
+the per-tensor model, and the learning-rate schedule driven by the version."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from asgd.config import Config, from_dict
+from asgd.models import build_model, parameter_specs
+from server.store import ParameterStore, scheduled_lr
+
+
+def small_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(),
+                         nn.Linear(4, 3, bias=False))
+
+
+def gradients(model: nn.Module, step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(p.shape, generator=g) for p in model.parameters()]
+
+
+CONSTANT = {"kind": "constant", "warmup": 0}
+
+
+def config(optimizer: dict, schedule: dict = CONSTANT, **sections) -> Config:
+    """A config whose schedule is explicit (the defaults are the default run's cosine)."""
+    return from_dict({"optimizer": optimizer, "schedule": schedule, **sections})
+
+
+def flat_bytes(store: ParameterStore) -> bytes:
+    return store.flat.detach().numpy().tobytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# layout
+
+def test_layout_follows_the_model():
+    model = small_model()
+    store = ParameterStore.from_model(model, Config())
+    assert store.specs == parameter_specs(model)
+    assert store.names == [n for n, _ in model.named_parameters()]
+    assert store.numel == sum(p.numel() for p in model.parameters())
+    assert store.version == 0
+    for view, p in zip(store.views, model.parameters()):
+        assert view.shape == p.shape
+        assert torch.equal(view, p.detach())
+    # the views are windows on the one flat buffer
+    with torch.no_grad():
+        store.flat[store.offsets[1]] = 123.0
+    assert store.views[1].reshape(-1)[0].item() == 123.0
+    # and the store does not alias the model
+    assert not torch.equal(store.views[1], list(model.parameters())[1].detach())
+
+
+def test_store_refuses_non_float32_parameters_and_wrong_sizes():
+    with pytest.raises(ValueError):
+        ParameterStore([{"name": "w", "dtype": "float16", "shape": [2]}], torch.zeros(2), Config())
+    with pytest.raises(ValueError):
+        ParameterStore([{"name": "w", "dtype": "float32", "shape": [2, 3]}], torch.zeros(5),
+                       Config())
+
+
+def test_same_seed_builds_the_same_model():
+    """Server and workers build their models independently; they must agree exactly."""
+    cfg = Config()
+    a = build_model(cfg.model, (40,), 10, seed=3)
+    b = build_model(cfg.model, (40,), 10, seed=3)
+    c = build_model(cfg.model, (40,), 10, seed=4)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer steps equal torch.optim's on the per-tensor model
+
+OPTIMIZERS = {
+    "sgd": ({"name": "sgd", "lr": 0.1},
+            lambda ps: torch.optim.SGD(ps, lr=0.1)),
+    "sgd-momentum": ({"name": "sgd", "lr": 0.05, "momentum": 0.9},
+                     lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9)),
+    "sgd-nesterov-wd": ({"name": "sgd", "lr": 0.05, "momentum": 0.8, "nesterov": True,
+                         "weight_decay": 0.01},
+                        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, nesterov=True,
+                                                   weight_decay=0.01)),
+    "adam": ({"name": "adam", "lr": 0.01, "betas": [0.85, 0.99], "eps": 1e-7},
+             lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.85, 0.99), eps=1e-7)),
+    "adam-wd": ({"name": "adam", "lr": 0.003, "weight_decay": 0.05},
+                lambda ps: torch.optim.Adam(ps, lr=0.003, weight_decay=0.05)),
+    "adamw": ({"name": "adamw", "lr": 0.01, "weight_decay": 0.1},
+              lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1)),
+    "adagrad": ({"name": "adagrad", "lr": 0.1, "eps": 1e-10, "weight_decay": 0.01},
+                lambda ps: torch.optim.Adagrad(ps, lr=0.1, eps=1e-10, weight_decay=0.01)),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_optimizer_step_matches_torch_optim(name):
+    section, reference = OPTIMIZERS[name]
+    cfg = config(section)
+    model = small_model()
+    ref = copy.deepcopy(model)
+    ref_opt = reference(list(ref.parameters()))
+    store = ParameterStore.from_model(model, cfg)
+
+    for step in range(6):
+        grads = gradients(model, step)
+        result = store.push([g.numpy() for g in grads], base_version=store.version)
+        assert result.applied and result.staleness == 0 and result.version == step + 1
+        assert result.lr == pytest.approx(section["lr"])
+        for p, g in zip(ref.parameters(), grads):
+            p.grad = g.clone()
+        ref_opt.step()
+        for (pname, p), view in zip(ref.named_parameters(), store.views):
+            torch.testing.assert_close(view, p.detach(), rtol=1e-6, atol=1e-7,
+                                       msg=lambda m: f"{name} step {step} {pname}: {m}")
+    assert store.version == 6
+
+
+def test_optimizer_step_follows_the_schedule():
+    """With warm-up and cosine decay the store's step equals torch.optim's at the same lr."""
+    cfg = config({"name": "sgd", "lr": 0.2, "momentum": 0.5},
+                 {"kind": "cosine", "warmup": 3, "total": 8, "min_lr": 0.01},
+                 run={"max_updates": 100})
+    model = small_model(1)
+    ref = copy.deepcopy(model)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.5)
+    store = ParameterStore.from_model(model, cfg)
+    lrs = []
+    for step in range(10):
+        grads = gradients(model, step)
+        result = store.push([g.numpy() for g in grads], base_version=store.version)
+        lrs.append(result.lr)
+        for group in ref_opt.param_groups:
+            group["lr"] = scheduled_lr(cfg, step)
+        for p, g in zip(ref.parameters(), grads):
+            p.grad = g.clone()
+        ref_opt.step()
+    for view, p in zip(store.views, ref.parameters()):
+        torch.testing.assert_close(view, p.detach(), rtol=1e-6, atol=1e-7)
+    assert lrs[:3] == pytest.approx([0.2 / 3, 0.4 / 3, 0.2])
+    assert lrs[8:] == pytest.approx([0.01, 0.01])
+
+
+def test_stale_push_uses_the_current_weights_and_reports_staleness():
+    cfg = config({"name": "sgd", "lr": 0.5})
+    store = ParameterStore.from_model(small_model(), cfg)
+    for step in range(3):
+        store.push([g.numpy() for g in gradients(small_model(), step)], store.version)
+    before = store.flat.detach().clone()
+    grads = gradients(small_model(), 9)
+    result = store.push([g.numpy() for g in grads], base_version=0)
+    assert (result.applied, result.staleness, result.version) == (True, 3, 4)
+    expected = before - 0.5 * torch.cat([g.reshape(-1) for g in grads])
+    torch.testing.assert_close(store.flat.detach(), expected, rtol=0, atol=1e-7)
+
+
+def test_store_drops_pushes_past_the_bound_without_touching_anything():
+    cfg = config({"name": "adam"}, server={"policy": "max_staleness", "max_staleness": 1})
+    store = ParameterStore.from_model(small_model(), cfg)
+    grads = [g.numpy() for g in gradients(small_model(), 0)]
+    store.push(grads, 0)
+    store.push(grads, 1)
+    assert store.push(grads, 1).applied            # staleness 1 == K
+    flat = flat_bytes(store)
+    state = {k: v.clone() for k, v in store.optimizer.state[store.flat].items()}
+    result = store.push(grads, 1)                  # staleness 2 == K + 1
+    assert (result.applied, result.staleness, result.version) == (False, 2, 3)
+    assert result.reason
+    assert flat_bytes(store) == flat and store.version == 3
+    for k, v in store.optimizer.state[store.flat].items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_snapshot_is_a_copy_taken_per_version():
+    cfg = config({"name": "sgd", "lr": 0.1})
+    store = ParameterStore.from_model(small_model(), cfg)
+    snap0 = store.snapshot()
+    assert store.snapshot() is snap0
+    assert snap0.data_ptr() != store.flat.data_ptr()
+    copy0 = snap0.clone()
+    store.push([g.numpy() for g in gradients(small_model(), 0)], 0)
+    assert torch.equal(snap0, copy0)               # a reply already queued keeps its bytes
+    assert torch.equal(store.snapshot(), store.flat.detach())
+    names = [n for n, _ in store.weight_tensors()]
+    assert names == store.names
+
+
+# ----------------------------------------------------------------------------------------------
+# learning-rate schedule
+
+def sched(**schedule) -> Config:
+    """Schedule settings over a base lr of 0.1 and run.max_updates 1000 (no warm-up unless
+    given)."""
+    return config({"lr": 0.1}, {"warmup": 0, "min_lr": 0.0, **schedule},
+                  run={"max_updates": 1000})
+
+
+@pytest.mark.parametrize("version", [0, 1, 50, 10**6])
+def test_constant_schedule(version):
+    assert scheduled_lr(sched(kind="constant"), version) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kind", ["constant", "cosine", "step"])
+def test_warmup_is_linear_from_zero(kind):
+    cfg = sched(kind=kind, warmup=10, total=110, min_lr=0.001, step_size=100)
+    assert scheduled_lr(cfg, 0) == pytest.approx(0.01)
+    assert scheduled_lr(cfg, 4) == pytest.approx(0.05)
+    assert scheduled_lr(cfg, 9) == pytest.approx(0.1)
+    assert scheduled_lr(cfg, 10) == pytest.approx(0.1)      # warm-up over: the base lr
+
+
+def test_cosine_schedule():
+    cfg = sched(kind="cosine", warmup=10, total=110, min_lr=0.001)
+    assert scheduled_lr(cfg, 10) == pytest.approx(0.1)
+    assert scheduled_lr(cfg, 35) == pytest.approx(0.001 + 0.099 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert scheduled_lr(cfg, 60) == pytest.approx(0.0505)    # half way: the mid point
+    assert scheduled_lr(cfg, 110) == pytest.approx(0.001)
+    assert scheduled_lr(cfg, 5000) == pytest.approx(0.001)   # stays at the floor
+    lrs = [scheduled_lr(cfg, v) for v in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))          # never rises
+
+
+def test_cosine_total_defaults_to_max_updates():
+    cfg = sched(kind="cosine", warmup=0, total=0, min_lr=0.0)   # run.max_updates = 1000
+    assert scheduled_lr(cfg, 0) == pytest.approx(0.1)
+    assert scheduled_lr(cfg, 500) == pytest.approx(0.05)
+    assert scheduled_lr(cfg, 1000) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_step_schedule():
+    cfg = sched(kind="step", warmup=0, step_size=100, gamma=0.5)
+    assert [scheduled_lr(cfg, v) for v in (0, 99, 100, 199, 200, 250, 300)] == pytest.approx(
+        [0.1, 0.1, 0.05, 0.05, 0.025, 0.025, 0.0125])
+    cfg = sched(kind="step", warmup=10, step_size=100, gamma=0.1)
+    assert [scheduled_lr(cfg, v) for v in (10, 109, 110, 210)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.001])
+
+
+def test_push_records_the_scheduled_lr_of_its_version():
+    cfg = config({"name": "sgd", "lr": 0.1},
+                 {"kind": "step", "warmup": 2, "step_size": 2, "gamma": 0.5},
+                 run={"max_updates": 100})
+    store = ParameterStore.from_model(small_model(), cfg)
+    grads = [g.numpy() for g in gradients(small_model(), 0)]
+    lrs = [store.push(grads, store.version).lr for _ in range(6)]
+    assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.1, 0.05, 0.05])
+    assert lrs == pytest.approx([scheduled_lr(cfg, v) for v in range(6)])
+
