@@ -251,8 +251,10 @@ class ServerCore:
                 self.ssp.hold(Pending(self._identity, h["worker"], h["id"], op, reply, now,
                                       clock))
                 raise _Deferred
+            self._log("push", deferred=False, **record)
             self._release()   # this push may have moved the slowest clock
-        self._log("push", deferred=False, **record)
+        else:
+            self._log("push", deferred=False, **record)
         return reply, []
 
     def _push_pull(self, h, tensors, worker):
