@@ -203,7 +203,11 @@ def decode(frames: Sequence, max_bytes: int | None = None) -> tuple[dict, list[T
                 f"tensor {spec['name']!r}: frame has {buf.nbytes} bytes, "
                 f"{spec['dtype']}{spec['shape']} needs {count * dt.itemsize}",
             )
-        array = np.frombuffer(buf, dtype=dt, count=count).reshape(spec["shape"])
+        try:
+            array = np.frombuffer(buf, dtype=dt, count=count).reshape(spec["shape"])
+        except ValueError as e:   # a zero-size shape with a dimension numpy cannot hold
+            raise ProtocolError("bad_tensor", f"tensor {spec['name']!r}: shape "
+                                f"{spec['shape']} cannot be held: {e}") from None
         tensors.append(Tensor(spec["name"], spec["dtype"], array))
     return header, tensors
 
