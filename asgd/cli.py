@@ -134,7 +134,7 @@ def _experiment_command(kind: str):
                   help="Training samples a run (its budget).")
     @click.option("--target-accuracy", type=click.FloatRange(0, 1), default=0.9,
                   show_default=True, help="Accuracy for time-to-target.")
-    @click.option("--max-seconds", type=click.FloatRange(1), default=90.0, show_default=True,
+    @click.option("--max-seconds", type=click.FloatRange(1), default=240.0, show_default=True,
                   help="Wall-time cap of each run.")
     @click.option("--out", type=click.Path(file_okay=False), default=None,
                   help=f"Output folder (default: experiments/{kind}).")
