@@ -202,6 +202,21 @@ for _kind in EXPERIMENT_DEFAULTS:
     experiment.add_command(_experiment_command(_kind))
 
 
+@experiment.command("report")
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.option("--target-accuracy", type=click.FloatRange(0, 1), default=None,
+              help="Recompute time to target for another accuracy (default: as run).")
+def experiment_report(out, target_accuracy):
+    """Redraw an experiment's summary.md and plots from its results.json."""
+    from asgd.experiments import rereport
+
+    try:
+        text = rereport(Path(out), target_accuracy)
+    except (OSError, ValueError, KeyError) as e:
+        raise click.ClickException(f"cannot report {out}: {e}")
+    click.echo(text)
+
+
 def _add_process_commands():
     from server.main import main as server_main
     from worker.main import main as worker_main

@@ -181,6 +181,9 @@ def run_experiment(exp: Experiment, quiet: bool = False) -> list[dict]:
 
 
 def write_results(exp: Experiment, records: list[dict]) -> None:
+    (exp.out / "experiment.json").write_text(json.dumps(
+        {"name": exp.name, "samples": exp.samples, "target_accuracy": exp.target_accuracy,
+         "max_seconds": exp.max_seconds, "base_config": exp.base.to_dict()}, indent=1) + "\n")
     (exp.out / "results.json").write_text(json.dumps(records, indent=1) + "\n")
     with open(exp.out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
@@ -201,6 +204,29 @@ def _spread(values: list) -> str:
     return f"{fmt(med)} ({fmt(min(vals))}–{fmt(max(vals))})"
 
 
+def median_time_to_target(records: list[dict]) -> float | None:
+    """Median time to target, a run that never reached it counting as infinitely slow
+    (None when the median run never reached it)."""
+    times = sorted(r["time_to_target_s"] if r.get("time_to_target_s") is not None
+                   else float("inf") for r in records)
+    if not times:
+        return None
+    med = statistics.median(times)
+    return None if med == float("inf") else med
+
+
+def _time_to_target_cell(records: list[dict]) -> str:
+    if not records:
+        return "-"
+    reached = [r["time_to_target_s"] for r in records if r.get("time_to_target_s") is not None]
+    med = median_time_to_target(records)
+    text = "never" if med is None else f"{med:.1f}"
+    if len(records) > 1:
+        text += f" ({len(reached)}/{len(records)} reached"
+        text += f", {min(reached):.1f}–{max(reached):.1f})" if reached else ")"
+    return text
+
+
 def group_key(r: dict) -> tuple:
     return (r["policy"], r["workers"], r["slow_factor"], r["delay_s"])
 
@@ -216,10 +242,7 @@ def summary_table(exp: Experiment, records: list[dict]) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for (policy, workers, slow, delay), rs in groups.items():
         ok = [r for r in rs if r["status"] == "ok"]
-        never = sum(1 for r in ok if r.get("time_to_target_s") is None)
-        tta = _spread([r.get("time_to_target_s") for r in ok])
-        if never:
-            tta += f", {never} never"
+        tta = _time_to_target_cell(ok)
         lines.append(
             f"| {policy} | {workers} | {slow:g} | {delay:g} | {len(ok)}/{len(rs)} | "
             f"{_spread([r.get('test_accuracy') for r in ok])} | {tta} | "
@@ -234,3 +257,28 @@ def median_of(records: list[dict], key: str, **where) -> float | None:
     vals = [r.get(key) for r in records if r["status"] == "ok"
             and all(r.get(k) == v for k, v in where.items()) and r.get(key) is not None]
     return statistics.median(vals) if vals else None
+
+
+def rereport(out: Path, target: float | None = None) -> str:
+    """summary.md and plots of ``out`` again from its results.json, at ``target`` if given
+    (time to target is recomputed from each run's evaluation curve). Returns the table."""
+    records = json.loads((out / "results.json").read_text())
+    if not records:
+        raise ValueError("results.json holds no runs")
+    meta = json.loads((out / "experiment.json").read_text())
+    target = meta["target_accuracy"] if target is None else target
+    for r in records:
+        if r.get("curve") is not None:
+            r["time_to_target_s"] = time_to_target(r["curve"], target, r.get("train_s"))
+    exp = Experiment(meta["name"], Config(), [], out, meta["samples"], target,
+                     meta.get("max_seconds", 0))
+    suffix = "" if target == meta["target_accuracy"] else f"-{target:g}"
+    table = summary_table(exp, records)
+    (out / f"summary{suffix}.md").write_text(table)
+    try:
+        from asgd.plots import plot_experiment
+
+        plot_experiment(exp.name, records, out, target, suffix=suffix)
+    except ImportError:
+        pass
+    return table

@@ -31,7 +31,8 @@ def _configs(records):
     return out
 
 
-def plot_experiment(name: str, records: list[dict], out: Path, target: float) -> list[Path]:
+def plot_experiment(name: str, records: list[dict], out: Path, target: float,
+                    suffix: str = "") -> list[Path]:
     ok = [r for r in records if r["status"] == "ok" and r.get("curve")]
     paths = []
     configs = _configs(ok)
@@ -51,6 +52,7 @@ def plot_experiment(name: str, records: list[dict], out: Path, target: float) ->
         ax.set_title(f"{name}: test accuracy")
         ax.legend(fontsize=8)
         fig.tight_layout()
+        fname = fname.replace(".png", f"{suffix}.png")
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
         paths.append(out / fname)
@@ -85,7 +87,19 @@ def plot_experiment(name: str, records: list[dict], out: Path, target: float) ->
         for ax, key, title in zip(axes, ("samples_per_s", "test_accuracy", "time_to_target_s"),
                                   ("samples/s", "final test accuracy",
                                    f"seconds to accuracy {target:g}")):
-            vals = [med(configs[l], key) for l in labels]
+            if key == "time_to_target_s":
+                from asgd.experiments import median_time_to_target
+
+                meds = [median_time_to_target(configs[l]) for l in labels]
+                top = max([m for m in meds if m is not None], default=1.0)
+                vals = [m if m is not None else 0.0 for m in meds]
+                for i, (l, m) in enumerate(zip(labels, meds)):
+                    n = len(configs[l])
+                    k = sum(r.get(key) is not None for r in configs[l])
+                    ax.text(i, (m or 0.0) + 0.02 * top, "never" if m is None else f"{k}/{n}",
+                            ha="center", fontsize=7)
+            else:
+                vals = [med(configs[l], key) for l in labels]
             ax.bar(range(len(labels)), vals, color=[colors[l] for l in labels])
             ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
             ax.set_title(title)
@@ -94,7 +108,7 @@ def plot_experiment(name: str, records: list[dict], out: Path, target: float) ->
                 ax.set_ylim(max(0.0, lo - 0.05), 1.0)
         fig.suptitle(f"{name} (medians)")
         fig.tight_layout()
-        fig.savefig(out / "bars.png", dpi=110)
+        fig.savefig(out / f"bars{suffix}.png", dpi=110)
         plt.close(fig)
-        paths.append(out / "bars.png")
+        paths.append(out / f"bars{suffix}.png")
     return paths
