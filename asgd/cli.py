@@ -161,7 +161,13 @@ def _experiment_command(kind: str):
         delay_list = _floats(delays, "--delays")
         if any(x < 0 for x in delay_list):
             raise click.BadParameter("delays must be >= 0", param_hint="--delays")
-        ranks = [int(r) for r in _floats(slow_ranks, "--slow-ranks")] if slow_ranks else [0]
+        try:
+            ranks = [int(r) for r in slow_ranks.split(",") if r.strip()]
+        except ValueError:
+            raise click.BadParameter(f"must be comma-separated ranks, got {slow_ranks!r}",
+                                     param_hint="--slow-ranks")
+        if not ranks or min(ranks) < 0:
+            raise click.BadParameter("must be ranks >= 0", param_hint="--slow-ranks")
         specs = []
         for r in range(repeats):
             if kind == "throughput":

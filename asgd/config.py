@@ -142,6 +142,11 @@ def _check(key: str, value: Any, tp: Any) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):   # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -242,6 +247,8 @@ def validate(cfg: Config) -> None:
         parse_policy(sv.policy)
     except ValueError as e:
         raise ConfigError(f"server.policy: {e}") from None
+    need("sync" not in sv.policy or sv.max_staleness is None, "server.max_staleness",
+         "sync has no staleness to bound: leave it null")
     need(sv.dc_lambda >= 0, "server.dc_lambda", "must be >= 0")
     need(sv.dc_history >= 1, "server.dc_history", "must be >= 1")
     need(sv.ssp_slack >= 0, "server.ssp_slack", "must be >= 0")

@@ -48,7 +48,7 @@ def evaluate_checkpoint(run_dir, checkpoint_dir=None) -> dict:
     from asgd.config import from_dict
     from asgd.data import load_dataset
     from asgd.models import build_model
-    from server.checkpoint import load_checkpoint
+    from asgd.checkpoint import load_checkpoint
 
     run_dir = Path(run_dir)
     ckpt = load_checkpoint(Path(checkpoint_dir) if checkpoint_dir else run_dir / "checkpoint")

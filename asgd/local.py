@@ -93,7 +93,7 @@ def train_local(cfg: Config, run_dir: Path, rank: int = 0, world: int = 1,
     from asgd.metrics import MetricsWriter
     from asgd.models import build_model
     from asgd.straggler import Straggler
-    from server.store import make_optimizer, scheduled_lr
+    from asgd.optim import make_optimizer, scheduled_lr
 
     torch.set_num_threads(cfg.worker.threads)
     device = resolve_device(cfg.worker.device)

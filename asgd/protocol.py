@@ -22,7 +22,7 @@ import numpy as np
 
 PROTOCOL_VERSION = 1
 
-OPS = ("hello", "pull", "push", "push_pull", "stats")
+OPS = ("hello", "pull", "push", "push_pull", "stats", "bye")
 ERROR_CODES = (
     "bad_request",   # the header is malformed: not a map, missing or mistyped keys, frame count
     "bad_version",   # unsupported protocol version, or a push from a version the shard never had

@@ -1,23 +1,29 @@
 """Straggler simulation for experiments: make chosen ranks slower on one machine.
 
     s = Straggler.for_rank(cfg.worker, rank)
-    ... compute a gradient and exchange it, taking step_s seconds ...
-    s.after_step(step_s)        # sleeps (slow_factor - 1) * step_s + delay_s
+    ... compute a gradient (compute_s), exchange it with the server (exchange_s) ...
+    s.after_step(compute_s, exchange_s)   # sleeps (slow_factor - 1) * step + delay_s
 
-A slowed step takes ``slow_factor`` times as long as it would, plus ``delay_s`` seconds. The extra
-time is spent sleeping, so the slow worker leaves the CPU to the others, as a slower device
-would. This is a simulation of heterogeneous hardware, not a model of any particular one.
+A slowed step takes ``slow_factor`` times as long as it would, plus ``delay_s`` seconds. The
+step is the compute time plus the exchange; the exchange counts as the fastest of the recent
+ones, so time a reply was held by the server (ssp, sync) is not stretched too. The extra time
+is spent sleeping, so the slow worker leaves the CPU to the others, as a slower device would.
+This is a simulation of heterogeneous hardware, not a model of any particular one.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
+
+RECENT = 20   # exchanges the estimate looks back over
 
 
-@dataclass(frozen=True)
+@dataclass
 class Straggler:
     slow_factor: float = 1.0
     delay_s: float = 0.0
+    _exchanges: deque = field(default_factory=lambda: deque(maxlen=RECENT), repr=False)
 
     @classmethod
     def for_rank(cls, worker_cfg, rank: int) -> "Straggler":
@@ -26,10 +32,12 @@ class Straggler:
             return cls()
         return cls(worker_cfg.slow_factor, worker_cfg.delay_s)
 
-    def extra_s(self, compute_s: float) -> float:
-        return max(0.0, (self.slow_factor - 1.0) * compute_s) + self.delay_s
+    def extra_s(self, compute_s: float, exchange_s: float = 0.0) -> float:
+        self._exchanges.append(exchange_s)
+        step = compute_s + min(self._exchanges)
+        return max(0.0, (self.slow_factor - 1.0) * step) + self.delay_s
 
-    def after_step(self, compute_s: float) -> None:
-        extra = self.extra_s(compute_s)
+    def after_step(self, compute_s: float, exchange_s: float = 0.0) -> None:
+        extra = self.extra_s(compute_s, exchange_s)
         if extra > 0:
             time.sleep(extra)

@@ -24,7 +24,8 @@ from asgd import protocol
 from asgd.policies import parse_policy
 from asgd.protocol import ProtocolError
 from server.gate import Pending, Participants, SSPGate, SyncRound
-from server.store import ParameterStore, PushResult, scheduled_lr
+from asgd.optim import scheduled_lr
+from server.store import ParameterStore
 
 log = logging.getLogger("asgd.server")
 

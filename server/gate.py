@@ -31,15 +31,16 @@ class Pending:
 class Participants:
     timeout_s: float
     last_seen: dict = field(default_factory=dict)   # worker -> time
-    clocks: dict = field(default_factory=dict)      # worker -> pushes applied (ssp clock)
+    clocks: dict = field(default_factory=dict)      # worker -> pushes answered (ssp clock)
     waiting: dict = field(default_factory=dict)     # worker -> Pending
 
     def join(self, worker: str, now: float) -> None:
-        """A worker says hello: it starts at the slowest live clock (SSP's clock of a newcomer),
-        so joining late does not stall the others."""
-        if worker not in self.clocks:
-            live = self.live_clocks(now)
-            self.clocks[worker] = min(live.values()) if live else 0
+        """A worker says hello: it starts at the slowest live clock of the others (SSP's clock
+        of a newcomer), so joining late, or coming back after it stopped counting, does not
+        stall the others."""
+        others = {w: c for w, c in self.live_clocks(now).items() if w != worker}
+        floor = min(others.values()) if others else 0
+        self.clocks[worker] = max(self.clocks.get(worker, 0), floor)
         self.last_seen[worker] = now
 
     def seen(self, worker: str, now: float) -> None:
@@ -72,7 +73,7 @@ class SSPGate:
         self.people = Participants(timeout_s)
 
     def pushed(self, worker: str, now: float) -> int:
-        """Count one applied push of ``worker``; returns its new clock."""
+        """Count one push of ``worker`` (applied or dropped); returns its new clock."""
         self.people.seen(worker, now)
         self.people.clocks[worker] += 1
         return self.people.clocks[worker]

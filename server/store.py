@@ -19,41 +19,8 @@ import numpy as np
 import torch
 
 from asgd.config import Config
+from asgd.optim import make_optimizer, scheduled_lr  # noqa: F401 (re-exported)
 from asgd.policies import decide, parse_policy
-
-
-# ----------------------------------------------------------------------------------------------
-# learning-rate schedule, driven by the version
-
-def scheduled_lr(cfg: Config, version: int) -> float:
-    s, base = cfg.schedule, cfg.optimizer.lr
-    if s.warmup and version < s.warmup:
-        return base * (version + 1) / s.warmup
-    if s.kind == "constant":
-        return base
-    if s.kind == "step":
-        return base * s.gamma ** ((version - s.warmup) // s.step_size)
-    total = s.total or cfg.run.max_updates
-    if total <= s.warmup:
-        return base
-    progress = min(1.0, (version - s.warmup) / (total - s.warmup))
-    return s.min_lr + (base - s.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    o = cfg.optimizer
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=o.weight_decay)
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                weight_decay=o.weight_decay)
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                 weight_decay=o.weight_decay)
-    if o.name == "adagrad":
-        return torch.optim.Adagrad(params, lr=o.lr, eps=o.eps, weight_decay=o.weight_decay)
-    raise ValueError(f"unknown optimizer {o.name!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,7 +63,7 @@ class ParameterStore:
             k = cfg.server.dc_history
             self._ring = torch.empty(k, self.numel)
             self._ring_versions = [-1] * k
-            self._mean_square = torch.zeros(self.numel)
+            self._mean_square = torch.zeros(self.numel) if cfg.server.dc_adaptive else None
             self._remember()
 
     @classmethod

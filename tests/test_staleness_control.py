@@ -228,3 +228,37 @@ def test_observers_do_not_join_a_sync_round():
     core.handle(b"m", request("stats", "monitor", 2))
     out = replies(push(core, "a", 2, 0, [1.0] * 6))
     assert out["a"]["ok"] and store.version == 1
+
+
+def test_ssp_worker_coming_back_starts_at_the_slowest_live_clock():
+    clock = FakeClock()
+    store, core = make_core("ssp", clock, **{"server.ssp_slack": 0,
+                                             "server.worker_timeout_s": 5.0})
+    for w in ("a", "b"):
+        core.handle(w.encode(), request("hello", w, 1))
+    clock.now += 6.0                               # both silent: neither counts
+    core.handle(b"a", request("hello", "a", 2))
+    for k in range(5):                             # a runs alone: b does not count
+        out = replies(push(core, "a", 10 + k, store.version, [0] * 6))
+        assert out["a"]["ok"]
+    core.handle(b"b", request("hello", "b", 3))    # b comes back at a's clock, not at 0
+    assert core.ssp.people.clocks["b"] == 5
+    assert push(core, "a", 20, store.version, [0] * 6) == []   # 6 > 5 + 0: held on b
+    out = replies(push(core, "b", 4, store.version, [0] * 6))
+    assert set(out) == {"a", "b"}
+
+
+def test_sync_with_a_staleness_bound_is_a_config_error():
+    from asgd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="server.max_staleness"):
+        Config().replace(**{"server.policy": "sync", "server.max_staleness": 2})
+
+
+def test_straggler_stretches_compute_and_the_fastest_recent_exchange():
+    from asgd.straggler import Straggler
+
+    s = Straggler(slow_factor=4.0, delay_s=0.5)
+    assert s.extra_s(0.1, exchange_s=0.02) == pytest.approx(3 * 0.12 + 0.5)
+    # a reply held 2 s by the server (ssp/sync) is not stretched: the exchange counts as 0.02
+    assert s.extra_s(0.1, exchange_s=2.0) == pytest.approx(3 * 0.12 + 0.5)

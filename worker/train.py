@@ -142,10 +142,12 @@ class Worker:
             step_started = time.perf_counter()
             loss, grads, n = self.compute_gradient()
             try:
+                sent = time.perf_counter()
                 reply, weights = self.client.push_pull(self.version, grads)
                 # a slowed rank's whole step (compute and exchange) takes slow_factor times as
                 # long: it sleeps before its next gradient, as a slower device would compute
-                self.straggler.after_step(time.perf_counter() - step_started)
+                self.straggler.after_step(sent - step_started,
+                                          exchange_s=time.perf_counter() - sent)
             except ServerTimeout:
                 info, weights = self._with_retry(
                     "reconnect", lambda: self.client.hello(rank=self.rank))
