@@ -250,7 +250,58 @@ def summary_table(exp: Experiment, records: list[dict]) -> str:
             f"{_spread([r.get('updates_per_s') for r in ok])} | "
             f"{_spread([r.get('staleness_mean') for r in ok])} | "
             f"{_spread([r.get('staleness_max') for r in ok])} |")
+    heads = headline(exp.name, records)
+    if heads:
+        lines += ["", *heads]
     return "\n".join(lines) + "\n"
+
+
+def headline(name: str, records: list[dict]) -> list[str]:
+    """The comparisons each experiment is for, from medians over repeats."""
+    ok = [r for r in records if r["status"] == "ok"]
+    lines = []
+    if name == "straggler":
+        for ref_name in ("sync", "ddp"):
+            ref = [r for r in ok if r["policy"] == ref_name]
+            if not ref:
+                continue
+            t_ref = median_time_to_target(ref)
+            a_ref = median_of(ok, "test_accuracy", policy=ref_name)
+            for pol in sorted({r["policy"] for r in ok} - set(SYNCHRONOUS)):
+                mine = [r for r in ok if r["policy"] == pol]
+                t = median_time_to_target(mine)
+                a = median_of(ok, "test_accuracy", policy=pol)
+                ratio = "-" if t is None or t_ref is None else f"{t / t_ref:.2f}"
+                lines.append(f"- {pol} vs {ref_name}: time to target {ratio} of {ref_name}'s "
+                             f"({'never' if t is None else f'{t:.1f} s'} vs "
+                             f"{'never' if t_ref is None else f'{t_ref:.1f} s'}); final "
+                             f"accuracy {a - a_ref:+.3f} ({a:.3f} vs {a_ref:.3f})")
+    elif name == "staleness":
+        single = median_of(ok, "test_accuracy", workers=1)
+        if single is not None:
+            for w in sorted({r["workers"] for r in ok} - {1}):
+                none = median_of(ok, "test_accuracy", workers=w, policy="none")
+                if none is None:
+                    continue
+                lost = single - none
+                lines.append(f"- {w} workers, none: {none:.3f} against one worker's "
+                             f"{single:.3f} (lost {lost:.3f})")
+                for pol in sorted({r["policy"] for r in ok if r["workers"] == w} - {"none"}):
+                    a = median_of(ok, "test_accuracy", workers=w, policy=pol)
+                    share = f"{(a - none) / lost:.0%}" if lost > 0 else "n/a (nothing lost)"
+                    lines.append(f"  - {pol}: {a:.3f}, recovers {share} of what none lost")
+    elif name == "throughput":
+        single = median_of(ok, "samples_per_s", policy="single")
+        t_single = median_time_to_target([r for r in ok if r["policy"] == "single"])
+        if single:
+            for w in sorted({r["workers"] for r in ok if r["policy"] != "single"}):
+                rs = [r for r in ok if r["workers"] == w and r["policy"] != "single"]
+                sps = median_of(rs, "samples_per_s")
+                t = median_time_to_target(rs)
+                tt = "-" if t is None or not t_single else f"{t / t_single:.2f}"
+                lines.append(f"- {w} worker(s): {sps:,.0f} samples/s = {sps / single:.2f} x one "
+                             f"plain process ({single:,.0f}); time to target {tt} of its")
+    return lines
 
 
 def median_of(records: list[dict], key: str, **where) -> float | None:

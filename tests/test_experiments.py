@@ -84,3 +84,25 @@ def test_summary_table_reports_medians_and_spreads():
     # the run that never reached the target counts as the slowest: median 6.0, not 5.0
     assert "| none | 2 | 1 | 0 | 3/3 | 0.920 (0.900–0.940) | 6.0 (2/3 reached, 4.0–6.0) |" \
         in table
+
+
+def test_headlines_compare_against_the_references():
+    from asgd.experiments import headline
+
+    staleness = [
+        {"status": "ok", "policy": "none", "workers": 1, "test_accuracy": 0.93},
+        {"status": "ok", "policy": "none", "workers": 8, "test_accuracy": 0.50},
+        {"status": "ok", "policy": "scale", "workers": 8, "test_accuracy": 0.85},
+        {"status": "failed", "policy": "dc", "workers": 8, "test_accuracy": None}]
+    lines = headline("staleness", staleness)
+    assert lines[0] == "- 8 workers, none: 0.500 against one worker's 0.930 (lost 0.430)"
+    assert lines[1] == "  - scale: 0.850, recovers 81% of what none lost"
+    assert len(lines) == 2                          # the failed dc run is left out
+    straggler = [
+        {"status": "ok", "policy": "none", "workers": 4, "test_accuracy": 0.94,
+         "time_to_target_s": 5.0},
+        {"status": "ok", "policy": "sync", "workers": 4, "test_accuracy": 0.90,
+         "time_to_target_s": 25.0}]
+    assert headline("straggler", straggler) == [
+        "- none vs sync: time to target 0.20 of sync's (5.0 s vs 25.0 s); final accuracy "
+        "+0.040 (0.940 vs 0.900)"]
