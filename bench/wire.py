@@ -108,7 +108,7 @@ def main():
     torch.set_num_threads(1)
     # an MLP whose hidden layers make up about --params parameters; input 64, 10 classes
     layers = max(1, args.tensors // 2 - 1)
-    hidden = int((args.params / max(layers, 1)) ** 0.5)
+    hidden = int((args.params / max(layers - 1, 1)) ** 0.5)   # (layers - 1) h x h matrices
     cfg = {"model": {"name": "mlp", "args": {"hidden": [hidden] * layers}},
            "data": {"name": "synthetic", "args": {"n_train": 256, "n_test": 64,
                                                   "shape": [64]}},
