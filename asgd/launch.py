@@ -91,6 +91,7 @@ class Monitor:
     loss: float | None = None
     accuracy: float | None = None
     _last: tuple = (0.0, 0)
+    _first: tuple | None = None     # (time, pushes) when pushes were first seen
     _losses: dict = field(default_factory=dict)
     _metrics_pos: int = 0
 
@@ -99,6 +100,8 @@ class Monitor:
         self.updates = stats["version"]
         self.staleness_mean = stats["staleness_mean"]
         pushes = sum(w["pushes"] for w in stats["workers"].values())
+        if pushes and self._first is None:
+            self._first = (now, pushes)
         t_prev, p_prev = self._last
         if t_prev and now > t_prev:
             rate = (pushes - p_prev) * self.cfg.worker.batch_size / (now - t_prev)
@@ -124,6 +127,12 @@ class Monitor:
                 self._losses[rec["worker"]] = rec["loss"]
         if self._losses:
             self.loss = sum(self._losses.values()) / len(self._losses)
+
+    def finish(self) -> None:
+        """Show the whole run's average rate instead of the last moment's."""
+        if self._first is not None and self._last[0] > self._first[0]:
+            self.samples_per_s = ((self._last[1] - self._first[1]) * self.cfg.worker.batch_size
+                                  / (self._last[0] - self._first[0]))
 
     def line(self) -> str:
         loss = f"{self.loss:.4f}" if self.loss is not None else "-"
@@ -165,6 +174,7 @@ class Display:
             self.console.print(text)
 
     def close(self, mon: Monitor) -> None:
+        mon.finish()
         if self.live:
             self.update(mon)
             self.progress.stop()
