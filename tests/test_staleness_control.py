@@ -262,3 +262,17 @@ def test_straggler_stretches_compute_and_the_fastest_recent_exchange():
     assert s.extra_s(0.1, exchange_s=0.02) == pytest.approx(3 * 0.12 + 0.5)
     # a reply held 2 s by the server (ssp/sync) is not stretched: the exchange counts as 0.02
     assert s.extra_s(0.1, exchange_s=2.0) == pytest.approx(3 * 0.12 + 0.5)
+
+
+def test_scale_and_dc_combine():
+    store = make_store(**{"server.policy": "scale+dc", "server.dc_adaptive": False,
+                          "server.dc_lambda": 0.5})
+    w0 = store.flat.detach().clone()
+    store.push(grads([1.0] * 6), 0)
+    store.push(grads([0.0] * 6), 1)
+    w2 = store.flat.detach().clone()
+    g = torch.tensor([1.0, -1, 2, 0, 3, 1])
+    r = store.push(grads(g), 0)                  # staleness 2: half the lr, compensated
+    assert r.staleness == 2 and r.lr == pytest.approx(0.25)
+    compensated = g + 0.5 * g * g * (w2 - w0)
+    torch.testing.assert_close(store.flat.detach(), w2 - 0.25 * compensated)
