@@ -171,7 +171,7 @@ class Display:
 
     def message(self, text: str) -> None:
         if not self.quiet or "died" in text:
-            self.console.print(text)
+            self.console.print(text, soft_wrap=True, highlight=False)
 
     def close(self, mon: Monitor) -> None:
         mon.finish()

@@ -45,6 +45,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 @dataclass
+class StopFlag:
+    """Set by SIGTERM/SIGINT, installed before the (slow) set-up so a stop is never lost."""
+    set: bool = False
+
+    def __call__(self, *_):
+        self.set = True
+
+
+@dataclass
 class WorkerResult:
     steps: int = 0
     samples: int = 0
@@ -55,7 +64,7 @@ class WorkerResult:
 
 class Worker:
     def __init__(self, cfg: Config, endpoint: str, rank: int = 0, worker_id: str | None = None,
-                 metrics: MetricsWriter | None = None):
+                 metrics: MetricsWriter | None = None, stop: "StopFlag | None" = None):
         if not 0 <= rank < cfg.run.workers:
             raise WorkerError(f"rank {rank} is not in [0, run.workers={cfg.run.workers})")
         self.cfg, self.rank = cfg, rank
@@ -71,11 +80,15 @@ class Worker:
                                   cfg.worker.batch_size, seed=cfg.run.seed, device=self.device)
         self.client = Client(endpoint, self.id, timeout_s=cfg.worker.request_timeout_s)
         self.version = 0
-        self.stopping = False
+        self.stop = stop or StopFlag()
         self.straggler = Straggler.for_rank(cfg.worker, rank)
 
+    @property
+    def stopping(self) -> bool:
+        return self.stop.set
+
     def request_stop(self, *_):
-        self.stopping = True
+        self.stop.set = True
 
     # ------------------------------------------------------------------------------------------
     # connection
@@ -204,10 +217,11 @@ class Worker:
 def run_worker(cfg: Config, endpoint: str, rank: int, run_dir=None,
                worker_id: str | None = None) -> WorkerResult:
     torch.set_num_threads(cfg.worker.threads)
+    stop = StopFlag()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     metrics = MetricsWriter(os.path.join(run_dir, "metrics.jsonl") if run_dir else None)
-    worker = Worker(cfg, endpoint, rank, worker_id, metrics)
-    signal.signal(signal.SIGTERM, worker.request_stop)
-    signal.signal(signal.SIGINT, worker.request_stop)
+    worker = Worker(cfg, endpoint, rank, worker_id, metrics, stop)
     try:
         return worker.run()
     finally:
