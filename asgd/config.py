@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "cnn1d"           # a registry name (asgd.models) or "package.module:factory"
+    name: str = "cnn1d"           # a registry name (asgd.tasks.models) or "package.module:factory"
     args: dict = field(default_factory=dict)
 
 
@@ -226,7 +226,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
 
-    from asgd.policies import parse_policy
+    from asgd.core.policies import parse_policy
 
     o, s, sv, w, r = cfg.optimizer, cfg.schedule, cfg.server, cfg.worker, cfg.run
     need(o.name in OPTIMIZERS, "optimizer.name", f"{o.name!r} is not one of {', '.join(OPTIMIZERS)}")
@@ -285,6 +285,16 @@ def validate(cfg: Config) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # files
+
+def default_config_path(name: str = "default.yaml") -> Path | None:
+    """configs/<name> of the current folder or the source checkout; None (the built-in
+    defaults, which are the default run) when neither is there."""
+    for path in (Path.cwd() / "configs" / name,
+                 Path(__file__).resolve().parent.parent / "configs" / name):
+        if path.exists():
+            return path
+    return None
+
 
 def load_config(path: str | Path | None = None, overrides=()) -> Config:
     data = {}

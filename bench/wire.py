@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,15 +26,14 @@ import torch
 import yaml
 import zmq
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from worker.client import Client  # noqa: E402
+from asgd.client import Client
+from asgd.launch.processes import spawn, stop, wait_for_address
 
 ECHO = r"""
 import sys, zmq
+from asgd.launch.processes import write_address
 ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.linger = 0
-s.bind("tcp://127.0.0.1:*"); print(s.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
+s.bind("tcp://127.0.0.1:*"); write_address(sys.argv[1], s.getsockopt_string(zmq.LAST_ENDPOINT))
 while True:
     frames = s.recv_multipart(copy=False)
     if len(frames) == 2 and frames[1].bytes == b"stop":
@@ -50,17 +46,16 @@ def start_server(cfg: dict, tmp: Path):
     path = tmp / "bench.yaml"
     path.write_text(yaml.safe_dump(cfg))
     addr = tmp / "addr"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.Popen([sys.executable, "-m", "server", "--config", str(path), "--bind",
-                          "tcp://127.0.0.1:0", "--address-file", str(addr),
-                          "--checkpoint-dir", str(tmp / "ckpt")],
-                         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (addr.exists() and addr.read_text().strip()):
-        if p.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("server did not start")
-        time.sleep(0.05)
-    return p, addr.read_text().strip()
+    p = spawn("server", ["-m", "server", "--config", str(path), "--bind", "tcp://127.0.0.1:0",
+                         "--address-file", str(addr), "--checkpoint-dir", str(tmp / "ckpt")],
+              tmp / "server.log")
+    return p, wait_for_address(addr, p, 120)
+
+
+def start_echo(tmp: Path, k: int):
+    addr = tmp / f"echo-{k}.addr"
+    p = spawn("echo", ["-c", ECHO, str(addr)], None)
+    return p, wait_for_address(addr, p, 60)
 
 
 def time_asgd(endpoint: str, rounds: int) -> float:
@@ -118,8 +113,7 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         server, endpoint = start_server(cfg, tmp)
-        echo = subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
-        echo_endpoint = echo.stdout.readline().strip()
+        echo, echo_endpoint = start_echo(tmp, 0)
         try:
             probe = Client(endpoint, "probe", timeout_s=60)
             info, weights = probe.hello()
@@ -127,19 +121,15 @@ def main():
             probe.close()
             nbytes = sum(a.nbytes for a in arrays)
             asgd_t, raw_t = [], []
-            for _ in range(args.repeats):   # interleaved, so both see the same machine load
+            for k in range(args.repeats):   # interleaved, so both see the same machine load
                 asgd_t.append(time_asgd(endpoint, args.rounds))
                 raw_t.append(time_raw(echo_endpoint, arrays, args.rounds))
                 # the echo server handles one client at a time; restart it for the next repeat
-                echo.wait(timeout=30)
-                echo = subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE,
-                                        text=True)
-                echo_endpoint = echo.stdout.readline().strip()
+                stop([echo], grace_s=30)
+                echo, echo_endpoint = start_echo(tmp, k + 1)
         finally:
-            server.terminate()
-            server.wait(timeout=60)
-            echo.kill()
-            echo.wait(timeout=10)
+            stop([server], grace_s=60)
+            stop([echo], grace_s=5)
     a, r = statistics.median(asgd_t), statistics.median(raw_t)
     print(json.dumps({
         "benchmark": "wire_push_pull", "parameters": nbytes // 4, "tensors": len(arrays),

@@ -1,4 +1,4 @@
-from server.main import main
+"""``python -m server``: the same command as ``asgd server``."""
+from asgd.cli import server_command
 
-if __name__ == "__main__":
-    main()
+server_command(prog_name="python -m server")

@@ -1,23 +1,29 @@
-"""Checkpoints of a parameter store (the file format is asgd.checkpoint's).
+"""Checkpoints of a parameter store (the file format is ``asgd.core.checkpoint``'s).
 
-    save_checkpoint(store, "runs/x/checkpoint")     # atomic: temp file, fsync, rename, fsync dir
-    ckpt = load_checkpoint("runs/x/checkpoint")
+    save_store(store, "runs/x/checkpoint")       # atomic, checksummed
+    resume_store(store, "runs/x/checkpoint")     # weights, optimizer state and version back
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from asgd import protocol
-from asgd.checkpoint import (FILENAME, MAGIC, Checkpoint, load_checkpoint,  # noqa: F401
-                             read_frames, write_frames)
+from asgd.core.checkpoint import CheckpointError, load_checkpoint, write_checkpoint
 
 
-def save_checkpoint(store, directory, config: dict | None = None) -> Path:
+def save_store(store, directory, config: dict | None = None) -> Path:
     scalars, optim_tensors = store.optimizer_state()
-    header = {"kind": "asgd-checkpoint", "format": 1, "version": store.version,
-              "layout": store.specs, "config": config or store.cfg.to_dict(),
-              "optimizer": {"name": store.cfg.optimizer.name, "scalars": scalars}}
-    tensors = [("weights", store.flat.detach())] + optim_tensors
-    path = Path(directory) / FILENAME
-    write_frames(path, protocol.encode(header, tensors))
-    return path
+    return write_checkpoint(directory, store.version, store.layout, store.weights,
+                            config or store.cfg.to_dict(), store.cfg.optimizer.name, scalars,
+                            optim_tensors)
+
+
+def resume_store(store, directory) -> None:
+    """Load a checkpoint into ``store``; CheckpointError when it is missing, damaged or of
+    another model."""
+    ckpt = load_checkpoint(directory)
+    try:
+        ckpt.layout.check_same(store.layout, "checkpoint's", "configured model's")
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {directory} holds a different model: {e}") from None
+    store.load_weights(ckpt.flat, ckpt.version)
+    store.load_optimizer_state(ckpt.optimizer_scalars, ckpt.optimizer_tensors)

@@ -1,12 +1,16 @@
 """The server's request handling, without sockets: frames in, reply frames out.
 
     core = ServerCore(store, cfg)
-    reply_frames = core.handle(frames)          # frames of one request (no routing identity)
+    for identity, frames in core.handle(identity, request_frames): send(identity, frames)
+    for identity, frames in core.tick(): send(identity, frames)     # replies time released
 
-Every request is validated in full before anything changes: header keys and types, protocol
-version, op, tensor names, dtypes, shapes, frame sizes and finiteness. A bad request gets an
-error reply (see asgd.protocol.ERROR_CODES) and leaves the weights, the optimizer state and the
-version exactly as they were. Nothing a client sends can make ``handle`` raise.
+Every request is validated in full before anything changes: the schema by
+``asgd.core.protocol.check_request`` (header, version, op, fields, frames), then what depends
+on the server's state here (the push's version, the parameter list, finiteness). A bad request
+gets an error reply and leaves the weights, the optimizer state and the version exactly as they
+were. What a push does is ``server.staleness``'s to decide; a policy may hold a reply (ssp,
+sync), and ``handle`` then returns no reply for it now and the held one later. Nothing a
+client sends can make ``handle`` raise.
 """
 from __future__ import annotations
 
@@ -14,28 +18,18 @@ import logging
 import time
 import traceback
 from collections import Counter, defaultdict
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
-import torch
-
-from asgd import protocol
-from asgd.policies import parse_policy
-from asgd.protocol import ProtocolError
-from server.gate import Pending, Participants, SSPGate, SyncRound
-from asgd.optim import scheduled_lr
+from asgd.core import protocol
+from asgd.core.protocol import ProtocolError, Request
+from server.staleness import Pending, StalenessControl
 from server.store import ParameterStore
 
 log = logging.getLogger("asgd.server")
 
-MAX_WORKER_ID = 256
-
-
-def _nbytes(frame) -> int:
-    if hasattr(frame, "buffer"):  # zmq.Frame
-        return frame.buffer.nbytes
-    return memoryview(frame).nbytes
+DEFER = None     # what an op returns when its reply is held back
 
 
 class WorkerStats:
@@ -50,14 +44,10 @@ class WorkerStats:
     def to_dict(self, now: float) -> dict:
         return {
             "rank": self.rank, "pushes": self.pushes, "applied": self.applied,
-            "dropped": self.dropped, "last_seen": self.last_seen,
+            "dropped": self.dropped,
             "last_seen_ago_s": round(now - self.last_seen, 3) if self.last_seen else None,
             "staleness_histogram": {str(k): v for k, v in sorted(self.staleness.items())},
         }
-
-
-class _Deferred(Exception):
-    """Raised by an op whose reply a policy holds back."""
 
 
 class ServerCore:
@@ -67,118 +57,82 @@ class ServerCore:
         self.max_bytes = int(cfg.server.max_message_mb * 2**20)
         self.metrics = metrics      # a MetricsWriter for per-push records, or None
         self.clock = clock
-        self.policy = parse_policy(cfg.server.policy)
-        sv = cfg.server
-        self.ssp = SSPGate(sv.ssp_slack, sv.worker_timeout_s) if "ssp" in self.policy else None
-        self.sync = SyncRound(sv.worker_timeout_s) if "sync" in self.policy else None
-        self.people: Optional[Participants] = (self.ssp or self.sync).people \
-            if (self.ssp or self.sync) else None
-        self._released: list[tuple[bytes, list]] = []
-        self._identity = b""
-        self.started = time.time()
-        self.applied = self.dropped = 0
+        self.control = StalenessControl(store, cfg, clock, self._log)
+        self.started = clock()
+        self.start_version = store.version
+        self.dropped = 0
         self.staleness = Counter()
         self.workers: dict[str, WorkerStats] = defaultdict(WorkerStats)
         self.requests = Counter()
         self.errors = Counter()
         self.bytes_in = self.bytes_out = 0
         self._ops = {"hello": self._hello, "pull": self._pull, "push": self._push,
-                     "push_pull": self._push_pull, "stats": self._stats, "bye": self._bye}
+                     "push_pull": self._push, "stats": self._stats, "bye": self._bye}
+        assert set(self._ops) == set(protocol.OPS)
+
+    @property
+    def applied(self) -> int:
+        """Updates applied since this server started (an update is one version)."""
+        return self.store.version - self.start_version
 
     # ------------------------------------------------------------------------------------------
 
     def handle(self, identity: bytes, frames) -> list[tuple[bytes, list]]:
         """The replies to send now, as (identity, frames) pairs, for one request from
-        ``identity``. Usually one pair; none when a policy defers the reply (ssp, sync) and
-        several when this request releases deferred ones. Never raises."""
-        self._identity = identity
-        out = self.handle_frames(frames)
-        replies = [] if out is None else [(identity, out)]
-        replies += self._released
-        self._released = []
-        return replies
+        ``identity``: usually its own; none when a policy holds it (ssp, sync); and any held
+        replies this request released. Never raises."""
+        out = self.reply_frames(identity, frames)
+        replies = [] if out is DEFER else [(identity, out)]
+        return replies + self.tick()
 
     def tick(self) -> list[tuple[bytes, list]]:
-        """Replies released by the passage of time (a dead worker stops counting)."""
-        self._release()
-        out, self._released = self._released, []
-        return out
+        """Held replies that may go now (the slowest moved on, a round completed, a dead
+        worker stopped counting)."""
+        return [(p.identity, self._answer(p.request_id, p.op, p.reply))
+                for p in self.control.release()]
 
-    def handle_frames(self, frames) -> list | None:
-        """Reply frames for one request's frames (None when the reply is deferred).
-        Never raises."""
-        nbytes = sum(_nbytes(f) for f in frames)
-        self.bytes_in += nbytes
+    def reply_frames(self, identity: bytes, frames) -> list | None:
+        """Reply frames for one request's frames, or DEFER. Never raises."""
         request_id = None
+        self.bytes_in += sum(protocol.frame_nbytes(f) for f in frames)
         try:
-            header = protocol.decode_header(frames[0]) if frames else None
-            if header is None:
-                raise ProtocolError("bad_request", "empty message")
-            request_id = header.get("id")
-            if not isinstance(request_id, int) or isinstance(request_id, bool):
-                request_id = None
-                raise ProtocolError("bad_request", "'id' must be an integer")
-            if nbytes > self.max_bytes:
-                raise ProtocolError("too_large", f"message of {nbytes} bytes exceeds "
-                                    f"{self.max_bytes} (server.max_message_mb)")
-            self._check_header(header)
-            _, tensors = protocol.decode(frames, self.max_bytes)
-            op = header["op"]
-            self.requests[op] += 1
+            req = protocol.check_request(frames, self.max_bytes)
+            request_id = req.id
+            self.requests[req.op] += 1
             worker = None
             # observers (the launcher's monitor and its evaluation pulls) are not workers
-            if op in ("hello", "push", "push_pull") or header["worker"] in self.workers:
-                worker = self.workers[header["worker"]]
-                worker.last_seen = time.time()
-            reply_header, reply_tensors = self._ops[op](header, tensors, worker)
-            reply = {"ok": True, "id": request_id, **reply_header}
-            out = protocol.encode(reply, reply_tensors)
-        except _Deferred:
-            return None
+            if req.op in ("hello", "push", "push_pull") or req.worker in self.workers:
+                worker = self.workers[req.worker]
+                worker.last_seen = self.clock()
+            result = self._ops[req.op](req, worker, identity)
+            if result is DEFER:
+                return DEFER
+            return self._answer(req.id, req.op, *result)
         except ProtocolError as e:
             self.errors[e.code] += 1
-            out = [protocol.pack_header(protocol.error_reply(request_id, e.code, e.message))]
+            out = protocol.error_frames(e.request_id, e.code, e.message)
         except Exception as e:  # a bug of ours: report it, keep serving
             log.error("internal error: %s\n%s", e, traceback.format_exc())
             self.errors["internal"] += 1
-            out = [protocol.pack_header(protocol.error_reply(request_id, "internal", repr(e)))]
-        self.bytes_out += sum(_nbytes(f) for f in out)
+            out = protocol.error_frames(request_id, "internal", repr(e))
+        self.bytes_out += sum(protocol.frame_nbytes(f) for f in out)
         return out
 
-    def _check_header(self, h: dict) -> None:
-        v = h.get("v")
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise ProtocolError("bad_request", "'v' (protocol version) must be an integer")
-        if v != protocol.PROTOCOL_VERSION:
-            raise ProtocolError("bad_version", f"protocol version {v} is not supported "
-                                f"(this server speaks {protocol.PROTOCOL_VERSION})")
-        op = h.get("op")
-        if not isinstance(op, str):
-            raise ProtocolError("bad_request", "'op' must be a string")
-        if op not in self._ops:
-            raise ProtocolError("unknown_op", f"unknown op {op!r} (known: {', '.join(self._ops)})")
-        w = h.get("worker")
-        if not isinstance(w, str) or not w or len(w) > MAX_WORKER_ID:
-            raise ProtocolError("bad_request", f"'worker' must be a non-empty string of at most "
-                                f"{MAX_WORKER_ID} characters")
+    def _answer(self, request_id: int, op: str, fields: dict, tensors=None) -> list:
+        """The frames of a successful reply; push_pull's carries the current weights."""
+        if op == "push_pull":
+            fields = dict(fields, version=self.store.version)
+            tensors = self.store.weight_tensors()
+        frames = protocol.encode({"ok": True, "id": request_id, **fields}, tensors or [])
+        self.bytes_out += sum(protocol.frame_nbytes(f) for f in frames)
+        return frames
 
     # ------------------------------------------------------------------------------------------
-    # ops: (header, tensors, worker stats) -> (reply header, reply tensors)
+    # ops: (request, worker stats, identity) -> (reply fields, reply tensors) or DEFER
 
-    def _no_tensors(self, op, tensors):
-        if tensors:
-            raise ProtocolError("bad_request", f"{op} takes no tensors")
-
-    def _hello(self, h, tensors, worker):
-        self._no_tensors("hello", tensors)
-        rank = h.get("rank")
-        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
-            raise ProtocolError("bad_request", "'rank' must be a non-negative integer")
-        worker.rank = rank
-        if self.people is not None:
-            self.people.join(h["worker"], self.clock())
-            self._log("join", worker=h["worker"], clock=self.people.clocks[h["worker"]],
-                      version=self.store.version)
+    def _hello(self, req: Request, worker: WorkerStats, identity: bytes):
+        worker.rank = req.get("rank")
+        self.control.hello(req.worker)
         # "tensors" is the model's parameter list; its frames are the current weights, so the
         # header describes its frames as every message's does and a new worker needs no pull.
         return {
@@ -187,165 +141,72 @@ class ServerCore:
             "config": self.training_settings(),
         }, self.store.weight_tensors()
 
-    def _pull(self, h, tensors, worker):
-        self._no_tensors("pull", tensors)
+    def _pull(self, req: Request, worker, identity: bytes):
         return {"version": self.store.version}, self.store.weight_tensors()
 
-    def _validate_push(self, h, tensors) -> tuple[int, list[np.ndarray]]:
-        base = h.get("version")
-        if not isinstance(base, int) or isinstance(base, bool):
-            raise ProtocolError("bad_request", "'version' must be an integer")
+    def _check_push(self, req: Request) -> tuple[int, list[np.ndarray]]:
+        """The push's base version and gradient arrays, checked against this server."""
+        base = req.header["version"]
         if base < 0 or base > self.store.version:
             raise ProtocolError("bad_version", f"version {base} is not one this shard has had "
-                                f"(current version {self.store.version})")
-        encoding = h.get("encoding")
-        if encoding not in (None, "none"):
-            raise ProtocolError("bad_request", f"unknown encoding {encoding!r}")
-        specs = self.store.specs
-        if len(tensors) != len(specs):
-            raise ProtocolError("bad_tensor", f"push has {len(tensors)} tensors, the model has "
-                                f"{len(specs)}")
+                                f"(current version {self.store.version})", req.id)
+        specs = self.store.layout.specs
+        if len(req.tensors) != len(specs):
+            raise ProtocolError("bad_tensor", f"push has {len(req.tensors)} tensors, the model "
+                                f"has {len(specs)}", req.id)
         arrays = []
-        for t, s in zip(tensors, specs):
-            if t.name != s["name"]:
-                raise ProtocolError("bad_tensor", f"expected tensor {s['name']!r}, got {t.name!r}")
-            if t.dtype != s["dtype"]:
-                raise ProtocolError("bad_tensor", f"tensor {t.name!r}: dtype {t.dtype}, "
-                                    f"expected {s['dtype']}")
-            if list(t.array.shape) != s["shape"]:
-                raise ProtocolError("bad_tensor", f"tensor {t.name!r}: shape "
-                                    f"{list(t.array.shape)}, expected {s['shape']}")
-            if not np.isfinite(t.array).all():
-                raise ProtocolError("bad_tensor", f"tensor {t.name!r} has non-finite values")
-            arrays.append(t.array)
+        for t, s in zip(req.tensors, specs):
+            if t.name != s.name:
+                problem = f"expected tensor {s.name!r}, got {t.name!r}"
+            elif t.dtype != s.dtype:
+                problem = f"tensor {t.name!r}: dtype {t.dtype}, expected {s.dtype}"
+            elif tuple(t.array.shape) != s.shape:
+                problem = (f"tensor {t.name!r}: shape {list(t.array.shape)}, expected "
+                           f"{list(s.shape)}")
+            elif not np.isfinite(t.array).all():
+                problem = f"tensor {t.name!r} has non-finite values"
+            else:
+                arrays.append(t.array)
+                continue
+            raise ProtocolError("bad_tensor", problem, req.id)
         return base, arrays
 
-    def _count(self, worker: WorkerStats, staleness: int, applied: bool) -> None:
-        worker.pushes += 1
-        worker.staleness[staleness] += 1
-        self.staleness[staleness] += 1
-        if applied:
-            worker.applied += 1
-        else:
-            self.dropped += 1
-            worker.dropped += 1
+    def _push(self, req: Request, worker: WorkerStats, identity: bytes):
+        base, arrays = self._check_push(req)
+        out = self.control.push(Pending(identity, req.worker, req.id, req.op), base, arrays)
+        if not out.repeat:
+            worker.pushes += 1
+            worker.staleness[out.staleness] += 1
+            self.staleness[out.staleness] += 1
+            if out.applied:
+                worker.applied += 1
+            else:
+                self.dropped += 1
+                worker.dropped += 1
+        return DEFER if out.deferred else (out.reply(), None)
 
-    def _push(self, h, tensors, worker, op="push"):
-        base, arrays = self._validate_push(h, tensors)
-        if self.sync is not None:
-            return self._sync_push(h, arrays, base, worker, op)
-        result = self.store.push(arrays, base)
-        self._count(worker, result.staleness, result.applied)
-        self.applied += result.applied
-        reply = {"version": result.version, "staleness": result.staleness,
-                 "applied": result.applied}
-        if result.reason:
-            reply["reason"] = result.reason
-        record = {"worker": h["worker"], "staleness": result.staleness,
-                  "applied": result.applied, "version": result.version, "lr": result.lr}
-        if self.ssp is not None:
-            now = self.clock()
-            clock = self.ssp.pushed(h["worker"], now)
-            record.update(clock=clock, min_clock=self.ssp.min_clock(now))
-            if not self.ssp.may_proceed(h["worker"], now):
-                self._log("push", deferred=True, **record)
-                self.ssp.hold(Pending(self._identity, h["worker"], h["id"], op, reply, now,
-                                      clock))
-                raise _Deferred
-            self._log("push", deferred=False, **record)
-            self._release()   # this push may have moved the slowest clock
-        else:
-            self._log("push", deferred=False, **record)
-        return reply, []
+    def _bye(self, req: Request, worker, identity: bytes):
+        self.control.bye(req.worker)
+        return {"version": self.store.version}, None
 
-    def _push_pull(self, h, tensors, worker):
-        reply, _ = self._push(h, tensors, worker, op="push_pull")
-        reply["version"] = self.store.version
-        return reply, self.store.weight_tensors()
-
-    def _bye(self, h, tensors, worker):
-        """A worker leaves: it stops counting for ssp and sync at once."""
-        self._no_tensors("bye", tensors)
-        if self.people is not None:
-            self.people.leave(h["worker"])
-            self._log("leave", worker=h["worker"], version=self.store.version)
-            self._release()
-        return {"version": self.store.version}, []
-
-    # ------------------------------------------------------------------------------------------
-    # deferred replies: ssp and sync
-
-    def _sync_push(self, h, arrays, base, worker, op):
-        now = self.clock()
-        self.sync.people.seen(h["worker"], now)
-        staleness = self.store.staleness_of(base)
-        held = self.sync.people.waiting.get(h["worker"])
-        if held is not None:
-            # the worker re-sent after reconnecting: answer the new request, keep the gradient
-            held.identity, held.request_id, held.op = self._identity, h["id"], op
-            raise _Deferred
-        if self.sync.grad_sum is None:
-            self.sync.grad_sum = torch.zeros(self.store.numel)
-        self.store.add_grad(arrays, self.sync.grad_sum)
-        self._count(worker, staleness, True)
-        self.sync.add(Pending(self._identity, h["worker"], h["id"], op,
-                              {"staleness": staleness, "applied": True}, now))
-        self._log("push", worker=h["worker"], staleness=staleness, applied=True,
-                  version=self.store.version, deferred=True, round_size=self.sync.count)
-        self._release()
-        raise _Deferred
-
-    def _release(self) -> None:
-        """Move every reply that may go now to ``self._released``."""
-        now = self.clock()
-        if self.ssp is not None:
-            for p in self.ssp.release(now):
-                p.reply["version"] = self.store.version
-                self._log("release", worker=p.worker, clock=p.clock,
-                          min_clock=self.ssp.min_clock(now), wait_s=round(now - p.since, 6),
-                          version=self.store.version)
-                self._answer(p)
-        if self.sync is not None and self.sync.complete(now):
-            n = self.sync.count
-            self.store.flat.grad.copy_(self.sync.grad_sum.div_(n))
-            self.sync.grad_sum.zero_()
-            lr = scheduled_lr(self.cfg, self.store.version)
-            self.store.apply_flat_grad(lr)
-            self.applied += 1
-            pending = self.sync.take()
-            self._log("round", size=n, workers=sorted(p.worker for p in pending),
-                      version=self.store.version, lr=lr,
-                      wait_s=round(now - min(p.since for p in pending), 6))
-            for p in pending:
-                p.reply["version"] = self.store.version
-                self._answer(p)
-
-    def _answer(self, p: Pending) -> None:
-        reply = {"ok": True, "id": p.request_id, **p.reply}
-        tensors = self.store.weight_tensors() if p.op == "push_pull" else []
-        frames = protocol.encode(reply, tensors)
-        self.bytes_out += sum(_nbytes(f) for f in frames)
-        self._released.append((p.identity, frames))
+    def _stats(self, req: Request, worker, identity: bytes):
+        return self.stats(), None
 
     def _log(self, kind: str, **fields) -> None:
         if self.metrics is not None:
             self.metrics.write(kind, **fields)
 
-    def _stats(self, h, tensors, worker):
-        self._no_tensors("stats", tensors)
-        return self.stats(), []
-
     # ------------------------------------------------------------------------------------------
 
     def training_settings(self) -> dict:
-        c = self.cfg
-        return {"optimizer": c.to_dict()["optimizer"], "schedule": c.to_dict()["schedule"],
-                "policy": c.server.policy, "max_staleness": c.server.max_staleness,
-                "model": c.to_dict()["model"], "data": c.to_dict()["data"],
-                "seed": c.run.seed, "max_updates": c.run.max_updates}
+        c = self.cfg.to_dict()
+        return {"optimizer": c["optimizer"], "schedule": c["schedule"],
+                "policy": c["server"]["policy"], "max_staleness": c["server"]["max_staleness"],
+                "model": c["model"], "data": c["data"], "seed": c["run"]["seed"],
+                "max_updates": c["run"]["max_updates"]}
 
     def stats(self) -> dict:
-        now = time.time()
+        now = self.clock()
         total = sum(self.staleness.values())
         mean = sum(k * v for k, v in self.staleness.items()) / total if total else 0.0
         return {
@@ -358,8 +219,8 @@ class ServerCore:
             "workers": {w: s.to_dict(now) for w, s in self.workers.items()},
             "requests": dict(self.requests),
             "errors": dict(self.errors),
-            "waiting": sorted(self.people.waiting) if self.people is not None else [],
-            "dc_fallbacks": self.store.dc_fallbacks,
+            "waiting": self.control.waiting(),
+            "dc_fallbacks": self.control.dc_fallbacks,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "uptime_s": round(now - self.started, 3),

@@ -1,7 +1,7 @@
 """The parameter-server process: a ROUTER socket around ServerCore.
 
-    python -m server --config configs/default.yaml --bind tcp://127.0.0.1:5555
-    asgd server --config configs/default.yaml [--resume]
+    asgd server --config configs/default.yaml [--bind tcp://127.0.0.1:5555] [--resume]
+    python -m server --config configs/default.yaml       # the same command
 
 Binds to loopback unless told otherwise. Every receive is under a poll timeout, so signals and
 periodic work (a ``server`` record in metrics.jsonl, periodic checkpoints) are never starved.
@@ -11,19 +11,18 @@ SIGINT/SIGTERM stop the loop; the server then writes its checkpoint (atomically)
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import sys
 import time
 from pathlib import Path
 
-import click
 import torch
 import zmq
 
-from asgd.config import Config, ConfigError, load_config
+from asgd.config import Config
+from asgd.core.checkpoint import CheckpointError
+from asgd.launch.processes import write_address
 from asgd.metrics import MetricsWriter
-from server.checkpoint import load_checkpoint, save_checkpoint
+from server.checkpoint import resume_store, save_store
 from server.core import ServerCore
 from server.store import ParameterStore
 
@@ -34,22 +33,11 @@ MAX_BATCH = 256   # requests handled per wake-up before periodic work gets a tur
 
 
 def build_store(cfg: Config) -> ParameterStore:
-    """The store with the model's initial weights (same seed as every worker)."""
-    from asgd.data import load_dataset
-    from asgd.models import build_model
+    """The store with the model's initial weights (same seed as every worker). A built-in
+    data set is not loaded: the model needs only its shape."""
+    from asgd.tasks.task import build_task
 
-    ds = load_dataset(cfg.data, seed=cfg.run.seed)
-    model = build_model(cfg.model, ds.input_shape, ds.num_classes, seed=cfg.run.seed)
-    return ParameterStore.from_model(model, cfg)
-
-
-def resume_store(store: ParameterStore, checkpoint_dir: Path) -> None:
-    ckpt = load_checkpoint(checkpoint_dir)
-    if [(s["name"], list(s["shape"])) for s in ckpt.specs] != \
-            [(s["name"], list(s["shape"])) for s in store.specs]:
-        raise click.ClickException(f"checkpoint {checkpoint_dir} holds a different model")
-    store.load_weights(ckpt.flat, ckpt.version)
-    store.load_optimizer_state(ckpt.optimizer_scalars, ckpt.optimizer_tensors)
+    return ParameterStore.from_model(build_task(cfg, data=False).model, cfg)
 
 
 class Server:
@@ -122,7 +110,7 @@ class Server:
                            workers=len(s["workers"]))
 
     def checkpoint(self) -> Path:
-        path = save_checkpoint(self.store, self.checkpoint_dir)
+        path = save_store(self.store, self.checkpoint_dir)
         self._last_checkpoint_version = self.store.version
         return path
 
@@ -137,33 +125,11 @@ class Server:
             self.ctx.term()
 
 
-def write_address(path: Path, endpoint: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(endpoint + "\n")
-    os.replace(tmp, path)
-
-
-@click.command("server")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True,
-              help="YAML run configuration.")
-@click.option("--bind", default=None, help="ZeroMQ endpoint to bind (default: server.bind, "
-              "loopback). Use tcp://0.0.0.0:5555 to serve other machines; port 0 picks one.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config key (repeatable).")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-              help="Write metrics.jsonl and the checkpoint here.")
-@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
-              help="Where the checkpoint lives (default: <run-dir>/checkpoint).")
-@click.option("--resume", is_flag=True, help="Start from the checkpoint, keeping its version.")
-@click.option("--address-file", type=click.Path(dir_okay=False), default=None,
-              help="Write the bound endpoint to this file once listening.")
-def main(config_path, bind, overrides, run_dir, checkpoint_dir, resume, address_file):
-    """Run one parameter server."""
+def run_server(cfg: Config, bind: str | None, run_dir=None, checkpoint_dir=None,
+               resume: bool = False, address_file=None) -> int:
+    """Serve until SIGINT/SIGTERM, then checkpoint; the exit code (0, or 1 when it cannot
+    start)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(levelname)s %(message)s")
-    try:
-        cfg = load_config(config_path, overrides)
-    except ConfigError as e:
-        raise click.ClickException(str(e))
     torch.set_num_threads(cfg.server.threads)
     bind = bind or cfg.server.bind
     if bind.startswith("tcp://") and bind.endswith(":0"):
@@ -171,10 +137,12 @@ def main(config_path, bind, overrides, run_dir, checkpoint_dir, resume, address_
     try:
         server = Server(cfg, bind, Path(run_dir) if run_dir else None,
                         Path(checkpoint_dir) if checkpoint_dir else None, resume)
-    except (FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e))
+    except (CheckpointError, ValueError) as e:
+        log.error("%s", e)
+        return 1
     except zmq.ZMQError as e:
-        raise click.ClickException(f"cannot bind {bind}: {e}")
+        log.error("cannot bind %s: %s", bind, e)
+        return 1
     signal.signal(signal.SIGTERM, server.request_stop)
     signal.signal(signal.SIGINT, server.request_stop)
     if address_file:
@@ -185,4 +153,4 @@ def main(config_path, bind, overrides, run_dir, checkpoint_dir, resume, address_
         server.serve()
     finally:
         server.close()
-    sys.exit(0)
+    return 0

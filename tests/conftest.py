@@ -5,8 +5,8 @@
         client = clients(server.endpoint)
         version, weights = client.pull()
 
-Every child process gets OMP_NUM_THREADS=1 and $ASGD_CACHE pointing at one session folder, so
-MNIST-1D is generated once for the whole suite. Every wait is bounded; at teardown each child
+Every child process runs in the test's temporary folder, with OMP_NUM_THREADS=1 and $ASGD_CACHE
+pointing at one session folder, so MNIST-1D is generated once for the whole suite. Every wait is bounded; at teardown each child
 still alive is sent SIGTERM, then SIGKILL if it does not exit. Sockets use linger 0.
 """
 from __future__ import annotations
@@ -16,8 +16,6 @@ import itertools
 import os
 import signal
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +24,8 @@ import torch
 import yaml
 import zmq
 
-from asgd import protocol
+from asgd.core import protocol
+from asgd.launch import processes as proclib
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
@@ -54,7 +53,7 @@ def asgd_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mnist1d_cached(asgd_cache):
     """Generate MNIST-1D into the session cache before any child needs it."""
-    from asgd.data import mnist1d
+    from asgd.tasks.data import mnist1d
 
     ds = mnist1d()
     assert list(asgd_cache.glob("mnist1d-*.npz")), "mnist1d() did not write its cache file"
@@ -111,39 +110,28 @@ def make_config(tmp_path):
 # processes
 
 class Processes:
-    """Children of one test; ``cleanup`` terminates, then kills, whatever is still running."""
+    """Children of one test, started through asgd.launch.processes in the test's temporary
+    folder; ``cleanup`` terminates, then kills, whatever is still running."""
 
-    def __init__(self, env: dict):
-        self.env = env
+    def __init__(self, env: dict, cwd: Path):
+        self.env, self.cwd = env, cwd
+        self.procs: list[proclib.Proc] = []
         self.popens: list[subprocess.Popen] = []
 
     def spawn(self, args: list[str], log_path: Path, cwd=None) -> subprocess.Popen:
-        with open(log_path, "ab") as log:
-            popen = subprocess.Popen([sys.executable, *args], stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=self.env, cwd=cwd or REPO)
-        self.popens.append(popen)
-        return popen
+        proc = proclib.spawn(Path(log_path).stem, args, log_path, self.env,
+                               cwd=cwd or self.cwd, new_session=False)
+        self.procs.append(proc)
+        self.popens.append(proc.popen)
+        return proc.popen
 
     def run(self, args: list[str], timeout: float, cwd=None) -> subprocess.CompletedProcess:
-        """Run a child to completion. One that outlives ``timeout`` gets SIGTERM first (a
-        launcher then stops its own children), SIGKILL if that does not end it."""
-        popen = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                                 env=self.env, cwd=cwd or REPO)
-        self.popens.append(popen)
+        """Run a child to completion (bounded); AssertionError with its output if it hangs."""
         try:
-            out, err = popen.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            popen.terminate()
-            try:
-                out, err = popen.communicate(timeout=25)
-            except subprocess.TimeoutExpired:
-                popen.kill()
-                out, err = popen.communicate(timeout=10)
-            raise AssertionError(f"{args} did not finish within {timeout:g} s\n"
-                                 f"stdout:\n{out}\nstderr:\n{err}") from None
-        return subprocess.CompletedProcess(popen.args, popen.returncode, out, err)
+            return proclib.run_to_end(args, timeout, self.env, cwd or self.cwd,
+                                        on_start=self.popens.append)
+        except proclib.ProcessError as e:
+            raise AssertionError(str(e)) from None
 
     def cleanup(self) -> None:
         for p in self.popens:
@@ -158,8 +146,8 @@ class Processes:
 
 
 @pytest.fixture
-def processes(child_env):
-    procs = Processes(child_env)
+def processes(child_env, tmp_path):
+    procs = Processes(child_env, tmp_path)
     yield procs
     procs.cleanup()
 
@@ -184,18 +172,11 @@ class ServerHandle:
 
 
 def wait_for_address(path: Path, popen: subprocess.Popen, log_path: Path) -> str:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if path.exists():
-            text = path.read_text().strip()
-            if text:
-                return text
-        if popen.poll() is not None:
-            raise AssertionError(f"server exited at start-up with {popen.returncode}:\n"
-                                 f"{log_path.read_text(errors='replace')}")
-        time.sleep(0.05)
-    raise AssertionError(f"server did not write {path} within {STARTUP_TIMEOUT_S:g} s:\n"
-                         f"{log_path.read_text(errors='replace')}")
+    try:
+        return proclib.wait_for_address(path, proclib.Proc("server", popen, log_path),
+                                          STARTUP_TIMEOUT_S)
+    except proclib.ProcessError as e:
+        raise AssertionError(str(e)) from None
 
 
 @pytest.fixture
@@ -228,7 +209,7 @@ def start_server(tmp_path, processes, mnist1d_cached):
 @pytest.fixture
 def clients():
     """clients(endpoint, worker="t0") -> worker.client.Client, closed at teardown."""
-    from worker.client import Client
+    from asgd.client import Client
 
     made = []
 
@@ -273,3 +254,20 @@ def raw_peer():
     yield make
     for p in made:
         p.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# the server's update path without a socket
+
+_controls: dict = {}
+
+
+def apply_push(store, grads, base_version: int):
+    """Apply one gradient to ``store`` as the server's asynchronous path does (its policy,
+    then an optimizer step); one StalenessControl per store."""
+    from server.staleness import StalenessControl
+
+    control = _controls.get(id(store))
+    if control is None or control.store is not store:
+        control = _controls[id(store)] = StalenessControl(store)
+    return control.apply(grads, base_version)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+import zlib
 
 import msgpack
 import numpy as np
@@ -12,9 +13,12 @@ import torch
 from torch import nn
 
 from asgd.config import from_dict
-from server.checkpoint import FILENAME, MAGIC, load_checkpoint, save_checkpoint
-from server.main import resume_store
+from asgd.core.checkpoint import (FILENAME, MAGIC, CheckpointError, load_checkpoint, read_frames,
+                                  write_checkpoint)
+from server.checkpoint import save_store as save_checkpoint
+from server.checkpoint import resume_store
 from server.store import ParameterStore
+from tests.conftest import apply_push
 
 
 def small_model(seed: int = 0) -> nn.Module:
@@ -31,7 +35,7 @@ def trained_store(optimizer: dict, steps: int = 4) -> ParameterStore:
     cfg = from_dict({"optimizer": optimizer, "run": {"name": "ckpt-test", "seed": 3}})
     store = ParameterStore.from_model(small_model(), cfg)
     for k in range(steps):
-        store.push(grads(store, k), store.version)
+        apply_push(store, grads(store, k), store.version)
     return store
 
 
@@ -83,8 +87,8 @@ def test_resumed_store_takes_bitwise_the_same_next_steps(tmp_path, name):
     assert flat_bytes(resumed) == flat_bytes(original)
     for k in range(4, 8):
         g = grads(original, k)
-        a = original.push(g, original.version)
-        b = resumed.push(g, resumed.version)
+        a = apply_push(original, g, original.version)
+        b = apply_push(resumed, g, resumed.version)
         assert (a.version, a.lr) == (b.version, b.lr)
         assert flat_bytes(resumed) == flat_bytes(original), f"step {k}"
 
@@ -92,23 +96,24 @@ def test_resumed_store_takes_bitwise_the_same_next_steps(tmp_path, name):
 def test_save_overwrites_and_leaves_no_temp_files(tmp_path):
     store = trained_store(OPTIMIZERS["adam"], steps=1)
     save_checkpoint(store, tmp_path)
-    store.push(grads(store, 7), store.version)
+    apply_push(store, grads(store, 7), store.version)
     save_checkpoint(store, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [FILENAME]
     assert load_checkpoint(tmp_path).version == 2
 
 
 def test_file_is_the_wire_format_not_a_pickle(tmp_path):
-    """MAGIC, u32 frame count, then (u64 length, bytes) frames; frame 0 msgpack."""
+    """MAGIC, u32 frame count, then (u64 length, u32 CRC-32, bytes) frames; frame 0 msgpack."""
     store = trained_store(OPTIMIZERS["adam"])
     data = save_checkpoint(store, tmp_path).read_bytes()
-    assert data[:8] == MAGIC
+    assert data[:8] == MAGIC == b"ASGDCKP2"
     (count,) = struct.unpack_from("<I", data, 8)
     pos, frames = 12, []
     for _ in range(count):
-        (n,) = struct.unpack_from("<Q", data, pos)
-        frames.append(data[pos + 8:pos + 8 + n])
-        pos += 8 + n
+        n, crc = struct.unpack_from("<QI", data, pos)
+        frames.append(data[pos + 12:pos + 12 + n])
+        assert zlib.crc32(frames[-1]) == crc
+        pos += 12 + n
     assert pos == len(data)
     header = msgpack.unpackb(frames[0], raw=False)
     assert header["kind"] == "asgd-checkpoint" and header["version"] == 4
@@ -163,6 +168,46 @@ def test_foreign_file_raises_value_error(tmp_path, kind):
         load_checkpoint(tmp_path)
 
 
-def test_missing_checkpoint_is_an_os_error(tmp_path):
-    with pytest.raises(OSError):
+def test_a_flipped_byte_anywhere_is_caught(tmp_path):
+    store = trained_store(OPTIMIZERS["adam"])
+    path = save_checkpoint(store, tmp_path)
+    data = bytearray(path.read_bytes())
+    for where in (30, len(data) // 2, len(data) - 3):   # the header, a tensor, the last tensor
+        damaged = bytearray(data)
+        damaged[where] ^= 0x10
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(CheckpointError, match="damaged"):
+            load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("what", ["weights", "optim.exp_avg"])
+def test_non_finite_contents_are_refused(tmp_path, what):
+    store = trained_store(OPTIMIZERS["adam"])
+    scalars, optim = store.optimizer_state()
+    flat = store.weights.clone()
+    optim = [(n, t.clone()) for n, t in optim]
+    if what == "weights":
+        flat[3] = float("nan")
+    else:
+        dict(optim)[what][0] = float("inf")
+    write_checkpoint(tmp_path, store.version, store.layout, flat, store.cfg.to_dict(), "adam",
+                     scalars, optim)   # checksummed: only the finiteness check can refuse it
+    with pytest.raises(CheckpointError, match=f"{what} holds 1 non-finite"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_first_format_file_still_loads(tmp_path):
+    """ASGDCKP1: the same frames without checksums."""
+    store = trained_store(OPTIMIZERS["sgd-momentum"])
+    frames = read_frames(save_checkpoint(store, tmp_path))
+    old = b"ASGDCKP1" + struct.pack("<I", len(frames)) + b"".join(
+        struct.pack("<Q", len(f)) + bytes(f) for f in frames)
+    (tmp_path / FILENAME).write_bytes(old)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.version == store.version
+    assert ckpt.flat.numpy().tobytes() == flat_bytes(store)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at .*nowhere"):
         load_checkpoint(tmp_path / "nowhere")

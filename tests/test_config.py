@@ -9,7 +9,8 @@ import yaml
 
 from asgd.config import (Config, ConfigError, apply_overrides, from_dict, load_config,
                          save_config)
-from asgd.models import build_model, parameter_specs
+from asgd.core.layout import ParameterLayout
+from asgd.tasks.models import build_model
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -33,8 +34,8 @@ def test_builtin_defaults_are_the_default_run():
     for section in ("data", "optimizer", "schedule", "server", "worker", "run"):
         assert getattr(builtin, section) == getattr(shipped, section), section
     assert builtin.model.name == shipped.model.name
-    assert parameter_specs(build_model(builtin.model, (40,), 10)) == \
-        parameter_specs(build_model(shipped.model, (40,), 10))
+    assert ParameterLayout.from_model(build_model(builtin.model, (40,), 10)) == \
+        ParameterLayout.from_model(build_model(shipped.model, (40,), 10))
 
 
 def test_configs_default_yaml_loads():

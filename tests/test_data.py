@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asgd.data import ShardLoader, shard_indices
+from asgd.tasks.data import ShardLoader, shard_indices
 
 
 @pytest.mark.parametrize("n, world", [(10, 1), (10, 3), (7, 4), (100, 7), (4000, 2),

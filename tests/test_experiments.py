@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 
-from asgd.experiments import RunSpec, summary_table, time_to_target
+from asgd.experiments.measures import time_to_target
+from asgd.experiments.report import summary_table
+from asgd.experiments.spec import RunSpec
 
 REQUIRED = ("policy", "workers", "slow_factor", "repeat", "status", "test_accuracy",
             "time_to_target_s", "samples_per_s", "staleness_mean", "run_dir")
@@ -87,7 +89,7 @@ def test_summary_table_reports_medians_and_spreads():
 
 
 def test_headlines_compare_against_the_references():
-    from asgd.experiments import headline
+    from asgd.experiments.report import headline
 
     staleness = [
         {"status": "ok", "policy": "none", "workers": 1, "test_accuracy": 0.93},

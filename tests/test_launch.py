@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from asgd.config import load_config
-from asgd.evaluate import evaluate_checkpoint
+from asgd.tasks.evaluate import evaluate_checkpoint
 from asgd.metrics import read_metrics
-from server.checkpoint import load_checkpoint
+from asgd.core.checkpoint import load_checkpoint
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from asgd.config import DataConfig, ModelConfig
-from asgd.data import load_dataset
-from asgd.models import build_model, parameter_specs
+from asgd.tasks.data import load_dataset
+from asgd.core.layout import ParameterLayout
+from asgd.tasks.models import build_model
 
 CASES = [("mlp", "digits", {}), ("cnn1d", "mnist1d", {"channels": 8}),
          ("cnn2d", "digits", {"channels": 8}), ("lstm", "mnist1d", {"hidden": 16}),
@@ -37,9 +38,10 @@ def test_same_seed_same_weights_and_specs():
     ds = load_dataset(DataConfig(name="digits"))
     a = build_model(ModelConfig(name="cnn2d"), ds.input_shape, 10, seed=3)
     b = build_model(ModelConfig(name="cnn2d"), ds.input_shape, 10, seed=3)
-    assert parameter_specs(a) == parameter_specs(b)
+    assert ParameterLayout.from_model(a).to_specs() == ParameterLayout.from_model(b).to_specs()
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    assert parameter_specs(a)[0] == {"name": "features.0.weight", "dtype": "float32",
+    assert ParameterLayout.from_model(a).to_specs()[0] == {
+        "name": "features.0.weight", "dtype": "float32",
                                      "shape": [32, 1, 3, 3]}
 
 
@@ -72,7 +74,7 @@ def test_bad_model_names_are_clear_errors(name, message):
 
 
 def test_bad_model_arguments_name_the_model():
-    with pytest.raises(ValueError, match="cnn1d.*bad arguments"):
+    with pytest.raises(ValueError, match="model 'cnn1d' does not take widht .*it takes channels"):
         build_model(ModelConfig(name="cnn1d", args={"widht": 3}), (40,), 10)
 
 

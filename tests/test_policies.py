@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from asgd.policies import POLICIES, decide
+from asgd.core.policies import POLICIES, decide
 
 
 @pytest.mark.parametrize("staleness", [0, 1, 7, 10_000])

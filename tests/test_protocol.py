@@ -7,8 +7,8 @@ import pytest
 import torch
 import zmq
 
-from asgd import protocol
-from asgd.protocol import MAX_HEADER_BYTES, ProtocolError, decode, encode
+from asgd.core import protocol
+from asgd.core.protocol import MAX_HEADER_BYTES, ProtocolError, decode, encode
 
 TORCH_DTYPES = {
     "float32": torch.float32,

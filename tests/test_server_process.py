@@ -8,12 +8,13 @@ import msgpack
 import numpy as np
 import pytest
 
-from asgd import protocol
+from asgd.core import protocol
 from asgd.config import load_config
 from asgd.metrics import read_metrics
-from server.checkpoint import FILENAME, load_checkpoint
+from asgd.core.checkpoint import FILENAME, load_checkpoint
 from server.main import build_store
-from worker.client import ServerError
+from tests.conftest import apply_push
+from asgd.client import ServerError
 
 
 def gradients(specs, seed: int, scale: float = 0.1) -> list[tuple[str, np.ndarray]]:
@@ -187,7 +188,7 @@ def test_sigterm_writes_checkpoint_and_resume_continues_bitwise(
     assert reply["version"] == 5
     reference = build_store(load_config(config))
     for k in range(5):
-        reference.push([a for _, a in gradients(specs, k)], reference.version)
+        apply_push(reference, [a for _, a in gradients(specs, k)], reference.version)
     assert reference.version == 5
     assert flat(after) == reference.flat.detach().numpy().tobytes()
     assert second.stop(signal.SIGINT) == 0, second.log()

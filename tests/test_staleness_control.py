@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from asgd import protocol
+from asgd.core import protocol
 from asgd.config import Config
-from asgd.policies import (dc_compensate, decide, parse_policy, scale_factor, ssp_may_proceed,
-                           sync_mean)
+from asgd.core.layout import ParameterLayout
+from asgd.core.policies import dc_compensate, decide, parse_policy, scale_factor, ssp_may_proceed
 from server.core import ServerCore
+from server.staleness import StalenessControl
 from server.store import ParameterStore
 
 SPECS = [{"name": "w", "dtype": "float32", "shape": [4]}, {"name": "b", "dtype": "float32",
@@ -23,7 +24,13 @@ def make_store(**overrides) -> ParameterStore:
             "schedule.warmup": 0}
     base.update(overrides)
     cfg = Config().replace(**base)
-    return ParameterStore(SPECS, torch.arange(6, dtype=torch.float32) / 10, cfg)
+    return ParameterStore(ParameterLayout.from_specs(SPECS), torch.arange(6, dtype=torch.float32)
+                          / 10, cfg)
+
+
+def make_control(**overrides) -> StalenessControl:
+    """The async update path of a store under a policy, without a socket."""
+    return StalenessControl(make_store(**overrides))
 
 
 def grads(values):
@@ -71,54 +78,76 @@ def test_ssp_may_proceed_counts_from_the_slowest():
     assert ssp_may_proceed(3, [], slack=0)
 
 
-def test_sync_mean_is_the_mean():
-    out = sync_mean([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])])
-    assert out.tolist() == [2.0, 4.0]
-    with pytest.raises(ValueError):
-        sync_mean([])
-
-
 # ----------------------------------------------------------------------------------------------
 # the store under scale and dc
 
 def test_scale_divides_the_step_by_the_staleness():
-    store = make_store(**{"server.policy": "scale"})
-    store.push(grads([0] * 6), 0)
-    store.push(grads([0] * 6), 1)               # version 2 now
+    control = make_control(**{"server.policy": "scale"})
+    store = control.store
+    control.apply(grads([0] * 6), 0)
+    control.apply(grads([0] * 6), 1)               # version 2 now
     before = store.flat.detach().clone()
     g = torch.tensor([1.0, 2, 3, 4, 5, 6])
-    r = store.push(grads(g), 0)                 # staleness 2
+    r = control.apply(grads(g), 0)                 # staleness 2
     assert r.staleness == 2 and r.lr == pytest.approx(0.25)
     torch.testing.assert_close(store.flat.detach(), before - 0.25 * g)
 
 
 def test_dc_compensates_against_the_weights_the_gradient_came_from():
-    store = make_store(**{"server.policy": "dc", "server.dc_adaptive": False,
-                          "server.dc_lambda": 0.5})
+    control = make_control(**{"server.policy": "dc", "server.dc_adaptive": False,
+                              "server.dc_lambda": 0.5})
+    store = control.store
     w0 = store.flat.detach().clone()
-    store.push(grads([1.0] * 6), 0)             # version 1, weights moved
+    control.apply(grads([1.0] * 6), 0)             # version 1, weights moved
     w1 = store.flat.detach().clone()
     g = torch.tensor([1.0, -1, 2, 0, 3, 1])
-    store.push(grads(g), 0)                     # computed on version 0's weights
+    control.apply(grads(g), 0)                     # computed on version 0's weights
     compensated = g + 0.5 * g * g * (w1 - w0)
     torch.testing.assert_close(store.flat.detach(), w1 - 0.5 * compensated)
 
 
 def test_dc_without_staleness_is_plain_sgd():
-    store = make_store(**{"server.policy": "dc"})
+    control = make_control(**{"server.policy": "dc"})
+    store = control.store
     before = store.flat.detach().clone()
     g = torch.tensor([1.0, -1, 2, 0, 3, 1])
-    store.push(grads(g), 0)
+    control.apply(grads(g), 0)
     torch.testing.assert_close(store.flat.detach(), before - 0.5 * g)
 
 
+def test_adaptive_dc_matches_numbers_computed_by_hand():
+    """DC-ASGD-a: ms <- 0.95 ms + 0.05 g*g, λ = λ0 / (sqrt(ms) + 1e-7), then
+    g + λ g*g*(w_now - w_base), stepped with sgd lr 0.5."""
+    control = make_control(**{"server.policy": "dc", "server.dc_lambda": 2.0})
+    store = control.store
+    w0 = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    # push 1, staleness 0: the mean square is updated, the gradient is not compensated
+    control.apply(grads([1.0, 1, 1, 1, 1, 1]), 0)
+    w1 = [w - 0.5 * 1.0 for w in w0]
+    ms1 = 0.05 * 1.0                                        # 0.95 * 0 + 0.05 * 1^2
+    # push 2 from version 0 (staleness 1), g = 2 everywhere but 0 in the last entry
+    g = [2.0, 2, 2, 2, 2, 0]
+    control.apply(grads(g), 0)
+    expected = []
+    for gi, a, b in zip(g, w1, w0):
+        ms2 = 0.95 * ms1 + 0.05 * gi * gi
+        lam = 2.0 / (ms2 ** 0.5 + 1e-7)
+        compensated = gi + lam * gi * gi * (a - b)
+        expected.append(a - 0.5 * compensated)
+    torch.testing.assert_close(store.flat.detach(), torch.tensor(expected))
+    # by hand for the first entry: ms2 = 0.0475 + 0.2 = 0.2475, λ = 2/0.49749 = 4.0202,
+    # g' = 2 + 4.0202 * 4 * (-0.5) = -6.0404, w = -0.5 - 0.5 * -6.0404 = 2.5202
+    assert store.flat[0].item() == pytest.approx(2.5202, abs=1e-3)
+
+
 def test_dc_history_is_bounded_and_falls_back_to_the_oldest():
-    store = make_store(**{"server.policy": "dc", "server.dc_history": 3})
+    control = make_control(**{"server.policy": "dc", "server.dc_history": 3})
+    store = control.store
     for v in range(5):
-        store.push(grads([0.1] * 6), v)
-    assert store._ring.shape == (3, 6)          # memory: dc_history x parameters
-    store.push(grads([0.1] * 6), 0)             # version 0 is no longer kept
-    assert store.dc_fallbacks == 1
+        control.apply(grads([0.1] * 6), v)
+    assert control.dc.ring.shape == (3, 6)          # memory: dc_history x parameters
+    control.apply(grads([0.1] * 6), 0)             # version 0 is no longer kept
+    assert control.dc_fallbacks == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,7 +271,7 @@ def test_ssp_worker_coming_back_starts_at_the_slowest_live_clock():
         out = replies(push(core, "a", 10 + k, store.version, [0] * 6))
         assert out["a"]["ok"]
     core.handle(b"b", request("hello", "b", 3))    # b comes back at a's clock, not at 0
-    assert core.ssp.people.clocks["b"] == 5
+    assert core.control.ssp.people.clocks["b"] == 5
     assert push(core, "a", 20, store.version, [0] * 6) == []   # 6 > 5 + 0: held on b
     out = replies(push(core, "b", 4, store.version, [0] * 6))
     assert set(out) == {"a", "b"}
@@ -256,7 +285,7 @@ def test_sync_with_a_staleness_bound_is_a_config_error():
 
 
 def test_straggler_stretches_compute_and_the_fastest_recent_exchange():
-    from asgd.straggler import Straggler
+    from asgd.experiments.straggler import Straggler
 
     s = Straggler(slow_factor=4.0, delay_s=0.5)
     assert s.extra_s(0.1, exchange_s=0.02) == pytest.approx(3 * 0.12 + 0.5)
@@ -265,14 +294,15 @@ def test_straggler_stretches_compute_and_the_fastest_recent_exchange():
 
 
 def test_scale_and_dc_combine():
-    store = make_store(**{"server.policy": "scale+dc", "server.dc_adaptive": False,
-                          "server.dc_lambda": 0.5})
+    control = make_control(**{"server.policy": "scale+dc", "server.dc_adaptive": False,
+                              "server.dc_lambda": 0.5})
+    store = control.store
     w0 = store.flat.detach().clone()
-    store.push(grads([1.0] * 6), 0)
-    store.push(grads([0.0] * 6), 1)
+    control.apply(grads([1.0] * 6), 0)
+    control.apply(grads([0.0] * 6), 1)
     w2 = store.flat.detach().clone()
     g = torch.tensor([1.0, -1, 2, 0, 3, 1])
-    r = store.push(grads(g), 0)                  # staleness 2: half the lr, compensated
+    r = control.apply(grads(g), 0)                  # staleness 2: half the lr, compensated
     assert r.staleness == 2 and r.lr == pytest.approx(0.25)
     compensated = g + 0.5 * g * g * (w2 - w0)
     torch.testing.assert_close(store.flat.detach(), w2 - 0.25 * compensated)

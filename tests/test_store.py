@@ -10,8 +10,11 @@ import torch
 from torch import nn
 
 from asgd.config import Config, from_dict
-from asgd.models import build_model, parameter_specs
-from server.store import ParameterStore, scheduled_lr
+from asgd.core.layout import ParameterLayout
+from asgd.tasks.models import build_model
+from asgd.core.optim import scheduled_lr
+from server.store import ParameterStore
+from tests.conftest import apply_push
 
 
 def small_model(seed: int = 0) -> nn.Module:
@@ -43,7 +46,7 @@ def flat_bytes(store: ParameterStore) -> bytes:
 def test_layout_follows_the_model():
     model = small_model()
     store = ParameterStore.from_model(model, Config())
-    assert store.specs == parameter_specs(model)
+    assert store.specs == ParameterLayout.from_model(model).to_specs()
     assert store.names == [n for n, _ in model.named_parameters()]
     assert store.numel == sum(p.numel() for p in model.parameters())
     assert store.version == 0
@@ -60,9 +63,11 @@ def test_layout_follows_the_model():
 
 def test_store_refuses_non_float32_parameters_and_wrong_sizes():
     with pytest.raises(ValueError):
-        ParameterStore([{"name": "w", "dtype": "float16", "shape": [2]}], torch.zeros(2), Config())
+        ParameterStore(ParameterLayout.from_specs([{"name": "w", "dtype": "float16", "shape": [2]}]),
+                       torch.zeros(2), Config())
     with pytest.raises(ValueError):
-        ParameterStore([{"name": "w", "dtype": "float32", "shape": [2, 3]}], torch.zeros(5),
+        ParameterStore(ParameterLayout.from_specs([{"name": "w", "dtype": "float32", "shape": [2, 3]}]),
+                       torch.zeros(5),
                        Config())
 
 
@@ -111,7 +116,7 @@ def test_optimizer_step_matches_torch_optim(name):
 
     for step in range(6):
         grads = gradients(model, step)
-        result = store.push([g.numpy() for g in grads], base_version=store.version)
+        result = apply_push(store, [g.numpy() for g in grads], store.version)
         assert result.applied and result.staleness == 0 and result.version == step + 1
         assert result.lr == pytest.approx(section["lr"])
         for p, g in zip(ref.parameters(), grads):
@@ -135,7 +140,7 @@ def test_optimizer_step_follows_the_schedule():
     lrs = []
     for step in range(10):
         grads = gradients(model, step)
-        result = store.push([g.numpy() for g in grads], base_version=store.version)
+        result = apply_push(store, [g.numpy() for g in grads], store.version)
         lrs.append(result.lr)
         for group in ref_opt.param_groups:
             group["lr"] = scheduled_lr(cfg, step)
@@ -152,10 +157,10 @@ def test_stale_push_uses_the_current_weights_and_reports_staleness():
     cfg = config({"name": "sgd", "lr": 0.5})
     store = ParameterStore.from_model(small_model(), cfg)
     for step in range(3):
-        store.push([g.numpy() for g in gradients(small_model(), step)], store.version)
+        apply_push(store, [g.numpy() for g in gradients(small_model(), step)], store.version)
     before = store.flat.detach().clone()
     grads = gradients(small_model(), 9)
-    result = store.push([g.numpy() for g in grads], base_version=0)
+    result = apply_push(store, [g.numpy() for g in grads], 0)
     assert (result.applied, result.staleness, result.version) == (True, 3, 4)
     expected = before - 0.5 * torch.cat([g.reshape(-1) for g in grads])
     torch.testing.assert_close(store.flat.detach(), expected, rtol=0, atol=1e-7)
@@ -165,12 +170,12 @@ def test_store_drops_pushes_past_the_bound_without_touching_anything():
     cfg = config({"name": "adam"}, server={"policy": "max_staleness", "max_staleness": 1})
     store = ParameterStore.from_model(small_model(), cfg)
     grads = [g.numpy() for g in gradients(small_model(), 0)]
-    store.push(grads, 0)
-    store.push(grads, 1)
-    assert store.push(grads, 1).applied            # staleness 1 == K
+    apply_push(store, grads, 0)
+    apply_push(store, grads, 1)
+    assert apply_push(store, grads, 1).applied            # staleness 1 == K
     flat = flat_bytes(store)
     state = {k: v.clone() for k, v in store.optimizer.state[store.flat].items()}
-    result = store.push(grads, 1)                  # staleness 2 == K + 1
+    result = apply_push(store, grads, 1)                  # staleness 2 == K + 1
     assert (result.applied, result.staleness, result.version) == (False, 2, 3)
     assert result.reason
     assert flat_bytes(store) == flat and store.version == 3
@@ -185,7 +190,7 @@ def test_snapshot_is_a_copy_taken_per_version():
     assert store.snapshot() is snap0
     assert snap0.data_ptr() != store.flat.data_ptr()
     copy0 = snap0.clone()
-    store.push([g.numpy() for g in gradients(small_model(), 0)], 0)
+    apply_push(store, [g.numpy() for g in gradients(small_model(), 0)], 0)
     assert torch.equal(snap0, copy0)               # a reply already queued keeps its bytes
     assert torch.equal(store.snapshot(), store.flat.detach())
     names = [n for n, _ in store.weight_tensors()]
@@ -249,7 +254,7 @@ def test_push_records_the_scheduled_lr_of_its_version():
                  run={"max_updates": 100})
     store = ParameterStore.from_model(small_model(), cfg)
     grads = [g.numpy() for g in gradients(small_model(), 0)]
-    lrs = [store.push(grads, store.version).lr for _ in range(6)]
+    lrs = [apply_push(store, grads, store.version).lr for _ in range(6)]
     assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.1, 0.05, 0.05])
     assert lrs == pytest.approx([scheduled_lr(cfg, v) for v in range(6)])
 

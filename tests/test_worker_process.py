@@ -7,7 +7,7 @@ import socket
 import time
 
 from asgd.metrics import read_metrics
-from server.checkpoint import load_checkpoint
+from asgd.core.checkpoint import load_checkpoint
 
 WORKER_TIMEOUT_S = 75
 
@@ -57,7 +57,9 @@ def test_worker_with_a_different_model_exits_2(start_server, processes, make_con
                             server.endpoint, "--rank", "0", "--set", "model.args.channels=4"],
                            timeout=WORKER_TIMEOUT_S)
     assert result.returncode == 2, result.stderr
-    assert "does not match the server's parameters" in result.stderr
+    assert "does not match the server's" in result.stderr
+    assert "worker's conv1.weight float32[4, 1, 5], server's conv1.weight float32[8, 1, 5]" \
+        in result.stderr
     assert "conv1.weight" in result.stderr                      # it shows what differs
     assert server.popen.poll() is None                          # the server is unharmed
 

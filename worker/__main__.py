@@ -1,4 +1,4 @@
-from worker.main import main
+"""``python -m worker``: the same command as ``asgd worker``."""
+from asgd.cli import worker_command
 
-if __name__ == "__main__":
-    main()
+worker_command(prog_name="python -m worker")

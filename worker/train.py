@@ -19,14 +19,33 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from asgd.client import Client, ServerError, ServerTimeout
 from asgd.config import Config
-from asgd.data import ShardLoader, load_dataset, resolve_device as _resolve_device
+from asgd.core.layout import ParameterLayout
+from asgd.experiments.straggler import Straggler
 from asgd.metrics import MetricsWriter
-from asgd.models import build_model, parameter_specs
-from asgd.straggler import Straggler
-from worker.client import Client, ServerError, ServerTimeout
+from asgd.tasks.data import ShardLoader
+from asgd.tasks.task import build_task, resolve_device as _resolve_device
 
 log = logging.getLogger("asgd.worker")
+
+# A fault switch for tests of what happens when a worker dies: ASGD_FAULT="exit:STEP" makes
+# every worker, and "exit:STEP:R1,R2" the listed ranks, exit at once with FAULT_EXIT_CODE after
+# STEP training steps, as a crash would (no bye, no final record).
+FAULT_ENV = "ASGD_FAULT"
+FAULT_EXIT_CODE = 5
+
+
+def fault_exit_step(rank: int, spec: str | None = None) -> int | None:
+    """The step after which this rank is to crash, from $ASGD_FAULT; None for no fault."""
+    spec = os.environ.get(FAULT_ENV, "") if spec is None else spec
+    if not spec:
+        return None
+    parts = spec.split(":")
+    if parts[0] != "exit" or len(parts) not in (2, 3):
+        raise WorkerError(f"{FAULT_ENV}={spec!r}: expected exit:STEP or exit:STEP:RANKS")
+    ranks = [int(r) for r in parts[2].split(",")] if len(parts) == 3 else None
+    return int(parts[1]) if ranks is None or rank in ranks else None
 
 
 class WorkerError(Exception):
@@ -71,17 +90,19 @@ class Worker:
         self.id = worker_id or f"w{rank}"
         self.metrics = metrics or MetricsWriter(None)
         self.device = resolve_device(cfg.worker.device)
-        ds = load_dataset(cfg.data, seed=cfg.run.seed)
-        self.model = build_model(cfg.model, ds.input_shape, ds.num_classes,
-                                 seed=cfg.run.seed).to(self.device)
+        task = build_task(cfg)
+        ds = task.dataset
+        self.layout = task.layout
+        self.model = task.model.to(self.device)
         self.params = list(self.model.parameters())
-        self.names = [n for n, _ in self.model.named_parameters()]
+        self.names = self.layout.names
         self.loader = ShardLoader(ds.x_train, ds.y_train, rank, cfg.run.workers,
                                   cfg.worker.batch_size, seed=cfg.run.seed, device=self.device)
         self.client = Client(endpoint, self.id, timeout_s=cfg.worker.request_timeout_s)
         self.version = 0
         self.stop = stop or StopFlag()
         self.straggler = Straggler.for_rank(cfg.worker, rank)
+        self.crash_at = fault_exit_step(rank)
 
     @property
     def stopping(self) -> bool:
@@ -112,14 +133,12 @@ class Worker:
 
     def connect(self) -> dict:
         info, weights = self._with_retry("hello", lambda: self.client.hello(rank=self.rank))
-        mine = parameter_specs(self.model)
-        theirs = info.get("tensors", [])
-        if [(s["name"], list(s["shape"]), s["dtype"]) for s in mine] != \
-                [(s["name"], list(s["shape"]), s["dtype"]) for s in theirs]:
-            raise WorkerError(
-                f"worker {self.id}: the model built from the config does not match the server's "
-                f"parameters\n  worker: {[(s['name'], s['shape']) for s in mine]}\n"
-                f"  server: {[(s['name'], s['shape']) for s in theirs]}")
+        try:
+            self.layout.check_same(ParameterLayout.from_specs(info.get("tensors", [])),
+                                   "worker's", "server's")
+        except (ValueError, KeyError, TypeError) as e:
+            raise WorkerError(f"worker {self.id}: the model built from the config does not "
+                              f"match the server's: {e}") from None
         self._load(info["version"], weights)
         return info
 
@@ -175,6 +194,9 @@ class Worker:
             self._load(reply["version"], weights)
             res.steps += 1
             res.samples += n
+            if self.crash_at is not None and res.steps >= self.crash_at:
+                log.error("%s: %s: exiting at step %d", self.id, FAULT_ENV, res.steps)
+                os._exit(FAULT_EXIT_CODE)
             res.version = self.version
             window_loss += loss.item()
             window_stale += int(reply.get("staleness", 0))

@@ -5,8 +5,13 @@ little-endian, C-contiguous bytes of the tensors that the header's ``tensors`` l
 one frame each, in order. Nothing is pickled. No sockets live here: ``encode`` and ``decode``
 turn headers and arrays into frames and back, and raise ``ProtocolError`` on anything malformed.
 
-    frames = encode({"op": "pull", ...}, [("fc.weight", array), ...])
+    frames = encode(request_header("pull", 1, "w0"), [("fc.weight", array), ...])
     header, tensors = decode(frames)      # tensors: list of Tensor(name, dtype, array)
+    request = check_request(frames)       # the server's side: the schema, or ProtocolError
+
+The schema lives here too: the ops and their fields (``REQUEST_FIELDS``), the error codes,
+the limits and the encodings; the server answers what ``check_request`` refuses with an error
+reply and checks the rest against its own state.
 
 See docs/protocol.md for the full description.
 """
@@ -22,7 +27,6 @@ import numpy as np
 
 PROTOCOL_VERSION = 1
 
-OPS = ("hello", "pull", "push", "push_pull", "stats", "bye")
 ERROR_CODES = (
     "bad_request",   # the header is malformed: not a map, missing or mistyped keys, frame count
     "bad_version",   # unsupported protocol version, or a push from a version the shard never had
@@ -43,21 +47,36 @@ DTYPES = {
     "int32": np.dtype("<i4"),
     "uint8": np.dtype("u1"),
 }
-FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 MAX_HEADER_BYTES = 1 << 20       # a header is metadata: a MiB is generous
 MAX_TENSORS = 1 << 16            # tensors in one message
-COPY_THRESHOLD = 64 * 1024       # frames at least this large are sent without a copy
+MAX_WORKER_ID = 256              # characters of a worker id
+
+# The ops and the fields each request may carry besides v, op, id and worker:
+# field -> (python type, required). Only push and push_pull carry tensors.
+REQUEST_FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
+    "hello": {"rank": (int, False)},
+    "pull": {},
+    "push": {"version": (int, True), "encoding": (str, False)},
+    "push_pull": {"version": (int, True), "encoding": (str, False)},
+    "stats": {},
+    "bye": {},
+}
+OPS = tuple(REQUEST_FIELDS)
+TENSOR_OPS = ("push", "push_pull")
+ENCODINGS = ("none",)            # gradient encodings a push may name
 
 
 class ProtocolError(Exception):
-    """A message that cannot be accepted; ``code`` is one of ERROR_CODES."""
+    """A message that cannot be accepted; ``code`` is one of ERROR_CODES. ``request_id`` is
+    the request's id when it could be read (the error reply echoes it)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, request_id: int | None = None):
         assert code in ERROR_CODES, code
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.request_id = request_id
 
 
 @dataclass(frozen=True)
@@ -214,6 +233,96 @@ def decode(frames: Sequence, max_bytes: int | None = None) -> tuple[dict, list[T
 
 def error_reply(request_id, code: str, message: str) -> dict:
     return {"ok": False, "id": request_id, "error": code, "message": message}
+
+
+def error_frames(request_id, code: str, message: str) -> list:
+    """The one-frame error reply."""
+    return [pack_header(error_reply(request_id, code, message))]
+
+
+# ----------------------------------------------------------------------------------------------
+# requests: the schema both sides follow
+
+def request_header(op: str, request_id: int, worker: str, **fields) -> dict:
+    """A request header (the client's side of the schema)."""
+    return {"v": PROTOCOL_VERSION, "op": op, "id": request_id, "worker": worker, **fields}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request that passed ``check_request``: every field has the schema's type."""
+
+    id: int
+    op: str
+    worker: str
+    header: dict
+    tensors: list          # of Tensor, only for push and push_pull
+    nbytes: int            # the whole message
+
+    def get(self, field: str, default=None):
+        return self.header.get(field, default)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def frame_nbytes(frame) -> int:
+    return _buffer(frame).nbytes
+
+
+def check_request(frames: Sequence, max_bytes: int | None = None) -> Request:
+    """Validate one request against the schema: header, id, size, protocol version, op,
+    worker id, the op's fields and types, and the tensors' frames. Raises ProtocolError
+    (with ``request_id`` once the id is known); the server then checks what depends on its
+    state (versions, the parameter list, finiteness)."""
+    nbytes = sum(frame_nbytes(f) for f in frames)
+    if not frames:
+        raise ProtocolError("bad_request", "empty message")
+    h = decode_header(frames[0])
+    rid = h.get("id")
+    if not _is_int(rid):
+        raise ProtocolError("bad_request", "'id' must be an integer")
+
+    def fail(code: str, message: str):
+        raise ProtocolError(code, message, rid)
+
+    if max_bytes is not None and nbytes > max_bytes:
+        fail("too_large", f"message of {nbytes} bytes exceeds {max_bytes}")
+    v = h.get("v")
+    if not _is_int(v):
+        fail("bad_request", "'v' (protocol version) must be an integer")
+    if v != PROTOCOL_VERSION:
+        fail("bad_version", f"protocol version {v} is not supported "
+             f"(this server speaks {PROTOCOL_VERSION})")
+    op = h.get("op")
+    if not isinstance(op, str):
+        fail("bad_request", "'op' must be a string")
+    if op not in REQUEST_FIELDS:
+        fail("unknown_op", f"unknown op {op!r} (known: {', '.join(OPS)})")
+    w = h.get("worker")
+    if not isinstance(w, str) or not w or len(w) > MAX_WORKER_ID:
+        fail("bad_request", f"'worker' must be a non-empty string of at most {MAX_WORKER_ID} "
+             "characters")
+    for name, (tp, required) in REQUEST_FIELDS[op].items():
+        value = h.get(name)
+        if value is None:
+            if required:
+                fail("bad_request", f"{op} needs '{name}'")
+            continue
+        if tp is int and not _is_int(value) or tp is not int and not isinstance(value, tp):
+            fail("bad_request", f"'{name}' must be {'an integer' if tp is int else 'a string'}")
+    if op == "hello" and h.get("rank") is not None and h["rank"] < 0:
+        fail("bad_request", "'rank' must be a non-negative integer")
+    if h.get("encoding") not in (None, *ENCODINGS):
+        fail("bad_request", f"unknown encoding {h['encoding']!r} (known: {', '.join(ENCODINGS)})")
+    try:
+        _, tensors = decode(frames, max_bytes)
+    except ProtocolError as e:
+        fail(e.code, e.message)
+    if tensors and op not in TENSOR_OPS:
+        fail("bad_request", f"{op} takes no tensors")
+    return Request(rid, op, w, h, tensors, nbytes)
 
 
 assert sys.byteorder == "little", "asgd's zero-copy frames assume a little-endian host"

@@ -1,5 +1,7 @@
-"""A client of one parameter-server shard, named after the protocol's ops.
+"""A client of one parameter-server shard, named after the protocol's ops: the library that the
+worker, the launcher's monitor, benchmarks and users' own tools all speak the protocol with.
 
+    from asgd.client import Client
     client = Client("tcp://127.0.0.1:5555", worker="w0", timeout_s=10)
     info = client.hello(rank=0)                       # version, tensors, shard, config
     version, weights = client.pull()                  # weights: list of protocol.Tensor
@@ -19,7 +21,7 @@ import time
 
 import zmq
 
-from asgd import protocol
+from asgd.core import protocol
 
 
 class ServerError(Exception):
@@ -67,8 +69,7 @@ class Client:
     def request(self, op: str, tensors=(), **fields) -> tuple[dict, list[protocol.Tensor]]:
         """Send one request and wait (bounded) for its reply."""
         rid = next(self._ids)
-        header = {"v": protocol.PROTOCOL_VERSION, "op": op, "id": rid, "worker": self.worker,
-                  **fields}
+        header = protocol.request_header(op, rid, self.worker, **fields)
         frames = protocol.encode(header, tensors)
         self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
         self.sock.send_multipart(frames, copy=False)

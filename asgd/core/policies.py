@@ -12,6 +12,9 @@ Plain functions of integers and tensors, testable without a socket. A configured
 | ``ssp``         | stale synchronous parallel: no worker more than ``ssp_slack`` pushes ahead of the slowest live worker (the server defers its reply) |
 | ``sync``        | synchronous SGD: one gradient from each live worker, their mean applied as one update |
 
+The state these rules need (kept weight versions, clocks, rounds) lives on the server, in
+``server.staleness``; nothing here imports torch (``dc_compensate`` works on any tensors).
+
     decision = decide(parse_policy("scale"), staleness=4, max_staleness=8)
     decision.apply, decision.lr_scale            # True, 0.25
     g = dc_compensate(g, w_now, w_base, lam=0.04)
@@ -21,8 +24,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterable, Optional
-
-import torch
 
 POLICIES = ("none", "max_staleness", "scale", "dc", "ssp", "sync")
 
@@ -69,8 +70,7 @@ def decide(policy: str | frozenset, staleness: int, max_staleness: Optional[int]
     return Decision(True, 1.0)
 
 
-def dc_compensate(grad: torch.Tensor, w_now: torch.Tensor, w_base: torch.Tensor,
-                  lam: float) -> torch.Tensor:
+def dc_compensate(grad, w_now, w_base, lam):
     """DC-ASGD's delay-compensated gradient g + λ · g ⊙ g ⊙ (w_now − w_base): a first-order
     Taylor correction of the gradient towards the current weights, with the outer product
     g gᵀ standing in (diagonally) for the Hessian. Returns a new tensor."""
@@ -82,13 +82,3 @@ def ssp_may_proceed(clock: int, live_clocks: Iterable[int], slack: int) -> bool:
     while it is at most ``slack`` pushes ahead of the slowest live worker."""
     clocks = list(live_clocks)
     return not clocks or clock - min(clocks) <= slack
-
-
-def sync_mean(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The synchronous update's gradient: the mean of one gradient from each worker."""
-    if not grads:
-        raise ValueError("a synchronous round needs at least one gradient")
-    out = grads[0].clone()
-    for g in grads[1:]:
-        out += g
-    return out.div_(len(grads))

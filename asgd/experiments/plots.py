@@ -88,7 +88,7 @@ def plot_experiment(name: str, records: list[dict], out: Path, target: float,
                                   ("samples/s", "final test accuracy",
                                    f"seconds to accuracy {target:g}")):
             if key == "time_to_target_s":
-                from asgd.experiments import median_time_to_target
+                from asgd.experiments.measures import median_time_to_target
 
                 meds = [median_time_to_target(configs[l]) for l in labels]
                 top = max([m for m in meds if m is not None], default=1.0)

@@ -7,37 +7,27 @@
 schedule (by step) as the cluster, no server. ``ddp`` is what a user would otherwise run for
 synchronous data parallelism: run.workers processes, each on its own shard (asgd's sharding)
 with the same straggler simulation, gradients averaged by DistributedDataParallel over gloo on
-127.0.0.1. Either writes a run directory like ``asgd launch`` (config.yaml, metrics.jsonl with
+127.0.0.1 (their rendezvous a file store in the run directory: no port to pick). Either writes a run directory like ``asgd launch`` (config.yaml, metrics.jsonl with
 worker_step and eval records, summary.json); rank 0 evaluates every run.eval_every_s.
 
-    python -m asgd.local --config runs/x/config.yaml --run-dir runs/x [--rank R --world W --init URL]
+    python -m asgd.experiments.reference --config runs/x/config.yaml --run-dir runs/x \
+        [--rank R --world W --init file:///path/to/rendezvous]
 """
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import click
 
 from asgd.config import Config, load_config, save_config
-
-STOP_GRACE_S = 20.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from asgd.launch.processes import child_env, spawn, wait_all
 
 
 def run_reference(cfg: Config, kind: str = "single", quiet: bool = True) -> dict:
     """Run the reference trainer as subprocesses; returns its summary (also summary.json)."""
-    from asgd.launch import make_run_dir
+    from asgd.launch.launcher import make_run_dir
 
     if kind not in ("single", "ddp"):
         raise ValueError(f"unknown reference {kind!r}")
@@ -46,29 +36,18 @@ def run_reference(cfg: Config, kind: str = "single", quiet: bool = True) -> dict
     run_dir = make_run_dir(cfg)
     save_config(cfg, run_dir / "config.yaml")
     t0 = time.time()
-    env = dict(os.environ, ASGD_T0=repr(t0), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    init = f"tcp://127.0.0.1:{_free_port()}"
+    env = child_env(ASGD_T0=repr(t0), OMP_NUM_THREADS="1")
+    init = (run_dir / "rendezvous").resolve().as_uri()
     procs = []
     for r in range(world):
-        log = open(run_dir / "logs" / f"{kind}-{r}.log", "ab")
-        args = [sys.executable, "-m", "asgd.local", "--config", str(run_dir / "config.yaml"),
+        args = ["-m", "asgd.experiments.reference", "--config", str(run_dir / "config.yaml"),
                 "--run-dir", str(run_dir), "--rank", str(r), "--world", str(world)]
         if kind == "ddp":
             args += ["--init", init]
-        procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, env=env))
-        log.close()
-    deadline = time.monotonic() + (cfg.run.max_seconds or 3600) + 120
-    failures = []
-    for r, p in enumerate(procs):
-        try:
-            rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=5)
-            rc = "timeout"
-        if rc != 0:
-            failures.append(f"{kind} rank {r} exited {rc}")
+        procs.append(spawn(f"{kind} rank {r}", args, run_dir / "logs" / f"{kind}-{r}.log", env,
+                           new_session=False))
+    codes = wait_all(procs, (cfg.run.max_seconds or 3600) + 120)
+    failures = [f"{kind} rank {r} exited {rc}" for r, rc in enumerate(codes) if rc != 0]
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {
         "run_dir": str(run_dir), "test_accuracy": None, "workers": world}
@@ -88,20 +67,20 @@ def train_local(cfg: Config, run_dir: Path, rank: int = 0, world: int = 1,
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from asgd.data import ShardLoader, load_dataset, resolve_device
-    from asgd.evaluate import evaluate
+    from asgd.core.optim import make_optimizer, scheduled_lr
+    from asgd.experiments.straggler import Straggler
     from asgd.metrics import MetricsWriter
-    from asgd.models import build_model
-    from asgd.straggler import Straggler
-    from asgd.optim import make_optimizer, scheduled_lr
+    from asgd.tasks.data import ShardLoader
+    from asgd.tasks.evaluate import evaluate
+    from asgd.tasks.task import build_task, resolve_device
 
     torch.set_num_threads(cfg.worker.threads)
     device = resolve_device(cfg.worker.device)
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
-    ds = load_dataset(cfg.data, seed=cfg.run.seed)
-    model = build_model(cfg.model, ds.input_shape, ds.num_classes, seed=cfg.run.seed).to(device)
+    task = build_task(cfg)
+    ds, model = task.dataset, task.model.to(device)
     ddp = init is not None
-    if ddp:
+    if ddp:   # init: a file:// URL, a FileStore every rank opens
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
         model = torch.nn.parallel.DistributedDataParallel(model)
     opt = make_optimizer(cfg, model.parameters())

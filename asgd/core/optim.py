@@ -4,7 +4,7 @@
     lr = scheduled_lr(cfg, version)            # warm-up, then constant, cosine or step decay
 
 The server runs them on its flat buffer, driven by its version; the reference trainers
-(asgd.local) run the same ones by step.
+(asgd.experiments.reference) run the same ones by step.
 """
 from __future__ import annotations
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from asgd.tasks.imports import check_arguments, import_object
+
 
 @dataclass
 class Dataset:
@@ -59,7 +61,8 @@ def mnist1d(cache_dir: str = "", **overrides) -> Dataset:
     args = get_dataset_args(as_dict=True)
     unknown = set(overrides) - set(args)
     if unknown:
-        raise ValueError(f"data.args: unknown mnist1d arguments {sorted(unknown)}")
+        raise ValueError(f"data set 'mnist1d' does not take {', '.join(sorted(unknown))} "
+                         f"(data.args); it takes {', '.join(sorted(set(args) - {'url'}))}")
     args.update(overrides)
     args.pop("url", None)
     key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
@@ -109,20 +112,23 @@ def synthetic(n_train: int = 10000, n_test: int = 2000, shape=(64,), num_classes
 DATASETS = {"mnist1d": mnist1d, "digits": digits, "synthetic": synthetic}
 
 
-def load_dataset(data_cfg, seed: int = 0) -> Dataset:
-    from asgd.models import import_object
+def dataset_factory(name: str):
+    return DATASETS.get(name) or import_object(name, "data set")
 
-    factory = DATASETS.get(data_cfg.name) or import_object(data_cfg.name, "data set")
+
+def _builtin_kwargs(data_cfg, seed: int) -> dict:
     kwargs = dict(data_cfg.args)
-    if factory in (digits, synthetic):
+    if data_cfg.name in ("digits", "synthetic"):
         kwargs.setdefault("seed", seed)
-    try:
-        if factory in DATASETS.values():
-            ds = factory(cache_dir=data_cfg.cache_dir, **kwargs)
-        else:
-            ds = factory(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"data set {data_cfg.name!r}: bad arguments {kwargs}: {e}") from None
+    return kwargs
+
+
+def load_dataset(data_cfg, seed: int = 0) -> Dataset:
+    factory = dataset_factory(data_cfg.name)
+    builtin = data_cfg.name in DATASETS
+    kwargs = _builtin_kwargs(data_cfg, seed) if builtin else dict(data_cfg.args)
+    check_arguments(factory, kwargs, f"data set {data_cfg.name!r}", "data.args")
+    ds = factory(cache_dir=data_cfg.cache_dir, **kwargs) if builtin else factory(**kwargs)
     if isinstance(ds, dict):
         ds = _from_arrays(data_cfg.name, ds["x_train"], ds["y_train"], ds["x_test"],
                           ds["y_test"], ds.get("num_classes"))
@@ -131,13 +137,29 @@ def load_dataset(data_cfg, seed: int = 0) -> Dataset:
     return ds
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA where there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available here")
-    return torch.device(name)
+def dataset_shape(data_cfg, seed: int = 0) -> tuple[tuple, int]:
+    """(input shape, number of classes) of a data set; the built-ins answer without loading
+    their data (the server needs only this to build the model)."""
+    args = data_cfg.args
+    if data_cfg.name == "mnist1d":
+        from mnist1d.data import get_dataset_args
+
+        known = get_dataset_args(as_dict=True)
+        unknown = sorted(set(args) - set(known) | ({"url"} & set(args)))
+        if unknown:
+            raise ValueError(f"data set 'mnist1d' does not take {', '.join(unknown)} "
+                             f"(data.args); it takes {', '.join(sorted(set(known) - {'url'}))}")
+        return (int(args.get("final_seq_length", known["final_seq_length"])),), 10
+    if data_cfg.name == "digits":
+        check_arguments(digits, args, "data set 'digits'", "data.args")
+        return (8, 8), 10
+    if data_cfg.name == "synthetic":
+        check_arguments(synthetic, args, "data set 'synthetic'", "data.args")
+        shape = args.get("shape", (64,))
+        shape = tuple(shape) if isinstance(shape, (list, tuple)) else (int(shape),)
+        return shape, int(args.get("num_classes", 10))
+    ds = load_dataset(data_cfg, seed)
+    return ds.input_shape, ds.num_classes
 
 
 # ----------------------------------------------------------------------------------------------

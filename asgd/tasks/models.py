@@ -9,12 +9,13 @@ parameters; the server's copy is the one that counts.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Callable
 
 import torch
 from torch import nn
+
+from asgd.tasks.imports import check_arguments, import_object
 
 
 class MLP(nn.Module):
@@ -99,36 +100,17 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def import_object(path: str, what: str):
-    """``package.module:name`` -> the object, with a clear error when it is not there."""
-    if ":" not in path:
-        raise ValueError(f"unknown {what} {path!r}: not a registered name nor 'package.module:factory'")
-    module_name, attr = path.split(":", 1)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"{what} {path!r}: cannot import {module_name}: {e}") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ValueError(f"{what} {path!r}: {module_name} has no {attr}") from None
-
-
 def build_model(model_cfg, input_shape, num_classes: int, seed: int = 0) -> nn.Module:
-    factory = MODELS.get(model_cfg.name) or import_object(model_cfg.name, "model")
+    """The configured model, initialised from ``seed`` (every process builds the same one)."""
+    factory = model_factory(model_cfg.name)
+    check_arguments(factory, model_cfg.args, f"model {model_cfg.name!r}", "model.args",
+                    fixed=2)
     torch.manual_seed(seed)
-    try:
-        model = factory(tuple(input_shape), num_classes, **model_cfg.args)
-    except TypeError as e:
-        raise ValueError(f"model {model_cfg.name!r}: bad arguments {model_cfg.args}: {e}") from None
+    model = factory(tuple(input_shape), num_classes, **model_cfg.args)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {model_cfg.name!r} returned {type(model).__name__}, not nn.Module")
     return model
 
 
-def parameter_specs(model: nn.Module) -> list[dict]:
-    """The model's parameter list as it goes on the wire (names, dtypes, shapes, in order)."""
-    return [
-        {"name": n, "dtype": str(p.dtype).replace("torch.", ""), "shape": list(p.shape)}
-        for n, p in model.named_parameters()
-    ]
+def model_factory(name: str) -> Callable[..., nn.Module]:
+    return MODELS.get(name) or import_object(name, "model")

@@ -1,0 +1,171 @@
+"""The checkpoint file: the server's weights, optimizer state, version and config in one file.
+
+    write_checkpoint(directory, version, layout, flat, config, optimizer)  # atomic
+    ckpt = load_checkpoint("runs/x/checkpoint")     # verified: checksums, shapes, finite values
+    ckpt.weights()                                   # name -> tensor
+
+The server writes it from its parameter store (``server.checkpoint``); anything may read it
+(``asgd eval``, the launcher's final evaluation, ``asgd server --resume``).
+
+The file (``state.asgd``) is the wire format on disk, never a pickle: the magic ``ASGDCKP2``,
+a little-endian u32 frame count, then each frame as a u64 length, a u32 CRC-32 of its bytes and
+the bytes. Frame 0 is a msgpack header; the rest are raw tensors, as in asgd.core.protocol.
+Loading checks every checksum and refuses weights or optimizer state that are not finite, so a
+damaged file is an error that says what is wrong, never a model that silently is. Files of the
+first format (``ASGDCKP1``, no checksums) still load, with the other checks.
+"""
+from __future__ import annotations
+
+import math
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from asgd.core import protocol
+from asgd.core.layout import ParameterLayout
+
+MAGIC = b"ASGDCKP2"
+MAGIC_V1 = b"ASGDCKP1"     # no checksums; still read
+FILENAME = "state.asgd"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged or not one of ours."""
+
+
+@dataclass
+class Checkpoint:
+    version: int
+    flat: torch.Tensor            # all weights, in layout order
+    layout: ParameterLayout
+    config: dict
+    optimizer_scalars: dict
+    optimizer_tensors: dict       # name -> flat tensor
+
+    @property
+    def specs(self) -> list[dict]:
+        return self.layout.to_specs()
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """name -> tensor, for ``model.load_state_dict``-style use."""
+        return self.layout.split(self.flat)
+
+
+# ----------------------------------------------------------------------------------------------
+# frames on disk
+
+def write_frames(path: Path, frames) -> None:
+    """Write frames to ``path`` atomically (temp file in the same folder, fsync, rename,
+    fsync of the folder), each with its CRC-32."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + struct.pack("<I", len(frames)))
+            for frame in frames:
+                mv = memoryview(frame).cast("B")
+                f.write(struct.pack("<QI", mv.nbytes, zlib.crc32(mv)))
+                f.write(mv)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_frames(path: Path) -> list[memoryview]:
+    """The frames of a checkpoint file, every checksum verified (CheckpointError if not)."""
+    try:
+        data = memoryview(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    magic = data[:8].tobytes()
+    if len(data) < 12 or magic not in (MAGIC, MAGIC_V1):
+        raise CheckpointError(f"{path} is not an asgd checkpoint")
+    checked = magic == MAGIC
+    (count,) = struct.unpack_from("<I", data, 8)
+    pos, frames = 12, []
+    prefix = 12 if checked else 8
+    for i in range(count):
+        if pos + prefix > len(data):
+            raise CheckpointError(f"{path} is truncated")
+        (n,) = struct.unpack_from("<Q", data, pos)
+        crc = struct.unpack_from("<I", data, pos + 8)[0] if checked else None
+        pos += prefix
+        if pos + n > len(data):
+            raise CheckpointError(f"{path} is truncated")
+        frame = data[pos:pos + n]
+        if checked and zlib.crc32(frame) != crc:
+            raise CheckpointError(f"{path} is damaged: frame {i} fails its checksum")
+        frames.append(frame)
+        pos += n
+    if pos != len(data):
+        raise CheckpointError(f"{path} has {len(data) - pos} bytes after its last frame")
+    return frames
+
+
+# ----------------------------------------------------------------------------------------------
+
+def write_checkpoint(directory, version: int, layout: ParameterLayout, flat: torch.Tensor,
+                     config: dict, optimizer: str, scalars: dict | None = None,
+                     optimizer_tensors=()) -> Path:
+    """Write ``<directory>/state.asgd`` atomically; returns its path."""
+    header = {"kind": "asgd-checkpoint", "format": 2, "version": version,
+              "layout": layout.to_specs(), "config": config,
+              "optimizer": {"name": optimizer, "scalars": scalars or {}}}
+    path = Path(directory) / FILENAME
+    write_frames(path, protocol.encode(header, [("weights", flat), *optimizer_tensors]))
+    return path
+
+
+def load_checkpoint(directory) -> Checkpoint:
+    """Read and verify a checkpoint (a folder holding state.asgd, or the file itself)."""
+    path = Path(directory)
+    if path.is_dir():
+        path = path / FILENAME
+    try:
+        header, tensors = protocol.decode(read_frames(path))
+    except protocol.ProtocolError as e:
+        raise CheckpointError(f"{path} is damaged: {e}") from None
+    if header.get("kind") != "asgd-checkpoint":
+        raise CheckpointError(f"{path} is not an asgd checkpoint")
+    try:
+        version = header["version"]
+        layout = ParameterLayout.from_specs(header["layout"])
+        config, scalars = header["config"], header["optimizer"]["scalars"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is damaged: bad header ({e!r})") from None
+    if not isinstance(version, int) or version < 0:
+        raise CheckpointError(f"{path} is damaged: version {version!r}")
+    for k, v in (scalars.items() if isinstance(scalars, dict) else ()):
+        x = v.get("tensor") if isinstance(v, dict) else v
+        if isinstance(x, float) and not math.isfinite(x):
+            raise CheckpointError(f"{path}: optimizer state {k} is {x}; refusing to use it")
+    by_name = {}
+    for t in tensors:
+        x = t.to_torch().clone()
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).sum())
+            raise CheckpointError(f"{path}: {t.name} holds {bad} non-finite value(s) "
+                                  "(NaN or Inf); refusing to use it")
+        by_name[t.name] = x
+    flat = by_name.pop("weights", None)
+    if flat is None or flat.dim() != 1 or flat.numel() != layout.numel:
+        raise CheckpointError(f"{path} is damaged: its weights do not fit its layout")
+    for name, t in by_name.items():
+        if t.numel() != layout.numel:
+            raise CheckpointError(f"{path} is damaged: {name} does not fit the layout")
+    return Checkpoint(version, flat, layout, config, scalars, by_name)

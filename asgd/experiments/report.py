@@ -1,0 +1,154 @@
+"""Experiment reports: results.json and .csv, summary.md with medians and headline comparisons,
+and the plots drawn again at another target.
+
+    write_results(exp, records)                        # after every run, so a crash keeps them
+    text = rereport(Path("experiments/straggler"), target=0.92)
+"""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from asgd.config import Config
+from asgd.experiments.measures import (median_of, median_time_to_target, time_to_target)
+from asgd.experiments.spec import FIELDS, SYNCHRONOUS, Experiment
+
+
+def write_results(exp: Experiment, records: list[dict]) -> None:
+    (exp.out / "experiment.json").write_text(json.dumps(
+        {"name": exp.name, "samples": exp.samples, "target_accuracy": exp.target_accuracy,
+         "max_seconds": exp.max_seconds, "base_config": exp.base.to_dict()}, indent=1) + "\n")
+    (exp.out / "results.json").write_text(json.dumps(records, indent=1) + "\n")
+    with open(exp.out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in records:
+            w.writerow(r)
+    (exp.out / "summary.md").write_text(summary_table(exp, records))
+
+
+def _spread(values: list) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    med = statistics.median(vals)
+    fmt = (lambda v: f"{v:.3f}") if med < 10 else (lambda v: f"{v:,.0f}")
+    if len(vals) == 1:
+        return fmt(med)
+    return f"{fmt(med)} ({fmt(min(vals))}–{fmt(max(vals))})"
+
+
+def _time_to_target_cell(records: list[dict]) -> str:
+    if not records:
+        return "-"
+    reached = [r["time_to_target_s"] for r in records if r.get("time_to_target_s") is not None]
+    med = median_time_to_target(records)
+    text = "never" if med is None else f"{med:.1f}"
+    if len(records) > 1:
+        text += f" ({len(reached)}/{len(records)} reached"
+        text += f", {min(reached):.1f}–{max(reached):.1f})" if reached else ")"
+    return text
+
+
+def group_key(r: dict) -> tuple:
+    return (r["policy"], r["workers"], r["slow_factor"], r["delay_s"])
+
+
+def summary_table(exp: Experiment, records: list[dict]) -> str:
+    groups: dict[tuple, list] = {}
+    for r in records:
+        groups.setdefault(group_key(r), []).append(r)
+    lines = [f"Experiment `{exp.name}`: {exp.samples:,} training samples a run, target accuracy "
+             f"{exp.target_accuracy:g}; medians (min–max) over repeats.", "",
+             "| policy | workers | slow factor | delay s | runs ok | test accuracy | time to "
+             "target s | samples/s | updates/s | staleness mean | staleness max |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (policy, workers, slow, delay), rs in groups.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        tta = _time_to_target_cell(ok)
+        lines.append(
+            f"| {policy} | {workers} | {slow:g} | {delay:g} | {len(ok)}/{len(rs)} | "
+            f"{_spread([r.get('test_accuracy') for r in ok])} | {tta} | "
+            f"{_spread([r.get('samples_per_s') for r in ok])} | "
+            f"{_spread([r.get('updates_per_s') for r in ok])} | "
+            f"{_spread([r.get('staleness_mean') for r in ok])} | "
+            f"{_spread([r.get('staleness_max') for r in ok])} |")
+    heads = headline(exp.name, records)
+    if heads:
+        lines += ["", *heads]
+    return "\n".join(lines) + "\n"
+
+
+def headline(name: str, records: list[dict]) -> list[str]:
+    """The comparisons each experiment is for, from medians over repeats."""
+    ok = [r for r in records if r["status"] == "ok"]
+    lines = []
+    if name == "straggler":
+        for ref_name in ("sync", "ddp"):
+            ref = [r for r in ok if r["policy"] == ref_name]
+            if not ref:
+                continue
+            t_ref = median_time_to_target(ref)
+            a_ref = median_of(ok, "test_accuracy", policy=ref_name)
+            for pol in sorted({r["policy"] for r in ok} - set(SYNCHRONOUS)):
+                mine = [r for r in ok if r["policy"] == pol]
+                t = median_time_to_target(mine)
+                a = median_of(ok, "test_accuracy", policy=pol)
+                ratio = "-" if t is None or t_ref is None else f"{t / t_ref:.2f}"
+                lines.append(f"- {pol} vs {ref_name}: time to target {ratio} of {ref_name}'s "
+                             f"({'never' if t is None else f'{t:.1f} s'} vs "
+                             f"{'never' if t_ref is None else f'{t_ref:.1f} s'}); final "
+                             f"accuracy {a - a_ref:+.3f} ({a:.3f} vs {a_ref:.3f})")
+    elif name == "staleness":
+        single = median_of(ok, "test_accuracy", workers=1)
+        if single is not None:
+            for w in sorted({r["workers"] for r in ok} - {1}):
+                none = median_of(ok, "test_accuracy", workers=w, policy="none")
+                if none is None:
+                    continue
+                lost = single - none
+                lines.append(f"- {w} workers, none: {none:.3f} against one worker's "
+                             f"{single:.3f} (lost {lost:.3f})")
+                for pol in sorted({r["policy"] for r in ok if r["workers"] == w} - {"none"}):
+                    a = median_of(ok, "test_accuracy", workers=w, policy=pol)
+                    share = f"{(a - none) / lost:.0%}" if lost > 0 else "n/a (nothing lost)"
+                    lines.append(f"  - {pol}: {a:.3f}, recovers {share} of what none lost")
+    elif name == "throughput":
+        single = median_of(ok, "samples_per_s", policy="single")
+        t_single = median_time_to_target([r for r in ok if r["policy"] == "single"])
+        if single:
+            for w in sorted({r["workers"] for r in ok if r["policy"] != "single"}):
+                rs = [r for r in ok if r["workers"] == w and r["policy"] != "single"]
+                sps = median_of(rs, "samples_per_s")
+                t = median_time_to_target(rs)
+                tt = "-" if t is None or not t_single else f"{t / t_single:.2f}"
+                lines.append(f"- {w} worker(s): {sps:,.0f} samples/s = {sps / single:.2f} x one "
+                             f"plain process ({single:,.0f}); time to target {tt} of its")
+    return lines
+
+
+def rereport(out: Path, target: float | None = None) -> str:
+    """summary.md and plots of ``out`` again from its results.json, at ``target`` if given
+    (time to target is recomputed from each run's evaluation curve). Returns the table."""
+    records = json.loads((out / "results.json").read_text())
+    if not records:
+        raise ValueError("results.json holds no runs")
+    meta = json.loads((out / "experiment.json").read_text())
+    target = meta["target_accuracy"] if target is None else target
+    for r in records:
+        if r.get("curve") is not None:
+            r["time_to_target_s"] = time_to_target(r["curve"], target, r.get("train_s"))
+    exp = Experiment(meta["name"], Config(), [], out, meta["samples"], target,
+                     meta.get("max_seconds", 0))
+    suffix = "" if target == meta["target_accuracy"] else f"-{target:g}"
+    table = summary_table(exp, records)
+    (out / f"summary{suffix}.md").write_text(table)
+    try:
+        from asgd.experiments.plots import plot_experiment
+
+        plot_experiment(exp.name, records, out, target, suffix=suffix)
+    except ImportError:
+        pass
+    return table

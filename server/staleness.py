@@ -1,0 +1,337 @@
+"""Staleness control on the server: what a push does, given how stale it is. One home for every
+policy's state; the pure rules it applies are ``asgd.core.policies``.
+
+    control = StalenessControl(store, cfg, clock=time.monotonic, log=metrics.write)
+    control.hello("w0"); control.bye("w0")               # ssp and sync count participants
+    outcome = control.push(Pending(identity, "w0", request_id, "push_pull"), base, arrays)
+    outcome.deferred                                     # the reply is held (ssp, sync)
+    for p in control.release(): ...                      # held replies that may go now
+
+| policy | state kept here |
+| --- | --- |
+| ``none``, ``max_staleness``, ``scale`` | nothing: a decision per push (``policies.decide``) |
+| ``dc`` | ``DelayCompensation``: a ring of the last ``dc_history`` weight versions and, for the adaptive variant, the running mean square of the gradient |
+| ``ssp`` | ``SSPGate``: each worker's clock (pushes answered) and the replies it holds |
+| ``sync`` | ``SyncRound``: the running sum of this round's gradients and its held replies |
+
+A *participant* (ssp, sync) is a worker that said hello or pushed and has not said bye. It is
+*live* while it has a reply waiting (it is blocked on us) or it was heard from within
+``server.worker_timeout_s``; a worker that stays silent longer stops counting, so a dead worker
+never stalls the others. Every time comes from the injected ``clock``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from asgd.core.optim import scheduled_lr
+from asgd.core.policies import dc_compensate, decide, parse_policy, ssp_may_proceed
+
+
+@dataclass
+class Pending:
+    """A reply that may be held back: who to answer and what to tell them."""
+    identity: bytes
+    worker: str
+    request_id: int
+    op: str
+    reply: dict = field(default_factory=dict)
+    since: float = 0.0
+    clock: int = 0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one push."""
+    applied: bool
+    staleness: int
+    version: int          # the version after this push
+    lr: float = 0.0
+    reason: str = ""
+    deferred: bool = False
+    repeat: bool = False  # sync: a worker re-sent a push already in the round (not counted)
+
+    def reply(self) -> dict:
+        out = {"version": self.version, "staleness": self.staleness, "applied": self.applied}
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the policies' state
+
+class DelayCompensation:
+    """DC-ASGD (Zheng et al. 2017): g + λ g⊙g⊙(w_now − w_base), against the weights the
+    gradient was computed from. Keeps the last ``history`` versions (history × 4 bytes ×
+    parameters of memory); a push from an older version is compensated against the oldest
+    kept one and counted in ``fallbacks``. Adaptive λ (DC-ASGD-a): λ0 / √(mean square of g),
+    the mean square a running average with momentum 0.95."""
+
+    def __init__(self, numel: int, history: int, lam: float, adaptive: bool):
+        self.lam, self.adaptive = lam, adaptive
+        self.ring = torch.empty(history, numel)
+        self.ring_versions = [-1] * history
+        self.mean_square = torch.zeros(numel) if adaptive else None
+        self.fallbacks = 0
+
+    def remember(self, weights: torch.Tensor, version: int) -> None:
+        slot = version % len(self.ring_versions)
+        self.ring[slot].copy_(weights)
+        self.ring_versions[slot] = version
+
+    def forget(self) -> None:
+        self.ring_versions = [-1] * len(self.ring_versions)
+
+    def weights_at(self, version: int) -> torch.Tensor:
+        """The weights of ``version`` if kept, else the oldest kept (counted in fallbacks)."""
+        slot = version % len(self.ring_versions)
+        if self.ring_versions[slot] == version:
+            return self.ring[slot]
+        self.fallbacks += 1
+        oldest = min(v for v in self.ring_versions if v >= 0)
+        return self.ring[oldest % len(self.ring_versions)]
+
+    def compensate(self, grad: torch.Tensor, weights: torch.Tensor, base: int,
+                   version: int) -> None:
+        """Replace ``grad`` (flat, in place) by its compensated value."""
+        if self.adaptive:
+            self.mean_square.mul_(0.95).addcmul_(grad, grad, value=0.05)
+            lam = self.lam / (self.mean_square.sqrt() + 1e-7)
+        else:
+            lam = self.lam
+        if base == version:
+            return
+        grad.copy_(dc_compensate(grad, weights, self.weights_at(base), lam))
+
+
+@dataclass
+class Participants:
+    timeout_s: float
+    last_seen: dict = field(default_factory=dict)   # worker -> time
+    clocks: dict = field(default_factory=dict)      # worker -> pushes answered (ssp clock)
+    waiting: dict = field(default_factory=dict)     # worker -> Pending
+
+    def join(self, worker: str, now: float) -> None:
+        """A worker says hello: it starts at the slowest live clock of the others (SSP's clock
+        of a newcomer), so joining late, or coming back after it stopped counting, does not
+        stall the others."""
+        others = {w: c for w, c in self.live_clocks(now).items() if w != worker}
+        floor = min(others.values()) if others else 0
+        self.clocks[worker] = max(self.clocks.get(worker, 0), floor)
+        self.last_seen[worker] = now
+
+    def seen(self, worker: str, now: float) -> None:
+        if worker not in self.clocks:
+            self.join(worker, now)
+        self.last_seen[worker] = now
+
+    def leave(self, worker: str) -> None:
+        self.clocks.pop(worker, None)
+        self.last_seen.pop(worker, None)
+
+    def is_live(self, worker: str, now: float) -> bool:
+        if worker not in self.clocks:
+            return False
+        return worker in self.waiting or now - self.last_seen.get(worker, 0.0) <= self.timeout_s
+
+    def live(self, now: float) -> list[str]:
+        return [w for w in self.clocks if self.is_live(w, now)]
+
+    def live_clocks(self, now: float) -> dict[str, int]:
+        return {w: self.clocks[w] for w in self.clocks if self.is_live(w, now)}
+
+
+class SSPGate:
+    """Stale synchronous parallel with slack S: a worker's reply is held while it is more than
+    S pushes ahead of the slowest live worker."""
+
+    def __init__(self, slack: int, timeout_s: float):
+        self.slack = slack
+        self.people = Participants(timeout_s)
+
+    def pushed(self, worker: str, now: float) -> int:
+        """Count one push of ``worker`` (applied or dropped); returns its new clock."""
+        self.people.seen(worker, now)
+        self.people.clocks[worker] += 1
+        return self.people.clocks[worker]
+
+    def may_proceed(self, worker: str, now: float) -> bool:
+        others = self.people.live_clocks(now)
+        return ssp_may_proceed(self.people.clocks[worker], others.values(), self.slack)
+
+    def min_clock(self, now: float) -> int | None:
+        clocks = self.people.live_clocks(now)
+        return min(clocks.values()) if clocks else None
+
+    def release(self, now: float) -> list[Pending]:
+        """Held replies that may go now (the slowest moved on, or a worker stopped counting)."""
+        out = []
+        for w, p in list(self.people.waiting.items()):
+            if w not in self.people.clocks or self.may_proceed(w, now):
+                out.append(self.people.waiting.pop(w))
+        return out
+
+
+class SyncRound:
+    """One synchronous round: a gradient from each live worker, then one update with their
+    mean (the running sum divided by the round's size)."""
+
+    def __init__(self, numel: int, timeout_s: float):
+        self.people = Participants(timeout_s)
+        self.grad_sum = torch.zeros(numel)
+        self.count = 0
+
+    def add(self, p: Pending) -> None:
+        self.people.waiting[p.worker] = p
+        self.count += 1
+
+    def complete(self, now: float) -> bool:
+        """Every live participant has contributed (and someone has)."""
+        if not self.people.waiting:
+            return False
+        return set(self.people.live(now)) <= set(self.people.waiting)
+
+    def take_mean(self, into: torch.Tensor) -> tuple[int, list[Pending]]:
+        """Write the round's mean gradient into ``into``; the round's size and held replies.
+        The round starts afresh."""
+        n = self.count
+        into.copy_(self.grad_sum.div_(n))
+        self.grad_sum.zero_()
+        out = list(self.people.waiting.values())
+        self.people.waiting.clear()
+        self.count = 0
+        return n, out
+
+
+# ----------------------------------------------------------------------------------------------
+# the interface the request handler calls
+
+class StalenessControl:
+    def __init__(self, store, cfg=None, clock: Callable[[], float] = time.monotonic,
+                 log: Callable[..., object] | None = None):
+        self.store = store
+        self.cfg = cfg = cfg or store.cfg
+        self.clock = clock
+        self.log = log or (lambda kind, **fields: None)
+        self.policy = parse_policy(cfg.server.policy)
+        sv = cfg.server
+        self.dc = DelayCompensation(store.numel, sv.dc_history, sv.dc_lambda, sv.dc_adaptive) \
+            if "dc" in self.policy else None
+        self.ssp = SSPGate(sv.ssp_slack, sv.worker_timeout_s) if "ssp" in self.policy else None
+        self.sync = SyncRound(store.numel, sv.worker_timeout_s) if "sync" in self.policy \
+            else None
+        gate = self.ssp or self.sync
+        self.people: Participants | None = gate.people if gate else None
+        if self.dc is not None:
+            self.dc.remember(store.weights, store.version)
+
+    @property
+    def dc_fallbacks(self) -> int:
+        return self.dc.fallbacks if self.dc else 0
+
+    def waiting(self) -> list[str]:
+        return sorted(self.people.waiting) if self.people is not None else []
+
+    # ------------------------------------------------------------------------------------------
+
+    def hello(self, worker: str) -> None:
+        if self.people is not None:
+            self.people.join(worker, self.clock())
+            self.log("join", worker=worker, clock=self.people.clocks[worker],
+                     version=self.store.version)
+
+    def bye(self, worker: str) -> None:
+        """A worker leaves: it stops counting for ssp and sync at once."""
+        if self.people is not None:
+            self.people.leave(worker)
+            self.log("leave", worker=worker, version=self.store.version)
+
+    def push(self, p: Pending, base: int, grads) -> Outcome:
+        """One validated push (arrays in layout order) computed from version ``base``. When
+        the outcome is ``deferred`` the reply waits in this object until ``release`` returns
+        it; ``p.reply`` then holds the reply fields."""
+        now = self.clock()
+        if self.sync is not None:
+            return self._sync_push(p, base, grads, now)
+        out = self.apply(grads, base)
+        record = {"worker": p.worker, "staleness": out.staleness, "applied": out.applied,
+                  "version": out.version, "lr": out.lr}
+        if self.ssp is not None:
+            clock = self.ssp.pushed(p.worker, now)
+            record.update(clock=clock, min_clock=self.ssp.min_clock(now))
+            if not self.ssp.may_proceed(p.worker, now):
+                p.reply, p.since, p.clock = out.reply(), now, clock
+                self.ssp.people.waiting[p.worker] = p
+                self.log("push", deferred=True, **record)
+                return Outcome(out.applied, out.staleness, out.version, out.lr, out.reason, True)
+        self.log("push", deferred=False, **record)
+        return out
+
+    def apply(self, grads, base: int) -> Outcome:
+        """The asynchronous update: decide (bound, scale), compensate (dc), step."""
+        store = self.store
+        staleness = store.staleness_of(base)
+        decision = decide(self.policy, staleness, self.cfg.server.max_staleness)
+        if not decision.apply:
+            return Outcome(False, staleness, store.version, 0.0, decision.reason)
+        store.load_grad(grads)
+        if self.dc is not None:
+            self.dc.compensate(store.grad, store.weights, base, store.version)
+        lr = scheduled_lr(self.cfg, store.version) * decision.lr_scale
+        self._step(lr)
+        return Outcome(True, staleness, store.version, lr)
+
+    def _step(self, lr: float) -> None:
+        self.store.step(lr)
+        if self.dc is not None:
+            self.dc.remember(self.store.weights, self.store.version)
+
+    def _sync_push(self, p: Pending, base: int, grads, now: float) -> Outcome:
+        people = self.sync.people
+        people.seen(p.worker, now)
+        staleness = self.store.staleness_of(base)
+        held = people.waiting.get(p.worker)
+        if held is not None:
+            # the worker re-sent after reconnecting: answer the new request, keep the gradient
+            held.identity, held.request_id, held.op = p.identity, p.request_id, p.op
+            return Outcome(True, staleness, self.store.version, deferred=True, repeat=True)
+        self.store.add_grad(grads, self.sync.grad_sum)
+        p.reply, p.since = {"staleness": staleness, "applied": True}, now
+        self.sync.add(p)
+        self.log("push", worker=p.worker, staleness=staleness, applied=True,
+                 version=self.store.version, deferred=True, round_size=self.sync.count)
+        return Outcome(True, staleness, self.store.version, deferred=True)
+
+    def release(self) -> list[Pending]:
+        """Held replies that may go now, their ``reply`` fields complete (ssp: the slowest
+        moved on or stopped counting; sync: the round is complete and its update applied)."""
+        now = self.clock()
+        out = []
+        if self.ssp is not None:
+            for p in self.ssp.release(now):
+                p.reply["version"] = self.store.version
+                self.log("release", worker=p.worker, clock=p.clock,
+                         min_clock=self.ssp.min_clock(now), wait_s=round(now - p.since, 6),
+                         version=self.store.version)
+                out.append(p)
+        if self.sync is not None and self.sync.complete(now):
+            n, pending = self.sync.take_mean(self.store.grad)
+            lr = scheduled_lr(self.cfg, self.store.version)
+            self._step(lr)
+            self.log("round", size=n, workers=sorted(p.worker for p in pending),
+                     version=self.store.version, lr=lr,
+                     wait_s=round(now - min(p.since for p in pending), 6))
+            for p in pending:
+                p.reply["version"] = self.store.version
+                out.append(p)
+        return out
+
+    def loaded(self) -> None:
+        """The store's weights were replaced (a resume): forget kept versions."""
+        if self.dc is not None:
+            self.dc.forget()
+            self.dc.remember(self.store.weights, self.store.version)
