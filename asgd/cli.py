@@ -21,6 +21,26 @@ import click
 from asgd.config import ConfigError, default_config_path, load_config
 
 
+def echo(text: str, err: bool = False) -> None:
+    """click.echo that survives a closed pipe (``asgd launch | head``): the run's result is
+    in its run directory whatever became of the terminal."""
+    try:
+        click.echo(text, err=err)
+    except (BrokenPipeError, OSError):
+        from asgd.launch.display import silence
+
+        silence(sys.stderr if err else sys.stdout)
+
+
+def endpoint_or_exit(text: str, option: str, bind: bool = False) -> str:
+    from asgd.core.endpoint import parse_endpoint
+
+    try:
+        return parse_endpoint(text, bind=bind)
+    except ValueError as e:
+        raise click.UsageError(f"{option}: {e}")
+
+
 def config_or_exit(path, overrides):
     try:
         return load_config(path, overrides)
@@ -55,11 +75,13 @@ def launch(config_path, workers, overrides, quiet):
         raise click.ClickException(str(e))
     keys = ("test_accuracy", "test_loss", "wall_s", "updates_applied", "updates_dropped",
             "staleness_mean", "staleness_max", "samples_per_s", "workers", "status")
-    click.echo(json.dumps({k: summary.get(k) for k in keys}, indent=2))
-    click.echo(f"run directory: {summary['run_dir']}", err=True)
+    echo(json.dumps({k: summary.get(k) for k in keys}, indent=2, allow_nan=False))
+    echo(f"run directory: {summary['run_dir']}", err=True)
     if summary["status"] != "ok":
         for f in summary["failures"]:
-            click.echo(f"error: {f}", err=True)
+            echo(f"error: {f}", err=True)
+        for d in summary.get("diverged", []):
+            echo(f"diverged: {d}", err=True)
         sys.exit(1)
 
 
@@ -77,12 +99,19 @@ def launch(config_path, workers, overrides, quiet):
 @click.option("--resume", is_flag=True, help="Start from the checkpoint, keeping its version.")
 @click.option("--address-file", type=click.Path(dir_okay=False), default=None,
               help="Write the bound endpoint to this file once listening.")
-def server_command(config_path, bind, overrides, run_dir, checkpoint_dir, resume, address_file):
+@click.option("--extend", type=click.IntRange(1), default=None, metavar="N",
+              help="Train N more updates from where it starts (with --resume: from the "
+              "checkpoint's version); workers take this budget from the server.")
+@click.option("--quiet", is_flag=True, help="No periodic status lines.")
+def server_command(config_path, bind, overrides, run_dir, checkpoint_dir, resume, address_file,
+                   extend, quiet):
     """Run one parameter server."""
+    cfg = config_or_exit(config_path, overrides)
+    bind = endpoint_or_exit(bind, "--bind", bind=True) if bind else None
     from server.main import run_server
 
-    cfg = config_or_exit(config_path, overrides)
-    sys.exit(run_server(cfg, bind, run_dir, checkpoint_dir, resume, address_file))
+    sys.exit(run_server(cfg, bind, run_dir, checkpoint_dir, resume, address_file,
+                        extend or 0, quiet))
 
 
 @cli.command("worker")
@@ -97,15 +126,18 @@ def server_command(config_path, bind, overrides, run_dir, checkpoint_dir, resume
               help="Override a config key (repeatable).")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
               help="Append worker_step records to <run-dir>/metrics.jsonl.")
-def worker_command(config_path, endpoint, rank, worker_id, overrides, run_dir):
+@click.option("--quiet", is_flag=True, help="No periodic status lines.")
+def worker_command(config_path, endpoint, rank, worker_id, overrides, run_dir, quiet):
     """Run one worker against a parameter server.
 
     Exit codes: 0 when a budget ends the run, 2 for a configuration or model that cannot
-    train, 3 when the server stayed away longer than worker.reconnect_timeout_s."""
+    train, 3 when the server stayed away longer than worker.reconnect_timeout_s, 4 when the
+    training loss stayed NaN or Inf."""
+    cfg = config_or_exit(config_path, overrides)
+    endpoint = endpoint_or_exit(endpoint, "--server")
     from worker.main import run
 
-    cfg = config_or_exit(config_path, overrides)
-    sys.exit(run(cfg, endpoint, rank, worker_id, run_dir))
+    sys.exit(run(cfg, endpoint, rank, worker_id, run_dir, quiet))
 
 
 @cli.command("eval")

@@ -66,19 +66,22 @@ class Client:
 
     # ------------------------------------------------------------------------------------------
 
-    def request(self, op: str, tensors=(), **fields) -> tuple[dict, list[protocol.Tensor]]:
-        """Send one request and wait (bounded) for its reply."""
+    def request(self, op: str, tensors=(), timeout_s: float | None = None,
+                **fields) -> tuple[dict, list[protocol.Tensor]]:
+        """Send one request and wait (bounded: ``timeout_s``, else the client's) for its
+        reply."""
         rid = next(self._ids)
         header = protocol.request_header(op, rid, self.worker, **fields)
         frames = protocol.encode(header, tensors)
         self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
         self.sock.send_multipart(frames, copy=False)
-        deadline = time.monotonic() + self.timeout_s
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
                 raise ServerTimeout(f"no reply to {op} from {self.endpoint} within "
-                                    f"{self.timeout_s:g} s")
+                                    f"{timeout_s:g} s")
             reply = self.sock.recv_multipart(copy=False)
             self.bytes_received += sum(f.buffer.nbytes for f in reply)
             head, out = protocol.decode(reply)
@@ -91,11 +94,12 @@ class Client:
                 raise ServerError(head.get("error", "internal"), head.get("message", ""))
             return head, out
 
-    def hello(self, rank: int | None = None) -> tuple[dict, list[protocol.Tensor]]:
+    def hello(self, rank: int | None = None, timeout_s: float | None = None
+              ) -> tuple[dict, list[protocol.Tensor]]:
         """The server's version, parameter list (``tensors``), shard and settings, with the
         current weights."""
         fields = {} if rank is None else {"rank": rank}
-        return self.request("hello", **fields)
+        return self.request("hello", timeout_s=timeout_s, **fields)
 
     def pull(self) -> tuple[int, list[protocol.Tensor]]:
         head, tensors = self.request("pull")

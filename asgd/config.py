@@ -226,6 +226,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
 
+    from asgd.core.endpoint import parse_endpoint
     from asgd.core.policies import parse_policy
 
     o, s, sv, w, r = cfg.optimizer, cfg.schedule, cfg.server, cfg.worker, cfg.run
@@ -247,6 +248,10 @@ def validate(cfg: Config) -> None:
         parse_policy(sv.policy)
     except ValueError as e:
         raise ConfigError(f"server.policy: {e}") from None
+    try:
+        parse_endpoint(sv.bind, bind=True)
+    except ValueError as e:
+        raise ConfigError(f"server.bind: {e}") from None
     need("sync" not in sv.policy or sv.max_staleness is None, "server.max_staleness",
          "sync has no staleness to bound: leave it null")
     need(sv.dc_lambda >= 0, "server.dc_lambda", "must be >= 0")

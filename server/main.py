@@ -29,6 +29,7 @@ from server.store import ParameterStore
 log = logging.getLogger("asgd.server")
 
 POLL_MS = 100
+STATUS_EVERY_S = 5.0   # a status line in the log this often, when anything changed
 MAX_BATCH = 256   # requests handled per wake-up before periodic work gets a turn
 
 
@@ -60,6 +61,14 @@ class Server:
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.stopping = False
         self._last_checkpoint_version = self.store.version
+        self._next_status = time.monotonic() + STATUS_EVERY_S
+        self._status_at = (time.monotonic(), self.store.version)
+
+    def extend_budget(self, updates: int) -> None:
+        """run.max_updates = the current version + ``updates`` (what hello tells workers)."""
+        self.cfg = self.cfg.replace(**{"run.max_updates": self.store.version + updates})
+        self.core.cfg = self.cfg
+        log.info("budget extended: run.max_updates is now %d", self.cfg.run.max_updates)
 
     def request_stop(self, *_):
         self.stopping = True
@@ -86,6 +95,8 @@ class Server:
             if now >= next_stats:
                 next_stats = now + every
                 self._record_stats()
+            if now >= self._next_status:
+                self._status(now)
             ce = self.cfg.server.checkpoint_every
             if ce and self.store.version - self._last_checkpoint_version >= ce:
                 self.checkpoint()
@@ -100,6 +111,20 @@ class Server:
             self.sock.send_multipart([identity, *reply], copy=False)
         except zmq.ZMQError as e:  # the peer is gone: nothing to do
             log.warning("reply not sent: %s", e)
+
+    def _status(self, now: float) -> None:
+        """version, updates/s, workers seen, staleness: one line, only when it changed."""
+        self._next_status = now + STATUS_EVERY_S
+        t_prev, v_prev = self._status_at
+        version = self.store.version
+        if version == v_prev:
+            return
+        s = self.core.stats()
+        log.info("version %d, %.0f updates/s, %d worker(s) seen, staleness mean %.2f max %d, "
+                 "%d dropped", version, (version - v_prev) / max(now - t_prev, 1e-9),
+                 len(s["workers"]), s["staleness_mean"], s["staleness_max"],
+                 s["updates_dropped"])
+        self._status_at = (now, version)
 
     def _record_stats(self) -> None:
         s = self.core.stats()
@@ -126,10 +151,13 @@ class Server:
 
 
 def run_server(cfg: Config, bind: str | None, run_dir=None, checkpoint_dir=None,
-               resume: bool = False, address_file=None) -> int:
+               resume: bool = False, address_file=None, extend: int = 0,
+               quiet: bool = False) -> int:
     """Serve until SIGINT/SIGTERM, then checkpoint; the exit code (0, or 1 when it cannot
-    start)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s server %(levelname)s %(message)s")
+    start). ``extend`` moves run.max_updates to the starting version plus that many updates
+    (the workers take the server's budget when they say hello)."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s server %(levelname)s %(message)s")
     torch.set_num_threads(cfg.server.threads)
     bind = bind or cfg.server.bind
     if bind.startswith("tcp://") and bind.endswith(":0"):
@@ -143,6 +171,8 @@ def run_server(cfg: Config, bind: str | None, run_dir=None, checkpoint_dir=None,
     except zmq.ZMQError as e:
         log.error("cannot bind %s: %s", bind, e)
         return 1
+    if extend:
+        server.extend_budget(extend)
     signal.signal(signal.SIGTERM, server.request_stop)
     signal.signal(signal.SIGINT, server.request_stop)
     if address_file:

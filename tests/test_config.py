@@ -29,20 +29,15 @@ def test_defaults():
 
 def test_builtin_defaults_are_the_default_run():
     """`asgd launch` without configs/default.yaml at hand runs the built-in defaults: the
-    same run as the file (the file may spell out a model argument the model defaults to)."""
-    builtin, shipped = Config(), load_config(DEFAULT_CONFIG)
-    for section in ("data", "optimizer", "schedule", "server", "worker", "run"):
-        assert getattr(builtin, section) == getattr(shipped, section), section
-    assert builtin.model.name == shipped.model.name
-    assert ParameterLayout.from_model(build_model(builtin.model, (40,), 10)) == \
-        ParameterLayout.from_model(build_model(shipped.model, (40,), 10))
+    same run as the file."""
+    assert Config() == load_config(DEFAULT_CONFIG)
 
 
 def test_configs_default_yaml_loads():
     cfg = load_config(DEFAULT_CONFIG)
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     assert cfg.model.name == raw["model"]["name"] == "cnn1d"
-    assert cfg.model.args == raw["model"]["args"]
+    assert cfg.model.args == raw["model"].get("args", {}) == {}   # --set model.name=mlp works
     assert cfg.optimizer.name == raw["optimizer"]["name"]
     assert cfg.optimizer.lr == raw["optimizer"]["lr"]
     assert cfg.schedule.kind == raw["schedule"]["kind"]

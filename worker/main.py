@@ -3,25 +3,30 @@
     asgd worker --config configs/default.yaml --server tcp://server:5555 --rank 1
 
 Exit codes: 0 when a budget ends the run, 2 for a configuration or model that cannot train,
-3 when the server stayed away longer than worker.reconnect_timeout_s.
+3 when the server stayed away longer than worker.reconnect_timeout_s, 4 when the training
+loss stayed NaN or Inf (the model diverged).
 """
 from __future__ import annotations
 
 import logging
 
 from asgd.config import Config
-from worker.train import ServerGone, WorkerError, run_worker
+from worker.train import Diverged, ServerGone, WorkerError, run_worker
 
 
 def run(cfg: Config, endpoint: str, rank: int, worker_id: str | None = None,
-        run_dir=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+        run_dir=None, quiet: bool = False) -> int:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s worker %(levelname)s %(message)s")
     log = logging.getLogger("asgd.worker")
     try:
         res = run_worker(cfg, endpoint, rank, run_dir, worker_id)
     except ServerGone as e:
         log.error("%s", e)
         return 3
+    except Diverged as e:
+        log.error("%s", e)
+        return 4
     except (WorkerError, ValueError) as e:
         log.error("%s", e)
         return 2

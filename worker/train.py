@@ -56,6 +56,15 @@ class ServerGone(WorkerError):
     """The server did not come back within the reconnect budget (exit code 3)."""
 
 
+class Diverged(WorkerError):
+    """The training loss stayed NaN or Inf (exit code 4)."""
+
+
+STATUS_EVERY_S = 5.0       # a status line in the log, and a waiting note, this often
+HELLO_TIMEOUT_S = 2.0      # each attempt to reach the server waits this long at most
+MAX_NONFINITE_RUN = 10     # non-finite losses in a row before the worker gives up
+
+
 def resolve_device(name: str) -> torch.device:
     try:
         return _resolve_device(name)
@@ -103,6 +112,10 @@ class Worker:
         self.stop = stop or StopFlag()
         self.straggler = Straggler.for_rank(cfg.worker, rank)
         self.crash_at = fault_exit_step(rank)
+        self.max_updates = cfg.run.max_updates       # the server's, once it has said hello
+        self.nonfinite_run = 0
+        self._next_status = self._status_t = time.monotonic()
+        self._status_samples = 0
 
     @property
     def stopping(self) -> bool:
@@ -115,24 +128,44 @@ class Worker:
     # connection
 
     def _with_retry(self, what: str, fn):
-        """Call ``fn``; on a timeout reconnect with bounded back-off until the budget is spent."""
+        """Call ``fn(timeout_s)``; while the server does not answer, reconnect with bounded
+        back-off, say so at once and every few seconds, and give up (ServerGone) once
+        worker.reconnect_timeout_s has passed."""
         budget = self.cfg.worker.reconnect_timeout_s
-        give_up = time.monotonic() + budget
-        delay = 0.1
+        started = time.monotonic()
+        give_up = started + budget
+        delay, next_note = 0.1, started + STATUS_EVERY_S
+        attempt_s = min(self.cfg.worker.request_timeout_s, HELLO_TIMEOUT_S)
         while True:
             try:
-                return fn()
-            except ServerTimeout as e:
-                if self.stopping or time.monotonic() + delay > give_up:
-                    raise ServerGone(f"worker {self.id}: server {self.client.endpoint} did not "
-                                     f"answer for {budget:g} s ({what}): {e}") from None
-                log.warning("%s: %s; reconnecting in %.1f s", self.id, e, delay)
-                time.sleep(delay)
+                return fn(min(attempt_s, max(0.1, give_up - time.monotonic())))
+            except ServerTimeout:
+                now = time.monotonic()
+                if self.stopping:
+                    raise ServerGone(f"worker {self.id}: stopped while waiting for the server "
+                                     f"at {self.client.endpoint}") from None
+                if now >= give_up:
+                    raise ServerGone(
+                        f"worker {self.id}: gave up: no answer from the server at "
+                        f"{self.client.endpoint} for {budget:g} s "
+                        "(worker.reconnect_timeout_s)") from None
+                if delay == 0.1:
+                    log.warning("%s: waiting for the server at %s (%s; giving up after %g s)",
+                                self.id, self.client.endpoint, what, budget)
+                elif now >= next_note:
+                    next_note = now + STATUS_EVERY_S
+                    log.warning("%s: still waiting for the server at %s: %.0f s of %g s",
+                                self.id, self.client.endpoint, now - started, budget)
+                time.sleep(min(delay, max(0.0, give_up - now)))
                 delay = min(delay * 2, 2.0)
                 self.client.reconnect()
 
+    def _hello(self, what: str):
+        return self._with_retry(what, lambda t: self.client.hello(rank=self.rank, timeout_s=t))
+
     def connect(self) -> dict:
-        info, weights = self._with_retry("hello", lambda: self.client.hello(rank=self.rank))
+        log.info("%s: connecting to the server at %s", self.id, self.client.endpoint)
+        info, weights = self._hello("hello")
         try:
             self.layout.check_same(ParameterLayout.from_specs(info.get("tensors", [])),
                                    "worker's", "server's")
@@ -140,6 +173,11 @@ class Worker:
             raise WorkerError(f"worker {self.id}: the model built from the config does not "
                               f"match the server's: {e}") from None
         self._load(info["version"], weights)
+        budget = info.get("config", {}).get("max_updates")
+        if isinstance(budget, int) and budget != self.max_updates:
+            log.info("%s: the server's budget is %d updates (run.max_updates)", self.id, budget)
+            self.max_updates = budget
+        log.info("%s: connected at version %d", self.id, self.version)
         return info
 
     def _load(self, version: int, weights) -> None:
@@ -173,6 +211,10 @@ class Worker:
                 break
             step_started = time.perf_counter()
             loss, grads, n = self.compute_gradient()
+            if not torch.isfinite(loss):
+                self._nonfinite(loss)
+                continue
+            self.nonfinite_run = 0
             try:
                 sent = time.perf_counter()
                 reply, weights = self.client.push_pull(self.version, grads)
@@ -181,14 +223,14 @@ class Worker:
                 self.straggler.after_step(sent - step_started,
                                           exchange_s=time.perf_counter() - sent)
             except ServerTimeout:
-                info, weights = self._with_retry(
-                    "reconnect", lambda: self.client.hello(rank=self.rank))
+                info, weights = self._hello("reconnecting")
                 self._load(info["version"], weights)
                 continue
             except ServerError as e:
                 if e.code == "bad_version":  # the server restarted behind us: resync
                     log.warning("%s: %s; pulling fresh weights", self.id, e)
-                    self._load(*self._with_retry("pull", self.client.pull))
+                    info, weights = self._hello("resync")
+                    self._load(info["version"], weights)
                     continue
                 raise WorkerError(f"worker {self.id}: {e}") from None
             self._load(reply["version"], weights)
@@ -198,6 +240,7 @@ class Worker:
                 log.error("%s: %s: exiting at step %d", self.id, FAULT_ENV, res.steps)
                 os._exit(FAULT_EXIT_CODE)
             res.version = self.version
+            self._status(res, loss)
             window_loss += loss.item()
             window_stale += int(reply.get("staleness", 0))
             window_samples += n
@@ -226,11 +269,41 @@ class Worker:
             return "stopped"
         if cfg.worker.max_steps and res.steps >= cfg.worker.max_steps:
             return "max_steps"
-        if cfg.run.max_updates and self.version >= cfg.run.max_updates:
+        if self.max_updates and self.version >= self.max_updates:
             return "max_updates"
         if cfg.run.max_seconds and time.time() - self.metrics.t0 >= cfg.run.max_seconds:
             return "max_seconds"
         return ""
+
+    def _nonfinite(self, loss) -> None:
+        """A batch whose loss is NaN or Inf: its gradient is not pushed (the server would
+        refuse it); fresh weights are pulled. Many in a row mean the model has diverged."""
+        self.nonfinite_run += 1
+        self.metrics.write("nonfinite_loss", worker=self.id, rank=self.rank,
+                           version=self.version, loss=str(loss.item()), run=self.nonfinite_run)
+        if self.nonfinite_run >= MAX_NONFINITE_RUN:
+            raise Diverged(f"worker {self.id}: the training loss was {loss.item()} for "
+                           f"{self.nonfinite_run} steps in a row at version {self.version}: "
+                           "the model diverged")
+        log.warning("%s: loss %s at version %d: gradient not pushed", self.id, loss.item(),
+                    self.version)
+        try:
+            self._load(*self.client.pull())
+        except (ServerTimeout, ServerError):
+            pass
+
+    def _status(self, res: WorkerResult, loss) -> None:
+        """A short status line in the log every STATUS_EVERY_S seconds."""
+        now = time.monotonic()
+        if now < self._next_status:
+            return
+        done = res.samples - self._status_samples
+        rate = done / max(now - self._status_t, 1e-9)
+        if res.steps > 1:
+            log.info("%s: step %d, loss %.4f, %.0f samples/s, version %d", self.id,
+                     res.steps, loss.item(), rate, self.version)
+        self._next_status, self._status_t, self._status_samples = \
+            now + STATUS_EVERY_S, now, res.samples
 
     def close(self):
         self.client.close()

@@ -1,20 +1,27 @@
 """What a launch shows while it runs: the monitor's figures and their display.
 
-    mon = Monitor(cfg, t0); mon.update_stats(client.stats()); mon.update_losses(metrics_path)
-    display = Display(cfg); display.update(mon); display.close(mon)
+    mon = Monitor(cfg, t0)
+    mon.update_stats(client.stats()); mon.update_losses(metrics_path)
+    display = Display(cfg); display.update(mon); display.message("..."); display.close(mon)
 
-On a terminal the display is a rich progress bar; elsewhere (a pipe, a log file) a plain line
-every few seconds on stderr.
+On a terminal the display is one live line that fits the terminal's width: fields are dropped,
+least important first, rather than cut (updates and progress, accuracy, loss, samples/s,
+staleness, elapsed). Elsewhere (a pipe, a log file) it prints a plain line every few seconds on
+stderr. Output that can no longer be written (a closed pipe: ``| head``, or ``| tee`` killed by
+Ctrl-C) is given up silently: the run itself goes on to its summary.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from asgd.config import Config
+
+PLAIN_EVERY_S = 5.0
 
 
 @dataclass
@@ -27,15 +34,24 @@ class Monitor:
     staleness_mean: float = 0.0
     loss: float | None = None
     accuracy: float | None = None
+    note: str = ""                  # a short state word: "evaluating", "diverged", ...
+    trained_s: float | None = None  # frozen when training ends
     _last: tuple = (0.0, 0)
     _first: tuple | None = None     # (time, pushes) when pushes were first seen
     _losses: dict = field(default_factory=dict)
     _metrics_pos: int = 0
+    new_steps: list = field(default_factory=list)   # worker_step records since last asked
+
+    @property
+    def training(self) -> bool:
+        return self.trained_s is None
 
     def update_stats(self, stats: dict) -> None:
-        now = time.time()
         self.updates = stats["version"]
         self.staleness_mean = stats["staleness_mean"]
+        if not self.training:
+            return          # the throughput clock stopped with training
+        now = time.time()
         pushes = sum(w["pushes"] for w in stats["workers"].values())
         if pushes and self._first is None:
             self._first = (now, pushes)
@@ -60,60 +76,130 @@ class Monitor:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if rec.get("kind") == "worker_step" and rec.get("loss") is not None:
-                self._losses[rec["worker"]] = rec["loss"]
-        if self._losses:
-            self.loss = sum(self._losses.values()) / len(self._losses)
+            if rec.get("kind") == "worker_step":
+                self._losses[rec["worker"]] = rec.get("loss")
+                self.new_steps.append(rec)
+        finite = [v for v in self._losses.values() if v is not None]
+        if finite:
+            self.loss = sum(finite) / len(finite)
 
-    def finish(self) -> None:
-        """Show the whole run's average rate instead of the last moment's."""
+    def finish_training(self) -> None:
+        """Stop the clock: the rate becomes the whole run's average, elapsed stays put."""
+        if not self.training:
+            return
+        self.trained_s = time.time() - self.t0
         if self._first is not None and self._last[0] > self._first[0]:
             self.samples_per_s = ((self._last[1] - self._first[1]) * self.cfg.worker.batch_size
                                   / (self._last[0] - self._first[0]))
 
-    def line(self) -> str:
-        loss = f"{self.loss:.4f}" if self.loss is not None else "-"
-        acc = f"  acc {self.accuracy:.4f}" if self.accuracy is not None else ""
-        return (f"updates {self.updates:>7d}  samples/s {self.samples_per_s:>9.0f}  "
-                f"staleness {self.staleness_mean:5.2f}  loss {loss}{acc}  "
-                f"elapsed {time.time() - self.t0:6.1f}s")
+    @property
+    def elapsed_s(self) -> float:
+        return self.trained_s if self.trained_s is not None else time.time() - self.t0
+
+    def fields(self) -> list[str]:
+        """The display's fields, most important first."""
+        total = self.cfg.run.max_updates
+        upd = f"updates {self.updates}/{total}" if total else f"updates {self.updates}"
+        out = [upd]
+        if self.accuracy is not None:
+            out.append(f"acc {self.accuracy:.3f}")
+        out.append(f"loss {self.loss:.4f}" if self.loss is not None else "loss -")
+        out.append(f"{self.samples_per_s:,.0f} samples/s")
+        out.append(f"staleness {self.staleness_mean:.2f}")
+        out.append(f"{self.elapsed_s:.1f}s")
+        if self.note:
+            out.insert(1, self.note)
+        return out
+
+    def line(self, width: int | None = None) -> str:
+        return fit(self.fields(), width)
+
+
+def fit(fields: list[str], width: int | None, sep: str = "  ") -> str:
+    """The fields joined, dropping the least important (last) ones until the line fits
+    ``width`` characters; the first field is always kept whole."""
+    out = list(fields)
+    while width is not None and len(out) > 1 and len(sep.join(out)) > width:
+        out.pop()
+    return sep.join(out)
+
+
+def progress_bar(done: int, total: int, width: int) -> str:
+    if width < 3 or total <= 0:
+        return ""
+    inner = width - 2
+    filled = min(inner, int(inner * min(done, total) / total))
+    return "[" + "#" * filled + "-" * (inner - filled) + "]"
 
 
 class Display:
-    """A rich progress bar on a terminal; a plain line every few seconds elsewhere."""
+    """A live line on a terminal; a plain line every few seconds elsewhere; nothing when
+    quiet (except deaths and divergence, which are always said)."""
 
     def __init__(self, cfg: Config, quiet: bool = False):
         from rich.console import Console
 
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
         self.quiet = quiet
+        self.broken = False
         self.live = self.console.is_terminal and not quiet
-        self.total = cfg.run.max_updates or None
+        self.total = cfg.run.max_updates
         self._last_plain = 0.0
+        self._live = None
         if self.live:
-            from rich.progress import BarColumn, Progress, TextColumn
+            from rich.live import Live
 
-            self.progress = Progress(TextColumn("[bold]asgd"), BarColumn(),
-                                     TextColumn("{task.description}"), console=self.console,
-                                     transient=False)
-            self.task = self.progress.add_task("", total=self.total)
-            self.progress.start()
+            self._live = Live("", console=self.console, auto_refresh=False, transient=False)
+            self._guard(self._live.start)
+
+    def _guard(self, fn, *args) -> None:
+        """Run one output call; a closed stream ends all further output, silently."""
+        if self.broken:
+            return
+        try:
+            fn(*args)
+        except (BrokenPipeError, OSError, ValueError):
+            self.broken = True
+            silence(sys.stderr)
+
+    def render(self, mon: Monitor) -> str:
+        width = self.console.width
+        text = mon.line(width)
+        room = width - len(text) - 2
+        if self.total and room >= 12:
+            text = progress_bar(mon.updates, self.total, min(room, 32)) + "  " + text
+        return text
 
     def update(self, mon: Monitor) -> None:
         if self.live:
-            self.progress.update(self.task, completed=mon.updates, description=mon.line())
-        elif not self.quiet and time.monotonic() - self._last_plain >= 5.0:
+            self._guard(lambda: (self._live.update(self.render(mon)), self._live.refresh()))
+        elif not self.quiet and time.monotonic() - self._last_plain >= PLAIN_EVERY_S:
             self._last_plain = time.monotonic()
-            print(mon.line(), file=sys.stderr, flush=True)
+            self._guard(self._plain, mon.line())
 
-    def message(self, text: str) -> None:
-        if not self.quiet or "died" in text:
-            self.console.print(text, soft_wrap=True, highlight=False)
+    def _plain(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def message(self, text: str, always: bool = False) -> None:
+        if not self.quiet or always:
+            self._guard(lambda: self.console.print(text))
 
     def close(self, mon: Monitor) -> None:
-        mon.finish()
+        mon.finish_training()
         if self.live:
-            self.update(mon)
-            self.progress.stop()
+            self._guard(lambda: (self._live.update(self.render(mon)), self._live.refresh(),
+                                 self._live.stop()))
         elif not self.quiet:
-            print(mon.line(), file=sys.stderr, flush=True)
+            self._guard(self._plain, mon.line())
+
+
+def silence(stream) -> None:
+    """Point a dead stream's descriptor at /dev/null so later writes (and the interpreter's
+    final flush) do not fail again."""
+    try:
+        fd = stream.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass

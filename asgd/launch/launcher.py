@@ -3,15 +3,20 @@ a final evaluation, and the run directory.
 
     summary = launch(load_config("configs/default.yaml"))      # what `asgd launch` does
 
-The server and the workers run as subprocesses (``python -m server``, ``python -m worker``),
-never imported here, so CUDA is never initialised in this process. The run directory
+Before anything starts, the model and data set named by the config are imported and checked
+(a bad import path or argument fails here, and no run directory is left behind). The server
+and the workers then run as subprocesses (``python -m server``, ``python -m worker``), never
+imported here, so CUDA is never initialised in this process. The run directory
 (``runs/<name>/``) gets config.yaml, metrics.jsonl, summary.json, checkpoint/ and logs/.
-A process that dies is reported with the tail of its log; Ctrl-C stops everything, and the
-weights reached so far are still evaluated.
+
+A process that dies is reported with the tail of its log. A run that diverges (see
+``asgd.launch.guard``) is stopped, reported at once and ends ``diverged``. Ctrl-C stops
+everything, and the weights reached so far are still evaluated, whatever became of stdout.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 from datetime import datetime
@@ -19,12 +24,14 @@ from pathlib import Path
 
 from asgd.config import Config, save_config
 from asgd.launch.display import Display, Monitor
+from asgd.launch.guard import DivergenceGuard
 from asgd.launch.processes import Proc, ProcessError, child_env, spawn, stop, wait_for_address
 from asgd.metrics import MetricsWriter, read_metrics
 
 STARTUP_TIMEOUT_S = 60.0
 STOP_GRACE_S = 20.0
 POLL_S = 0.5
+WORKER_DIVERGED_EXIT = 4     # worker/train.py: its loss stayed non-finite
 
 
 class LaunchError(RuntimeError):
@@ -42,161 +49,231 @@ def make_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-# ----------------------------------------------------------------------------------------------
+def prepare_task(cfg: Config):
+    """The run's task in this process (CPU, one thread) for evaluations, built before any
+    process starts: a model or data set that cannot be imported or built fails here."""
+    import torch
+
+    from asgd.tasks.task import build_task
+
+    torch.set_num_threads(1)
+    try:
+        return build_task(cfg)
+    except (ValueError, TypeError) as e:
+        raise LaunchError(str(e)) from None
+
 
 def launch(cfg: Config, quiet: bool = False) -> dict:
     """Run a whole cluster on this machine; returns the summary (also in summary.json)."""
-    from asgd.client import Client, ServerError, ServerTimeout
-
+    task = prepare_task(cfg)
     run_dir = make_run_dir(cfg)
-    save_config(cfg, run_dir / "config.yaml")
-    t0 = time.time()
-    env = child_env(ASGD_T0=repr(t0))
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics = MetricsWriter(metrics_path, t0)
-    display = Display(cfg, quiet)
-    addr_file = run_dir / "server.addr"
-    config_file = str(run_dir / "config.yaml")
-
-    server = spawn("server", ["-m", "server", "--config", config_file,
-                              "--bind", "tcp://127.0.0.1:0", "--run-dir", str(run_dir),
-                              "--address-file", str(addr_file)],
-                   run_dir / "logs" / "server.log", env)
-    workers: list[Proc] = []
-    interrupted = False
-    failures: list[str] = []
-    evals: list[dict] = []
-    mon = Monitor(cfg, t0)
-    client = None
-    final_stats = None
-
-    def sigterm(*_):
-        raise KeyboardInterrupt
-
-    old_term = signal.signal(signal.SIGTERM, sigterm)
     try:
+        return Launch(cfg, task, run_dir, quiet).run()
+    except LaunchError:
+        shutil.rmtree(run_dir, ignore_errors=True)    # nothing ran: leave nothing behind
+        raise
+
+
+class Launch:
+    def __init__(self, cfg: Config, task, run_dir: Path, quiet: bool):
+        self.cfg, self.task, self.run_dir = cfg, task, run_dir
+        save_config(cfg, run_dir / "config.yaml")
+        self.t0 = time.time()
+        self.env = child_env(ASGD_T0=repr(self.t0))
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics = MetricsWriter(self.metrics_path, self.t0)
+        self.display = Display(cfg, quiet)
+        self.mon = Monitor(cfg, self.t0)
+        self.guard = DivergenceGuard(task.num_classes, cfg.schedule.warmup, cfg.run.max_updates)
+        self.failures: list[str] = []
+        self.diverged: list[str] = []
+        self.interrupted = False
+        self.evals = 0
+        self.final_stats: dict | None = None
+        self.server: Proc | None = None
+        self.workers: list[Proc] = []
+        self.client = None
+
+    # ------------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg, run_dir = self.cfg, self.run_dir
+        config_file = str(run_dir / "config.yaml")
+        addr_file = run_dir / "server.addr"
+        self.server = spawn("server", ["-m", "server", "--config", config_file,
+                                       "--bind", "tcp://127.0.0.1:0", "--run-dir", str(run_dir),
+                                       "--address-file", str(addr_file)],
+                            run_dir / "logs" / "server.log", self.env)
+
+        def sigterm(*_):
+            raise KeyboardInterrupt
+
+        old_term = signal.signal(signal.SIGTERM, sigterm)
         try:
-            endpoint = wait_for_address(addr_file, server, STARTUP_TIMEOUT_S)
-        except ProcessError as e:
-            raise LaunchError(str(e)) from None
-        for r in range(cfg.run.workers):
-            workers.append(spawn(f"worker {r}", ["-m", "worker", "--config", config_file,
-                                                 "--server", endpoint, "--rank", str(r),
-                                                 "--run-dir", str(run_dir)],
-                                 run_dir / "logs" / f"worker-{r}.log", env))
-        client = Client(endpoint, "launcher", timeout_s=10.0)
-        eval_model = _EvalModel(cfg) if cfg.run.eval_every_s else None
-        next_eval = time.monotonic() + (cfg.run.eval_every_s or 0)
+            try:
+                endpoint = wait_for_address(addr_file, self.server, STARTUP_TIMEOUT_S)
+            except ProcessError as e:
+                stop([self.server], grace_s=5.0)
+                raise LaunchError(str(e)) from None
+            for r in range(cfg.run.workers):
+                self.workers.append(spawn(
+                    f"worker {r}", ["-m", "worker", "--config", config_file, "--server",
+                                    endpoint, "--rank", str(r), "--run-dir", str(run_dir)],
+                    run_dir / "logs" / f"worker-{r}.log", self.env))
+            from asgd.client import Client
+
+            self.client = Client(endpoint, "launcher", timeout_s=10.0)
+            self._watch()
+        except KeyboardInterrupt:
+            self.interrupted = True
+            self.display.message("[yellow]interrupted: stopping the cluster[/yellow]",
+                                 always=True)
+        finally:
+            signal.signal(signal.SIGTERM, old_term)
+            self._stop_all()
+        return self._summarize()
+
+    def _watch(self) -> None:
+        cfg, mon = self.cfg, self.mon
+        every = cfg.run.eval_every_s
+        next_eval = time.monotonic() + every if every else float("inf")
         hard_deadline = time.monotonic() + (cfg.run.max_seconds or 24 * 3600) + STARTUP_TIMEOUT_S
         while True:
-            if server.popen.poll() is not None:
-                failures.append(f"server died (exit {server.popen.returncode})")
-                display.message(f"[red]server died[/red] (exit {server.popen.returncode}):\n"
-                                f"{server.tail()}")
-                break
-            for p in workers:
-                rc = p.popen.poll()
-                if rc not in (None, 0) and not p.reported:
-                    p.reported = True
-                    failures.append(f"{p.name} died (exit {rc})")
-                    display.message(f"[red]{p.name} died[/red] (exit {rc}):\n{p.tail()}")
-            try:
-                final_stats = client.stats()
-                mon.update_stats(final_stats)
-            except (ServerTimeout, ServerError):
-                pass
-            mon.update_losses(metrics_path)
-            if eval_model and time.monotonic() >= next_eval:
-                next_eval = time.monotonic() + cfg.run.eval_every_s
-                evals.append(eval_model.evaluate_live(client, metrics, mon))
-            display.update(mon)
-            if all(p.popen.poll() is not None for p in workers):
-                break
+            if self.server.poll() is not None:
+                self._died(self.server)
+                return
+            for p in self.workers:
+                if p.poll() not in (None, 0) and not p.reported:
+                    self._died(p)
+            self._poll_stats()
+            mon.update_losses(self.metrics_path)
+            for rec in mon.new_steps:
+                self._judge(self.guard.loss(rec.get("version", 0), rec.get("loss")))
+            mon.new_steps.clear()
+            if time.monotonic() >= next_eval:
+                next_eval = time.monotonic() + every
+                self._evaluate_live()
+            self.display.update(mon)
+            if self.diverged:
+                return
+            if all(p.poll() is not None for p in self.workers):
+                return
             if time.monotonic() > hard_deadline:
-                failures.append("workers outlived run.max_seconds; stopped")
-                break
+                self.failures.append("workers outlived run.max_seconds; stopped")
+                return
             time.sleep(POLL_S)
-    except KeyboardInterrupt:
-        interrupted = True
-        display.message("[yellow]interrupted: stopping the cluster[/yellow]")
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-        stop(workers, STOP_GRACE_S)
-        if client is not None and server.popen.poll() is None:
-            try:
-                final_stats = client.stats()
-                mon.update_stats(final_stats)
-            except (ServerTimeout, ServerError):
-                pass
-            client.close()
-        stop([server], grace_s=60.0)
-        display.close(mon)
-    train_end = time.time()
-    summary = _summarize(cfg, run_dir, t0, train_end, final_stats, failures, interrupted,
-                         metrics, evals)
-    metrics.close()
-    return summary
 
+    def _poll_stats(self) -> None:
+        from asgd.client import ServerError, ServerTimeout
 
-class _EvalModel:
-    """The model and test split in this process (CPU, one thread) for evaluations mid-run."""
+        try:
+            self.final_stats = self.client.stats()
+            self.mon.update_stats(self.final_stats)
+        except (ServerTimeout, ServerError):
+            pass
 
-    def __init__(self, cfg: Config):
-        import torch
+    def _died(self, p: Proc) -> None:
+        p.reported = True
+        rc = p.returncode
+        if p is not self.server and rc == WORKER_DIVERGED_EXIT:
+            self._judge(f"{p.name}: its training loss stayed non-finite")
+            return
+        self.failures.append(f"{p.name} died (exit {rc})")
+        self.display.message(f"[red]{p.name} died[/red] (exit {rc}):\n{p.tail()}", always=True)
 
-        from asgd.tasks.task import build_task
+    def _judge(self, reason: str) -> None:
+        """A divergence found: say it at once, in the display and the log, and stop."""
+        if not reason or reason in self.diverged:
+            return
+        self.diverged.append(reason)
+        self.mon.note = "diverged"
+        self.metrics.write("diverged", reason=reason, version=self.mon.updates)
+        self.display.message(f"[red]diverged:[/red] {reason}; stopping the run", always=True)
 
-        torch.set_num_threads(1)
-        self.cfg = cfg
-        self.task = build_task(cfg)
-
-    def evaluate_live(self, client, metrics: MetricsWriter, mon: Monitor) -> dict:
+    def _evaluate_live(self) -> None:
+        from asgd.client import ServerError, ServerTimeout
         from asgd.tasks.evaluate import evaluate_flat
 
-        version, tensors = client.pull()
+        try:
+            version, tensors = self.client.pull()
+        except (ServerTimeout, ServerError):
+            return
         flat = self.task.layout.flatten(t.to_torch() for t in tensors)
         acc, loss = evaluate_flat(self.task, flat, self.cfg.run.eval_batch_size)
-        mon.accuracy = acc
-        return metrics.write("eval", version=version, accuracy=acc, loss=loss)
+        self.mon.accuracy = acc
+        self.evals += 1
+        self.metrics.write("eval", version=version, accuracy=acc, loss=loss)
+        self._judge(self.guard.accuracy(version, acc))
 
+    def _stop_all(self) -> None:
+        stop(self.workers, STOP_GRACE_S)
+        for p in self.workers:
+            if p.poll() not in (None, 0) and not p.reported:
+                self._died(p)
+        if self.client is not None and self.server.poll() is None:
+            self._poll_stats()
+            self.client.close()
+        self.mon.finish_training()
+        self.mon.note = self.mon.note or "evaluating"
+        self.display.update(self.mon)
+        stop([self.server], grace_s=60.0)
 
-def _summarize(cfg, run_dir: Path, t0, train_end, stats, failures, interrupted, metrics,
-               evals) -> dict:
-    from asgd.tasks.evaluate import evaluate_checkpoint
+    # ------------------------------------------------------------------------------------------
 
-    summary: dict = {"run_dir": str(run_dir), "workers": cfg.run.workers}
-    try:
-        result = evaluate_checkpoint(run_dir)
-        summary.update(test_accuracy=result["test_accuracy"], test_loss=result["test_loss"])
-        metrics.write("eval", version=result["version"], accuracy=result["test_accuracy"],
-                      loss=result["test_loss"], final=True)
-    except (OSError, ValueError) as e:
-        failures.append(f"final evaluation failed: {e}")
-        summary.update(test_accuracy=None, test_loss=None)
-    records = read_metrics(run_dir / "metrics.jsonl")
-    done = [r for r in records if r.get("kind") == "worker_done"]
-    samples = sum(r["samples"] for r in done)
-    starts = [r["t"] - r["elapsed_s"] for r in done]
-    train_s = (max(r["t"] for r in done) - min(starts)) if done else 0.0
-    stats = stats or {}
-    summary.update(
-        wall_s=round(time.time() - t0, 3),
-        train_s=round(train_s, 3),
-        updates_applied=stats.get("updates_applied", 0),
-        updates_dropped=stats.get("updates_dropped", 0),
-        version=stats.get("version", 0),
-        staleness_mean=stats.get("staleness_mean", 0.0),
-        staleness_max=stats.get("staleness_max", 0),
-        staleness_histogram=stats.get("staleness_histogram", {}),
-        samples=samples,
-        samples_per_s=samples / train_s if train_s > 0 else 0.0,
-        policy=cfg.server.policy,
-        failures=failures,
-        interrupted=interrupted,
-        status="ok" if not failures and not interrupted else
-        ("interrupted" if interrupted else "failed"),
-    )
-    if evals:
-        summary["evals"] = len(evals)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    def _summarize(self) -> dict:
+        from asgd.core.checkpoint import load_checkpoint
+        from asgd.tasks.evaluate import evaluate_flat
+
+        cfg, run_dir, failures = self.cfg, self.run_dir, self.failures
+        summary: dict = {"run_dir": str(run_dir), "workers": cfg.run.workers}
+        try:
+            ckpt = load_checkpoint(run_dir / "checkpoint")
+            ckpt.layout.check_same(self.task.layout, "checkpoint's", "configured model's")
+            acc, loss = evaluate_flat(self.task, ckpt.flat, cfg.run.eval_batch_size)
+            loss = loss if loss == loss and abs(loss) != float("inf") else None
+            summary.update(test_accuracy=acc, test_loss=loss)
+            self.metrics.write("eval", version=ckpt.version, accuracy=acc, loss=loss, final=True)
+            self.mon.accuracy = acc
+            if not self.interrupted:
+                self._judge(self.guard.final(acc))
+        except (OSError, ValueError) as e:
+            failures.append(f"final evaluation failed: {e}")
+            summary.update(test_accuracy=None, test_loss=None)
+        self.mon.note = "diverged" if self.diverged else ""
+        self.display.close(self.mon)
+        records = read_metrics(run_dir / "metrics.jsonl")
+        done = [r for r in records if r.get("kind") == "worker_done"]
+        samples = sum(r["samples"] for r in done)
+        starts = [r["t"] - r["elapsed_s"] for r in done]
+        train_s = (max(r["t"] for r in done) - min(starts)) if done else 0.0
+        stats = self.final_stats or {}
+        if failures:
+            status = "failed"
+        elif self.diverged:
+            status = "diverged"
+        elif self.interrupted:
+            status = "interrupted"
+        else:
+            status = "ok"
+        summary.update(
+            wall_s=round(time.time() - self.t0, 3),
+            train_s=round(train_s, 3),
+            updates_applied=stats.get("updates_applied", 0),
+            updates_dropped=stats.get("updates_dropped", 0),
+            version=stats.get("version", 0),
+            staleness_mean=stats.get("staleness_mean", 0.0),
+            staleness_max=stats.get("staleness_max", 0),
+            staleness_histogram=stats.get("staleness_histogram", {}),
+            samples=samples,
+            samples_per_s=samples / train_s if train_s > 0 else 0.0,
+            policy=cfg.server.policy,
+            failures=failures,
+            diverged=self.diverged,
+            interrupted=self.interrupted,
+            status=status,
+        )
+        if self.evals:
+            summary["evals"] = self.evals
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.metrics.close()
+        return summary
