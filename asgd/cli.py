@@ -38,7 +38,8 @@ def endpoint_or_exit(text: str, option: str, bind: bool = False) -> str:
     try:
         return parse_endpoint(text, bind=bind)
     except ValueError as e:
-        raise click.UsageError(f"{option}: {e}")
+        echo(f"Error: {option}: {e}", err=True)     # one line, the usage's exit code
+        sys.exit(2)
 
 
 def config_or_exit(path, overrides):

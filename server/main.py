@@ -114,11 +114,12 @@ class Server:
 
     def _status(self, now: float) -> None:
         """version, updates/s, workers seen, staleness: one line, only when it changed."""
-        self._next_status = now + STATUS_EVERY_S
         t_prev, v_prev = self._status_at
         version = self.store.version
         if version == v_prev:
+            self._next_status = now + 1.0       # idle: look again soon, say nothing
             return
+        self._next_status = now + STATUS_EVERY_S
         s = self.core.stats()
         log.info("version %d, %.0f updates/s, %d worker(s) seen, staleness mean %.2f max %d, "
                  "%d dropped", version, (version - v_prev) / max(now - t_prev, 1e-9),

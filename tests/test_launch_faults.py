@@ -1,5 +1,6 @@
-"""`asgd launch` when things go wrong: a worker that dies is reported, and Ctrl-C stops the
-cluster but still evaluates the weights reached and writes the run directory."""
+"""`asgd launch` when things go wrong: a worker that dies (made to, by the $ASGD_FAULT switch
+of worker/train.py) is reported, and Ctrl-C stops the cluster but still evaluates the weights
+reached and writes the run directory."""
 from __future__ import annotations
 
 import json
@@ -9,24 +10,98 @@ import sys
 import time
 
 import pytest
-import torch
 
+from asgd.core.checkpoint import load_checkpoint
+from asgd.launch import processes as proclib
+from asgd.metrics import read_metrics
 from tests.conftest import REPO
+from worker.train import FAULT_ENV, FAULT_EXIT_CODE, WorkerError, fault_exit_step
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_a_worker_that_dies_is_reported(processes, tmp_path, mnist1d_cached):
-    result = processes.run(
-        ["-m", "asgd.cli", "launch", "--quiet", "--set", f"run.out_dir={tmp_path}",
-         "--set", "run.name=dies", "--set", "worker.device=cuda:0",
-         "--set", "run.max_updates=200"], timeout=120)
-    assert result.returncode == 1
-    assert "worker 0 died (exit 2)" in result.stderr
-    assert "CUDA is not available" in result.stderr          # the tail of its log is shown
-    summary = json.loads((tmp_path / "dies" / "summary.json").read_text())
+FAULT_STEP = 20
+BUDGET = 200              # run.max_updates: the surviving worker trains on to it
+
+
+def test_a_worker_that_dies_is_reported(processes, child_env, make_config, tmp_path,
+                                        mnist1d_cached):
+    """$ASGD_FAULT=exit:20:0 makes worker 0 exit with code 5 after 20 steps; the launcher says
+    so (with the tail of its log), worker 1 goes on to the budget, the final evaluation runs,
+    and the run ends "failed"."""
+    config = make_config(run={"workers": 2, "max_updates": BUDGET, "max_seconds": 60,
+                              "out_dir": str(tmp_path / "runs"), "name": "dies"})
+    env = dict(child_env, ASGD_FAULT=f"exit:{FAULT_STEP}:0")
+    try:
+        result = proclib.run_to_end(["-m", "asgd.cli", "launch", "--quiet", "--config",
+                                     str(config)], 120, env=env, cwd=tmp_path,
+                                    on_start=processes.popens.append)
+    except proclib.ProcessError as e:
+        raise AssertionError(str(e)) from None
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"worker 0 died (exit {FAULT_EXIT_CODE})" in result.stderr, result.stderr
+    assert f"{FAULT_ENV}: exiting at step {FAULT_STEP}" in result.stderr   # its log's tail
+    assert "worker 1 died" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+    run_dir = tmp_path / "runs" / "dies"
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed"
-    assert "worker 1 died (exit 2)" in summary["failures"]
-    assert summary["test_accuracy"] is not None               # the server's weights, evaluated
+    assert summary["failures"] == [f"worker 0 died (exit {FAULT_EXIT_CODE})"], summary
+    assert not summary.get("diverged"), summary          # a death, not a divergence
+    assert json.loads(result.stdout)["status"] == "failed"
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    w0_steps = [r["step"] for r in records if r["kind"] == "worker_step" and r["worker"] == "w0"]
+    assert w0_steps and max(w0_steps) <= FAULT_STEP, w0_steps
+    done = {r["worker"]: r for r in records if r["kind"] == "worker_done"}
+    assert set(done) == {"w1"}, done                    # w0 never finished: it died
+    assert done["w1"]["reason"] == "max_updates", done["w1"]
+    assert done["w1"]["version"] >= BUDGET
+    assert summary["updates_applied"] >= BUDGET
+
+    # the final evaluation ran on the checkpoint the server wrote when it was stopped
+    ckpt = load_checkpoint(run_dir / "checkpoint")
+    assert ckpt.version == summary["updates_applied"]
+    final = [r for r in records if r["kind"] == "eval" and r.get("final")]
+    assert len(final) == 1 and final[0]["version"] == ckpt.version, final
+    assert summary["test_accuracy"] is not None and 0.0 <= summary["test_accuracy"] <= 1.0
+    assert final[0]["accuracy"] == summary["test_accuracy"]
+    assert f"{FAULT_ENV}: exiting at step {FAULT_STEP}" in \
+        (run_dir / "logs" / "worker-0.log").read_text()
+
+
+@pytest.mark.parametrize("spec, rank, step", [
+    ("", 0, None),                       # no fault
+    ("exit:20", 0, 20),                  # every rank
+    ("exit:20", 3, 20),
+    ("exit:20:0", 0, 20),                # only the listed ranks
+    ("exit:20:0", 1, None),
+    ("exit:7:1,3", 1, 7),
+    ("exit:7:1,3", 3, 7),
+    ("exit:7:1,3", 2, None),
+])
+def test_fault_exit_step_parses_the_switch(spec, rank, step):
+    assert fault_exit_step(rank, spec) == step
+
+
+def test_fault_exit_step_reads_the_environment(monkeypatch):
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    assert fault_exit_step(0) is None
+    monkeypatch.setenv(FAULT_ENV, "exit:3:2")
+    assert fault_exit_step(2) == 3 and fault_exit_step(0) is None
+    assert fault_exit_step(2, "") is None                # an explicit spec wins
+
+
+@pytest.mark.parametrize("spec", ["crash:20", "exit", "exit:20:0:1", "EXIT:20", "20"])
+def test_fault_exit_step_refuses_a_bad_switch(spec):
+    with pytest.raises(WorkerError, match=FAULT_ENV):
+        fault_exit_step(0, spec)
+
+
+@pytest.mark.parametrize("spec", ["exit:abc", "exit:20:x", "exit:20:", "exit::0", "exit:0",
+                                  "exit:-1"])
+def test_fault_exit_step_refuses_a_non_integer_switch(spec):
+    with pytest.raises(WorkerError, match=FAULT_ENV):
+        fault_exit_step(0, spec)
 
 
 def test_ctrl_c_stops_the_cluster_and_still_evaluates(child_env, tmp_path, mnist1d_cached):

@@ -44,8 +44,14 @@ def fault_exit_step(rank: int, spec: str | None = None) -> int | None:
     parts = spec.split(":")
     if parts[0] != "exit" or len(parts) not in (2, 3):
         raise WorkerError(f"{FAULT_ENV}={spec!r}: expected exit:STEP or exit:STEP:RANKS")
-    ranks = [int(r) for r in parts[2].split(",")] if len(parts) == 3 else None
-    return int(parts[1]) if ranks is None or rank in ranks else None
+    try:
+        step = int(parts[1])
+        ranks = [int(r) for r in parts[2].split(",")] if len(parts) == 3 else None
+    except ValueError:
+        raise WorkerError(f"{FAULT_ENV}={spec!r}: STEP and RANKS must be integers") from None
+    if step < 1:
+        raise WorkerError(f"{FAULT_ENV}={spec!r}: STEP must be >= 1")
+    return step if ranks is None or rank in ranks else None
 
 
 class WorkerError(Exception):
@@ -61,6 +67,7 @@ class Diverged(WorkerError):
 
 
 STATUS_EVERY_S = 5.0       # a status line in the log, and a waiting note, this often
+FIRST_STATUS_S = 2.0       # ... the first status line this soon
 HELLO_TIMEOUT_S = 2.0      # each attempt to reach the server waits this long at most
 MAX_NONFINITE_RUN = 10     # non-finite losses in a row before the worker gives up
 
@@ -114,7 +121,8 @@ class Worker:
         self.crash_at = fault_exit_step(rank)
         self.max_updates = cfg.run.max_updates       # the server's, once it has said hello
         self.nonfinite_run = 0
-        self._next_status = self._status_t = time.monotonic()
+        self._status_t = time.monotonic()
+        self._next_status = self._status_t + FIRST_STATUS_S
         self._status_samples = 0
 
     @property
@@ -211,7 +219,8 @@ class Worker:
                 break
             step_started = time.perf_counter()
             loss, grads, n = self.compute_gradient()
-            if not torch.isfinite(loss):
+            if not torch.isfinite(loss) or not all(bool(torch.isfinite(g).all())
+                                                    for _, g in grads):
                 self._nonfinite(loss)
                 continue
             self.nonfinite_run = 0
@@ -276,17 +285,18 @@ class Worker:
         return ""
 
     def _nonfinite(self, loss) -> None:
-        """A batch whose loss is NaN or Inf: its gradient is not pushed (the server would
-        refuse it); fresh weights are pulled. Many in a row mean the model has diverged."""
+        """A batch whose loss or gradient is NaN or Inf: the gradient is not pushed (the
+        server would refuse it); fresh weights are pulled. Many in a row mean the model has
+        diverged."""
         self.nonfinite_run += 1
         self.metrics.write("nonfinite_loss", worker=self.id, rank=self.rank,
                            version=self.version, loss=str(loss.item()), run=self.nonfinite_run)
         if self.nonfinite_run >= MAX_NONFINITE_RUN:
-            raise Diverged(f"worker {self.id}: the training loss was {loss.item()} for "
-                           f"{self.nonfinite_run} steps in a row at version {self.version}: "
-                           "the model diverged")
-        log.warning("%s: loss %s at version %d: gradient not pushed", self.id, loss.item(),
-                    self.version)
+            raise Diverged(f"worker {self.id}: the loss or gradient was not finite for "
+                           f"{self.nonfinite_run} steps in a row (loss {loss.item()}) at "
+                           f"version {self.version}: the model diverged")
+        log.warning("%s: a non-finite loss or gradient (loss %s) at version %d: not pushed",
+                    self.id, loss.item(), self.version)
         try:
             self._load(*self.client.pull())
         except (ServerTimeout, ServerError):
@@ -299,9 +309,8 @@ class Worker:
             return
         done = res.samples - self._status_samples
         rate = done / max(now - self._status_t, 1e-9)
-        if res.steps > 1:
-            log.info("%s: step %d, loss %.4f, %.0f samples/s, version %d", self.id,
-                     res.steps, loss.item(), rate, self.version)
+        log.info("%s: step %d, loss %.4f, %.0f samples/s, version %d", self.id,
+                 res.steps, loss.item(), rate, self.version)
         self._next_status, self._status_t, self._status_samples = \
             now + STATUS_EVERY_S, now, res.samples
 

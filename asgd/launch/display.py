@@ -158,7 +158,7 @@ class Display:
             return
         try:
             fn(*args)
-        except (BrokenPipeError, OSError, ValueError):
+        except (OSError, ValueError, SystemExit):   # rich exits on a broken pipe: not here
             self.broken = True
             silence(sys.stderr)
 

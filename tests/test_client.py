@@ -1,0 +1,65 @@
+"""asgd.client.Client against a real server: a reply that comes after its request timed out is
+discarded, and the next request on the same client gets its own reply."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zmq
+
+from asgd.client import ServerTimeout
+
+HELD_TIMEOUT_S = 0.5      # the client gives up on the held push after this
+ARRIVAL_WAIT_S = 10.0
+
+
+def gradients(specs, seed: int, scale: float = 0.1) -> list[tuple[str, np.ndarray]]:
+    g = np.random.default_rng(seed)
+    return [(s["name"], (scale * g.standard_normal(s["shape"])).astype(np.float32))
+            for s in specs]
+
+
+def flat(tensors) -> bytes:
+    return b"".join(t.array.tobytes() for t in tensors)
+
+
+def test_a_late_reply_is_discarded_and_the_next_request_gets_its_own(
+        start_server, make_config, clients):
+    # Under sync, a push is held until every live participant has pushed in the round: with
+    # two workers that said hello, the first push is held until the second one pushes.
+    server = start_server(make_config(server={"policy": "sync", "worker_timeout_s": 30.0}))
+    a = clients(server.endpoint, "a", timeout_s=HELD_TIMEOUT_S)
+    b = clients(server.endpoint, "b")
+    info, _ = a.hello(rank=0)                                     # request id 1
+    specs = info["tensors"]
+    b.hello(rank=1)
+
+    with pytest.raises(ServerTimeout):
+        a.push(0, gradients(specs, 0))                            # request id 2: held
+    stats = b.stats()
+    assert stats["waiting"] == ["a"], stats                       # held, not lost
+    assert stats["version"] == 0
+
+    reply = b.push(0, gradients(specs, 1))                        # completes the round
+    assert (reply["version"], reply["applied"]) == (1, True), reply
+    # The round's replies go out together (a's first); wait until a's late reply to id 2 is
+    # queued on its socket, so it is certain to come before the reply to the next request.
+    assert a.sock.poll(int(ARRIVAL_WAIT_S * 1000), zmq.POLLIN), \
+        f"the held push's reply did not arrive within {ARRIVAL_WAIT_S:g} s\n{server.log()}"
+    received = a.bytes_received
+
+    head, weights = a.request("pull")                             # request id 3
+    assert head["ok"] is True
+    assert head["id"] == 3, head                                  # its own reply, not id 2's
+    assert "applied" not in head and "staleness" not in head, head
+    assert head["version"] == 1
+    assert [t.name for t in weights] == [s["name"] for s in specs]
+    _, b_weights = b.pull()
+    assert flat(weights) == flat(b_weights)
+    # both replies were read (the late one discarded) and nothing is left over for later
+    assert a.bytes_received - received > sum(len(t.array.tobytes()) for t in weights)
+    assert not a.sock.poll(0, zmq.POLLIN)
+
+    # the client goes on working: another request, another matching reply
+    head = a.stats()
+    assert head["id"] == 4 and head["version"] == 1
+    assert head["workers"]["a"]["pushes"] == 1 and head["workers"]["b"]["pushes"] == 1
