@@ -271,3 +271,20 @@ def apply_push(store, grads, base_version: int):
     if control is None or control.store is not store:
         control = _controls[id(store)] = StalenessControl(store)
     return control.apply(grads, base_version)
+
+
+# ----------------------------------------------------------------------------------------------
+# made-up gradients and weights as bytes
+
+def gradients(specs, seed: int, scale: float = 0.1) -> list[tuple[str, "np.ndarray"]]:
+    """A seeded gradient for each tensor of a parameter list (wire specs)."""
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    return [(s["name"], (scale * g.standard_normal(s["shape"])).astype(np.float32))
+            for s in specs]
+
+
+def flat(tensors) -> bytes:
+    """Decoded tensors' bytes, concatenated (for bitwise comparisons)."""
+    return b"".join(t.array.tobytes() for t in tensors)

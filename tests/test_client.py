@@ -7,19 +7,10 @@ import pytest
 import zmq
 
 from asgd.client import ServerTimeout
+from tests.conftest import flat, gradients
 
 HELD_TIMEOUT_S = 0.5      # the client gives up on the held push after this
 ARRIVAL_WAIT_S = 10.0
-
-
-def gradients(specs, seed: int, scale: float = 0.1) -> list[tuple[str, np.ndarray]]:
-    g = np.random.default_rng(seed)
-    return [(s["name"], (scale * g.standard_normal(s["shape"])).astype(np.float32))
-            for s in specs]
-
-
-def flat(tensors) -> bytes:
-    return b"".join(t.array.tobytes() for t in tensors)
 
 
 def test_a_late_reply_is_discarded_and_the_next_request_gets_its_own(

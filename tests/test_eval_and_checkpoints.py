@@ -14,18 +14,9 @@ import pytest
 
 from asgd.core.checkpoint import FILENAME, CheckpointError, load_checkpoint
 from asgd.tasks.evaluate import evaluate_checkpoint
+from tests.conftest import flat, gradients
 
 CHECKPOINT_WAIT_S = 30.0
-
-
-def gradients(specs, seed: int, scale: float = 0.1) -> list[tuple[str, np.ndarray]]:
-    g = np.random.default_rng(seed)
-    return [(s["name"], (scale * g.standard_normal(s["shape"])).astype(np.float32))
-            for s in specs]
-
-
-def flat(tensors) -> bytes:
-    return b"".join(t.array.tobytes() for t in tensors)
 
 
 def push_n(client, specs, n: int, seed0: int = 0) -> int:

@@ -13,18 +13,8 @@ from asgd.config import load_config
 from asgd.metrics import read_metrics
 from asgd.core.checkpoint import FILENAME, load_checkpoint
 from server.main import build_store
-from tests.conftest import apply_push
 from asgd.client import ServerError
-
-
-def gradients(specs, seed: int, scale: float = 0.1) -> list[tuple[str, np.ndarray]]:
-    g = np.random.default_rng(seed)
-    return [(s["name"], (scale * g.standard_normal(s["shape"])).astype(np.float32))
-            for s in specs]
-
-
-def flat(tensors) -> bytes:
-    return b"".join(t.array.tobytes() for t in tensors)
+from tests.conftest import apply_push, flat, gradients
 
 
 def test_hello_pull_and_push_over_the_socket(start_server, make_config, clients):
