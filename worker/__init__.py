@@ -1,1 +1,1 @@
-"""The asgd worker: server client, training loop."""
+"""The asgd worker process: the training loop (it speaks to the server through asgd.client)."""

@@ -75,57 +75,109 @@ def summary_table(exp: Experiment, records: list[dict]) -> str:
             f"{_spread([r.get('updates_per_s') for r in ok])} | "
             f"{_spread([r.get('staleness_mean') for r in ok])} | "
             f"{_spread([r.get('staleness_max') for r in ok])} |")
-    heads = headline(exp.name, records)
+    heads = headline(exp.name, records, exp.target_accuracy)
     if heads:
         lines += ["", *heads]
     return "\n".join(lines) + "\n"
 
 
-def headline(name: str, records: list[dict]) -> list[str]:
-    """The comparisons each experiment is for, from medians over repeats."""
+def _seconds(t: float) -> str:
+    return f"{t:.1f} s"
+
+
+def _time_comparison(who: str, t, ref: str, t_ref, target) -> str:
+    """How ``who``'s median time to target compares with ``ref``'s, either possibly None
+    (never reached)."""
+    goal = "the target" if target is None else f"{target:g}"
+    if t is None and t_ref is None:
+        return f"neither {who} nor {ref} reached {goal}"
+    if t is None:
+        return f"{who} never reached {goal} ({ref} did in {_seconds(t_ref)})"
+    if t_ref is None:
+        return f"{who} reached {goal} in {_seconds(t)}, {ref} never did"
+    if t_ref > 0:
+        return (f"time to target {t / t_ref:.2f} of {ref}'s "
+                f"({_seconds(t)} vs {_seconds(t_ref)})")
+    return f"{who} reached {goal} in {_seconds(t)}, {ref} in {_seconds(t_ref)}"
+
+
+def _accuracy_comparison(a, a_ref) -> str:
+    if a is None or a_ref is None:
+        show = (lambda v: "not recorded" if v is None else f"{v:.3f}")
+        return f"final accuracy {show(a)} vs {show(a_ref)}"
+    return f"final accuracy {a - a_ref:+.3f} ({a:.3f} vs {a_ref:.3f})"
+
+
+def headline(name: str, records: list[dict], target: float | None = None) -> list[str]:
+    """The comparisons each experiment is for, from medians over repeats. ``target``, the
+    accuracy of time to target, is named where a configuration never reached it."""
     ok = [r for r in records if r["status"] == "ok"]
-    lines = []
     if name == "straggler":
-        for ref_name in ("sync", "ddp"):
-            ref = [r for r in ok if r["policy"] == ref_name]
-            if not ref:
-                continue
-            t_ref = median_time_to_target(ref)
-            a_ref = median_of(ok, "test_accuracy", policy=ref_name)
-            for pol in sorted({r["policy"] for r in ok} - set(SYNCHRONOUS)):
-                mine = [r for r in ok if r["policy"] == pol]
-                t = median_time_to_target(mine)
-                a = median_of(ok, "test_accuracy", policy=pol)
-                ratio = "-" if t is None or t_ref is None else f"{t / t_ref:.2f}"
-                lines.append(f"- {pol} vs {ref_name}: time to target {ratio} of {ref_name}'s "
-                             f"({'never' if t is None else f'{t:.1f} s'} vs "
-                             f"{'never' if t_ref is None else f'{t_ref:.1f} s'}); final "
-                             f"accuracy {a - a_ref:+.3f} ({a:.3f} vs {a_ref:.3f})")
-    elif name == "staleness":
-        single = median_of(ok, "test_accuracy", workers=1)
-        if single is not None:
-            for w in sorted({r["workers"] for r in ok} - {1}):
-                none = median_of(ok, "test_accuracy", workers=w, policy="none")
-                if none is None:
-                    continue
-                lost = single - none
-                lines.append(f"- {w} workers, none: {none:.3f} against one worker's "
-                             f"{single:.3f} (lost {lost:.3f})")
-                for pol in sorted({r["policy"] for r in ok if r["workers"] == w} - {"none"}):
-                    a = median_of(ok, "test_accuracy", workers=w, policy=pol)
-                    share = f"{(a - none) / lost:.0%}" if lost > 0 else "n/a (nothing lost)"
-                    lines.append(f"  - {pol}: {a:.3f}, recovers {share} of what none lost")
-    elif name == "throughput":
-        single = median_of(ok, "samples_per_s", policy="single")
-        t_single = median_time_to_target([r for r in ok if r["policy"] == "single"])
-        if single:
-            for w in sorted({r["workers"] for r in ok if r["policy"] != "single"}):
-                rs = [r for r in ok if r["workers"] == w and r["policy"] != "single"]
-                sps = median_of(rs, "samples_per_s")
-                t = median_time_to_target(rs)
-                tt = "-" if t is None or not t_single else f"{t / t_single:.2f}"
-                lines.append(f"- {w} worker(s): {sps:,.0f} samples/s = {sps / single:.2f} x one "
-                             f"plain process ({single:,.0f}); time to target {tt} of its")
+        return _straggler_headline(ok, target)
+    if name == "staleness":
+        return _staleness_headline(ok)
+    if name == "throughput":
+        return _throughput_headline(ok, target)
+    return []
+
+
+def _straggler_headline(ok: list[dict], target) -> list[str]:
+    lines = []
+    for ref_name in ("sync", "ddp"):
+        ref = [r for r in ok if r["policy"] == ref_name]
+        if not ref:
+            continue
+        t_ref = median_time_to_target(ref)
+        a_ref = median_of(ok, "test_accuracy", policy=ref_name)
+        for pol in sorted({r["policy"] for r in ok} - set(SYNCHRONOUS)):
+            t = median_time_to_target([r for r in ok if r["policy"] == pol])
+            a = median_of(ok, "test_accuracy", policy=pol)
+            mine, theirs = f"`{pol}`", f"`{ref_name}`"
+            times = _time_comparison(mine, t, theirs, t_ref, target)
+            lines.append(f"- {mine} vs {theirs}: {times}; {_accuracy_comparison(a, a_ref)}")
+    return lines
+
+
+def _staleness_headline(ok: list[dict]) -> list[str]:
+    single = median_of(ok, "test_accuracy", workers=1)
+    if single is None:
+        return []
+    lines = []
+    for w in sorted({r["workers"] for r in ok} - {1}):
+        none = median_of(ok, "test_accuracy", workers=w, policy="none")
+        if none is None:
+            continue
+        lost = single - none
+        loss = f"lost {lost:.3f}" if lost > 0 else "lost nothing"
+        lines.append(f"- {w} workers, none: {none:.3f} against one worker's {single:.3f} "
+                     f"({loss})")
+        for pol in sorted({r["policy"] for r in ok if r["workers"] == w} - {"none"}):
+            a = median_of(ok, "test_accuracy", workers=w, policy=pol)
+            if a is None:
+                lines.append(f"  - {pol}: final accuracy not recorded")
+            elif lost > 0:
+                lines.append(f"  - {pol}: {a:.3f}, recovers {(a - none) / lost:.0%} of what "
+                             f"none lost")
+            else:
+                lines.append(f"  - {pol}: {a:.3f} ({a - none:+.3f} against none)")
+    return lines
+
+
+def _throughput_headline(ok: list[dict], target) -> list[str]:
+    single = median_of(ok, "samples_per_s", policy="single")
+    if not single:
+        return []
+    t_single = median_time_to_target([r for r in ok if r["policy"] == "single"])
+    lines = []
+    for w in sorted({r["workers"] for r in ok if r["policy"] != "single"}):
+        rs = [r for r in ok if r["workers"] == w and r["policy"] != "single"]
+        sps = median_of(rs, "samples_per_s")
+        speed = ("samples/s not recorded" if sps is None else
+                 f"{sps:,.0f} samples/s = {sps / single:.2f} x one plain process "
+                 f"({single:,.0f})")
+        times = _time_comparison("they", median_time_to_target(rs), "the plain process",
+                                 t_single, target)
+        lines.append(f"- {w} worker(s): {speed}; {times}")
     return lines
 
 
