@@ -61,7 +61,7 @@ class Server:
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.stopping = False
         self._last_checkpoint_version = self.store.version
-        self._next_status = time.monotonic() + STATUS_EVERY_S
+        self._next_status = time.monotonic() + 1.0
         self._status_at = (time.monotonic(), self.store.version)
 
     def extend_budget(self, updates: int) -> None:
@@ -141,6 +141,7 @@ class Server:
         return path
 
     def close(self) -> None:
+        self._status(time.monotonic())       # the last stretch's figures
         try:
             path = self.checkpoint()
             log.info("checkpoint at version %d written to %s", self.store.version, path)
