@@ -62,8 +62,11 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     bind: str = "tcp://127.0.0.1:5555"
-    policy: str = "none"          # none | max_staleness | scale | dc | ssp | sync, '+'-joined
-    max_staleness: Optional[int] = None   # drop pushes staler than this (null = no bound)
+    # The default is robust to the number of workers (docs/experiments.md): the learning rate
+    # scaled by 1/staleness, and pushes staler than 3 updates dropped (the worker pulls afresh).
+    policy: str = "scale"         # none | max_staleness | scale | dc | ssp | sync, '+'-joined
+    max_staleness: Optional[int] = 3      # drop pushes staler than this (null = no bound;
+                                          # sync takes every gradient and ignores it)
     dc_lambda: float = 2.0        # dc: λ (λ0 of DC-ASGD-a when dc_adaptive)
     dc_adaptive: bool = True      # dc: λ / sqrt(mean square of g), DC-ASGD's adaptive variant
     dc_history: int = 64          # dc: versions of weights kept to compensate against
@@ -100,7 +103,7 @@ class RunConfig:
     workers: int = 2
     max_updates: int = 6000       # stop once the server's version reaches this (0 = none)
     max_seconds: float = 75.0     # stop the workers after this long (0 = none)
-    eval_every_s: float = 0.0     # evaluate the live weights this often during a launch (0 = never)
+    eval_every_s: float = 2.0     # evaluate the live weights this often during a launch (0 = never)
     eval_batch_size: int = 1000
 
 
@@ -252,8 +255,6 @@ def validate(cfg: Config) -> None:
         parse_endpoint(sv.bind, bind=True)
     except ValueError as e:
         raise ConfigError(f"server.bind: {e}") from None
-    need("sync" not in sv.policy or sv.max_staleness is None, "server.max_staleness",
-         "sync has no staleness to bound: leave it null")
     need(sv.dc_lambda >= 0, "server.dc_lambda", "must be >= 0")
     need(sv.dc_history >= 1, "server.dc_history", "must be >= 1")
     need(sv.ssp_slack >= 0, "server.ssp_slack", "must be >= 0")

@@ -74,7 +74,7 @@ TEST_CONFIG = {
     "model": {"name": "cnn1d", "args": {"channels": 8}},
     "data": {"name": "mnist1d"},
     "optimizer": {"name": "adam", "lr": 0.01},
-    "server": {"stats_every_s": 0.5},
+    "server": {"stats_every_s": 0.5, "policy": "none", "max_staleness": None},
     "worker": {"batch_size": 50, "threads": 1},
     "run": {"workers": 2, "max_seconds": 60},
 }

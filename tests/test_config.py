@@ -21,7 +21,7 @@ def test_defaults():
     assert load_config() == cfg
     assert cfg.model.name == "cnn1d" and cfg.data.name == "mnist1d"
     assert cfg.optimizer.name in ("sgd", "adam", "adamw", "adagrad")
-    assert cfg.server.policy == "none" and cfg.server.max_staleness is None
+    assert cfg.server.policy == "scale" and cfg.server.max_staleness == 3   # see experiments.md
     assert cfg.server.bind.startswith("tcp://127.0.0.1:")   # loopback unless told otherwise
     assert cfg.run.workers >= 1
     assert cfg.run.max_updates > 0 or cfg.run.max_seconds > 0 or cfg.worker.max_steps > 0
@@ -171,7 +171,9 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path):
     (["schedule.kind=linear"], "schedule.kind"),
     (["schedule.gamma=0"], "schedule.gamma"),
     (["server.policy=ssp9"], "server.policy"),
-    (["server.policy=max_staleness"], "server.max_staleness"),    # the bound is required
+    (["server.policy=max_staleness", "server.max_staleness=null"],
+     "server.max_staleness"),                                       # the bound is required
+    (["server.bind=localhost"], "server.bind"),                    # no port
     (["server.max_staleness=-1"], "server.max_staleness"),
     (["server.max_message_mb=0"], "server.max_message_mb"),
     (["worker.batch_size=0"], "worker.batch_size"),

@@ -27,6 +27,7 @@ def small_model() -> nn.Module:
 def make_core(**sections) -> ServerCore:
     sections.setdefault("optimizer", {"name": "adam", "lr": 0.01})
     sections.setdefault("schedule", {"kind": "constant", "warmup": 0})
+    sections.setdefault("server", {"policy": "none", "max_staleness": None})   # plain A-SGD
     cfg = from_dict(sections)
     return ServerCore(ParameterStore.from_model(small_model(), cfg), cfg)
 

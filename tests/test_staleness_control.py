@@ -21,7 +21,7 @@ SPECS = [{"name": "w", "dtype": "float32", "shape": [4]}, {"name": "b", "dtype":
 
 def make_store(**overrides) -> ParameterStore:
     base = {"optimizer.name": "sgd", "optimizer.lr": 0.5, "schedule.kind": "constant",
-            "schedule.warmup": 0}
+            "schedule.warmup": 0, "server.policy": "none", "server.max_staleness": None}
     base.update(overrides)
     cfg = Config().replace(**base)
     return ParameterStore(ParameterLayout.from_specs(SPECS), torch.arange(6, dtype=torch.float32)
@@ -277,11 +277,15 @@ def test_ssp_worker_coming_back_starts_at_the_slowest_live_clock():
     assert set(out) == {"a", "b"}
 
 
-def test_sync_with_a_staleness_bound_is_a_config_error():
-    from asgd.config import ConfigError
-
-    with pytest.raises(ConfigError, match="server.max_staleness"):
-        Config().replace(**{"server.policy": "sync", "server.max_staleness": 2})
+def test_sync_takes_every_gradient_whatever_the_bound():
+    """The default bound (3) must not make --set server.policy=sync an error: sync ignores it."""
+    clock = FakeClock()
+    store, core = make_core("sync", clock, **{"server.max_staleness": 0})
+    for w in ("a", "b"):
+        core.handle(w.encode(), request("hello", w, 1))
+    push(core, "a", 2, 0, [1.0] * 6)
+    out = replies(push(core, "b", 2, 0, [3.0] * 6))
+    assert all(r["applied"] for r in out.values()) and store.version == 1
 
 
 def test_straggler_stretches_compute_and_the_fastest_recent_exchange():

@@ -32,7 +32,9 @@ CONSTANT = {"kind": "constant", "warmup": 0}
 
 
 def config(optimizer: dict, schedule: dict = CONSTANT, **sections) -> Config:
-    """A config whose schedule is explicit (the defaults are the default run's cosine)."""
+    """A config whose schedule is explicit (the defaults are the default run's cosine) and,
+    unless given, plain A-SGD (no staleness policy)."""
+    sections.setdefault("server", {"policy": "none", "max_staleness": None})
     return from_dict({"optimizer": optimizer, "schedule": schedule, **sections})
 
 
