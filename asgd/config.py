@@ -32,10 +32,20 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    # Training-time augmentation on the worker's device (asgd.tasks.augment).
+    shift: Optional[int] = None   # random roll by up to this many samples per spatial axis
+                                  # (null = the data set's default: 3 for mnist1d, else 0)
+    scale: float = 0.0            # multiply each sample by 1 + scale * N(0, 1)
+    noise: float = 0.0            # add noise * N(0, 1)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     name: str = "mnist1d"         # mnist1d | digits | synthetic | "package.module:factory"
     args: dict = field(default_factory=dict)
     cache_dir: str = ""           # where generated data sets are cached ("" = ~/.cache/asgd)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass(frozen=True)
@@ -255,6 +265,10 @@ def validate(cfg: Config) -> None:
         parse_endpoint(sv.bind, bind=True)
     except ValueError as e:
         raise ConfigError(f"server.bind: {e}") from None
+    a = cfg.data.augment
+    need(a.shift is None or a.shift >= 0, "data.augment.shift", "must be >= 0 or null")
+    need(a.scale >= 0, "data.augment.scale", "must be >= 0")
+    need(a.noise >= 0, "data.augment.noise", "must be >= 0")
     need(sv.dc_lambda >= 0, "server.dc_lambda", "must be >= 0")
     need(sv.dc_history >= 1, "server.dc_history", "must be >= 1")
     need(sv.ssp_slack >= 0, "server.ssp_slack", "must be >= 0")

@@ -112,8 +112,7 @@ class Worker:
         self.model = task.model.to(self.device)
         self.params = list(self.model.parameters())
         self.names = self.layout.names
-        self.loader = ShardLoader(ds.x_train, ds.y_train, rank, cfg.run.workers,
-                                  cfg.worker.batch_size, seed=cfg.run.seed, device=self.device)
+        self.loader = ShardLoader.for_config(cfg, ds, rank, cfg.run.workers, self.device)
         self.client = Client(endpoint, self.id, timeout_s=cfg.worker.request_timeout_s)
         self.version = 0
         self.stop = stop or StopFlag()

@@ -84,8 +84,7 @@ def train_local(cfg: Config, run_dir: Path, rank: int = 0, world: int = 1,
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
         model = torch.nn.parallel.DistributedDataParallel(model)
     opt = make_optimizer(cfg, model.parameters())
-    loader = ShardLoader(ds.x_train, ds.y_train, rank, world, cfg.worker.batch_size,
-                         seed=cfg.run.seed, device=device)
+    loader = ShardLoader.for_config(cfg, ds, rank, world, device)
     straggler = Straggler.for_rank(cfg.worker, rank)
     name = f"{'ddp' if ddp else 'single'}{rank}"
     x_test, y_test = ds.x_test.to(device), ds.y_test.to(device)

@@ -178,13 +178,14 @@ class ShardLoader:
     The data stay in one tensor (on the worker's device); a batch is an index_select."""
 
     def __init__(self, x, y, rank: int, world: int, batch_size: int, seed: int = 0,
-                 device="cpu"):
+                 device="cpu", augment=None):
         self.indices = shard_indices(len(x), rank, world, seed).to(device)
         if len(self.indices) == 0:
             raise ValueError(f"shard {rank} of {world} is empty ({len(x)} samples)")
         self.x, self.y = x.to(device), y.to(device)
         self.batch_size = min(batch_size, len(self.indices))
         self.seed, self.rank = seed, rank
+        self.augment = augment      # an asgd.tasks.augment.Augment for training batches, or None
         self.epoch, self._order, self._pos = 0, None, 0
         self._reshuffle()
 
@@ -199,7 +200,18 @@ class ShardLoader:
             self._reshuffle()
         idx = self._order[self._pos:self._pos + self.batch_size]
         self._pos += self.batch_size
-        return self.x.index_select(0, idx), self.y.index_select(0, idx)
+        x = self.x.index_select(0, idx)
+        return (self.augment(x) if self.augment is not None else x), self.y.index_select(0, idx)
+
+    @classmethod
+    def for_config(cls, cfg, ds, rank: int, world: int, device="cpu") -> "ShardLoader":
+        """Worker ``rank``'s loader as the run's config asks: its batch size, seed and
+        augmentation (data.augment)."""
+        from asgd.tasks.augment import Augment
+
+        aug = Augment.from_config(cfg.data, ds.input_shape, cfg.run.seed, rank, device)
+        return cls(ds.x_train, ds.y_train, rank, world, cfg.worker.batch_size,
+                   seed=cfg.run.seed, device=device, augment=aug if aug.active else None)
 
     def __iter__(self):
         while True:
