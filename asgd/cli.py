@@ -6,6 +6,7 @@
     asgd worker --config c.yaml --server tcp://host:5555 --rank 1
     asgd eval runs/<name>
     asgd experiment straggler
+    asgd bench transport --params 1M --vs torch-rpc
 
 Loading this module imports click and the configuration only: each command imports what it
 needs when it runs, so ``asgd --help`` never pays for torch. ``asgd server`` and ``asgd worker``
@@ -156,9 +157,11 @@ def eval_cmd(run_dir, checkpoint):
     click.echo(json.dumps(result, indent=2, allow_nan=False))
 
 
+from asgd.bench.cli import bench  # noqa: E402  (click only)
 from asgd.experiments.cli import experiment  # noqa: E402  (click and config only)
 
 cli.add_command(experiment)
+cli.add_command(bench)
 
 
 def main():

@@ -19,9 +19,11 @@ from __future__ import annotations
 import itertools
 import time
 
+import numpy as np
 import zmq
 
 from asgd.core import protocol
+from asgd.core.flat import bf16_to_f32, chunk_ranges
 
 
 class ServerError(Exception):
@@ -42,6 +44,9 @@ class Client:
         self._ids = itertools.count(1)
         self.sock = None
         self.bytes_sent = self.bytes_received = 0
+        self.segment = None           # the shared-memory segment the server accepted
+        self.shm_refused = ""         # why the server did not take one
+        self._sent_ops = {}           # request id -> op, for replies taken later (finish)
         self._connect()
 
     def _connect(self):
@@ -71,35 +76,148 @@ class Client:
         """Send one request and wait (bounded: ``timeout_s``, else the client's) for its
         reply."""
         rid = next(self._ids)
-        header = protocol.request_header(op, rid, self.worker, **fields)
-        frames = protocol.encode(header, tensors)
+        frames = protocol.encode(protocol.request_header(op, rid, self.worker, **fields),
+                                 tensors)
+        self._send(rid, op, frames)
+        return self._wait(rid, op, timeout_s)
+
+    def _send(self, rid: int, op: str, frames: list) -> int:
+        """Send a request's frames; its id."""
         self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
         self.sock.send_multipart(frames, copy=False)
+        self._sent_ops[rid] = op
+        return rid
+
+    def _wait(self, rid: int, op: str, timeout_s: float | None = None):
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
-                raise ServerTimeout(f"no reply to {op} from {self.endpoint} within "
-                                    f"{timeout_s:g} s")
-            reply = self.sock.recv_multipart(copy=False)
-            self.bytes_received += sum(f.buffer.nbytes for f in reply)
-            head, out = protocol.decode(reply)
-            if head.get("id") is None and not head.get("ok"):
-                # an error the server could not tie to an id: ours is the only request waiting
-                raise ServerError(head.get("error", "internal"), head.get("message", ""))
-            if head.get("id") != rid:
-                continue  # a late reply to an earlier request
-            if not head.get("ok"):
-                raise ServerError(head.get("error", "internal"), head.get("message", ""))
-            return head, out
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                    raise ServerTimeout(f"no reply to {op} from {self.endpoint} within "
+                                        f"{timeout_s:g} s")
+                reply = self.sock.recv_multipart(copy=False)
+                self.bytes_received += sum(f.buffer.nbytes for f in reply)
+                head, out = protocol.decode(reply)
+                if head.get("id") is None and not head.get("ok"):
+                    # an error the server could not tie to an id: ours is the only one waiting
+                    raise ServerError(head.get("error", "internal"), head.get("message", ""))
+                if head.get("id") != rid:
+                    continue  # a late reply to an earlier request
+                if not head.get("ok"):
+                    raise ServerError(head.get("error", "internal"), head.get("message", ""))
+                return head, out
+        finally:
+            self._sent_ops.pop(rid, None)
 
-    def hello(self, rank: int | None = None, timeout_s: float | None = None
-              ) -> tuple[dict, list[protocol.Tensor]]:
+    # ------------------------------------------------------------------------------------------
+    # the flat form
+
+
+    def _weights_into(self, head: dict, tensors, out: np.ndarray) -> None:
+        """The reply's weights (flat chunks, or the shared-memory segment) into ``out``."""
+        if head.get("shm"):
+            np.copyto(out, self.segment.weights)
+            return
+        if not head.get("flat"):
+            raise ServerError("bad_request", "the server did not answer in the flat form")
+        pos = 0
+        for t in tensors:
+            n = t.array.size
+            if pos + n > out.size:
+                break
+            if t.dtype == "bfloat16":
+                bf16_to_f32(t.array.reshape(-1), out[pos:pos + n])
+            else:
+                np.copyto(out[pos:pos + n], t.array.reshape(-1), casting="unsafe")
+            pos += n
+        if pos != out.size:
+            raise ServerError("bad_tensor", f"the reply holds {sum(t.array.size for t in tensors)}"
+                              f" weights, expected {out.size}")
+
+    def pull_flat(self, out: np.ndarray, weights: str = "none",
+                  timeout_s: float | None = None) -> int:
+        """The current weights into ``out`` (float32, every parameter in layout order); the
+        version."""
+        fields = {"shm": True} if self.segment is not None else {"flat": True,
+                                                                  "weights": weights}
+        head, tensors = self.request("pull", timeout_s=timeout_s, **fields)
+        self._weights_into(head, tensors, out)
+        return head["version"]
+
+    def send_push_pull_flat(self, version: int, grad: np.ndarray | None = None, *,
+                            slot: int | None = None, encoding: str = "none",
+                            weights: str = "none", encoded=None, op: str = "push_pull") -> int:
+        """Send a gradient computed on ``version`` without waiting; the request id for
+        ``finish``. The gradient is ``grad`` (flat float32, sent without copying: leave it
+        alone until the reply came), or already in the shared-memory segment's ``slot``, or
+        ``encoded``: (meta, arrays) from ``asgd.core.encoding``."""
+        rid = next(self._ids)
+        if slot is not None:
+            header = protocol.request_header(op, rid, self.worker, version=version, shm=slot)
+            return self._send(rid, op, [protocol.pack_header(header)])
+        fields = {"version": version, "flat": True}
+        if op == "push_pull":
+            fields["weights"] = weights
+        if encoded is not None:
+            meta, arrays = encoded
+            fields["encoding"] = meta["encoding"]
+            fields["enc"] = {k: v for k, v in meta.items() if k not in ("encoding", "numel")}
+        elif encoding != "none":
+            from asgd.core import encoding as enc
+
+            meta, arrays = enc.encode(encoding, _as_tensor(grad))
+            fields["encoding"] = encoding
+            fields["enc"] = {k: v for k, v in meta.items() if k not in ("encoding", "numel")}
+        else:
+            arrays = [grad]
+        single = len(arrays) == 1
+        specs, parts = [], []
+        for i, a in enumerate(arrays):
+            a = protocol.as_wire_array(a).reshape(-1)
+            dtype = protocol.wire_dtype(a) if a.dtype != np.uint16 else "bfloat16"
+            name = "grad" if single else f"grad.{i}"
+            for lo, hi in chunk_ranges(a.size, a.itemsize):
+                specs.append({"name": name, "dtype": dtype, "shape": [hi - lo]})
+                parts.append(memoryview(a[lo:hi]).cast("B") if hi > lo else b"")
+        header = protocol.request_header(op, rid, self.worker, **fields)
+        header["tensors"] = specs
+        return self._send(rid, op, [protocol.pack_header(header)] + parts)
+
+    def finish(self, rid: int, out: np.ndarray | None = None,
+               timeout_s: float | None = None) -> dict:
+        """Wait for the reply to request ``rid``; the weights it carries go into ``out``."""
+        op = self._sent_ops.get(rid, "push_pull")
+        head, tensors = self._wait(rid, op, timeout_s)
+        if op in ("pull", "push_pull") and out is not None:
+            self._weights_into(head, tensors, out)
+        return head
+
+    def push_pull_flat(self, version: int, grad: np.ndarray | None, out: np.ndarray,
+                       **kw) -> dict:
+        """Push a flat gradient and take the weights after it into ``out``: the reply header
+        (version, staleness, applied)."""
+        return self.finish(self.send_push_pull_flat(version, grad, **kw), out)
+
+    def push_flat(self, version: int, grad: np.ndarray | None, **kw) -> dict:
+        return self.finish(self.send_push_pull_flat(version, grad, op="push", **kw))
+
+    def hello(self, rank: int | None = None, timeout_s: float | None = None,
+              shm=None) -> tuple[dict, list[protocol.Tensor]]:
         """The server's version, parameter list (``tensors``), shard and settings, with the
-        current weights."""
+        current weights. ``shm``: a Segment (asgd.core.shm) to offer; ``self.segment`` is
+        it if the server mapped it (same host), else None and ``shm_refused`` says why."""
         fields = {} if rank is None else {"rank": rank}
-        return self.request("hello", timeout_s=timeout_s, **fields)
+        if shm is not None:
+            fields["shm"] = str(shm.path)
+        head, tensors = self.request("hello", timeout_s=timeout_s, **fields)
+        if shm is not None:
+            answer = head.get("shm") or {}
+            self.segment = shm if answer.get("ok") else None
+            self.shm_refused = "" if answer.get("ok") else str(answer.get("reason",
+                                                                           "not supported"))
+        return head, tensors
 
     def pull(self) -> tuple[int, list[protocol.Tensor]]:
         head, tensors = self.request("pull")
@@ -127,3 +245,9 @@ class Client:
     def stats(self) -> dict:
         head, _ = self.request("stats")
         return head
+
+
+def _as_tensor(a):
+    import torch
+
+    return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))

@@ -97,6 +97,14 @@ class WorkerConfig:
     request_timeout_s: float = 30.0   # longer than server.worker_timeout_s: ssp/sync hold replies
     reconnect_timeout_s: float = 30.0   # give up after the server is gone this long
     log_every: int = 10           # a worker_step record every N steps
+    # The data path (worker.exchange): shared memory with a server on the same host (auto: for
+    # loopback and ipc endpoints), overlap of the exchange with the next step's compute, and
+    # the wire encodings of gradients and weights across machines.
+    shared_memory: str = "auto"   # auto | on | off
+    overlap: bool = False         # compute step k+1 while step k's push travels (+1 staleness)
+    encoding: str = "none"        # gradient: none | fp16 | bf16 | int8 | topk (error feedback)
+    topk_ratio: float = 0.01      # topk: the share of values sent
+    weights_encoding: str = "none"   # weights back from the server: none | fp16 | bf16
     max_steps: int = 0            # per-worker step budget (0 = none)
     # Straggler simulation, for experiments: each step of a slowed rank (gradient and
     # exchange) takes slow_factor times as long (by sleeping), plus delay_s seconds.
@@ -293,6 +301,14 @@ def validate(cfg: Config) -> None:
     need(w.reconnect_timeout_s > 0, "worker.reconnect_timeout_s", "must be > 0")
     need(w.log_every >= 1, "worker.log_every", "must be >= 1")
     need(w.max_steps >= 0, "worker.max_steps", "must be >= 0")
+    need(w.shared_memory in ("auto", "on", "off"), "worker.shared_memory",
+         f"must be auto, on or off, got {w.shared_memory!r}")
+    from asgd.core.protocol import ENCODINGS, WEIGHT_ENCODINGS
+    need(w.encoding in ENCODINGS, "worker.encoding",
+         f"{w.encoding!r} is not one of {', '.join(ENCODINGS)}")
+    need(w.weights_encoding in WEIGHT_ENCODINGS, "worker.weights_encoding",
+         f"{w.weights_encoding!r} is not one of {', '.join(WEIGHT_ENCODINGS)}")
+    need(0 < w.topk_ratio <= 1, "worker.topk_ratio", "must be in (0, 1]")
     need(r.workers >= 1, "run.workers", "must be >= 1")
     need(r.max_updates >= 0, "run.max_updates", "must be >= 0")
     need(r.max_seconds >= 0, "run.max_seconds", "must be >= 0")

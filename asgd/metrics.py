@@ -4,7 +4,9 @@
     m.write("worker_step", worker="w0", step=10, loss=0.41)
 
 Each record is written with a single ``write`` on a file opened in append mode, so lines from
-several processes interleave whole. ``t`` is seconds since the run started.
+several processes interleave whole. ``t`` is seconds since the run started. A ``buffered``
+writer (the server's, which records every push) keeps records and writes them together, in
+one ``write``, on ``flush()``, when many have gathered, and on ``close()``.
 """
 from __future__ import annotations
 
@@ -29,9 +31,14 @@ def _clean(v):
 
 
 class MetricsWriter:
-    def __init__(self, path: str | Path | None, t0: float | None = None):
+    MAX_BUFFERED = 512          # records held before a buffered writer writes anyway
+
+    def __init__(self, path: str | Path | None, t0: float | None = None,
+                 buffered: bool = False):
         self.path = Path(path) if path else None
         self.t0 = run_t0() if t0 is None else t0
+        self.buffered = buffered
+        self._pending: list[str] = []
         self._fd = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,10 +48,24 @@ class MetricsWriter:
         record = {"t": round(time.time() - self.t0, 4), "kind": kind}
         record.update({k: _clean(v) for k, v in fields.items()})
         if self._fd is not None:
-            os.write(self._fd, (json.dumps(record) + "\n").encode())
+            line = json.dumps(record) + "\n"
+            if self.buffered:
+                self._pending.append(line)
+                if len(self._pending) >= self.MAX_BUFFERED:
+                    self.flush()
+            else:
+                os.write(self._fd, line.encode())
         return record
 
+    def flush(self) -> None:
+        if self._pending and self._fd is not None:
+            data = "".join(self._pending).encode()
+            self._pending = []
+            while data:   # a regular file takes it all at once; loop only on a short write
+                data = data[os.write(self._fd, data):]
+
     def close(self):
+        self.flush()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -11,21 +11,50 @@ gets an error reply and leaves the weights, the optimizer state and the version 
 were. What a push does is ``server.staleness``'s to decide; a policy may hold a reply (ssp,
 sync), and ``handle`` then returns no reply for it now and the held one later. Nothing a
 client sends can make ``handle`` raise.
+
+A gradient arrives in one of three forms, and the weights go back the same way:
+per parameter (a frame each, the protocol's first form), flat (the whole vector in chunks of a
+few MiB, optionally encoded: fp16, bf16, int8, top-k), or in the worker's shared-memory
+segment (same host: only the header travels). Each is copied at most once, into the store's
+gradient buffer (shared memory: read in place), checked for NaN and Inf block by block while
+in cache, and applied by one fused optimizer step. Large replies are sent without copying from
+the store's snapshot pool; small ones are copied once.
 """
 from __future__ import annotations
 
 import logging
+import resource
 import time
 import traceback
 from collections import Counter, defaultdict
 from typing import Callable
 
 import numpy as np
+import torch
+import zmq
 
 from asgd.core import protocol
+from asgd.core.flat import FiniteCheck, bf16_to_f32, chunk_ranges, copy_checked
 from asgd.core.protocol import ProtocolError, Request
+from asgd.core.shm import Segment, SegmentError
 from server.staleness import Pending, StalenessControl
 from server.store import ParameterStore
+
+ZERO_COPY_BYTES = 1 << 20    # replies at least this large are sent from the snapshot pool
+MAX_SEGMENTS = 1024          # shared-memory segments mapped at once (one per worker)
+WIRE_DTYPES = {"none": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class ReplyForm:
+    """How one reply carries the weights: per parameter, flat in a wire dtype, or written
+    into the worker's shared-memory segment."""
+    __slots__ = ("flat", "dtype", "segment")
+
+    def __init__(self, flat: bool = False, dtype: str = "float32", segment=None):
+        self.flat, self.dtype, self.segment = flat, dtype, segment
+
+
+PER_TENSOR = ReplyForm()
 
 log = logging.getLogger("asgd.server")
 
@@ -66,6 +95,8 @@ class ServerCore:
         self.requests = Counter()
         self.errors = Counter()
         self.bytes_in = self.bytes_out = 0
+        self.check = FiniteCheck()
+        self.segments: dict[str, Segment] = {}
         self._ops = {"hello": self._hello, "pull": self._pull, "push": self._push,
                      "push_pull": self._push, "stats": self._stats, "bye": self._bye}
         assert set(self._ops) == set(protocol.OPS)
@@ -88,7 +119,7 @@ class ServerCore:
     def tick(self) -> list[tuple[bytes, list]]:
         """Held replies that may go now (the slowest moved on, a round completed, a dead
         worker stopped counting)."""
-        return [(p.identity, self._answer(p.request_id, p.op, p.reply))
+        return [(p.identity, self._answer(p.request_id, p.op, p.reply, None, p.form))
                 for p in self.control.release()]
 
     def reply_frames(self, identity: bytes, frames) -> list | None:
@@ -107,7 +138,9 @@ class ServerCore:
             result = self._ops[req.op](req, worker, identity)
             if result is DEFER:
                 return DEFER
-            return self._answer(req.id, req.op, *result)
+            fields, tensors = result
+            form = self._reply_form(req) if req.op in ("pull", "push_pull") else PER_TENSOR
+            return self._answer(req.id, req.op, fields, tensors, form)
         except ProtocolError as e:
             self.errors[e.code] += 1
             out = protocol.error_frames(e.request_id, e.code, e.message)
@@ -118,12 +151,73 @@ class ServerCore:
         self.bytes_out += sum(protocol.frame_nbytes(f) for f in out)
         return out
 
-    def _answer(self, request_id: int, op: str, fields: dict, tensors=None) -> list:
-        """The frames of a successful reply; push_pull's carries the current weights."""
-        if op == "push_pull":
-            fields = dict(fields, version=self.store.version)
-            tensors = self.store.weight_tensors()
+    def _reply_form(self, req: Request) -> ReplyForm:
+        shm = req.get("shm")
+        if shm is not None and shm is not False:     # pull: true; push_pull: a slot, maybe 0
+            seg = self.segments.get(req.worker)
+            if seg is None:
+                raise ProtocolError("bad_request", f"worker {req.worker!r} has no shared-memory "
+                                    "segment (say hello with 'shm' first)", req.id)
+            return ReplyForm(segment=seg)
+        if req.get("flat"):
+            return ReplyForm(True, WIRE_DTYPES[req.get("weights") or "none"])
+        return PER_TENSOR
+
+    def _answer(self, request_id: int, op: str, fields: dict, tensors=None,
+                form: ReplyForm = PER_TENSOR) -> list:
+        """The frames of a successful reply; pull's and push_pull's carry the current
+        weights in the form asked for."""
+        store = self.store
+        if op in ("hello", "pull", "push_pull"):
+            fields = dict(fields, version=store.version)
+            tensors = None
+            form = form or PER_TENSOR
+            if form.segment is not None:
+                if form.segment.weights is None:   # closed by a later hello or a bye
+                    return protocol.error_frames(request_id, "bad_request",
+                                                 "the shared-memory segment was replaced")
+                np.copyto(form.segment.weights, store.weights.numpy())
+                fields["shm"] = True
+                return self._frames({"ok": True, "id": request_id, **fields}, [], [])
+            nbytes = store.numel * protocol.DTYPES[form.dtype].itemsize
+            if form.flat:
+                fields["flat"] = True
+                if nbytes >= ZERO_COPY_BYTES or form.dtype != "float32":
+                    buf, trackers = store.pool.take(store.version, form.dtype)
+                else:
+                    buf, trackers = store.weights.numpy(), None
+                specs, parts = [], []
+                for a, b in chunk_ranges(store.numel, buf.itemsize):
+                    specs.append({"name": "weights", "dtype": form.dtype, "shape": [b - a]})
+                    parts.append(buf[a:b])
+                return self._frames({"ok": True, "id": request_id, **fields, "tensors": specs},
+                                    parts, trackers)
+            # per parameter: a frame each, from a pool buffer or a copy (never the live weights)
+            if nbytes >= ZERO_COPY_BYTES:
+                buf, trackers = store.pool.take(store.version, "float32")
+            else:
+                buf, trackers = store.weights.numpy(), None
+            views = store.layout.named_views(torch.from_numpy(buf))
+            header = {"ok": True, "id": request_id, **fields,
+                      "tensors": [{"name": n, "dtype": "float32", "shape": list(t.shape)}
+                                  for n, t in views]}
+            return self._frames(header, [t.numpy().reshape(-1) for _, t in views], trackers)
         frames = protocol.encode({"ok": True, "id": request_id, **fields}, tensors or [])
+        self.bytes_out += sum(protocol.frame_nbytes(f) for f in frames)
+        return frames
+
+    def _frames(self, header: dict, parts: list, trackers) -> list:
+        """Header and payload frames. With ``trackers`` (a snapshot-pool buffer) the parts go
+        without copying and their trackers tell the pool when ZeroMQ is done; without, they
+        are copied now (the live weights change with the next push)."""
+        frames = [protocol.pack_header(header)]
+        for part in parts:
+            if trackers is None:
+                frames.append(part.tobytes())
+            else:
+                f = zmq.Frame(part, track=True)
+                trackers.append(f.tracker)
+                frames.append(f)
         self.bytes_out += sum(protocol.frame_nbytes(f) for f in frames)
         return frames
 
@@ -132,6 +226,7 @@ class ServerCore:
 
     def _hello(self, req: Request, worker: WorkerStats, identity: bytes):
         worker.rank = req.get("rank")
+        shm = self._attach(req) if req.get("shm") else None
         self.control.hello(req.worker)
         # "tensors" is the model's parameter list; its frames are the current weights, so the
         # header describes its frames as every message's does and a new worker needs no pull.
@@ -139,23 +234,44 @@ class ServerCore:
             "version": self.store.version,
             "shard": {"index": self.shard[0], "count": self.shard[1]},
             "config": self.training_settings(),
-        }, self.store.weight_tensors()
+            **({} if shm is None else {"shm": shm}),
+        }, None
+
+    def _attach(self, req: Request) -> dict:
+        """Map the worker's shared-memory segment; whether it worked, and why not (a worker
+        on another host cannot share memory with us, and then uses frames)."""
+        old = self.segments.pop(req.worker, None)
+        if old is not None:
+            old.close()
+        if len(self.segments) >= MAX_SEGMENTS:
+            return {"ok": False, "reason": f"{MAX_SEGMENTS} segments are mapped already"}
+        try:
+            self.segments[req.worker] = Segment.open(req.header["shm"], self.store.numel)
+        except (SegmentError, OSError, ValueError) as e:
+            return {"ok": False, "reason": str(e)}
+        return {"ok": True}
 
     def _pull(self, req: Request, worker, identity: bytes):
-        return {"version": self.store.version}, self.store.weight_tensors()
+        return {"version": self.store.version}, None
 
-    def _check_push(self, req: Request) -> tuple[int, list[np.ndarray]]:
-        """The push's base version and gradient arrays, checked against this server."""
+    def _check_push(self, req: Request):
+        """The push's base version and its gradient, checked against this server: a flat
+        float32 tensor (per-parameter and flat pushes are copied into the store's gradient
+        buffer, a shared-memory push is read in place)."""
         base = req.header["version"]
         if base < 0 or base > self.store.version:
             raise ProtocolError("bad_version", f"version {base} is not one this shard has had "
                                 f"(current version {self.store.version})", req.id)
+        if req.get("shm") is not None:
+            return base, self._shm_grad(req)
+        if req.get("flat"):
+            return base, self._flat_grad(req)
         specs = self.store.layout.specs
         if len(req.tensors) != len(specs):
             raise ProtocolError("bad_tensor", f"push has {len(req.tensors)} tensors, the model "
                                 f"has {len(specs)}", req.id)
-        arrays = []
-        for t, s in zip(req.tensors, specs):
+        grad = self.store.grad.numpy()
+        for t, s, (a, b) in zip(req.tensors, specs, self.store.layout.spans()):
             if t.name != s.name:
                 problem = f"expected tensor {s.name!r}, got {t.name!r}"
             elif t.dtype != s.dtype:
@@ -163,17 +279,78 @@ class ServerCore:
             elif tuple(t.array.shape) != s.shape:
                 problem = (f"tensor {t.name!r}: shape {list(t.array.shape)}, expected "
                            f"{list(s.shape)}")
-            elif not np.isfinite(t.array).all():
+            elif not copy_checked(grad[a:b], t.array.reshape(-1), self.check):
                 problem = f"tensor {t.name!r} has non-finite values"
             else:
-                arrays.append(t.array)
                 continue
             raise ProtocolError("bad_tensor", problem, req.id)
-        return base, arrays
+        return base, self.store.grad
+
+    def _shm_grad(self, req: Request) -> torch.Tensor:
+        seg = self.segments.get(req.worker)
+        if seg is None or seg.weights is None:
+            raise ProtocolError("bad_request", f"worker {req.worker!r} has no shared-memory "
+                                "segment (say hello with 'shm' first)", req.id)
+        slot = req.header["shm"]
+        if slot >= seg.slots:
+            raise ProtocolError("bad_request", f"gradient slot {slot} is not in [0, "
+                                f"{seg.slots})", req.id)
+        g = seg.grad(slot)
+        if not self.check(g):
+            raise ProtocolError("bad_tensor", "the gradient has non-finite values", req.id)
+        return torch.from_numpy(g)
+
+    def _flat_grad(self, req: Request) -> torch.Tensor:
+        """A flat push's chunks, decoded into the store's gradient buffer and checked."""
+        from asgd.core import encoding as enc
+
+        numel, out = self.store.numel, self.store.grad.numpy()
+        name = req.get("encoding") or "none"
+
+        def bad(problem: str):
+            raise ProtocolError("bad_tensor", f"flat push ({name}): {problem}", req.id)
+
+        groups: dict[str, list] = {}
+        for t in req.tensors:
+            if t.array.ndim != 1:
+                bad(f"chunk {t.name!r} must be 1-D")
+            groups.setdefault(t.name, []).append(t)
+        if name in ("none", "fp16", "bf16"):
+            want = WIRE_DTYPES[name]
+            chunks = groups.pop("grad", [])
+            if groups or any(t.dtype != want for t in chunks):
+                bad(f"expected only 'grad' chunks of {want}")
+            if sum(t.array.size for t in chunks) != numel:
+                bad(f"the chunks hold {sum(t.array.size for t in chunks)} values, the model "
+                    f"has {numel}")
+            pos = 0
+            for t in chunks:
+                n = t.array.size
+                if t.dtype == "bfloat16":
+                    bf16_to_f32(t.array, out[pos:pos + n])
+                    ok = self.check(out[pos:pos + n])
+                else:
+                    ok = copy_checked(out[pos:pos + n], t.array, self.check)
+                if not ok:
+                    bad("the gradient has non-finite values")
+                pos += n
+            return self.store.grad
+        arrays = [np.concatenate([t.array for t in ts]) if len(ts) > 1 else ts[0].array
+                  for ts in groups.values()]
+        meta = dict(req.get("enc") or {}, encoding=name, numel=numel)
+        try:
+            enc.decode(meta, arrays, out)
+        except enc.EncodingError as e:
+            bad(str(e))
+        if not self.check(out):
+            bad("the gradient has non-finite values")
+        return self.store.grad
 
     def _push(self, req: Request, worker: WorkerStats, identity: bytes):
-        base, arrays = self._check_push(req)
-        out = self.control.push(Pending(identity, req.worker, req.id, req.op), base, arrays)
+        base, grad = self._check_push(req)
+        form = self._reply_form(req) if req.op == "push_pull" else PER_TENSOR
+        out = self.control.push(Pending(identity, req.worker, req.id, req.op, form=form),
+                                base, grad)
         if not out.repeat:
             worker.pushes += 1
             worker.staleness[out.staleness] += 1
@@ -187,6 +364,9 @@ class ServerCore:
 
     def _bye(self, req: Request, worker, identity: bytes):
         self.control.bye(req.worker)
+        seg = self.segments.pop(req.worker, None)
+        if seg is not None:
+            seg.close()
         return {"version": self.store.version}, None
 
     def _stats(self, req: Request, worker, identity: bytes):
@@ -224,4 +404,5 @@ class ServerCore:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "uptime_s": round(now - self.started, 3),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }

@@ -52,7 +52,8 @@ class Server:
         if resume:
             resume_store(self.store, self.checkpoint_dir)
             log.info("resumed from %s at version %d", self.checkpoint_dir, self.store.version)
-        self.metrics = MetricsWriter(run_dir / "metrics.jsonl" if run_dir else None)
+        self.metrics = MetricsWriter(run_dir / "metrics.jsonl" if run_dir else None,
+                                     buffered=True)
         self.core = ServerCore(self.store, cfg, metrics=self.metrics)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -107,8 +108,15 @@ class Server:
             self._send(peer, reply)
 
     def _send(self, identity: bytes, reply: list) -> None:
+        """One reply. Frames from the snapshot pool (zmq.Frame) go without a copy; the rest
+        are small or already copies, and a plain send is cheaper for them than a Frame."""
+        sock = self.sock
         try:
-            self.sock.send_multipart([identity, *reply], copy=False)
+            sock.send(identity, zmq.SNDMORE)
+            last = len(reply) - 1
+            for i, part in enumerate(reply):
+                sock.send(part, 0 if i == last else zmq.SNDMORE,
+                          copy=not isinstance(part, zmq.Frame))
         except zmq.ZMQError as e:  # the peer is gone: nothing to do
             log.warning("reply not sent: %s", e)
 
@@ -129,6 +137,7 @@ class Server:
 
     def _record_stats(self) -> None:
         s = self.core.stats()
+        self.metrics.flush()
         self.metrics.write("server", version=s["version"], updates_applied=s["updates_applied"],
                            updates_dropped=s["updates_dropped"],
                            staleness_mean=s["staleness_mean"], staleness_max=s["staleness_max"],

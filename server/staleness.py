@@ -39,6 +39,7 @@ class Pending:
     request_id: int
     op: str
     reply: dict = field(default_factory=dict)
+    form: object = None       # how the reply carries the weights (server.core.ReplyForm)
     since: float = 0.0
     clock: int = 0
 
@@ -250,8 +251,17 @@ class StalenessControl:
             self.people.leave(worker)
             self.log("leave", worker=worker, version=self.store.version)
 
+    def _flat(self, grads) -> torch.Tensor:
+        """The gradient as one flat tensor: as given, or arrays in layout order copied into
+        the store's gradient buffer."""
+        if isinstance(grads, torch.Tensor):
+            return grads
+        self.store.load_grad(grads)
+        return self.store.grad
+
     def push(self, p: Pending, base: int, grads) -> Outcome:
-        """One validated push (arrays in layout order) computed from version ``base``. When
+        """One validated push (a flat float32 tensor, or arrays in layout order) computed
+        from version ``base``. When
         the outcome is ``deferred`` the reply waits in this object until ``release`` returns
         it; ``p.reply`` then holds the reply fields."""
         now = self.clock()
@@ -278,15 +288,18 @@ class StalenessControl:
         decision = decide(self.policy, staleness, self.cfg.server.max_staleness)
         if not decision.apply:
             return Outcome(False, staleness, store.version, 0.0, decision.reason)
-        store.load_grad(grads)
+        grad = self._flat(grads)
         if self.dc is not None:
-            self.dc.compensate(store.grad, store.weights, base, store.version)
+            if grad is not store.grad:   # compensation rewrites it: never the sender's memory
+                store.grad.copy_(grad)
+                grad = store.grad
+            self.dc.compensate(grad, store.weights, base, store.version)
         lr = scheduled_lr(self.cfg, store.version) * decision.lr_scale
-        self._step(lr)
+        self._step(lr, grad)
         return Outcome(True, staleness, store.version, lr)
 
-    def _step(self, lr: float) -> None:
-        self.store.step(lr)
+    def _step(self, lr: float, grad: torch.Tensor | None = None) -> None:
+        self.store.step(lr, grad)
         if self.dc is not None:
             self.dc.remember(self.store.weights, self.store.version)
 
@@ -299,7 +312,10 @@ class StalenessControl:
             # the worker re-sent after reconnecting: answer the new request, keep the gradient
             held.identity, held.request_id, held.op = p.identity, p.request_id, p.op
             return Outcome(True, staleness, self.store.version, deferred=True, repeat=True)
-        self.store.add_grad(grads, self.sync.grad_sum)
+        if isinstance(grads, torch.Tensor):
+            self.sync.grad_sum.add_(grads)
+        else:
+            self.store.add_grad(grads, self.sync.grad_sum)
         p.reply, p.since = {"staleness": staleness, "applied": True}, now
         self.sync.add(p)
         self.log("push", worker=p.worker, staleness=staleness, applied=True,

@@ -186,18 +186,19 @@ def start_server(tmp_path, processes, mnist1d_cached):
     counter = itertools.count()
 
     def start(config: Path, *extra: str, run_dir: Path | None = None,
-              resume: bool = False) -> ServerHandle:
+              resume: bool = False, bind: str = "tcp://127.0.0.1:0") -> ServerHandle:
         k = next(counter)
         run_dir = Path(run_dir) if run_dir else tmp_path / f"server-{k}"
         addr = tmp_path / f"server-{k}.addr"
         log_path = tmp_path / f"server-{k}.log"
-        args = ["-m", "server", "--config", str(config), "--bind", "tcp://127.0.0.1:0",
+        args = ["-m", "server", "--config", str(config), "--bind", bind,
                 "--run-dir", str(run_dir), "--address-file", str(addr), *extra]
         if resume:
             args.append("--resume")
         popen = processes.spawn(args, log_path)
         endpoint = wait_for_address(addr, popen, log_path)
-        assert endpoint.startswith("tcp://127.0.0.1:") and not endpoint.endswith(":0")
+        if bind.startswith("tcp://127.0.0.1:"):
+            assert endpoint.startswith("tcp://127.0.0.1:") and not endpoint.endswith(":0")
         return ServerHandle(popen, endpoint, run_dir, log_path)
 
     return start

@@ -17,6 +17,7 @@ TORCH_DTYPES = {
     "int64": torch.int64,
     "int32": torch.int32,
     "uint8": torch.uint8,
+    "int8": torch.int8,
 }
 
 
@@ -24,7 +25,8 @@ def sample(dtype: torch.dtype, shape, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if dtype.is_floating_point:
         return (torch.randn(shape, generator=g) * 100).to(dtype)
-    return torch.randint(0, 250, shape, generator=g).to(dtype)
+    high = 120 if dtype == torch.int8 else 250
+    return torch.randint(0, high, shape, generator=g).to(dtype)
 
 
 def spec_header(*specs) -> bytes:
@@ -51,7 +53,7 @@ def test_round_trip_every_dtype_via_torch(name, shape):
     assert out.array.tobytes() == t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-@pytest.mark.parametrize("name", ["float32", "float16", "int64", "int32", "uint8"])
+@pytest.mark.parametrize("name", ["float32", "float16", "int64", "int32", "uint8", "int8"])
 def test_round_trip_numpy_arrays(name):
     a = sample(TORCH_DTYPES[name], (4, 3), seed=1).numpy()
     _, (out,) = decode(encode({}, [("a", a)]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -185,18 +186,34 @@ def test_store_drops_pushes_past_the_bound_without_touching_anything():
         assert torch.equal(v, state[k]), k
 
 
-def test_snapshot_is_a_copy_taken_per_version():
+class Tracker:
+    """Stands in for a ZeroMQ MessageTracker: done once the frame it tracks was sent."""
+    def __init__(self):
+        self.done = False
+
+
+def test_snapshot_pool_reuses_buffers_zeromq_has_let_go_of():
     cfg = config({"name": "sgd", "lr": 0.1})
     store = ParameterStore.from_model(small_model(), cfg)
-    snap0 = store.snapshot()
-    assert store.snapshot() is snap0
-    assert snap0.data_ptr() != store.flat.data_ptr()
-    copy0 = snap0.clone()
+    buf0, trackers0 = store.pool.take(store.version)
+    assert np.shares_memory(buf0, store.pool.take(store.version)[0])   # same version: shared
+    assert not np.shares_memory(buf0, store.weights.numpy())
+    copy0 = buf0.copy()
+    t = Tracker()
+    trackers0.append(t)                      # a reply queued from this buffer
     apply_push(store, [g.numpy() for g in gradients(small_model(), 0)], 0)
-    assert torch.equal(snap0, copy0)               # a reply already queued keeps its bytes
-    assert torch.equal(store.snapshot(), store.flat.detach())
-    names = [n for n, _ in store.weight_tensors()]
-    assert names == store.names
+    buf1, _ = store.pool.take(store.version)
+    assert not np.shares_memory(buf0, buf1)  # still in use: another buffer
+    assert np.array_equal(buf0, copy0)       # the queued reply keeps its bytes
+    assert np.array_equal(buf1, store.weights.numpy())
+    t.done = True
+    apply_push(store, [g.numpy() for g in gradients(small_model(), 1)], 1)
+    buf2, _ = store.pool.take(store.version)
+    assert any(np.shares_memory(buf2, b) for b in (buf0, buf1))   # reused, not allocated
+    assert np.array_equal(buf2, store.weights.numpy())
+    assert len(store.pool.entries["float32"]) == 2
+    half, _ = store.pool.take(store.version, "float16")
+    assert half.dtype == np.float16 and np.allclose(half, buf2, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------

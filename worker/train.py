@@ -4,9 +4,12 @@
 
 No barrier and no waiting on other workers: each step computes the gradient on the weights of
 version v and sends it with v; the reply carries the weights after the server applied it (and
-whatever other workers pushed meanwhile). When the server goes away the worker reconnects with
-bounded exponential back-off, and gives up with a clear message after
-``worker.reconnect_timeout_s``; the gradient in flight at that moment is dropped, not resent.
+whatever other workers pushed meanwhile). The gradient and the weights move as flat buffers
+(``worker.exchange``): through shared memory when the server is on this host, else as chunks
+on the wire; with ``worker.overlap`` the exchange runs while the next step computes. When the
+server goes away the worker reconnects with bounded exponential back-off, and gives up with a
+clear message after ``worker.reconnect_timeout_s``; the gradient in flight at that moment is
+dropped, not resent.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from asgd.experiments.straggler import Straggler
 from asgd.metrics import MetricsWriter
 from asgd.tasks.data import ShardLoader
 from asgd.tasks.task import build_task, resolve_device as _resolve_device
+from worker.exchange import Exchange
 
 log = logging.getLogger("asgd.worker")
 
@@ -114,7 +118,12 @@ class Worker:
         self.names = self.layout.names
         self.loader = ShardLoader.for_config(cfg, ds, rank, cfg.run.workers, self.device)
         self.client = Client(endpoint, self.id, timeout_s=cfg.worker.request_timeout_s)
-        self.version = 0
+        w = cfg.worker
+        self.ex = Exchange(self.model, self.layout, self.client, self.device,
+                           shared_memory=w.shared_memory, overlap=w.overlap,
+                           encoding=w.encoding, weights_encoding=w.weights_encoding,
+                           encoding_args={"topk_ratio": w.topk_ratio}
+                           if w.encoding == "topk" else {})
         self.stop = stop or StopFlag()
         self.straggler = Straggler.for_rank(cfg.worker, rank)
         self.crash_at = fault_exit_step(rank)
@@ -123,6 +132,10 @@ class Worker:
         self._status_t = time.monotonic()
         self._next_status = self._status_t + FIRST_STATUS_S
         self._status_samples = 0
+
+    @property
+    def version(self) -> int:
+        return self.ex.version
 
     @property
     def stopping(self) -> bool:
@@ -167,43 +180,46 @@ class Worker:
                 delay = min(delay * 2, 2.0)
                 self.client.reconnect()
 
-    def _hello(self, what: str):
-        return self._with_retry(what, lambda t: self.client.hello(rank=self.rank, timeout_s=t))
+    def _hello(self, what: str) -> dict:
+        """Say hello (again), offering the shared-memory segment; the weights it carries are
+        loaded."""
+        def hello(segment):
+            return self._with_retry(what, lambda t: self.client.hello(
+                rank=self.rank, timeout_s=t, shm=segment))
 
-    def connect(self) -> dict:
-        log.info("%s: connecting to the server at %s", self.id, self.client.endpoint)
-        info, weights = self._hello("hello")
+        try:
+            return self.ex.connect(hello, self._check_layout)
+        except RuntimeError as e:
+            raise WorkerError(f"worker {self.id}: {e}") from None
+
+    def _check_layout(self, info: dict) -> None:
         try:
             self.layout.check_same(ParameterLayout.from_specs(info.get("tensors", [])),
                                    "worker's", "server's")
         except (ValueError, KeyError, TypeError) as e:
             raise WorkerError(f"worker {self.id}: the model built from the config does not "
                               f"match the server's: {e}") from None
-        self._load(info["version"], weights)
+
+    def connect(self) -> dict:
+        log.info("%s: connecting to the server at %s", self.id, self.client.endpoint)
+        info = self._hello("hello")
         budget = info.get("config", {}).get("max_updates")
         if isinstance(budget, int) and budget != self.max_updates:
             log.info("%s: the server's budget is %d updates (run.max_updates)", self.id, budget)
             self.max_updates = budget
-        log.info("%s: connected at version %d", self.id, self.version)
+        log.info("%s: connected at version %d (%s%s)", self.id, self.version, self.ex.transport,
+                 ", overlapped" if self.ex.overlap else "")
         return info
-
-    def _load(self, version: int, weights) -> None:
-        with torch.no_grad():
-            for p, t in zip(self.params, weights):
-                p.copy_(t.to_torch(), non_blocking=True)
-        self.version = version
 
     # ------------------------------------------------------------------------------------------
 
     def compute_gradient(self):
+        """Loss and batch size of one step; the gradient is in the exchange's buffer."""
         x, y = self.loader.next()
         loss = F.cross_entropy(self.model(x), y)
-        for p in self.params:
-            p.grad = None
+        self.ex.zero_grad()
         loss.backward()
-        grads = [(n, p.grad if p.grad is not None else torch.zeros_like(p))
-                 for n, p in zip(self.names, self.params)]
-        return loss, grads, len(x)
+        return loss, len(x)
 
     def run(self) -> WorkerResult:
         cfg = self.cfg
@@ -211,55 +227,64 @@ class Worker:
         res = WorkerResult(version=self.version)
         started = time.monotonic()
         window_loss, window_stale, window_t, window_samples = 0.0, 0, started, 0
+        window_steps, window_compute, window_exchange = 0, 0.0, 0.0
         while True:
             reason = self._budget_reason(res)
             if reason:
                 res.reason = reason
                 break
             step_started = time.perf_counter()
-            loss, grads, n = self.compute_gradient()
-            if not torch.isfinite(loss) or not all(bool(torch.isfinite(g).all())
-                                                    for _, g in grads):
+            loss, n = self.compute_gradient()
+            grad = self.ex.gradient()
+            if not self.ex.finite(grad):
                 self._nonfinite(loss)
                 continue
             self.nonfinite_run = 0
             try:
                 sent = time.perf_counter()
-                reply, weights = self.client.push_pull(self.version, grads)
+                reply = self.ex.exchange(grad)
                 # a slowed rank's whole step (compute and exchange) takes slow_factor times as
                 # long: it sleeps before its next gradient, as a slower device would compute
                 self.straggler.after_step(sent - step_started,
                                           exchange_s=time.perf_counter() - sent)
             except ServerTimeout:
-                info, weights = self._hello("reconnecting")
-                self._load(info["version"], weights)
+                self._hello("reconnecting")
                 continue
             except ServerError as e:
                 if e.code == "bad_version":  # the server restarted behind us: resync
                     log.warning("%s: %s; pulling fresh weights", self.id, e)
-                    info, weights = self._hello("resync")
-                    self._load(info["version"], weights)
+                    self._hello("resync")
                     continue
                 raise WorkerError(f"worker {self.id}: {e}") from None
-            self._load(reply["version"], weights)
+            done = time.perf_counter()
+            window_compute += sent - step_started
+            window_exchange += done - sent
             res.steps += 1
             res.samples += n
             if self.crash_at is not None and res.steps >= self.crash_at:
                 log.error("%s: %s: exiting at step %d", self.id, FAULT_ENV, res.steps)
                 os._exit(FAULT_EXIT_CODE)
             res.version = self.version
-            self._status(res, loss)
-            window_loss += loss.item()
-            window_stale += int(reply.get("staleness", 0))
+            window_loss += loss.detach()      # a tensor: no device sync every step
+            window_steps += 1
+            if reply is not None:
+                window_stale += int(reply.get("staleness", 0))
             window_samples += n
+            self._status(res, loss)
             if res.steps % cfg.worker.log_every == 0:
                 now = time.monotonic()
-                k = cfg.worker.log_every
+                k = window_steps
                 self.metrics.write("worker_step", worker=self.id, rank=self.rank, step=res.steps,
-                                   loss=window_loss / k, staleness=window_stale / k,
+                                   loss=float(window_loss) / k, staleness=window_stale / k,
                                    samples_per_s=window_samples / max(now - window_t, 1e-9),
-                                   version=self.version, samples=res.samples)
+                                   version=self.version, samples=res.samples,
+                                   compute_ms=1e3 * window_compute / k,
+                                   exchange_ms=1e3 * window_exchange / k,
+                                   transport=self.ex.transport)
                 window_loss, window_stale, window_t, window_samples = 0.0, 0, now, 0
+                window_steps, window_compute, window_exchange = 0, 0.0, 0.0
+        self.ex.drain()
+        res.version = self.version
         res.elapsed_s = time.monotonic() - started
         try:  # best effort: under ssp or sync the others need not wait for us to time out
             self.client.timeout_s = min(self.client.timeout_s, 2.0)
@@ -268,7 +293,8 @@ class Worker:
             pass
         self.metrics.write("worker_done", worker=self.id, rank=self.rank, step=res.steps,
                            samples=res.samples, version=res.version, elapsed_s=res.elapsed_s,
-                           samples_per_s=res.samples / max(res.elapsed_s, 1e-9), reason=res.reason)
+                           samples_per_s=res.samples / max(res.elapsed_s, 1e-9), reason=res.reason,
+                           transport=self.ex.transport, overlap=self.ex.overlap)
         return res
 
     def _budget_reason(self, res: WorkerResult) -> str:
@@ -297,7 +323,8 @@ class Worker:
         log.warning("%s: a non-finite loss or gradient (loss %s) at version %d: not pushed",
                     self.id, loss.item(), self.version)
         try:
-            self._load(*self.client.pull())
+            self.ex.drain()
+            self.ex.pull()
         except (ServerTimeout, ServerError):
             pass
 
@@ -314,6 +341,7 @@ class Worker:
             now + STATUS_EVERY_S, now, res.samples
 
     def close(self):
+        self.ex.close()
         self.client.close()
 
 

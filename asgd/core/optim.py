@@ -31,17 +31,30 @@ def scheduled_lr(cfg: Config, version: int) -> float:
     return s.min_lr + (base - s.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Config, params, fused: bool = False) -> torch.optim.Optimizer:
+    """cfg.optimizer's torch.optim optimizer. ``fused``: one fused kernel over each parameter
+    (torch's ``fused=True``) where torch has one for the optimizer and device: the server's
+    one flat parameter steps in one pass (fused Adam is about 5x faster on a CPU than the
+    default), with the same arithmetic to float rounding."""
     o = cfg.optimizer
+    params = list(params)
+    kw = {"fused": True} if fused else {}
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                               weight_decay=o.weight_decay)
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                weight_decay=o.weight_decay)
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                 weight_decay=o.weight_decay)
-    if o.name == "adagrad":
-        return torch.optim.Adagrad(params, lr=o.lr, eps=o.eps, weight_decay=o.weight_decay)
-    raise ValueError(f"unknown optimizer {o.name!r}")
+        make = lambda **k: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum,  # noqa: E731
+                                           nesterov=o.nesterov, weight_decay=o.weight_decay,
+                                           **k)
+    elif o.name == "adam":
+        make = lambda **k: torch.optim.Adam(params, lr=o.lr, betas=tuple(o.betas),  # noqa: E731
+                                            eps=o.eps, weight_decay=o.weight_decay, **k)
+    elif o.name == "adamw":
+        make = lambda **k: torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas),  # noqa: E731
+                                             eps=o.eps, weight_decay=o.weight_decay, **k)
+    elif o.name == "adagrad":
+        make = lambda **k: torch.optim.Adagrad(params, lr=o.lr, eps=o.eps,  # noqa: E731
+                                               weight_decay=o.weight_decay, **k)
+    else:
+        raise ValueError(f"unknown optimizer {o.name!r}")
+    try:
+        return make(**kw)
+    except (RuntimeError, ValueError, TypeError):   # no fused kernel for this one
+        return make()

@@ -46,6 +46,7 @@ DTYPES = {
     "int64": np.dtype("<i8"),
     "int32": np.dtype("<i4"),
     "uint8": np.dtype("u1"),
+    "int8": np.dtype("i1"),
 }
 
 MAX_HEADER_BYTES = 1 << 20       # a header is metadata: a MiB is generous
@@ -54,17 +55,28 @@ MAX_WORKER_ID = 256              # characters of a worker id
 
 # The ops and the fields each request may carry besides v, op, id and worker:
 # field -> (python type, required). Only push and push_pull carry tensors.
+#   flat     the tensors are one vector (every parameter in layout order) in chunks, not one
+#            frame per parameter; in a pull or push_pull, the weights come back that way too
+#   encoding how a flat push's gradient is encoded (ENCODINGS); ``enc`` carries its settings
+#   weights  how flat weights come back: float32 ("none"), or "fp16" / "bf16"
+#   shm      hello: the path of the worker's shared-memory segment (asgd.core.shm); push,
+#            push_pull: the gradient is in the segment's slot ``shm``; pull, push_pull: the
+#            weights go into the segment, and no tensor frame travels either way
 REQUEST_FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
-    "hello": {"rank": (int, False)},
-    "pull": {},
-    "push": {"version": (int, True), "encoding": (str, False)},
-    "push_pull": {"version": (int, True), "encoding": (str, False)},
+    "hello": {"rank": (int, False), "shm": (str, False)},
+    "pull": {"flat": (bool, False), "weights": (str, False), "shm": (bool, False)},
+    "push": {"version": (int, True), "encoding": (str, False), "enc": (dict, False),
+             "flat": (bool, False), "shm": (int, False)},
+    "push_pull": {"version": (int, True), "encoding": (str, False), "enc": (dict, False),
+                  "flat": (bool, False), "shm": (int, False), "weights": (str, False)},
     "stats": {},
     "bye": {},
 }
 OPS = tuple(REQUEST_FIELDS)
 TENSOR_OPS = ("push", "push_pull")
-ENCODINGS = ("none",)            # gradient encodings a push may name
+ENCODINGS = ("none", "fp16", "bf16", "int8", "topk")   # gradient encodings of a flat push
+WEIGHT_ENCODINGS = ("none", "fp16", "bf16")             # of flat weights in a reply
+MAX_SHM_PATH = 4096
 
 
 class ProtocolError(Exception):
@@ -263,6 +275,9 @@ class Request:
         return self.header.get(field, default)
 
 
+_TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false", dict: "a map"}
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -311,11 +326,26 @@ def check_request(frames: Sequence, max_bytes: int | None = None) -> Request:
                 fail("bad_request", f"{op} needs '{name}'")
             continue
         if tp is int and not _is_int(value) or tp is not int and not isinstance(value, tp):
-            fail("bad_request", f"'{name}' must be {'an integer' if tp is int else 'a string'}")
+            fail("bad_request", f"'{name}' must be {_TYPE_NAMES[tp]}")
     if op == "hello" and h.get("rank") is not None and h["rank"] < 0:
         fail("bad_request", "'rank' must be a non-negative integer")
-    if h.get("encoding") not in (None, *ENCODINGS):
-        fail("bad_request", f"unknown encoding {h['encoding']!r} (known: {', '.join(ENCODINGS)})")
+    if op == "hello" and h.get("shm") is not None and not 0 < len(h["shm"]) <= MAX_SHM_PATH:
+        fail("bad_request", f"'shm' must be a path of at most {MAX_SHM_PATH} characters")
+    encoding = h.get("encoding")
+    if encoding not in (None, *ENCODINGS):
+        fail("bad_request", f"unknown encoding {encoding!r} (known: {', '.join(ENCODINGS)})")
+    if encoding not in (None, "none") and not h.get("flat"):
+        fail("bad_request", f"encoding {encoding!r} needs a flat push ('flat': true)")
+    if h.get("weights") not in (None, *WEIGHT_ENCODINGS):
+        fail("bad_request", f"unknown weights encoding {h['weights']!r} "
+             f"(known: {', '.join(WEIGHT_ENCODINGS)})")
+    shm = h.get("shm")
+    if op in TENSOR_OPS and shm is not None:
+        if shm < 0:
+            fail("bad_request", "'shm' (a gradient slot) must be >= 0")
+        if len(frames) > 1 or h.get("flat") or encoding not in (None, "none"):
+            fail("bad_request", "a push through shared memory carries no frames, flat or "
+                 "encoding")
     try:
         _, tensors = decode(frames, max_bytes)
     except ProtocolError as e:

@@ -194,11 +194,13 @@ class Launch:
         from asgd.client import ServerError, ServerTimeout
         from asgd.tasks.evaluate import evaluate_flat
 
+        import torch
+
+        flat = torch.empty(self.task.layout.numel)
         try:
-            version, tensors = self.client.pull()
+            version = self.client.pull_flat(flat.numpy())
         except (ServerTimeout, ServerError):
             return
-        flat = self.task.layout.flatten(t.to_torch() for t in tensors)
         acc, loss = evaluate_flat(self.task, flat, self.cfg.run.eval_batch_size)
         self.mon.accuracy = acc
         self.evals += 1

@@ -1,0 +1,210 @@
+"""``asgd bench transport``: push_pull round trips through real server processes, against a
+bare ZeroMQ echo of the same bytes and, optionally, torch.distributed.rpc's parameter server.
+
+    asgd bench transport --params 1000000 --transport shm --workers 1 --seconds 3 --vs torch-rpc
+
+One server process (SGD, no staleness policy) holds a model of exactly P float32 parameters;
+W client processes each push a flat gradient and take the weights back as fast as they can for
+T seconds (after a warm-up). ``--transport``: ``tcp`` (loopback), ``ipc`` (a unix socket) or
+``shm`` (the header over ipc, the tensors in each client's shared-memory segment, as
+``asgd launch`` does on one host). In the same run, the reference: ``raw_echo`` of the same
+bytes over the same socket kind (what the wire allows), and with ``--vs torch-rpc`` the
+parameter server a PyTorch user writes with ``torch.distributed.rpc``. The last line printed is
+one JSON object: round trips/s, GB/s (both directions), latency percentiles, peak RSS of every
+process, ``ratio_vs_raw`` and ``ratio_vs_torch_rpc`` (asgd's round trips/s over the
+reference's: above 1, asgd is faster).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+WARMUP = 5
+
+
+def vector_model(input_shape, num_classes, params: int = 1000):
+    """A model that is one float32 vector of exactly ``params`` values: the server serves it,
+    the benchmark's clients never run it."""
+    import torch
+    from torch import nn
+
+    class Vector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(params))
+
+        def forward(self, x):
+            return x.flatten(1)[:, :num_classes] * self.w[:1]
+
+    return Vector()
+
+
+def server_config(numel: int, shards: int = 1) -> dict:
+    return {"model": {"name": "asgd.bench.transport:vector_model", "args": {"params": numel}},
+            "data": {"name": "synthetic", "args": {"n_train": 64, "n_test": 16,
+                                                   "shape": [16]}},
+            "optimizer": {"name": "sgd", "lr": 0.01},
+            "schedule": {"kind": "constant", "warmup": 0},
+            "server": {"policy": "none", "max_staleness": None, "max_message_mb": 4096},
+            "run": {"max_updates": 0, "max_seconds": 0, "workers": 1},
+            "worker": {"max_steps": 1}}
+
+
+def percentiles(latencies: list[float]) -> dict:
+    if not latencies:
+        return {"p50": None, "p90": None, "p99": None}
+    a = np.sort(np.asarray(latencies)) * 1e3
+    return {f"p{q}": round(float(np.percentile(a, q)), 4) for q in (50, 90, 99)}
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# one client process
+
+def client_main(endpoint: str, numel: int, transport: str, encoding: str, seconds: float,
+                out_path: str, rank: int) -> None:
+    import torch
+
+    from asgd.client import Client
+    from asgd.core.shm import Segment
+
+    torch.set_num_threads(1)
+    client = Client(endpoint, f"bench{rank}", timeout_s=120)
+    seg = Segment.create(numel) if transport == "shm" else None
+    info, _ = client.hello(rank=rank, shm=seg)
+    if transport == "shm" and client.segment is None:
+        raise SystemExit(f"the server refused the shared-memory segment: {client.shm_refused}")
+    version = info["version"]
+    weights = np.empty(numel, np.float32)
+    grad = np.full(numel, 1e-6, np.float32)
+    if seg is not None:
+        seg.grad(0)[:] = grad
+
+    def one() -> int:
+        if seg is not None:
+            return client.push_pull_flat(version, None, weights, slot=0)["version"]
+        return client.push_pull_flat(version, grad, weights, encoding=encoding)["version"]
+
+    for _ in range(WARMUP):
+        version = one()
+    latencies = []
+    started = time.perf_counter()
+    end = started + seconds
+    while True:
+        t = time.perf_counter()
+        version = one()
+        latencies.append(time.perf_counter() - t)
+        if t >= end:
+            break
+    elapsed = time.perf_counter() - started
+    client.close()
+    if seg is not None:
+        seg.close()
+    Path(out_path).write_text(json.dumps({
+        "round_trips": len(latencies), "elapsed_s": elapsed, "latencies": latencies,
+        "peak_rss_mb": peak_rss_mb(), "bytes_sent": client.bytes_sent,
+        "bytes_received": client.bytes_received}))
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+def _endpoint(transport: str, tmp: Path, k: int) -> str:
+    return "tcp://127.0.0.1:0" if transport == "tcp" else f"ipc://{tmp}/server{k}.sock"
+
+
+def run_asgd(numel: int, transport: str = "tcp", workers: int = 1, seconds: float = 3.0,
+             encoding: str = "none", tmp: Path | None = None) -> dict:
+    import yaml
+
+    from asgd.launch.processes import spawn, stop, wait_all, wait_for_address
+
+    with tempfile.TemporaryDirectory(dir=tmp) as d:
+        tmp = Path(d)
+        cfg = tmp / "bench.yaml"
+        cfg.write_text(yaml.safe_dump(server_config(numel)))
+        addr = tmp / "server.addr"
+        server = spawn("server", ["-m", "server", "--config", str(cfg), "--quiet",
+                                  "--bind", _endpoint(transport, tmp, 0),
+                                  "--address-file", str(addr),
+                                  "--checkpoint-dir", str(tmp / "ckpt")], tmp / "server.log")
+        clients = []
+        try:
+            endpoint = wait_for_address(addr, server, 120)
+            outs = [tmp / f"client{r}.json" for r in range(workers)]
+            clients = [spawn(f"client{r}", ["-m", "asgd.bench.transport", "client", endpoint,
+                                            str(numel), transport, encoding, str(seconds),
+                                            str(outs[r]), str(r)], tmp / f"client{r}.log")
+                       for r in range(workers)]
+            codes = wait_all(clients, seconds * 4 + 120)
+            bad = [(c, rc) for c, rc in zip(clients, codes) if rc != 0]
+            if bad:
+                c, rc = bad[0]
+                raise RuntimeError(f"{c.name} ended with {rc}:\n{c.tail()}")
+            results = [json.loads(o.read_text()) for o in outs]
+            server_rss = server_peak_rss(endpoint)
+        finally:
+            stop(clients, grace_s=5)
+            stop([server], grace_s=30)
+    elapsed = max(r["elapsed_s"] for r in results)
+    rts = sum(r["round_trips"] for r in results)
+    lat = [x for r in results for x in r["latencies"]]
+    wire = sum(r["bytes_sent"] + r["bytes_received"] for r in results)
+    return {"round_trips_per_s": round(rts / elapsed, 2),
+            "gb_per_s": round(rts * 8 * numel / elapsed / 1e9, 3),
+            "wire_bytes_per_round_trip": int(wire / max(rts + WARMUP * workers, 1)),
+            "latency_ms": percentiles(lat),
+            "peak_rss_mb": {"server": server_rss,
+                            "clients": max(r["peak_rss_mb"] for r in results)},
+            "workers": workers, "numel": numel, "transport": transport, "encoding": encoding}
+
+
+def server_peak_rss(endpoint: str) -> float | None:
+    from asgd.client import Client
+
+    try:
+        with Client(endpoint, "bench-stats", timeout_s=10) as c:
+            return c.stats().get("peak_rss_mb")
+    except Exception:
+        return None
+
+
+def run(params: int, transport: str = "tcp", workers: int = 1, seconds: float = 3.0,
+        encoding: str = "none", shards: int = 1, vs: tuple = ()) -> dict:
+    from asgd.bench import reference
+
+    out = {"benchmark": "transport", "params": params, "transport": transport,
+           "workers": workers, "shards": shards, "encoding": encoding, "seconds": seconds}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        asgd = run_asgd(params, transport, workers, seconds, encoding, tmp)
+        raw = reference.raw_echo(params, workers=workers, seconds=seconds,
+                                 transport="tcp" if transport == "tcp" else "ipc", tmp=tmp)
+        out.update(asgd=asgd, raw_echo=raw)
+        out["ratio_vs_raw"] = round(asgd["round_trips_per_s"] / raw["round_trips_per_s"], 3)
+        if "torch-rpc" in vs:
+            rpc = reference.torch_rpc(params, workers=workers, seconds=seconds, tmp=tmp)
+            out["torch_rpc"] = rpc
+            out["ratio_vs_torch_rpc"] = round(asgd["round_trips_per_s"] /
+                                              rpc["round_trips_per_s"], 3)
+    out["round_trips_per_s"] = asgd["round_trips_per_s"]
+    out["gb_per_s"] = asgd["gb_per_s"]
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 9 and sys.argv[1] == "client":
+        a = sys.argv[2:]
+        client_main(a[0], int(a[1]), a[2], a[3], float(a[4]), a[5], int(a[6]))
+    else:
+        raise SystemExit("usage: python -m asgd.bench.transport client ENDPOINT NUMEL "
+                         "TRANSPORT ENCODING SECONDS OUT RANK")

@@ -1,0 +1,90 @@
+"""The flat form of parameters and gradients on the wire: chunks, finiteness, conversions.
+
+    specs = chunk_specs("grad", "float32", numel)        # frame specs of at most CHUNK_BYTES
+    ok = FiniteCheck()(array)                             # no NaN or Inf, no allocation
+    copy_checked(dst, src, check)                         # dst[:] = src, False if non-finite
+
+A flat message carries one vector (every parameter, concatenated in layout order) as
+consecutive frames of at most ``CHUNK_BYTES`` each, all with the same name: a receiver never
+needs one huge allocation (a fresh 40 MB buffer per message page-faults; a few MiB come from
+the allocator's reused memory), and a sender can hand each chunk to ZeroMQ without copying.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+CHUNK_BYTES = 4 << 20        # 4 MiB frames
+CHECK_BLOCK = 1 << 16        # values checked at once: 256 KiB of float32, cache-resident
+
+
+def chunk_ranges(numel: int, itemsize: int, chunk_bytes: int = CHUNK_BYTES
+                 ) -> list[tuple[int, int]]:
+    """[start, end) element ranges of at most ``chunk_bytes`` covering range(numel); one empty
+    range for an empty vector (a message always has the frame)."""
+    per = max(1, chunk_bytes // itemsize)
+    if numel == 0:
+        return [(0, 0)]
+    return [(a, min(a + per, numel)) for a in range(0, numel, per)]
+
+
+def chunk_specs(name: str, dtype: str, numel: int, itemsize: int | None = None) -> list[dict]:
+    from asgd.core.protocol import DTYPES
+
+    size = itemsize or DTYPES[dtype].itemsize
+    return [{"name": name, "dtype": dtype, "shape": [b - a]}
+            for a, b in chunk_ranges(numel, size)]
+
+
+def chunks_of(array: np.ndarray) -> list[np.ndarray]:
+    """Views of a 1-D array, one per chunk."""
+    return [array[a:b] for a, b in chunk_ranges(array.size, array.itemsize)]
+
+
+class FiniteCheck:
+    """Whether a float array holds only finite values, block by block into one reused
+    boolean buffer: no allocation per call, unlike ``np.isfinite(a).all()`` (a mask as large as
+    the array) or torch.isfinite (twenty times slower on one CPU thread)."""
+
+    def __init__(self, block: int = CHECK_BLOCK):
+        self.block = block
+        self.mask = np.empty(block, dtype=bool)
+
+    def __call__(self, a: np.ndarray) -> bool:
+        a = a.reshape(-1)
+        b = self.block
+        for i in range(0, a.size, b):
+            part = a[i:i + b]
+            m = self.mask[:part.size]
+            np.isfinite(part, out=m)
+            if not m.all():
+                return False
+        return True
+
+
+def copy_checked(dst: np.ndarray, src: np.ndarray, check: FiniteCheck) -> bool:
+    """``dst[:] = src`` (converting to dst's dtype: float16 to float32, ...) block by block,
+    each block checked while it is in cache. False (dst partly written) if any value of the
+    result is NaN or Inf."""
+    b = check.block
+    for i in range(0, src.size, b):
+        part = dst[i:i + b]
+        np.copyto(part, src[i:i + b], casting="unsafe")
+        m = check.mask[:part.size]
+        np.isfinite(part, out=m)
+        if not m.all():
+            return False
+    return True
+
+
+def bf16_to_f32(words: np.ndarray, out: np.ndarray) -> None:
+    """bfloat16 (as uint16 words) into float32: the words are the top half of the float."""
+    out_u = out.view(np.uint32)
+    np.left_shift(words, 16, out=out_u, dtype=np.uint32)
+
+
+def f32_to_bf16(src: np.ndarray, out: np.ndarray) -> None:
+    """float32 into bfloat16 words, rounded to nearest even (as torch's conversion)."""
+    import torch
+
+    torch.from_numpy(out.view(np.int16)).copy_(
+        torch.from_numpy(src).to(torch.bfloat16).view(torch.int16))

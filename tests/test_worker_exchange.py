@@ -1,0 +1,94 @@
+"""The worker's side of the data path (worker.exchange) against a real server: flat gradient
+buffers that autograd fills in place, shared memory or frames, the staged (GPU) code path run
+on the CPU, overlap with one more step of staleness, and encodings with error feedback."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from asgd.config import load_config
+from asgd.tasks.task import build_task
+from worker.exchange import Exchange
+
+SGD = {"optimizer": {"name": "sgd", "lr": 0.1},
+       "schedule": {"kind": "constant", "warmup": 0}}
+
+
+def reference_gradient(model, x, y) -> torch.Tensor:
+    m = copy.deepcopy(model)
+    for p in m.parameters():
+        p.grad = None
+    F.cross_entropy(m(x), y).backward()
+    return torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+
+
+@pytest.mark.parametrize("shared_memory", ["on", "off"])
+@pytest.mark.parametrize("staged", [False, True])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_steps_push_autograds_gradient_and_load_the_servers_weights(
+        start_server, make_config, clients, tmp_path, shared_memory, staged, overlap):
+    config = make_config(**SGD)
+    server = start_server(config, bind=f"ipc://{tmp_path}/s.sock")
+    cfg = load_config(config)
+    task = build_task(cfg)
+    client = clients(server.endpoint, "w0")
+    ex = Exchange(task.model, task.layout, client, torch.device("cpu"),
+                  shared_memory=shared_memory, overlap=overlap, staged=staged)
+    observer = clients(server.endpoint, "observer")
+    try:
+        ex.connect(lambda seg: client.hello(rank=0, shm=seg))
+        assert ex.transport == ("shm" if shared_memory == "on" else "frames")
+        x, y = task.dataset.x_train[:32], task.dataset.y_train[:32]
+        replies = []
+        for step in range(4):
+            expected = reference_gradient(task.model, x, y)
+            ex.zero_grad()
+            F.cross_entropy(task.model(x), y).backward()
+            grad = ex.gradient()
+            assert ex.finite(grad)
+            assert torch.allclose(grad, expected, atol=1e-6)
+            replies.append(ex.exchange(grad))
+        ex.drain()
+        server_w = np.empty(task.layout.numel, np.float32)
+        version = observer.pull_flat(server_w)
+        assert version == 4 and ex.version == 4
+        mine = torch.cat([p.detach().reshape(-1) for p in task.model.parameters()])
+        assert np.array_equal(mine.numpy(), server_w)        # the parameters hold them
+        if overlap:   # each gradient was computed before the previous push came back
+            assert replies[0] is None
+            assert [r["staleness"] for r in replies[1:]] == [0, 1, 1]
+        else:
+            assert [r["staleness"] for r in replies] == [0, 0, 0, 0]
+    finally:
+        ex.close()
+
+
+def test_topk_with_error_feedback_sends_a_fraction_and_loses_nothing(
+        start_server, make_config, clients, tmp_path):
+    config = make_config(**SGD, model={"name": "cnn1d", "args": {"channels": 48}})
+    server = start_server(config)
+    cfg = load_config(config)
+    task = build_task(cfg)
+    client = clients(server.endpoint, "w0")
+    ex = Exchange(task.model, task.layout, client, torch.device("cpu"), encoding="topk",
+                  encoding_args={"topk_ratio": 0.05}, shared_memory="off")
+    try:
+        ex.connect(lambda seg: client.hello(rank=0, shm=seg))
+        assert ex.transport == "frames"
+        g = torch.linspace(-1, 1, task.layout.numel)
+        start = torch.cat([p.detach().reshape(-1) for p in task.model.parameters()]).clone()
+        sent = client.bytes_sent
+        for _ in range(30):
+            ex.exchange(g.clone())
+        per_push = (client.bytes_sent - sent) / 30
+        assert per_push < task.layout.numel * 4 * 0.12, per_push
+        moved = start - torch.cat([p.detach().reshape(-1) for p in task.model.parameters()])
+        # what was applied plus what is still owed adds up to every gradient sent (lr 0.1)
+        owed = ex.feedback.residual
+        assert torch.allclose(moved / 0.1 + owed, 30 * g, atol=1e-3)
+    finally:
+        ex.close()

@@ -1,0 +1,222 @@
+"""The worker's side of the data path: its model in flat buffers, and the exchange with the
+server.
+
+    ex = Exchange(model, layout, client, device, shared_memory="auto", overlap=False)
+    ex.connect(rank)                      # hello (offering a shared-memory segment), weights in
+    ex.zero_grad(); loss.backward()       # gradients land in the flat gradient buffer
+    reply = ex.exchange()                 # push it, take the weights after it (or, with
+                                          # overlap, those of the previous push)
+
+The model's parameters are views into one flat weights tensor and their ``.grad`` views into
+one of two flat gradient buffers, so nothing is gathered or scattered per parameter: the
+gradient leaves in one piece and the weights arrive in one copy.
+
+* Same host: the gradient buffers are the slots of the worker's shared-memory segment
+  (asgd.core.shm), so autograd writes the gradient where the server reads it; only a header
+  crosses ZeroMQ, and the weights come back in the segment (one copy out).
+* Across machines: the gradient goes as flat chunks without a copy (optionally encoded:
+  fp16, bf16, int8, top-k with error feedback), the weights come back as chunks copied once
+  into the weights buffer.
+* GPU: the flat buffers live on the device; a step makes one device-to-host copy of the
+  gradient into pinned host memory (or the segment) and one host-to-device copy of the weights.
+* Overlap: the push of step k and the weights after it travel while step k+1 computes, on
+  the weights from before step k's push (one more step of staleness). The two gradient buffers
+  alternate so the one in flight is never written.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from asgd.core.flat import FiniteCheck
+from asgd.core.shm import Segment
+
+log = logging.getLogger("asgd.worker")
+
+
+def is_local(endpoint: str) -> bool:
+    """An endpoint on this machine for certain: a unix socket or a loopback address."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class Exchange:
+    def __init__(self, model: torch.nn.Module, layout, client, device: torch.device,
+                 shared_memory: str = "auto", overlap: bool = False, encoding: str = "none",
+                 encoding_args: dict | None = None, weights_encoding: str = "none",
+                 staged: bool | None = None):
+        self.model, self.layout, self.client = model, layout, client
+        self.device = device
+        self.numel = layout.numel
+        self.overlap = overlap
+        self.encoding, self.encoding_args = encoding, dict(encoding_args or {})
+        self.weights_encoding = weights_encoding
+        self.params = list(model.parameters())
+        cuda = device.type == "cuda"
+        # staged: device buffers apart from the host's, one copy each way a step (on a GPU;
+        # on the CPU only when asked, which runs the GPU's code path for tests)
+        self.staged = cuda if staged is None else staged or cuda
+        self.cuda = cuda
+        self.segment = None
+        if shared_memory == "on" or shared_memory == "auto" and is_local(client.endpoint):
+            try:
+                self.segment = Segment.create(self.numel, slots=2)
+            except OSError as e:
+                if shared_memory == "on":
+                    raise
+                log.info("no shared-memory segment (%s): sending frames", e)
+        self.shared_memory = shared_memory
+        # host buffers: what goes on the wire, or the segment's slots
+        if self.segment is None:
+            self.host_grads = [self._host(self.numel, cuda) for _ in range(2)]
+            self.host_weights = self._host(self.numel, cuda)
+        else:
+            self.host_grads = [torch.from_numpy(self.segment.grad(i)) for i in range(2)]
+            self.host_weights = self._host(self.numel, cuda)
+            if cuda:
+                for t in self.host_grads:   # page-lock the segment for fast copies
+                    torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * 4, 0)
+        # device buffers: the parameters and their gradients are views of these
+        if self.staged:
+            self.weights = torch.zeros(self.numel, device=device)
+            self.grads = [torch.zeros(self.numel, device=device)]
+        else:
+            self.weights = self.host_weights
+            self.grads = self.host_grads
+        self.slot = 0
+        self._views_w = layout.views(self.weights)
+        self._views_g = [layout.views(g) for g in self.grads]
+        with torch.no_grad():
+            for p, v in zip(self.params, self._views_w):
+                v.copy_(p.detach().reshape(-1).view_as(v))
+                p.data = v
+        self.check = FiniteCheck()
+        self.feedback = None
+        if encoding not in ("none",):
+            from asgd.core.encoding import ErrorFeedback
+
+            self.feedback = ErrorFeedback(self.numel)
+        self.version = 0
+        self.in_flight = None        # (request id, the version its gradient was computed on)
+
+    @staticmethod
+    def _host(numel: int, pinned: bool) -> torch.Tensor:
+        return torch.zeros(numel, pin_memory=pinned)
+
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def transport(self) -> str:
+        return "shm" if self.client.segment is not None else "frames"
+
+    def connect(self, hello, check=None) -> dict:
+        """``hello(shm)`` says hello (with the segment to offer); ``check(info)`` may refuse
+        the server's answer before anything is loaded; then the weights it carries are loaded.
+        The shared-memory path is used if the server took the segment."""
+        info, weights = hello(self.segment)
+        if check is not None:
+            check(info)
+        if self.segment is not None and self.client.segment is None:
+            if self.shared_memory == "on":
+                raise RuntimeError("the server did not take the shared-memory segment "
+                                   f"(worker.shared_memory: on): {self.client.shm_refused}")
+            log.info("the server cannot share memory with this worker (%s): sending frames",
+                     self.client.shm_refused)
+        self.in_flight = None
+        self.load_tensors(info["version"], weights)
+        return info
+
+    def load_tensors(self, version: int, tensors) -> None:
+        with torch.no_grad():
+            for v, t in zip(self._views_w, tensors):
+                v.copy_(t.to_torch().reshape(v.shape), non_blocking=True)
+        self.version = version
+
+    def zero_grad(self) -> None:
+        """Point every parameter's ``.grad`` at the free gradient buffer, zeroed: backward
+        accumulates into it in place."""
+        i = self.slot if len(self.grads) > 1 else 0
+        self.grads[i].zero_()
+        for p, v in zip(self.params, self._views_g[i]):
+            p.grad = v.view_as(p)
+
+    def gradient(self) -> torch.Tensor:
+        """The gradient just computed, as one flat tensor on the host (copied off the device
+        on CUDA). Parameters that autograd gave a fresh ``.grad`` (it does when a buffer's
+        layout does not suit it) are copied in."""
+        i = self.slot if len(self.grads) > 1 else 0
+        g = self.grads[i]
+        for p, v in zip(self.params, self._views_g[i]):
+            if p.grad is None:
+                v.zero_()
+            elif p.grad.data_ptr() != v.data_ptr():
+                v.copy_(p.grad.reshape(-1))
+        host = self.host_grads[self.slot]
+        if g is not host:
+            host.copy_(g, non_blocking=True)
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+        return host
+
+    def finite(self, host_grad: torch.Tensor) -> bool:
+        return self.check(host_grad.numpy())
+
+    def exchange(self, host_grad: torch.Tensor) -> dict | None:
+        """Push the gradient (computed on ``self.version``); returns the reply whose weights
+        are now loaded: this push's, or with overlap the previous push's (None on the first
+        step)."""
+        base = self.version                 # the weights the gradient was computed on
+        reply = self.finish() if self.overlap else None
+        rid = self._send(host_grad, base)
+        self.in_flight = (rid, base)
+        self.slot = (self.slot + 1) % 2
+        if not self.overlap:
+            reply = self.finish()
+        return reply
+
+    def _send(self, host_grad: torch.Tensor, base: int) -> int:
+        c = self.client
+        if c.segment is not None:
+            return c.send_push_pull_flat(base, slot=self.slot)
+        if self.feedback is not None:
+            enc = self.feedback.encode(self.encoding, host_grad, **self.encoding_args)
+            return c.send_push_pull_flat(base, encoded=enc, weights=self.weights_encoding)
+        return c.send_push_pull_flat(base, host_grad.numpy(), weights=self.weights_encoding)
+
+    def finish(self) -> dict | None:
+        """The reply to the push in flight, its weights loaded; None if none is in flight."""
+        if self.in_flight is None:
+            return None
+        rid, _ = self.in_flight
+        self.in_flight = None
+        head = self.client.finish(rid, self.host_weights.numpy())
+        if self.weights is not self.host_weights:
+            self.weights.copy_(self.host_weights, non_blocking=True)
+        self.version = head["version"]
+        return head
+
+    def drain(self) -> None:
+        """Wait for the push in flight (at the end of a run), best effort."""
+        try:
+            self.finish()
+        except Exception:
+            self.in_flight = None
+
+    def pull(self) -> None:
+        self.in_flight = None
+        self.version = self.client.pull_flat(self.host_weights.numpy(),
+                                             weights=self.weights_encoding)
+        if self.weights is not self.host_weights:
+            self.weights.copy_(self.host_weights, non_blocking=True)
+
+    def close(self) -> None:
+        for p in self.params:
+            p.grad = None
+        if self.segment is not None:
+            self.client.segment = None
+            self.segment.close()
+            self.segment = None
