@@ -50,6 +50,22 @@ def config_or_exit(path, overrides):
         raise click.ClickException(str(e))
 
 
+def fast_exit(code: int) -> None:
+    """Exit a server or worker process once its work is written: streams and logs flushed,
+    then ``os._exit``, skipping interpreter teardown (torch's takes most of a second, and the
+    launcher waits for it)."""
+    import logging
+    import os
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="asgd")
 def cli():
@@ -112,15 +128,18 @@ def server_command(config_path, bind, overrides, run_dir, checkpoint_dir, resume
     bind = endpoint_or_exit(bind, "--bind", bind=True) if bind else None
     from server.main import run_server
 
-    sys.exit(run_server(cfg, bind, run_dir, checkpoint_dir, resume, address_file,
+    fast_exit(run_server(cfg, bind, run_dir, checkpoint_dir, resume, address_file,
                         extend or 0, quiet))
 
 
 @cli.command("worker")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True,
               help="YAML run configuration.")
-@click.option("--server", "endpoint", required=True, help="The server's endpoint, e.g. "
+@click.option("--server", "endpoint", default=None, help="The server's endpoint, e.g. "
               "tcp://127.0.0.1:5555.")
+@click.option("--server-file", type=click.Path(dir_okay=False), default=None,
+              help="Instead of --server: read the endpoint from this file once it appears "
+                   "(asgd launch starts the server and workers together).")
 @click.option("--rank", type=int, default=0, show_default=True,
               help="This worker's rank in [0, run.workers): picks its data shard.")
 @click.option("--id", "worker_id", default=None, help="Worker id on the wire (default w<rank>).")
@@ -129,17 +148,22 @@ def server_command(config_path, bind, overrides, run_dir, checkpoint_dir, resume
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
               help="Append worker_step records to <run-dir>/metrics.jsonl.")
 @click.option("--quiet", is_flag=True, help="No periodic status lines.")
-def worker_command(config_path, endpoint, rank, worker_id, overrides, run_dir, quiet):
+def worker_command(config_path, endpoint, server_file, rank, worker_id, overrides, run_dir,
+                   quiet):
     """Run one worker against a parameter server.
 
     Exit codes: 0 when a budget ends the run, 2 for a configuration or model that cannot
     train, 3 when the server stayed away longer than worker.reconnect_timeout_s, 4 when the
     training loss stayed NaN or Inf."""
+    if (endpoint is None) == (server_file is None):
+        raise click.UsageError("give the server's address: --server tcp://HOST:PORT "
+                               "(or --server-file PATH)")
     cfg = config_or_exit(config_path, overrides)
-    endpoint = endpoint_or_exit(endpoint, "--server")
+    if endpoint is not None:
+        endpoint = endpoint_or_exit(endpoint, "--server")
     from worker.main import run
 
-    sys.exit(run(cfg, endpoint, rank, worker_id, run_dir, quiet))
+    fast_exit(run(cfg, endpoint, rank, worker_id, run_dir, quiet, server_file))
 
 
 @cli.command("eval")

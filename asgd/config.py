@@ -1,7 +1,7 @@
 """Run configuration: frozen dataclasses with defaults, loaded from YAML, overridden by key=value.
 
 The defaults are the default run (configs/default.yaml spells them out): MNIST-1D, the 1D CNN,
-two workers, Adam with a cosine schedule over 6,000 updates.
+two workers, Adam with a cosine schedule over 3,000 updates of 100 samples.
 
     cfg = load_config("configs/default.yaml", overrides=["optimizer.lr=0.003", "run.workers=4"])
     cfg.optimizer.lr        # 0.003
@@ -87,11 +87,19 @@ class ServerConfig:
     checkpoint_every: int = 0     # also checkpoint every N updates (0 = only on shutdown)
     stats_every_s: float = 1.0    # how often a "server" record goes to metrics.jsonl
     threads: int = 1
+    # The outer optimizer of local steps (worker.local_steps > 1, DiLoCo): applied to each
+    # pushed pseudo-gradient, at a constant rate (times the staleness policy's scale).
+    # DiLoCo's Nesterov SGD; its synchronous rate 0.7 diverges when every worker's
+    # pseudo-gradient is applied on its own, 0.05 does not (docs/experiments.md).
+    outer_optimizer: str = "sgd"  # sgd | adam | adamw
+    outer_lr: float = 0.05
+    outer_momentum: float = 0.9   # sgd
+    outer_nesterov: bool = True   # sgd
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    batch_size: int = 50
+    batch_size: int = 100
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     threads: int = 1              # torch.set_num_threads for each worker process
     request_timeout_s: float = 30.0   # longer than server.worker_timeout_s: ssp/sync hold replies
@@ -100,6 +108,8 @@ class WorkerConfig:
     # The data path (worker.exchange): shared memory with a server on the same host (auto: for
     # loopback and ipc endpoints), overlap of the exchange with the next step's compute, and
     # the wire encodings of gradients and weights across machines.
+    local_steps: int = 1          # steps with the worker's own optimizer (cfg.optimizer) before
+                                  # pushing the pseudo-gradient (pulled - now); 1 is A-SGD
     shared_memory: str = "auto"   # auto | on | off
     overlap: bool = False         # compute step k+1 while step k's push travels (+1 staleness)
     encoding: str = "none"        # gradient: none | fp16 | bf16 | int8 | topk (error feedback)
@@ -119,7 +129,7 @@ class RunConfig:
     out_dir: str = "runs"
     seed: int = 0
     workers: int = 2
-    max_updates: int = 6000       # stop once the server's version reaches this (0 = none)
+    max_updates: int = 3000       # stop once the server's version reaches this (0 = none)
     max_seconds: float = 75.0     # stop the workers after this long (0 = none)
     eval_every_s: float = 2.0     # evaluate the live weights this often during a launch (0 = never)
     eval_batch_size: int = 1000
@@ -309,6 +319,13 @@ def validate(cfg: Config) -> None:
     need(w.weights_encoding in WEIGHT_ENCODINGS, "worker.weights_encoding",
          f"{w.weights_encoding!r} is not one of {', '.join(WEIGHT_ENCODINGS)}")
     need(0 < w.topk_ratio <= 1, "worker.topk_ratio", "must be in (0, 1]")
+    need(w.local_steps >= 1, "worker.local_steps", "must be >= 1")
+    need(sv.outer_optimizer in ("sgd", "adam", "adamw"), "server.outer_optimizer",
+         f"{sv.outer_optimizer!r} is not one of sgd, adam, adamw")
+    need(sv.outer_lr > 0, "server.outer_lr", "must be > 0")
+    need(0 <= sv.outer_momentum < 1, "server.outer_momentum", "must be in [0, 1)")
+    need(not sv.outer_nesterov or sv.outer_momentum > 0 or sv.outer_optimizer != "sgd",
+         "server.outer_nesterov", "needs server.outer_momentum > 0")
     need(r.workers >= 1, "run.workers", "must be >= 1")
     need(r.max_updates >= 0, "run.max_updates", "must be >= 0")
     need(r.max_seconds >= 0, "run.max_seconds", "must be >= 0")

@@ -45,6 +45,15 @@ MAX_SEGMENTS = 1024          # shared-memory segments mapped at once (one per wo
 WIRE_DTYPES = {"none": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
+def _readonly_tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor over a received frame (read-only memory: nothing here writes to it)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
 class ReplyForm:
     """How one reply carries the weights: per parameter, flat in a wire dtype, or written
     into the worker's shared-memory segment."""
@@ -95,6 +104,7 @@ class ServerCore:
         self.requests = Counter()
         self.errors = Counter()
         self.bytes_in = self.bytes_out = 0
+        self.shm_bytes_in = self.shm_bytes_out = 0   # tensors moved through shared memory
         self.check = FiniteCheck()
         self.segments: dict[str, Segment] = {}
         self._ops = {"hello": self._hello, "pull": self._pull, "push": self._push,
@@ -177,6 +187,7 @@ class ServerCore:
                     return protocol.error_frames(request_id, "bad_request",
                                                  "the shared-memory segment was replaced")
                 np.copyto(form.segment.weights, store.weights.numpy())
+                self.shm_bytes_out += store.numel * 4
                 fields["shm"] = True
                 return self._frames({"ok": True, "id": request_id, **fields}, [], [])
             nbytes = store.numel * protocol.DTYPES[form.dtype].itemsize
@@ -296,6 +307,7 @@ class ServerCore:
             raise ProtocolError("bad_request", f"gradient slot {slot} is not in [0, "
                                 f"{seg.slots})", req.id)
         g = seg.grad(slot)
+        self.shm_bytes_in += g.nbytes
         if not self.check(g):
             raise ProtocolError("bad_tensor", "the gradient has non-finite values", req.id)
         return torch.from_numpy(g)
@@ -323,6 +335,13 @@ class ServerCore:
             if sum(t.array.size for t in chunks) != numel:
                 bad(f"the chunks hold {sum(t.array.size for t in chunks)} values, the model "
                     f"has {numel}")
+            if len(chunks) == 1 and want == "float32":
+                # one chunk: the frame is the whole gradient, contiguous; check it and let the
+                # update read it where ZeroMQ put it (no copy)
+                a = chunks[0].array
+                if not self.check(a):
+                    bad("the gradient has non-finite values")
+                return _readonly_tensor(a)
             pos = 0
             for t in chunks:
                 n = t.array.size
@@ -403,6 +422,8 @@ class ServerCore:
             "dc_fallbacks": self.control.dc_fallbacks,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "shm_bytes_in": self.shm_bytes_in,
+            "shm_bytes_out": self.shm_bytes_out,
             "uptime_s": round(now - self.started, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }

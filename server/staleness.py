@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from asgd.core.optim import scheduled_lr
+from asgd.core.optim import server_lr
 from asgd.core.policies import dc_compensate, decide, parse_policy, ssp_may_proceed
 
 
@@ -294,7 +294,7 @@ class StalenessControl:
                 store.grad.copy_(grad)
                 grad = store.grad
             self.dc.compensate(grad, store.weights, base, store.version)
-        lr = scheduled_lr(self.cfg, store.version) * decision.lr_scale
+        lr = server_lr(self.cfg, store.version) * decision.lr_scale
         self._step(lr, grad)
         return Outcome(True, staleness, store.version, lr)
 
@@ -336,7 +336,7 @@ class StalenessControl:
                 out.append(p)
         if self.sync is not None and self.sync.complete(now):
             n, pending = self.sync.take_mean(self.store.grad)
-            lr = scheduled_lr(self.cfg, self.store.version)
+            lr = server_lr(self.cfg, self.store.version)
             self._step(lr)
             self.log("round", size=n, workers=sorted(p.worker for p in pending),
                      version=self.store.version, lr=lr,

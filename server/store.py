@@ -25,7 +25,7 @@ import numpy as np
 from asgd.config import Config
 from asgd.core.flat import f32_to_bf16
 from asgd.core.layout import ParameterLayout
-from asgd.core.optim import make_optimizer
+from asgd.core.optim import make_optimizer, outer_config
 
 POOL_SIZE = 4          # snapshot buffers kept per wire dtype
 
@@ -96,7 +96,7 @@ class ParameterStore:
         self.flat.grad = torch.zeros_like(self.flat)
         self.views = layout.views(self.flat.data)
         self.grad_np = self.flat.grad.numpy()
-        self.optimizer = make_optimizer(cfg, [self.flat], fused=True)
+        self.optimizer = make_optimizer(outer_config(cfg), [self.flat], fused=True)
         self.version = version
         self.pool = SnapshotPool(self.flat.detach())
 

@@ -26,6 +26,28 @@ def test_time_to_target_takes_the_first_evaluation_at_or_above_it():
 def test_run_names_say_what_varies():
     assert RunSpec("none", 4, 4.0, 0.0, 1).name == "none-w4-f4-r1"
     assert RunSpec("scale+ssp", 2, 1.0, 0.01, 0).name == "scale_ssp-w2-d0.01-r0"
+    assert RunSpec("none", 2, local_steps=4).name == "none-w2-h4-r0"
+
+
+def test_local_steps_experiment_gives_every_h_the_same_samples(processes, tmp_path,
+                                                               mnist1d_cached):
+    out, samples = tmp_path / "exp", 6000
+    result = processes.run(
+        ["-m", "asgd.cli", "experiment", "local-steps", "--workers", "2", "--local-steps",
+         "1,4", "--samples", str(samples), "--target-accuracy", "0.3", "--max-seconds", "60",
+         "--out", str(out), "--quiet", "--set", "model.args.channels=8",
+         "--set", "optimizer.lr=0.01"], timeout=240)
+    assert result.returncode == 0, result.stderr
+    records = json.loads((out / "results.json").read_text())
+    by = {r["local_steps"]: r for r in records}
+    assert set(by) == {1, 4} and all(r["status"] == "ok" for r in records), records
+    assert by[1]["updates_applied"] >= samples // 50
+    assert samples // 50 // 4 <= by[4]["updates_applied"] <= samples // 50 // 4 + 2
+    for r in records:   # every H trains on the same samples (a push is H batches)
+        assert samples <= r["samples"] <= samples + 2 * 4 * 50, r["samples"]
+    assert by[4]["bytes_moved"] < by[1]["bytes_moved"] / 3       # a quarter of the pushes
+    text = (out / "summary.md").read_text()
+    assert "| none | 2 | 4 |" in text and "H=4 against H=1" in text
 
 
 def test_straggler_experiment_runs_every_kind_and_writes_its_results(processes, tmp_path,
@@ -59,7 +81,7 @@ def test_straggler_experiment_runs_every_kind_and_writes_its_results(processes, 
     assert [row["policy"] for row in rows] == ["none", "sync", "ddp"]
     for png in ("accuracy_vs_time.png", "accuracy_vs_updates.png", "staleness.png", "bars.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| sync | 2 | 2 |" in (out / "summary.md").read_text()
+    assert "| sync | 2 | 1 | 2 |" in (out / "summary.md").read_text()
 
 
 def test_a_failed_run_is_recorded_as_failed(processes, tmp_path, mnist1d_cached):
@@ -86,7 +108,7 @@ def test_summary_table_reports_medians_and_spreads():
             for a, t in ((0.90, 4.0), (0.94, None), (0.92, 6.0))]
     table = summary_table(Exp, recs)
     # the run that never reached the target counts as the slowest: median 6.0, not 5.0
-    assert "| none | 2 | 1 | 0 | 3/3 | 0.920 (0.900–0.940) | 6.0 (2/3 reached, 4.0–6.0) |" \
+    assert "| none | 2 | 1 | 1 | 0 | 3/3 | 0.920 (0.900–0.940) | 6.0 (2/3 reached, 4.0–6.0) |" \
         in table
 
 

@@ -170,8 +170,8 @@ def test_report_at_another_target_recomputes_time_to_target_from_the_curves(proc
     summary = (out / "summary-0.5.md").read_text()
     assert summary in result.stdout
     assert "target accuracy 0.5;" in summary
-    assert "| single | 1 | 1 | 0 | 1/1 | 0.920 | 1.0 |" in summary
-    assert "| none | 2 | 1 | 0 | 1/1 | 0.860 | 2.0 |" in summary
+    assert "| single | 1 | 1 | 1 | 0 | 1/1 | 0.920 | 1.0 |" in summary
+    assert "| none | 2 | 1 | 1 | 0 | 1/1 | 0.860 | 2.0 |" in summary
     assert summary.rstrip().endswith("- 2 worker(s): 3,000 samples/s = 1.50 x one plain "
                                      "process (2,000); time to target 2.00 of the plain "
                                      "process's (2.0 s vs 1.0 s)")

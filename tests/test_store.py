@@ -277,3 +277,26 @@ def test_push_records_the_scheduled_lr_of_its_version():
     assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.1, 0.05, 0.05])
     assert lrs == pytest.approx([scheduled_lr(cfg, v) for v in range(6)])
 
+
+
+def test_local_steps_apply_pseudo_gradients_with_the_outer_optimizer():
+    """worker.local_steps > 1: the server's rule is server.outer_* (DiLoCo's Nesterov SGD at
+    a constant rate), not the optimizer section, which the workers use inside."""
+    from asgd.core.optim import server_lr
+
+    cfg = config({"name": "adam", "lr": 0.01}, worker={"local_steps": 4},
+                 server={"policy": "none", "max_staleness": None, "outer_lr": 0.05,
+                         "outer_momentum": 0.9, "outer_nesterov": True})
+    store = ParameterStore.from_model(small_model(), cfg)
+    assert type(store.optimizer).__name__ == "SGD"
+    assert server_lr(cfg, 0) == server_lr(cfg, 999) == 0.05
+    ref = small_model()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    for step in range(3):
+        deltas = gradients(ref, step)
+        apply_push(store, [d.numpy() for d in deltas], step)
+        for p, d in zip(ref.parameters(), deltas):
+            p.grad = d.clone()
+        ref_opt.step()
+    expected = torch.cat([p.detach().reshape(-1) for p in ref.parameters()])
+    assert torch.allclose(store.flat.detach(), expected, atol=1e-6)

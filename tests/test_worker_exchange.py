@@ -92,3 +92,30 @@ def test_topk_with_error_feedback_sends_a_fraction_and_loses_nothing(
         assert torch.allclose(moved / 0.1 + owed, 30 * g, atol=1e-3)
     finally:
         ex.close()
+
+
+def test_local_steps_push_the_distance_travelled(start_server, make_config, clients):
+    """With local steps the worker's own optimizer moves its weights for H steps; what it
+    pushes is the weights it pulled minus its weights now, and the server (outer SGD at rate
+    1, no momentum) then lands exactly where the worker got to."""
+    from worker.train import Worker
+
+    config = make_config(worker={"local_steps": 3},
+                         server={"policy": "none", "max_staleness": None, "outer_lr": 1.0,
+                                 "outer_momentum": 0.0, "outer_nesterov": False},
+                         run={"workers": 1, "max_updates": 5})
+    server = start_server(config)
+    cfg = load_config(config)
+    w = Worker(cfg, server.endpoint, rank=0)
+    try:
+        w.connect()
+        start = w.ex.weights.clone()
+        loss, samples, delta = w.step()
+        assert samples == 3 * cfg.worker.batch_size
+        moved = w.ex.weights.clone()
+        assert torch.allclose(delta, start - moved) and delta.abs().sum() > 0
+        reply = w.ex.exchange(delta)
+        assert reply["version"] == 1 and reply["applied"]
+        assert torch.allclose(w.ex.weights, moved, atol=1e-6)
+    finally:
+        w.close()

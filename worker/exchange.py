@@ -162,6 +162,19 @@ class Exchange:
                 torch.cuda.synchronize(self.device)
         return host
 
+    def delta(self, anchor: torch.Tensor) -> torch.Tensor:
+        """``anchor - weights`` (a pseudo-gradient) in the free gradient buffer, on the
+        host."""
+        i = self.slot if len(self.grads) > 1 else 0
+        g = self.grads[i]
+        torch.sub(anchor, self.weights, out=g)
+        host = self.host_grads[self.slot]
+        if g is not host:
+            host.copy_(g, non_blocking=True)
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+        return host
+
     def finite(self, host_grad: torch.Tensor) -> bool:
         return self.check(host_grad.numpy())
 

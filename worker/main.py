@@ -14,11 +14,23 @@ from asgd.config import Config
 from worker.train import Diverged, ServerGone, WorkerError, run_worker
 
 
-def run(cfg: Config, endpoint: str, rank: int, worker_id: str | None = None,
-        run_dir=None, quiet: bool = False) -> int:
+def run(cfg: Config, endpoint: str | None, rank: int, worker_id: str | None = None,
+        run_dir=None, quiet: bool = False, server_file: str | None = None) -> int:
+    """``server_file``: read the server's endpoint from this file once it appears (the worker
+    builds its model and data meanwhile), waiting at most worker.reconnect_timeout_s."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s worker %(levelname)s %(message)s")
     log = logging.getLogger("asgd.worker")
+    if server_file is not None:
+        from asgd.launch.processes import read_address
+
+        budget = cfg.worker.reconnect_timeout_s
+
+        def endpoint(stop):
+            found = read_address(server_file, budget, lambda: stop.set)
+            if found is None:
+                raise ServerGone(f"no server address in {server_file} after {budget:g} s")
+            return found
     try:
         res = run_worker(cfg, endpoint, rank, run_dir, worker_id)
     except ServerGone as e:

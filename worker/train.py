@@ -102,8 +102,10 @@ class WorkerResult:
 
 
 class Worker:
-    def __init__(self, cfg: Config, endpoint: str, rank: int = 0, worker_id: str | None = None,
+    def __init__(self, cfg: Config, endpoint, rank: int = 0, worker_id: str | None = None,
                  metrics: MetricsWriter | None = None, stop: "StopFlag | None" = None):
+        """``endpoint``: the server's, or a callable that returns it once known (``asgd
+        launch`` starts every process at once; the worker builds its task meanwhile)."""
         if not 0 <= rank < cfg.run.workers:
             raise WorkerError(f"rank {rank} is not in [0, run.workers={cfg.run.workers})")
         self.cfg, self.rank = cfg, rank
@@ -117,6 +119,9 @@ class Worker:
         self.params = list(self.model.parameters())
         self.names = self.layout.names
         self.loader = ShardLoader.for_config(cfg, ds, rank, cfg.run.workers, self.device)
+        self.stop = stop or StopFlag()
+        if callable(endpoint):
+            endpoint = endpoint(self.stop)
         self.client = Client(endpoint, self.id, timeout_s=cfg.worker.request_timeout_s)
         w = cfg.worker
         self.ex = Exchange(self.model, self.layout, self.client, self.device,
@@ -124,7 +129,15 @@ class Worker:
                            encoding=w.encoding, weights_encoding=w.weights_encoding,
                            encoding_args={"topk_ratio": w.topk_ratio}
                            if w.encoding == "topk" else {})
-        self.stop = stop or StopFlag()
+        # local steps (asynchronous Local SGD, DiLoCo): the worker's own optimizer takes
+        # worker.local_steps steps from the weights last pulled, then the difference is pushed
+        self.local_steps = w.local_steps
+        if self.local_steps > 1:
+            from asgd.core.optim import inner_config, make_optimizer
+
+            self.inner_cfg = inner_config(cfg)
+            self.inner = make_optimizer(cfg, self.params)
+            self.anchor = torch.empty_like(self.ex.weights)
         self.straggler = Straggler.for_rank(cfg.worker, rank)
         self.crash_at = fault_exit_step(rank)
         self.max_updates = cfg.run.max_updates       # the server's, once it has said hello
@@ -221,6 +234,27 @@ class Worker:
         loss.backward()
         return loss, len(x)
 
+    def step(self):
+        """One step's loss, samples and the flat gradient to push (on the host). With local
+        steps: ``local_steps`` steps of the worker's own optimizer, and the pseudo-gradient
+        (the weights pulled minus the weights now), which the server's outer optimizer
+        applies."""
+        if self.local_steps <= 1:
+            loss, n = self.compute_gradient()
+            return loss, n, self.ex.gradient()
+        from asgd.core.optim import scheduled_lr
+
+        self.anchor.copy_(self.ex.weights)
+        first = self.version * self.local_steps
+        total = 0
+        for i in range(self.local_steps):
+            for group in self.inner.param_groups:
+                group["lr"] = scheduled_lr(self.inner_cfg, first + i)
+            loss, n = self.compute_gradient()
+            self.inner.step()
+            total += n
+        return loss, total, self.ex.delta(self.anchor)
+
     def run(self) -> WorkerResult:
         cfg = self.cfg
         self.connect()
@@ -234,8 +268,7 @@ class Worker:
                 res.reason = reason
                 break
             step_started = time.perf_counter()
-            loss, n = self.compute_gradient()
-            grad = self.ex.gradient()
+            loss, n, grad = self.step()
             if not self.ex.finite(grad):
                 self._nonfinite(loss)
                 continue
@@ -345,7 +378,7 @@ class Worker:
         self.client.close()
 
 
-def run_worker(cfg: Config, endpoint: str, rank: int, run_dir=None,
+def run_worker(cfg: Config, endpoint, rank: int, run_dir=None,
                worker_id: str | None = None) -> WorkerResult:
     torch.set_num_threads(cfg.worker.threads)
     stop = StopFlag()

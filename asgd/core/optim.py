@@ -31,6 +31,36 @@ def scheduled_lr(cfg: Config, version: int) -> float:
     return s.min_lr + (base - s.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def outer_config(cfg: Config) -> Config:
+    """The server's update rule: cfg's optimizer for A-SGD, or with local steps
+    (worker.local_steps > 1) the outer optimizer of the server section (DiLoCo)."""
+    if cfg.worker.local_steps <= 1:
+        return cfg
+    sv = cfg.server
+    return cfg.replace(**{"optimizer.name": sv.outer_optimizer, "optimizer.lr": sv.outer_lr,
+                          "optimizer.momentum": sv.outer_momentum if sv.outer_optimizer == "sgd"
+                          else 0.0,
+                          "optimizer.nesterov": sv.outer_nesterov and
+                          sv.outer_optimizer == "sgd",
+                          "optimizer.weight_decay": 0.0})
+
+
+def server_lr(cfg: Config, version: int) -> float:
+    """The server's learning rate at ``version`` (before the staleness policy's scale): the
+    schedule for A-SGD; the constant outer rate with local steps."""
+    if cfg.worker.local_steps > 1:
+        return cfg.server.outer_lr
+    return scheduled_lr(cfg, version)
+
+
+def inner_config(cfg: Config) -> Config:
+    """The worker's own schedule with local steps: the same shape over the run's inner steps
+    (run.max_updates pushes of worker.local_steps steps each)."""
+    h = cfg.worker.local_steps
+    total = (cfg.schedule.total or cfg.run.max_updates) * h
+    return cfg.replace(**{"schedule.total": total}) if total else cfg
+
+
 def make_optimizer(cfg: Config, params, fused: bool = False) -> torch.optim.Optimizer:
     """cfg.optimizer's torch.optim optimizer. ``fused``: one fused kernel over each parameter
     (torch's ``fused=True``) where torch has one for the optimizer and device: the server's

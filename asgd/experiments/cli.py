@@ -17,6 +17,7 @@ EXPERIMENT_DEFAULTS = {
     "staleness": {"workers": "1,8", "policies": "none,scale,dc"},
     "straggler": {"workers": "4", "policies": "none,scale,sync", "slow_factor": 4.0},
     "throughput": {"workers": "1,2,4", "policies": "none"},
+    "local-steps": {"workers": "2", "policies": "none", "local_steps": "1,4,16"},
 }
 
 
@@ -58,6 +59,9 @@ def _experiment_command(kind: str):
     @click.option("--vs", "versus", type=click.Choice(["none", "ddp"]), default="none",
                   show_default=True, help="Also run torch DDP (gloo, loopback) on the same "
                   "shards and slowdown.")
+    @click.option("--local-steps", "local_steps", default=d.get("local_steps", "1"),
+                  show_default=True, help="Local steps H per push (worker.local_steps), "
+                  "comma-separated; every H gets the same training samples.")
     @click.option("--repeats", type=click.IntRange(1, 100), default=1, show_default=True,
                   help="Runs of each configuration (seeds seed..seed+R-1).")
     @click.option("--samples", type=click.IntRange(1), default=300_000, show_default=True,
@@ -70,7 +74,8 @@ def _experiment_command(kind: str):
                   help=f"Output folder (default: experiments/{kind}).")
     @click.option("--quiet", is_flag=True, help="No progress display.")
     def command(config_path, overrides, workers, policies, slow_factor, slow_ranks, delays,
-                versus, repeats, samples, target_accuracy, max_seconds, out, quiet):
+                versus, local_steps, repeats, samples, target_accuracy, max_seconds, out,
+                quiet):
         from asgd.experiments.runner import Experiment, RunSpec, run_experiment
         from asgd.core.policies import parse_policy
 
@@ -80,6 +85,7 @@ def _experiment_command(kind: str):
         except ConfigError as e:
             raise click.ClickException(str(e))
         counts = _ints(workers, "--workers")
+        hs = _ints(local_steps, "--local-steps")
         pols = [p.strip() for p in policies.split(",") if p.strip()]
         for p in pols:
             try:
@@ -107,7 +113,8 @@ def _experiment_command(kind: str):
                     factor = slow_factor
                     run_pols = pols if w > 1 or kind != "staleness" else pols[:1]
                     for p in run_pols:
-                        specs.append(RunSpec(p, w, factor, delay, r))
+                        for h in hs:
+                            specs.append(RunSpec(p, w, factor, delay, r, local_steps=h))
                     if versus == "ddp" and w > 1:
                         specs.append(RunSpec("ddp", w, factor, delay, r))
         exp = Experiment(kind, base, specs, Path(out or f"experiments/{kind}"), samples,
@@ -125,6 +132,8 @@ def _experiment_command(kind: str):
                      "(and DDP with --vs ddp): samples/s and time to a target accuracy.",
         "throughput": "Samples/s, updates/s and time to target against the number of "
                       "workers, with one plain process as the reference in the same run.",
+        "local-steps": "Asynchronous Local SGD (DiLoCo): H local steps per push against H=1 "
+                       "at the same samples: accuracy, bytes moved, time to target.",
     }[kind]
     return click.command(kind)(command)
 

@@ -53,7 +53,7 @@ def _time_to_target_cell(records: list[dict]) -> str:
 
 
 def group_key(r: dict) -> tuple:
-    return (r["policy"], r["workers"], r["slow_factor"], r["delay_s"])
+    return (r["policy"], r["workers"], r.get("local_steps", 1), r["slow_factor"], r["delay_s"])
 
 
 def summary_table(exp: Experiment, records: list[dict]) -> str:
@@ -62,19 +62,22 @@ def summary_table(exp: Experiment, records: list[dict]) -> str:
         groups.setdefault(group_key(r), []).append(r)
     lines = [f"Experiment `{exp.name}`: {exp.samples:,} training samples a run, target accuracy "
              f"{exp.target_accuracy:g}; medians (min–max) over repeats.", "",
-             "| policy | workers | slow factor | delay s | runs ok | test accuracy | time to "
-             "target s | samples/s | updates/s | staleness mean | staleness max |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for (policy, workers, slow, delay), rs in groups.items():
+             "| policy | workers | local steps | slow factor | delay s | runs ok | test accuracy "
+             "| time to target s | samples/s | updates/s | staleness mean | staleness max "
+             "| MB moved |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: |"]
+    for (policy, workers, local, slow, delay), rs in groups.items():
         ok = [r for r in rs if r["status"] == "ok"]
         tta = _time_to_target_cell(ok)
+        moved = [r["bytes_moved"] / 1e6 for r in ok if r.get("bytes_moved")]
         lines.append(
-            f"| {policy} | {workers} | {slow:g} | {delay:g} | {len(ok)}/{len(rs)} | "
+            f"| {policy} | {workers} | {local} | {slow:g} | {delay:g} | {len(ok)}/{len(rs)} | "
             f"{_spread([r.get('test_accuracy') for r in ok])} | {tta} | "
             f"{_spread([r.get('samples_per_s') for r in ok])} | "
             f"{_spread([r.get('updates_per_s') for r in ok])} | "
             f"{_spread([r.get('staleness_mean') for r in ok])} | "
-            f"{_spread([r.get('staleness_max') for r in ok])} |")
+            f"{_spread([r.get('staleness_max') for r in ok])} | {_spread(moved)} |")
     heads = headline(exp.name, records, exp.target_accuracy)
     if heads:
         lines += ["", *heads]
@@ -118,7 +121,30 @@ def headline(name: str, records: list[dict], target: float | None = None) -> lis
         return _staleness_headline(ok)
     if name == "throughput":
         return _throughput_headline(ok, target)
+    if name == "local-steps":
+        return _local_steps_headline(ok, target)
     return []
+
+
+def _local_steps_headline(ok: list[dict], target) -> list[str]:
+    lines = []
+    for w in sorted({r["workers"] for r in ok}):
+        base = [r for r in ok if r["workers"] == w and r.get("local_steps", 1) == 1]
+        if not base:
+            continue
+        a_ref = median_of(base, "test_accuracy")
+        t_ref = median_time_to_target(base)
+        b_ref = median_of(base, "bytes_moved")
+        for h in sorted({r.get("local_steps", 1) for r in ok if r["workers"] == w} - {1}):
+            rs = [r for r in ok if r["workers"] == w and r.get("local_steps", 1) == h]
+            b = median_of(rs, "bytes_moved")
+            moved = (f"{b_ref / b:.1f}x fewer bytes moved" if b and b_ref else
+                     "bytes not recorded")
+            times = _time_comparison(f"H={h}", median_time_to_target(rs), "H=1", t_ref,
+                                     target)
+            lines.append(f"- {w} worker(s), H={h} against H=1: {moved}; {times}; "
+                         f"{_accuracy_comparison(median_of(rs, 'test_accuracy'), a_ref)}")
+    return lines
 
 
 def _straggler_headline(ok: list[dict], target) -> list[str]:

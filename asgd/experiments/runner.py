@@ -30,7 +30,8 @@ def run_one(exp: Experiment, spec: RunSpec) -> dict:
     from asgd.launch.launcher import launch
 
     record = {"experiment": exp.name, "policy": spec.policy, "workers": spec.workers,
-              "slow_factor": spec.slow_factor, "delay_s": spec.delay_s, "repeat": spec.repeat}
+              "local_steps": spec.local_steps, "slow_factor": spec.slow_factor,
+              "delay_s": spec.delay_s, "repeat": spec.repeat}
     try:
         cfg = exp.config_for(spec)
         if spec.policy in ("ddp", "single"):
@@ -53,6 +54,9 @@ def run_one(exp: Experiment, spec: RunSpec) -> dict:
         updates_applied=summary.get("updates_applied"), samples=summary.get("samples"),
         staleness_mean=summary.get("staleness_mean"), staleness_max=summary.get("staleness_max"),
         staleness_histogram=summary.get("staleness_histogram", {}),
+        bytes_moved=sum(summary.get(k, 0) or 0 for k in ("bytes_in", "bytes_out",
+                                                          "shm_bytes_in", "shm_bytes_out"))
+        or None,
         train_s=train_s, wall_s=summary.get("wall_s"), run_dir=str(run_dir),
         error="; ".join(summary.get("failures", [])) or None, curve=curve,
     )

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from asgd.config import Config
 
-FIELDS = ("experiment", "policy", "workers", "slow_factor", "delay_s", "repeat", "status",
+FIELDS = ("experiment", "policy", "workers", "local_steps", "slow_factor", "delay_s", "repeat",
+          "status", "bytes_moved",
           "test_accuracy", "test_loss", "time_to_target_s", "samples_per_s", "updates_per_s",
           "updates_applied", "samples", "staleness_mean", "staleness_max", "train_s", "wall_s",
           "run_dir", "error")
@@ -28,12 +29,15 @@ class RunSpec:
     slow_factor: float = 1.0
     delay_s: float = 0.0
     repeat: int = 0
+    local_steps: int = 1     # worker.local_steps: H steps per push (the same samples a run)
 
     @property
     def name(self) -> str:
         slow = f"-f{self.slow_factor:g}" if self.slow_factor != 1 else ""
         delay = f"-d{self.delay_s:g}" if self.delay_s else ""
-        return f"{self.policy.replace('+', '_')}-w{self.workers}{slow}{delay}-r{self.repeat}"
+        local = f"-h{self.local_steps}" if self.local_steps != 1 else ""
+        return (f"{self.policy.replace('+', '_')}-w{self.workers}{local}{slow}{delay}"
+                f"-r{self.repeat}")
 
 
 @dataclass
@@ -52,9 +56,11 @@ class Experiment:
         b = self.base.worker.batch_size
         pushes = max(1, self.samples // b)
         per_update = spec.workers if spec.policy in ("sync", "ddp") else 1
+        per_update *= spec.local_steps
         overrides = {
             "run.name": spec.name, "run.out_dir": str(self.out / "runs"),
             "run.workers": spec.workers, "run.max_updates": max(1, pushes // per_update),
+            "worker.local_steps": spec.local_steps,
             "run.max_seconds": self.max_seconds, "run.eval_every_s": self.eval_every_s,
             "run.seed": self.base.run.seed + spec.repeat,
             "worker.slow_factor": spec.slow_factor, "worker.delay_s": spec.delay_s,

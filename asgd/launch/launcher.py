@@ -49,9 +49,22 @@ def make_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
+def check_imports(cfg: Config) -> None:
+    """A user's model or data set given by import path must import: checked before any
+    process starts (the built-ins always do; their arguments are checked with the task)."""
+    from asgd.tasks.imports import import_object
+
+    for what, name in (("model", cfg.model.name), ("data set", cfg.data.name)):
+        if ":" in name:
+            try:
+                import_object(name, what)
+            except (ValueError, TypeError) as e:
+                raise LaunchError(str(e)) from None
+
+
 def prepare_task(cfg: Config):
-    """The run's task in this process (CPU, one thread) for evaluations, built before any
-    process starts: a model or data set that cannot be imported or built fails here."""
+    """The run's task in this process (CPU, one thread) for evaluations: a model or data set
+    that cannot be built fails here, and the launch with it."""
     import torch
 
     from asgd.tasks.task import build_task
@@ -65,18 +78,25 @@ def prepare_task(cfg: Config):
 
 def launch(cfg: Config, quiet: bool = False) -> dict:
     """Run a whole cluster on this machine; returns the summary (also in summary.json)."""
-    task = prepare_task(cfg)
+    check_imports(cfg)
     run_dir = make_run_dir(cfg)
     try:
-        return Launch(cfg, task, run_dir, quiet).run()
+        return Launch(cfg, run_dir, quiet).run()
     except LaunchError:
         shutil.rmtree(run_dir, ignore_errors=True)    # nothing ran: leave nothing behind
         raise
 
 
 class Launch:
-    def __init__(self, cfg: Config, task, run_dir: Path, quiet: bool):
-        self.cfg, self.task, self.run_dir = cfg, task, run_dir
+    """The server and the workers start together (each worker builds its model and data
+    while the server starts, and reads the server's address from a file once it is there);
+    meanwhile this process builds the task it evaluates with."""
+
+    def __init__(self, cfg: Config, run_dir: Path, quiet: bool):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.task = None
+        self.guard = None
+        self.start_failed = False
         save_config(cfg, run_dir / "config.yaml")
         self.t0 = time.time()
         self.env = child_env(ASGD_T0=repr(self.t0))
@@ -84,7 +104,6 @@ class Launch:
         self.metrics = MetricsWriter(self.metrics_path, self.t0)
         self.display = Display(cfg, quiet)
         self.mon = Monitor(cfg, self.t0)
-        self.guard = DivergenceGuard(task.num_classes, cfg.schedule.warmup, cfg.run.max_updates)
         self.failures: list[str] = []
         self.diverged: list[str] = []
         self.interrupted = False
@@ -104,6 +123,11 @@ class Launch:
                                        "--bind", "tcp://127.0.0.1:0", "--run-dir", str(run_dir),
                                        "--address-file", str(addr_file)],
                             run_dir / "logs" / "server.log", self.env)
+        for r in range(cfg.run.workers):
+            self.workers.append(spawn(
+                f"worker {r}", ["-m", "worker", "--config", config_file, "--server-file",
+                                str(addr_file), "--rank", str(r), "--run-dir", str(run_dir)],
+                run_dir / "logs" / f"worker-{r}.log", self.env))
 
         def sigterm(*_):
             raise KeyboardInterrupt
@@ -111,15 +135,14 @@ class Launch:
         old_term = signal.signal(signal.SIGTERM, sigterm)
         try:
             try:
+                self.task = prepare_task(cfg)
+                self.guard = DivergenceGuard(self.task.num_classes, cfg.schedule.warmup,
+                                             cfg.run.max_updates)
                 endpoint = wait_for_address(addr_file, self.server, STARTUP_TIMEOUT_S)
-            except ProcessError as e:
-                stop([self.server], grace_s=5.0)
+            except (LaunchError, ProcessError) as e:
+                stop(self.workers + [self.server], grace_s=5.0)
+                self.start_failed = True
                 raise LaunchError(str(e)) from None
-            for r in range(cfg.run.workers):
-                self.workers.append(spawn(
-                    f"worker {r}", ["-m", "worker", "--config", config_file, "--server",
-                                    endpoint, "--rank", str(r), "--run-dir", str(run_dir)],
-                    run_dir / "logs" / f"worker-{r}.log", self.env))
             from asgd.client import Client
 
             self.client = Client(endpoint, "launcher", timeout_s=10.0)
@@ -130,7 +153,12 @@ class Launch:
                                  always=True)
         finally:
             signal.signal(signal.SIGTERM, old_term)
-            self._stop_all()
+            if not self.start_failed:
+                self._stop_all()
+        if self.task is None:              # interrupted while it was being built
+            self.task = prepare_task(cfg)
+            self.guard = DivergenceGuard(self.task.num_classes, cfg.schedule.warmup,
+                                         cfg.run.max_updates)
         return self._summarize()
 
     def _watch(self) -> None:
@@ -266,6 +294,9 @@ class Launch:
             staleness_mean=stats.get("staleness_mean", 0.0),
             staleness_max=stats.get("staleness_max", 0),
             staleness_histogram=stats.get("staleness_histogram", {}),
+            bytes_in=stats.get("bytes_in", 0), bytes_out=stats.get("bytes_out", 0),
+            shm_bytes_in=stats.get("shm_bytes_in", 0),
+            shm_bytes_out=stats.get("shm_bytes_out", 0),
             samples=samples,
             samples_per_s=samples / train_s if train_s > 0 else 0.0,
             policy=cfg.server.policy,

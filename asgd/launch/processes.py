@@ -85,6 +85,22 @@ def write_address(path: Path, endpoint: str) -> None:
     os.replace(tmp, path)
 
 
+def read_address(path: Path, timeout_s: float, stop=lambda: False) -> str | None:
+    """The endpoint announced in ``path`` once it is there (a process started alongside the
+    one that announces it), or None after ``timeout_s`` or once ``stop()`` is true."""
+    path = Path(path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not stop():
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            text = ""
+        if text:
+            return text
+        time.sleep(0.02)
+    return None
+
+
 def wait_for_address(path: Path, proc: Proc, timeout_s: float = 60.0) -> str:
     """The endpoint ``proc`` announced in ``path``; ProcessError if it exits or stays silent
     for ``timeout_s``."""
@@ -98,7 +114,7 @@ def wait_for_address(path: Path, proc: Proc, timeout_s: float = 60.0) -> str:
         if proc.poll() is not None:
             raise ProcessError(f"the {proc.name} exited at start-up (exit {proc.returncode})"
                                f":\n{proc.tail()}")
-        time.sleep(0.05)
+        time.sleep(0.02)
     raise ProcessError(f"the {proc.name} did not start listening within {timeout_s:g} s:\n"
                        f"{proc.tail()}")
 
