@@ -47,11 +47,13 @@ class Client:
         self.segment = None           # the shared-memory segment the server accepted
         self.shm_refused = ""         # why the server did not take one
         self._sent_ops = {}           # request id -> op, for replies taken later (finish)
+        self._shm_ids = set()         # ... of those, the ones answered by a header alone
         self._connect()
 
     def _connect(self):
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 0
+        self._rcvtimeo = -1
         self.sock.connect(self.endpoint)
 
     def reconnect(self):
@@ -88,26 +90,36 @@ class Client:
         self._sent_ops[rid] = op
         return rid
 
-    def _wait(self, rid: int, op: str, timeout_s: float | None = None):
+    def _wait(self, rid: int, op: str, timeout_s: float | None = None, copy: bool = False):
+        """The reply to request ``rid``, waiting at most ``timeout_s``. Blocking receives
+        with ZeroMQ's own receive timeout (a poll per reply costs more than the rest of a
+        small exchange); ``copy``: the reply is small (a header), receive it as bytes."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
+        sock = self.sock
+        ms = int(timeout_s * 1000) + 1       # the same for every call: set once, not per reply
         try:
             while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self.sock.poll(int(left * 1000) + 1, zmq.POLLIN):
-                    raise ServerTimeout(f"no reply to {op} from {self.endpoint} within "
-                                        f"{timeout_s:g} s")
-                reply = self.sock.recv_multipart(copy=False)
-                self.bytes_received += sum(f.buffer.nbytes for f in reply)
+                if ms != self._rcvtimeo:
+                    sock.rcvtimeo = self._rcvtimeo = ms
+                reply = sock.recv_multipart(copy=copy)
+                self.bytes_received += sum(len(f) for f in reply) if copy else \
+                    sum(f.buffer.nbytes for f in reply)
                 head, out = protocol.decode(reply)
                 if head.get("id") is None and not head.get("ok"):
                     # an error the server could not tie to an id: ours is the only one waiting
                     raise ServerError(head.get("error", "internal"), head.get("message", ""))
-                if head.get("id") != rid:
-                    continue  # a late reply to an earlier request
+                if head.get("id") != rid:   # a late reply to an earlier request
+                    ms = int((deadline - time.monotonic()) * 1000) + 1
+                    if ms <= 1:
+                        raise zmq.Again()
+                    continue
                 if not head.get("ok"):
                     raise ServerError(head.get("error", "internal"), head.get("message", ""))
                 return head, out
+        except zmq.Again:
+            raise ServerTimeout(f"no reply to {op} from {self.endpoint} within "
+                                f"{timeout_s:g} s") from None
         finally:
             self._sent_ops.pop(rid, None)
 
@@ -156,6 +168,7 @@ class Client:
         rid = next(self._ids)
         if slot is not None:
             header = protocol.request_header(op, rid, self.worker, version=version, shm=slot)
+            self._shm_ids.add(rid)
             return self._send(rid, op, [protocol.pack_header(header)])
         fields = {"version": version, "flat": True}
         if op == "push_pull":
@@ -189,7 +202,9 @@ class Client:
                timeout_s: float | None = None) -> dict:
         """Wait for the reply to request ``rid``; the weights it carries go into ``out``."""
         op = self._sent_ops.get(rid, "push_pull")
-        head, tensors = self._wait(rid, op, timeout_s)
+        small = self.segment is not None and rid in self._shm_ids
+        self._shm_ids.discard(rid)
+        head, tensors = self._wait(rid, op, timeout_s, copy=small)
         if op in ("pull", "push_pull") and out is not None:
             self._weights_into(head, tensors, out)
         return head

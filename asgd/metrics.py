@@ -38,7 +38,7 @@ class MetricsWriter:
         self.path = Path(path) if path else None
         self.t0 = run_t0() if t0 is None else t0
         self.buffered = buffered
-        self._pending: list[str] = []
+        self._pending: list[dict] = []
         self._fd = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,18 +48,17 @@ class MetricsWriter:
         record = {"t": round(time.time() - self.t0, 4), "kind": kind}
         record.update({k: _clean(v) for k, v in fields.items()})
         if self._fd is not None:
-            line = json.dumps(record) + "\n"
-            if self.buffered:
-                self._pending.append(line)
+            if self.buffered:        # serialized when flushed, off the caller's path
+                self._pending.append(record)
                 if len(self._pending) >= self.MAX_BUFFERED:
                     self.flush()
             else:
-                os.write(self._fd, line.encode())
+                os.write(self._fd, (json.dumps(record) + "\n").encode())
         return record
 
     def flush(self) -> None:
         if self._pending and self._fd is not None:
-            data = "".join(self._pending).encode()
+            data = "".join(json.dumps(r) + "\n" for r in self._pending).encode()
             self._pending = []
             while data:   # a regular file takes it all at once; loop only on a short write
                 data = data[os.write(self._fd, data):]

@@ -84,12 +84,15 @@ class Server:
             if deadline and time.monotonic() > deadline:
                 break
             if poller.poll(POLL_MS):
-                for _ in range(MAX_BATCH):
+                sock = self.sock
+                for _ in range(MAX_BATCH):   # a message is waiting: poll said so, or EVENTS
                     try:
-                        frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        identity, request = self._recv()
                     except zmq.Again:
                         break
-                    self._serve_one(frames)
+                    self._serve(identity, request)
+                    if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        break
             for identity, reply in self.core.tick():
                 self._send(identity, reply)
             now = time.monotonic()
@@ -102,8 +105,19 @@ class Server:
             if ce and self.store.version - self._last_checkpoint_version >= ce:
                 self.checkpoint()
 
-    def _serve_one(self, frames) -> None:
-        identity, request = frames[0].bytes, frames[1:]
+    def _recv(self) -> tuple[bytes, list]:
+        """One request: the routing identity and the header as bytes (small: copying is
+        cheaper than a Frame object), the tensor frames without a copy."""
+        sock = self.sock
+        identity = sock.recv(zmq.NOBLOCK)
+        frames = []
+        if sock.rcvmore:
+            frames.append(sock.recv())
+            while sock.rcvmore:
+                frames.append(sock.recv(copy=False))
+        return identity, frames
+
+    def _serve(self, identity: bytes, request: list) -> None:
         for peer, reply in self.core.handle(identity, request):
             self._send(peer, reply)
 
@@ -112,6 +126,9 @@ class Server:
         are small or already copies, and a plain send is cheaper for them than a Frame."""
         sock = self.sock
         try:
+            if len(reply) == 1:          # a header alone (shared memory, errors, stats)
+                sock.send_multipart([identity, reply[0]])
+                return
             sock.send(identity, zmq.SNDMORE)
             last = len(reply) - 1
             for i, part in enumerate(reply):

@@ -42,6 +42,8 @@ def test_steps_push_autograds_gradient_and_load_the_servers_weights(
     try:
         ex.connect(lambda seg: client.hello(rank=0, shm=seg))
         assert ex.transport == ("shm" if shared_memory == "on" else "frames")
+        if shared_memory == "on":      # mapped by both: its name is gone from /dev/shm
+            assert ex.segment.unlinked and not ex.segment.path.exists()
         x, y = task.dataset.x_train[:32], task.dataset.y_train[:32]
         replies = []
         for step in range(4):
@@ -53,6 +55,10 @@ def test_steps_push_autograds_gradient_and_load_the_servers_weights(
             assert torch.allclose(grad, expected, atol=1e-6)
             replies.append(ex.exchange(grad))
         ex.drain()
+        if shared_memory == "on":      # a hello again (a restarted server) offers a new one
+            old = ex.segment.path
+            ex.connect(lambda seg: client.hello(rank=0, shm=seg))
+            assert ex.transport == "shm" and ex.segment.path != old
         server_w = np.empty(task.layout.numel, np.float32)
         version = observer.pull_flat(server_w)
         assert version == 4 and ex.version == 4
@@ -119,3 +125,41 @@ def test_local_steps_push_the_distance_travelled(start_server, make_config, clie
         assert torch.allclose(w.ex.weights, moved, atol=1e-6)
     finally:
         w.close()
+
+
+def test_an_unused_parameter_pushes_zeros_and_gradients_keep_their_shapes():
+    """No server needed: the flat buffers and the views autograd fills."""
+    from asgd.client import Client
+    from asgd.core.layout import ParameterLayout
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(1, 3, 3)
+            self.unused = torch.nn.Linear(4, 2)
+            self.head = torch.nn.Linear(3 * 6, 2)
+
+        def forward(self, x):
+            return self.head(self.conv(x[:, None]).relu().flatten(1))
+
+    torch.manual_seed(0)
+    model = TwoHeads()
+    layout = ParameterLayout.from_model(model)
+    with Client("tcp://10.255.255.1:9", "w0") as client:     # never contacted
+        ex = Exchange(model, layout, client, torch.device("cpu"), shared_memory="off",
+                      staged=True)
+        x, y = torch.randn(5, 8), torch.tensor([0, 1, 0, 1, 1])
+        expected = []
+        ref = copy.deepcopy(model)
+        F.cross_entropy(ref(x), y).backward()
+        for p in ref.parameters():
+            expected.append(torch.zeros_like(p) if p.grad is None else p.grad)
+        for _ in range(2):                                   # the second step reuses buffers
+            ex.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            grad = ex.gradient()
+            assert torch.allclose(grad, torch.cat([e.reshape(-1) for e in expected]))
+            for p in model.parameters():
+                assert p.grad.shape == p.shape
+            ex.slot ^= 1
+        ex.close()

@@ -61,35 +61,21 @@ class Exchange:
         # on the CPU only when asked, which runs the GPU's code path for tests)
         self.staged = cuda if staged is None else staged or cuda
         self.cuda = cuda
-        self.segment = None
-        if shared_memory == "on" or shared_memory == "auto" and is_local(client.endpoint):
-            try:
-                self.segment = Segment.create(self.numel, slots=2)
-            except OSError as e:
-                if shared_memory == "on":
-                    raise
-                log.info("no shared-memory segment (%s): sending frames", e)
         self.shared_memory = shared_memory
-        # host buffers: what goes on the wire, or the segment's slots
-        if self.segment is None:
-            self.host_grads = [self._host(self.numel, cuda) for _ in range(2)]
-            self.host_weights = self._host(self.numel, cuda)
-        else:
-            self.host_grads = [torch.from_numpy(self.segment.grad(i)) for i in range(2)]
-            self.host_weights = self._host(self.numel, cuda)
-            if cuda:
-                for t in self.host_grads:   # page-lock the segment for fast copies
-                    torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * 4, 0)
-        # device buffers: the parameters and their gradients are views of these
-        if self.staged:
+        self.want_segment = shared_memory == "on" or (shared_memory == "auto" and
+                                                      is_local(client.endpoint))
+        self.segment = None
+        self.host_weights = self._host(self.numel, cuda)
+        self._frame_grads = None
+        self._bind_gradients(self._new_segment())
+        if self.staged:          # device buffers: the parameters and gradients view these
             self.weights = torch.zeros(self.numel, device=device)
             self.grads = [torch.zeros(self.numel, device=device)]
+            self._views_g = [layout.views(self.grads[0])]
         else:
             self.weights = self.host_weights
-            self.grads = self.host_grads
         self.slot = 0
         self._views_w = layout.views(self.weights)
-        self._views_g = [layout.views(g) for g in self.grads]
         with torch.no_grad():
             for p, v in zip(self.params, self._views_w):
                 v.copy_(p.detach().reshape(-1).view_as(v))
@@ -107,6 +93,37 @@ class Exchange:
     def _host(numel: int, pinned: bool) -> torch.Tensor:
         return torch.zeros(numel, pin_memory=pinned)
 
+    def _new_segment(self) -> Segment | None:
+        """A fresh shared-memory segment to offer, when this worker wants one."""
+        if not self.want_segment:
+            return None
+        try:
+            return Segment.create(self.numel, slots=2)
+        except OSError as e:
+            if self.shared_memory == "on":
+                raise
+            log.info("no shared-memory segment (%s): sending frames", e)
+            return None
+
+    def _bind_gradients(self, segment: Segment | None) -> None:
+        """The host gradient buffers: the segment's two slots, or plain (pinned on CUDA)
+        memory for frames; without staging they are also the buffers autograd writes."""
+        if self.segment is not None:
+            self.segment.close()
+        self.segment = segment
+        if segment is None:
+            if self._frame_grads is None:
+                self._frame_grads = [self._host(self.numel, self.cuda) for _ in range(2)]
+            self.host_grads = self._frame_grads
+        else:
+            self.host_grads = [torch.from_numpy(segment.grad(i)) for i in range(2)]
+            if self.cuda:
+                for t in self.host_grads:   # page-lock the segment for fast copies
+                    torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * 4, 0)
+        if not self.staged:
+            self.grads = self.host_grads
+            self._views_g = [self.layout.views(g) for g in self.grads]
+
     # ------------------------------------------------------------------------------------------
 
     @property
@@ -117,6 +134,10 @@ class Exchange:
         """``hello(shm)`` says hello (with the segment to offer); ``check(info)`` may refuse
         the server's answer before anything is loaded; then the weights it carries are loaded.
         The shared-memory path is used if the server took the segment."""
+        if self.want_segment and (self.segment is None or self.segment.unlinked):
+            # a hello again (a restarted server): the last segment's name is gone, offer anew
+            self.client.segment = None
+            self._bind_gradients(self._new_segment())
         info, weights = hello(self.segment)
         if check is not None:
             check(info)
@@ -126,6 +147,11 @@ class Exchange:
                                    f"(worker.shared_memory: on): {self.client.shm_refused}")
             log.info("the server cannot share memory with this worker (%s): sending frames",
                      self.client.shm_refused)
+            self._bind_gradients(None)
+        elif self.segment is not None:
+            # the server has it mapped: remove its name now, so that nothing is left in
+            # /dev/shm whatever becomes of this process
+            self.segment.unlink()
         self.in_flight = None
         self.load_tensors(info["version"], weights)
         return info
@@ -136,44 +162,46 @@ class Exchange:
                 v.copy_(t.to_torch().reshape(v.shape), non_blocking=True)
         self.version = version
 
+    def _free(self) -> torch.Tensor:
+        """The device gradient buffer not in flight."""
+        return self.grads[self.slot if len(self.grads) > 1 else 0]
+
+    def _free_views(self) -> list[torch.Tensor]:
+        return self._views_g[self.slot if len(self.grads) > 1 else 0]
+
+    def _to_host(self, g: torch.Tensor) -> torch.Tensor:
+        """``g`` in the host buffer that goes on the wire (itself on the CPU)."""
+        host = self.host_grads[self.slot]
+        if g is not host:
+            host.copy_(g, non_blocking=True)
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+        return host
+
     def zero_grad(self) -> None:
         """Point every parameter's ``.grad`` at the free gradient buffer, zeroed: backward
         accumulates into it in place."""
-        i = self.slot if len(self.grads) > 1 else 0
-        self.grads[i].zero_()
-        for p, v in zip(self.params, self._views_g[i]):
-            p.grad = v.view_as(p)
+        self._free().zero_()
+        for p, v in zip(self.params, self._free_views()):
+            p.grad = v
 
     def gradient(self) -> torch.Tensor:
         """The gradient just computed, as one flat tensor on the host (copied off the device
         on CUDA). Parameters that autograd gave a fresh ``.grad`` (it does when a buffer's
         layout does not suit it) are copied in."""
-        i = self.slot if len(self.grads) > 1 else 0
-        g = self.grads[i]
-        for p, v in zip(self.params, self._views_g[i]):
+        for p, v in zip(self.params, self._free_views()):
             if p.grad is None:
                 v.zero_()
             elif p.grad.data_ptr() != v.data_ptr():
-                v.copy_(p.grad.reshape(-1))
-        host = self.host_grads[self.slot]
-        if g is not host:
-            host.copy_(g, non_blocking=True)
-            if self.cuda:
-                torch.cuda.synchronize(self.device)
-        return host
+                v.copy_(p.grad)
+        return self._to_host(self._free())
 
     def delta(self, anchor: torch.Tensor) -> torch.Tensor:
         """``anchor - weights`` (a pseudo-gradient) in the free gradient buffer, on the
         host."""
-        i = self.slot if len(self.grads) > 1 else 0
-        g = self.grads[i]
+        g = self._free()
         torch.sub(anchor, self.weights, out=g)
-        host = self.host_grads[self.slot]
-        if g is not host:
-            host.copy_(g, non_blocking=True)
-            if self.cuda:
-                torch.cuda.synchronize(self.device)
-        return host
+        return self._to_host(g)
 
     def finite(self, host_grad: torch.Tensor) -> bool:
         return self.check(host_grad.numpy())

@@ -83,6 +83,8 @@ def client_main(endpoint: str, numel: int, transport: str, encoding: str, second
     info, _ = client.hello(rank=rank, shm=seg)
     if transport == "shm" and client.segment is None:
         raise SystemExit(f"the server refused the shared-memory segment: {client.shm_refused}")
+    if seg is not None:
+        seg.unlink()          # mapped by both: leave no name behind
     version = info["version"]
     weights = np.empty(numel, np.float32)
     grad = np.full(numel, 1e-6, np.float32)

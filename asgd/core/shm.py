@@ -4,7 +4,8 @@
     client.hello(rank, shm=seg.path)               # the server maps it (same host only)
     seg.grad(0)[:] = g; push_pull(shm slot 0)      # the server reads the gradient there...
     w = seg.weights                                # ...and writes the weights it replies with
-    seg.close()                                    # unmapped and unlinked
+    seg.unlink()                                   # once the server mapped it: no name left
+    seg.close()                                    # unmapped (and unlinked)
 
 When a worker and a server shard share a machine, only the request's header goes over ZeroMQ;
 the gradient and the weights stay in this segment: the worker writes the gradient once, the
@@ -50,6 +51,7 @@ def segment_size(numel: int, slots: int) -> int:
 class Segment:
     def __init__(self, path: Path, fd: int, numel: int, slots: int, owner: bool):
         self.path, self.numel, self.slots, self.owner = path, numel, slots, owner
+        self.unlinked = False
         self._map = mmap.mmap(fd, segment_size(numel, slots))
         os.close(fd)
         buf = np.frombuffer(self._map, dtype=np.uint8)
@@ -103,6 +105,13 @@ class Segment:
             raise
         return cls(p, fd, numel, slots, owner=False)
 
+    def unlink(self) -> None:
+        """Remove the segment's name (the creator, once its peer has it mapped): the memory
+        lives on until both unmap it, and nothing is left behind if either dies."""
+        if self.owner and not self.unlinked:
+            self.path.unlink(missing_ok=True)
+            self.unlinked = True
+
     def grad(self, slot: int) -> np.ndarray:
         return self._grads[slot]
 
@@ -116,8 +125,7 @@ class Segment:
         except BufferError:   # a view is still alive somewhere: leave the mapping to the GC
             pass
         self._map = None
-        if self.owner:
-            self.path.unlink(missing_ok=True)
+        self.unlink()
 
     def __del__(self):
         try:
