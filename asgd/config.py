@@ -181,6 +181,8 @@ def _check(key: str, value: Any, tp: Any) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):   # YAML 1.1 reads on/off (yes/no) as booleans
+            return "on" if value else "off"
     elif tp is list or tp is dict:
         if isinstance(value, tp):
             return value

@@ -107,3 +107,22 @@ def test_loader_empty_shard_raises():
     x, y = make_data(2)
     with pytest.raises(ValueError):
         ShardLoader(x, y, rank=2, world=3, batch_size=1)
+
+
+def test_mnist1d_defaults_are_known_without_importing_the_generator(processes, asgd_cache,
+                                                                    mnist1d_cached):
+    """The generator pulls in matplotlib and scipy (most of a second in every process): the
+    default shape and a cached data set need neither."""
+    from mnist1d.data import get_dataset_args
+
+    from asgd.tasks.data import MNIST1D_LENGTH
+
+    assert get_dataset_args(as_dict=True)["final_seq_length"] == MNIST1D_LENGTH
+    code = ("import sys; from asgd.config import load_config; "
+            "from asgd.tasks.data import dataset_shape, load_dataset; "
+            "cfg = load_config(None); print(dataset_shape(cfg.data)); "
+            "ds = load_dataset(cfg.data); print(len(ds.x_train)); "
+            "print('mnist1d' in sys.modules)")
+    result = processes.run(["-c", code], timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["((40,),", "10)", "4000", "False"], result.stdout

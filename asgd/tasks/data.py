@@ -54,25 +54,50 @@ def _from_arrays(name, x, y, xt, yt, num_classes=None) -> Dataset:
     return Dataset(name, x.contiguous(), y, xt.contiguous(), yt, k)
 
 
-def mnist1d(cache_dir: str = "", **overrides) -> Dataset:
-    """MNIST-1D from the mnist1d package's generator (never its download)."""
-    from mnist1d.data import get_dataset_args, make_dataset
+MNIST1D_LENGTH = 40     # mnist1d's default final_seq_length: the signals' length
+
+
+def _mnist1d_args(overrides: dict) -> dict:
+    """The generator's arguments with ``overrides``; ValueError naming any it does not take.
+    Imports the mnist1d package (with matplotlib and scipy: most of a second)."""
+    from mnist1d.data import get_dataset_args
 
     args = get_dataset_args(as_dict=True)
-    unknown = set(overrides) - set(args)
+    unknown = sorted(set(overrides) - set(args) | ({"url"} & set(overrides)))
     if unknown:
-        raise ValueError(f"data set 'mnist1d' does not take {', '.join(sorted(unknown))} "
+        raise ValueError(f"data set 'mnist1d' does not take {', '.join(unknown)} "
                          f"(data.args); it takes {', '.join(sorted(set(args) - {'url'}))}")
     args.update(overrides)
     args.pop("url", None)
-    key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
-    path = _cache_dir(cache_dir) / f"mnist1d-{key}.npz"
+    return args
+
+
+def _mnist1d_cache_key(overrides: dict) -> str:
+    """The cache file's key: the overrides and the generator's version, so that a cached
+    data set is found without importing the generator (a new mnist1d version generates
+    anew)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("mnist1d")
+    except PackageNotFoundError:
+        v = "?"
+    text = json.dumps({"overrides": overrides, "mnist1d": v}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def mnist1d(cache_dir: str = "", **overrides) -> Dataset:
+    """MNIST-1D from the mnist1d package's generator (never its download), cached as .npz.
+    A cached data set loads without importing the generator."""
+    path = _cache_dir(cache_dir) / f"mnist1d-{_mnist1d_cache_key(overrides)}.npz"
     if path.exists():
         try:
             with np.load(path, allow_pickle=False) as z:
                 return _from_arrays("mnist1d", z["x"], z["y"], z["x_test"], z["y_test"], 10)
         except (OSError, ValueError, KeyError):
             pass  # a torn cache file: generate again
+    args = _mnist1d_args(overrides)
+    from mnist1d.data import make_dataset
     from mnist1d.utils import ObjectView
 
     d = make_dataset(ObjectView(dict(args, url="")))
@@ -142,14 +167,10 @@ def dataset_shape(data_cfg, seed: int = 0) -> tuple[tuple, int]:
     their data (the server needs only this to build the model)."""
     args = data_cfg.args
     if data_cfg.name == "mnist1d":
-        from mnist1d.data import get_dataset_args
-
-        known = get_dataset_args(as_dict=True)
-        unknown = sorted(set(args) - set(known) | ({"url"} & set(args)))
-        if unknown:
-            raise ValueError(f"data set 'mnist1d' does not take {', '.join(unknown)} "
-                             f"(data.args); it takes {', '.join(sorted(set(known) - {'url'}))}")
-        return (int(args.get("final_seq_length", known["final_seq_length"])),), 10
+        if not args:      # the defaults: no need to import the generator to know
+            return (MNIST1D_LENGTH,), 10
+        full = _mnist1d_args(dict(args))
+        return (int(full["final_seq_length"]),), 10
     if data_cfg.name == "digits":
         check_arguments(digits, args, "data set 'digits'", "data.args")
         return (8, 8), 10
