@@ -219,3 +219,30 @@ def test_is_local():
     assert is_local("ipc:///tmp/x.sock") and is_local("tcp://127.0.0.1:5555")
     assert is_local("tcp://localhost:1") and is_local("tcp://[::1]:5")
     assert not is_local("tcp://10.0.0.2:5555") and not is_local("tcp://server:5555")
+
+
+def test_a_vector_of_several_chunks_arrives_whole(sgd_server, clients):
+    """More than 4 MiB of float32 travels as several frames both ways; the server checks and
+    applies the chunks in order, and the client puts the weights' chunks back together."""
+    from asgd.core.flat import CHUNK_BYTES, chunk_ranges
+
+    assert chunk_ranges(10, 4, chunk_bytes=16) == [(0, 4), (4, 8), (8, 10)]
+    assert chunk_ranges(0, 4) == [(0, 0)]
+    server = sgd_server(model={"name": "cnn1d", "args": {"channels": 600}})
+    c = clients(server.endpoint)
+    _, tensors = c.hello(rank=0)
+    numel = sum(t.array.size for t in tensors)
+    assert numel * 4 > 2 * CHUNK_BYTES                  # three frames each way
+    v0, w0 = flat_weights(c, numel)
+    g = np.random.default_rng(2).normal(size=numel).astype(np.float32)
+    received = c.bytes_received
+    out = np.empty(numel, np.float32)
+    reply = c.push_pull_flat(v0, g, out)
+    assert reply["version"] == v0 + 1
+    assert np.allclose(out, w0 - g, atol=1e-6)
+    assert c.bytes_received - received >= numel * 4
+    g[-1] = np.nan                                      # a bad value in the last chunk
+    with pytest.raises(ServerError) as e:
+        c.push_pull_flat(v0 + 1, g, out)
+    assert e.value.code == "bad_tensor"
+    assert flat_weights(c, numel)[0] == v0 + 1

@@ -1,6 +1,6 @@
 """The flat form of parameters and gradients on the wire: chunks, finiteness, conversions.
 
-    specs = chunk_specs("grad", "float32", numel)        # frame specs of at most CHUNK_BYTES
+    ranges = chunk_ranges(numel, 4)                       # [start, end) of each 4 MiB frame
     ok = FiniteCheck()(array)                             # no NaN or Inf, no allocation
     copy_checked(dst, src, check)                         # dst[:] = src, False if non-finite
 
@@ -25,19 +25,6 @@ def chunk_ranges(numel: int, itemsize: int, chunk_bytes: int = CHUNK_BYTES
     if numel == 0:
         return [(0, 0)]
     return [(a, min(a + per, numel)) for a in range(0, numel, per)]
-
-
-def chunk_specs(name: str, dtype: str, numel: int, itemsize: int | None = None) -> list[dict]:
-    from asgd.core.protocol import DTYPES
-
-    size = itemsize or DTYPES[dtype].itemsize
-    return [{"name": name, "dtype": dtype, "shape": [b - a]}
-            for a, b in chunk_ranges(numel, size)]
-
-
-def chunks_of(array: np.ndarray) -> list[np.ndarray]:
-    """Views of a 1-D array, one per chunk."""
-    return [array[a:b] for a, b in chunk_ranges(array.size, array.itemsize)]
 
 
 class FiniteCheck:
