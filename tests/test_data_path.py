@@ -188,6 +188,10 @@ def test_malformed_flat_pushes_are_refused_and_change_nothing(sgd_server, client
     h = protocol.request_header("push", 8, "bad", version=v0, encoding="fp16")
     head, _ = peer.exchange([protocol.pack_header(h)])
     assert head.get("error") == "bad_request", head
+    # so do weights in half precision
+    h = protocol.request_header("pull", 9, "bad", weights="bf16")
+    head, _ = peer.exchange([protocol.pack_header(h)])
+    assert head.get("error") == "bad_request" and "flat" in head["message"], head
     v, w = flat_weights(c, numel)
     assert v == v0 and np.array_equal(w, w0)
 

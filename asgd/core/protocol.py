@@ -339,6 +339,8 @@ def check_request(frames: Sequence, max_bytes: int | None = None) -> Request:
     if h.get("weights") not in (None, *WEIGHT_ENCODINGS):
         fail("bad_request", f"unknown weights encoding {h['weights']!r} "
              f"(known: {', '.join(WEIGHT_ENCODINGS)})")
+    if h.get("weights") not in (None, "none") and not h.get("flat"):
+        fail("bad_request", f"weights {h['weights']!r} needs the flat form ('flat': true)")
     shm = h.get("shm")
     if op in TENSOR_OPS and shm is not None:
         if shm < 0:
