@@ -120,26 +120,32 @@ def launch(config_path, workers, overrides, quiet):
 @click.option("--extend", type=click.IntRange(1), default=None, metavar="N",
               help="Train N more updates from where it starts (with --resume: from the "
               "checkpoint's version); workers take this budget from the server.")
+@click.option("--shard", type=click.IntRange(0), default=0, show_default=True,
+              help="With server.shards S > 1: serve the I-th of S ranges of the parameters.")
 @click.option("--quiet", is_flag=True, help="No periodic status lines.")
 def server_command(config_path, bind, overrides, run_dir, checkpoint_dir, resume, address_file,
-                   extend, quiet):
-    """Run one parameter server."""
+                   extend, shard, quiet):
+    """Run one parameter server (or one shard of a sharded server)."""
     cfg = config_or_exit(config_path, overrides)
     bind = endpoint_or_exit(bind, "--bind", bind=True) if bind else None
     from server.main import run_server
 
+    if shard >= cfg.server.shards:
+        raise click.UsageError(f"--shard {shard} is not in [0, server.shards="
+                               f"{cfg.server.shards})")
     fast_exit(run_server(cfg, bind, run_dir, checkpoint_dir, resume, address_file,
-                        extend or 0, quiet))
+                        extend or 0, quiet, shard))
 
 
 @cli.command("worker")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True,
               help="YAML run configuration.")
 @click.option("--server", "endpoint", default=None, help="The server's endpoint, e.g. "
-              "tcp://127.0.0.1:5555.")
-@click.option("--server-file", type=click.Path(dir_okay=False), default=None,
+              "tcp://127.0.0.1:5555; for a sharded server every shard's, joined by commas.")
+@click.option("--server-file", type=click.Path(dir_okay=False), multiple=True,
               help="Instead of --server: read the endpoint from this file once it appears "
-                   "(asgd launch starts the server and workers together).")
+                   "(asgd launch starts the server and workers together); repeat it for "
+                   "each shard.")
 @click.option("--rank", type=int, default=0, show_default=True,
               help="This worker's rank in [0, run.workers): picks its data shard.")
 @click.option("--id", "worker_id", default=None, help="Worker id on the wire (default w<rank>).")
@@ -155,12 +161,14 @@ def worker_command(config_path, endpoint, server_file, rank, worker_id, override
     Exit codes: 0 when a budget ends the run, 2 for a configuration or model that cannot
     train, 3 when the server stayed away longer than worker.reconnect_timeout_s, 4 when the
     training loss stayed NaN or Inf."""
+    server_file = list(server_file) or None
     if (endpoint is None) == (server_file is None):
         raise click.UsageError("give the server's address: --server tcp://HOST:PORT "
                                "(or --server-file PATH)")
     cfg = config_or_exit(config_path, overrides)
     if endpoint is not None:
-        endpoint = endpoint_or_exit(endpoint, "--server")
+        parts = [endpoint_or_exit(e.strip(), "--server") for e in endpoint.split(",")]
+        endpoint = parts[0] if len(parts) == 1 else parts
     from worker.main import run
 
     fast_exit(run(cfg, endpoint, rank, worker_id, run_dir, quiet, server_file))

@@ -87,6 +87,10 @@ class ServerConfig:
     checkpoint_every: int = 0     # also checkpoint every N updates (0 = only on shutdown)
     stats_every_s: float = 1.0    # how often a "server" record goes to metrics.jsonl
     threads: int = 1
+    # Sharded parameter server: the flat parameters split into this many balanced contiguous
+    # ranges, each served by its own process (`asgd server --shard I`) with its own version;
+    # workers talk to every shard at once. `asgd launch` starts them all.
+    shards: int = 1
     # The outer optimizer of local steps (worker.local_steps > 1, DiLoCo): applied to each
     # pushed pseudo-gradient, at a constant rate (times the staleness policy's scale).
     # DiLoCo's Nesterov SGD; its synchronous rate 0.7 diverges when every worker's
@@ -305,6 +309,7 @@ def validate(cfg: Config) -> None:
     need(sv.checkpoint_every >= 0, "server.checkpoint_every", "must be >= 0")
     need(sv.stats_every_s > 0, "server.stats_every_s", "must be > 0")
     need(sv.threads >= 1, "server.threads", "must be >= 1")
+    need(1 <= sv.shards <= 64, "server.shards", f"must be in [1, 64], got {sv.shards}")
     need(w.batch_size >= 1, "worker.batch_size", "must be >= 1")
     need(w.device == "auto" or w.device == "cpu" or w.device.startswith("cuda"),
          "worker.device", f"must be auto, cpu, cuda or cuda:N, got {w.device!r}")

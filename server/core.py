@@ -92,6 +92,8 @@ class ServerCore:
     def __init__(self, store: ParameterStore, cfg, shard: tuple[int, int] = (0, 1),
                  metrics=None, clock: Callable[[], float] = time.monotonic):
         self.store, self.cfg, self.shard = store, cfg, shard
+        # a shard of several holds a range of the flat parameters: it speaks the flat form only
+        self.lo, self.hi = store.span
         self.max_bytes = int(cfg.server.max_message_mb * 2**20)
         self.metrics = metrics      # a MetricsWriter for per-push records, or None
         self.clock = clock
@@ -149,7 +151,10 @@ class ServerCore:
             if result is DEFER:
                 return DEFER
             fields, tensors = result
-            form = self._reply_form(req) if req.op in ("pull", "push_pull") else PER_TENSOR
+            if req.op in ("pull", "push_pull"):
+                form = self._reply_form(req)
+            else:   # a shard's hello carries its range of the weights, flat
+                form = PER_TENSOR if self.store.whole else ReplyForm(True)
             return self._answer(req.id, req.op, fields, tensors, form)
         except ProtocolError as e:
             self.errors[e.code] += 1
@@ -171,7 +176,15 @@ class ServerCore:
             return ReplyForm(segment=seg)
         if req.get("flat"):
             return ReplyForm(True, WIRE_DTYPES[req.get("weights") or "none"])
+        self._need_whole(req)
         return PER_TENSOR
+
+    def _need_whole(self, req: Request) -> None:
+        """Per-parameter frames need the whole model: a shard of several refuses them."""
+        if not self.store.whole:
+            raise ProtocolError("bad_request", f"this server is shard {self.shard[0]} of "
+                                f"{self.shard[1]} (parameters {self.lo}-{self.hi}): use the "
+                                "flat form ('flat': true) or shared memory", req.id)
 
     def _answer(self, request_id: int, op: str, fields: dict, tensors=None,
                 form: ReplyForm = PER_TENSOR) -> list:
@@ -186,7 +199,7 @@ class ServerCore:
                 if form.segment.weights is None:   # closed by a later hello or a bye
                     return protocol.error_frames(request_id, "bad_request",
                                                  "the shared-memory segment was replaced")
-                np.copyto(form.segment.weights, store.weights.numpy())
+                np.copyto(form.segment.weights[self.lo:self.hi], store.weights.numpy())
                 self.shm_bytes_out += store.numel * 4
                 fields["shm"] = True
                 return self._frames({"ok": True, "id": request_id, **fields}, [], [])
@@ -241,10 +254,14 @@ class ServerCore:
         self.control.hello(req.worker)
         # "tensors" is the model's parameter list; its frames are the current weights, so the
         # header describes its frames as every message's does and a new worker needs no pull.
+        # A shard of several answers in the flat form: "tensors" are the chunks of its range
+        # of the weights, "params" the model's parameter list.
         return {
             "version": self.store.version,
-            "shard": {"index": self.shard[0], "count": self.shard[1]},
+            "shard": {"index": self.shard[0], "count": self.shard[1], "start": self.lo,
+                      "stop": self.hi},
             "config": self.training_settings(),
+            **({} if self.store.whole else {"params": self.store.specs}),
             **({} if shm is None else {"shm": shm}),
         }, None
 
@@ -257,7 +274,9 @@ class ServerCore:
         if len(self.segments) >= MAX_SEGMENTS:
             return {"ok": False, "reason": f"{MAX_SEGMENTS} segments are mapped already"}
         try:
-            self.segments[req.worker] = Segment.open(req.header["shm"], self.store.numel)
+            # the segment holds the whole model; a shard reads and writes its own range
+            self.segments[req.worker] = Segment.open(req.header["shm"],
+                                                     self.store.layout.numel)
         except (SegmentError, OSError, ValueError) as e:
             return {"ok": False, "reason": str(e)}
         return {"ok": True}
@@ -277,6 +296,7 @@ class ServerCore:
             return base, self._shm_grad(req)
         if req.get("flat"):
             return base, self._flat_grad(req)
+        self._need_whole(req)
         specs = self.store.layout.specs
         if len(req.tensors) != len(specs):
             raise ProtocolError("bad_tensor", f"push has {len(req.tensors)} tensors, the model "
@@ -306,7 +326,7 @@ class ServerCore:
         if slot >= seg.slots:
             raise ProtocolError("bad_request", f"gradient slot {slot} is not in [0, "
                                 f"{seg.slots})", req.id)
-        g = seg.grad(slot)
+        g = seg.grad(slot)[self.lo:self.hi]
         self.shm_bytes_in += g.nbytes
         if not self.check(g):
             raise ProtocolError("bad_tensor", "the gradient has non-finite values", req.id)
@@ -393,6 +413,8 @@ class ServerCore:
 
     def _log(self, kind: str, **fields) -> None:
         if self.metrics is not None:
+            if self.shard[1] > 1:
+                fields["shard"] = self.shard[0]
             self.metrics.write(kind, **fields)
 
     # ------------------------------------------------------------------------------------------
@@ -424,6 +446,8 @@ class ServerCore:
             "bytes_out": self.bytes_out,
             "shm_bytes_in": self.shm_bytes_in,
             "shm_bytes_out": self.shm_bytes_out,
+            "shard": {"index": self.shard[0], "count": self.shard[1], "start": self.lo,
+                      "stop": self.hi},
             "uptime_s": round(now - self.started, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }

@@ -2,11 +2,15 @@
 
     asgd server --config configs/default.yaml [--bind tcp://127.0.0.1:5555] [--resume]
     python -m server --config configs/default.yaml       # the same command
+    asgd server --config c.yaml --set server.shards=2 --shard 1 --bind tcp://0.0.0.0:5556
 
 Binds to loopback unless told otherwise. Every receive is under a poll timeout, so signals and
 periodic work (a ``server`` record in metrics.jsonl, periodic checkpoints) are never starved.
 SIGINT/SIGTERM stop the loop; the server then writes its checkpoint (atomically) and exits 0.
 ``--resume`` starts from that checkpoint with its version, weights and optimizer state.
+With ``server.shards`` S > 1 this process is shard ``--shard I``: it serves the I-th of S
+balanced contiguous ranges of the flat parameters (``asgd.core.flat.shard_range``) with its own
+version, and keeps its checkpoint in ``<checkpoint dir>/shard-I``.
 """
 from __future__ import annotations
 
@@ -33,28 +37,45 @@ STATUS_EVERY_S = 5.0   # a status line in the log this often, when anything chan
 MAX_BATCH = 256   # requests handled per wake-up before periodic work gets a turn
 
 
-def build_store(cfg: Config) -> ParameterStore:
-    """The store with the model's initial weights (same seed as every worker). A built-in
-    data set is not loaded: the model needs only its shape."""
+def build_store(cfg: Config, shard: int = 0) -> ParameterStore:
+    """The store with the model's initial weights (same seed as every worker), or shard
+    ``shard``'s range of them. A built-in data set is not loaded: the model needs only its
+    shape."""
+    from asgd.core.flat import shard_range
+    from asgd.core.layout import ParameterLayout
     from asgd.tasks.task import build_task
 
-    return ParameterStore.from_model(build_task(cfg, data=False).model, cfg)
+    model = build_task(cfg, data=False).model
+    span = None
+    if cfg.server.shards > 1:
+        span = shard_range(ParameterLayout.from_model(model).numel, shard, cfg.server.shards)
+    return ParameterStore.from_model(model, cfg, span=span)
+
+
+def shard_checkpoint_dir(base: Path, shard: int, shards: int) -> Path:
+    """Where shard ``shard`` of ``shards`` keeps its checkpoint (the base itself for one)."""
+    return base if shards == 1 else base / f"shard-{shard}"
 
 
 class Server:
     def __init__(self, cfg: Config, bind: str, run_dir: Path | None = None,
-                 checkpoint_dir: Path | None = None, resume: bool = False):
+                 checkpoint_dir: Path | None = None, resume: bool = False, shard: int = 0):
         self.cfg = cfg
         self.run_dir = run_dir
-        self.checkpoint_dir = Path(checkpoint_dir or cfg.server.checkpoint_dir or
-                                   (run_dir / "checkpoint" if run_dir else "checkpoint"))
-        self.store = build_store(cfg)
+        if not 0 <= shard < cfg.server.shards:
+            raise ValueError(f"--shard {shard} is not in [0, server.shards="
+                             f"{cfg.server.shards})")
+        self.shard = shard
+        base = Path(checkpoint_dir or cfg.server.checkpoint_dir or
+                    (run_dir / "checkpoint" if run_dir else "checkpoint"))
+        self.checkpoint_dir = shard_checkpoint_dir(base, shard, cfg.server.shards)
+        self.store = build_store(cfg, shard)
         if resume:
             resume_store(self.store, self.checkpoint_dir)
             log.info("resumed from %s at version %d", self.checkpoint_dir, self.store.version)
         self.metrics = MetricsWriter(run_dir / "metrics.jsonl" if run_dir else None,
                                      buffered=True)
-        self.core = ServerCore(self.store, cfg, metrics=self.metrics)
+        self.core = ServerCore(self.store, cfg, (shard, cfg.server.shards), metrics=self.metrics)
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.linger = 0
@@ -159,7 +180,8 @@ class Server:
                            updates_dropped=s["updates_dropped"],
                            staleness_mean=s["staleness_mean"], staleness_max=s["staleness_max"],
                            bytes_in=s["bytes_in"], bytes_out=s["bytes_out"],
-                           workers=len(s["workers"]))
+                           workers=len(s["workers"]),
+                           **({"shard": self.shard} if self.cfg.server.shards > 1 else {}))
 
     def checkpoint(self) -> Path:
         path = save_store(self.store, self.checkpoint_dir)
@@ -180,19 +202,20 @@ class Server:
 
 def run_server(cfg: Config, bind: str | None, run_dir=None, checkpoint_dir=None,
                resume: bool = False, address_file=None, extend: int = 0,
-               quiet: bool = False) -> int:
+               quiet: bool = False, shard: int = 0) -> int:
     """Serve until SIGINT/SIGTERM, then checkpoint; the exit code (0, or 1 when it cannot
     start). ``extend`` moves run.max_updates to the starting version plus that many updates
     (the workers take the server's budget when they say hello)."""
+    name = "server" if cfg.server.shards == 1 else f"server shard {shard}"
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(asctime)s server %(levelname)s %(message)s")
+                        format=f"%(asctime)s {name} %(levelname)s %(message)s")
     torch.set_num_threads(cfg.server.threads)
     bind = bind or cfg.server.bind
     if bind.startswith("tcp://") and bind.endswith(":0"):
         bind = bind[:-2] + ":*"   # ZeroMQ's spelling of "any free port"
     try:
         server = Server(cfg, bind, Path(run_dir) if run_dir else None,
-                        Path(checkpoint_dir) if checkpoint_dir else None, resume)
+                        Path(checkpoint_dir) if checkpoint_dir else None, resume, shard)
     except (CheckpointError, ValueError) as e:
         log.error("%s", e)
         return 1
@@ -205,8 +228,11 @@ def run_server(cfg: Config, bind: str | None, run_dir=None, checkpoint_dir=None,
     signal.signal(signal.SIGINT, server.request_stop)
     if address_file:
         write_address(Path(address_file), server.endpoint)
-    log.info("serving %d parameters (%d tensors) at %s, version %d",
-             server.store.numel, len(server.store.specs), server.endpoint, server.store.version)
+    lo, hi = server.store.span
+    log.info("serving %d parameters (%d tensors%s) at %s, version %d",
+             server.store.numel, len(server.store.specs),
+             "" if server.store.whole else f"; values {lo}-{hi} of {server.store.layout.numel}",
+             server.endpoint, server.store.version)
     try:
         server.serve()
     finally:

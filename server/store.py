@@ -81,31 +81,41 @@ class SnapshotPool:
 
 
 class ParameterStore:
+    """``span``: the [start, stop) range of the model's flat parameters this store holds (a
+    server shard's; the whole model by default). ``init`` is the whole model's flat weights.
+    Per-tensor views exist only for a store of the whole model."""
+
     def __init__(self, layout: ParameterLayout, init: torch.Tensor, cfg: Config,
-                 version: int = 0):
+                 version: int = 0, span: tuple[int, int] | None = None):
         self.cfg = cfg
         self.layout = layout
         for s in layout.specs:
             if s.dtype != "float32":
                 raise ValueError(f"parameter {s.name}: only float32 parameters are served")
-        self.numel = layout.numel
-        if init.numel() != self.numel:
+        if init.numel() != layout.numel:
             raise ValueError(f"initial weights have {init.numel()} values, layout needs "
-                             f"{self.numel}")
-        self.flat = torch.nn.Parameter(init.detach().to(torch.float32).clone().reshape(-1))
+                             f"{layout.numel}")
+        self.span = span = span or (0, layout.numel)
+        if not 0 <= span[0] < span[1] <= layout.numel and layout.numel:
+            raise ValueError(f"range {span} is not inside the model's {layout.numel} values")
+        self.whole = span == (0, layout.numel)
+        self.numel = span[1] - span[0]
+        init = init.detach().to(torch.float32).reshape(-1)[span[0]:span[1]]
+        self.flat = torch.nn.Parameter(init.clone())
         self.flat.grad = torch.zeros_like(self.flat)
-        self.views = layout.views(self.flat.data)
+        self.views = layout.views(self.flat.data) if self.whole else None
         self.grad_np = self.flat.grad.numpy()
         self.optimizer = make_optimizer(outer_config(cfg), [self.flat], fused=True)
         self.version = version
         self.pool = SnapshotPool(self.flat.detach())
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, cfg: Config) -> "ParameterStore":
+    def from_model(cls, model: torch.nn.Module, cfg: Config,
+                   span: tuple[int, int] | None = None) -> "ParameterStore":
         layout = ParameterLayout.from_model(model)
         with torch.no_grad():
             init = layout.flatten(model.parameters())
-        return cls(layout, init, cfg)
+        return cls(layout, init, cfg, span=span)
 
     @property
     def specs(self) -> list[dict]:

@@ -22,7 +22,7 @@ def test_hello_pull_and_push_over_the_socket(start_server, make_config, clients)
     client = clients(server.endpoint, "w0")
     info, weights = client.hello(rank=0)
     assert info["ok"] is True and info["version"] == 0
-    assert info["shard"] == {"index": 0, "count": 1}
+    assert info["shard"] == {"index": 0, "count": 1, "start": 0, "stop": 858}
     assert [s["name"] for s in info["tensors"]] == [t.name for t in weights]
     version, pulled = client.pull()
     assert version == 0 and flat(pulled) == flat(weights)

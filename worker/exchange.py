@@ -22,6 +22,10 @@ gradient leaves in one piece and the weights arrive in one copy.
 * Overlap: the push of step k and the weights after it travel while step k+1 computes, on
   the weights from before step k's push (one more step of staleness). The two gradient buffers
   alternate so the one in flight is never written.
+* A sharded server (``asgd.client.ShardedClient``): every shard reads its range of the same
+  gradient buffer (or segment) and writes its range of the weights; each push carries every
+  shard the version of its range that the gradient was computed on. Encodings are applied
+  per shard's range (top-k and error feedback per range).
 """
 from __future__ import annotations
 
@@ -37,7 +41,10 @@ log = logging.getLogger("asgd.worker")
 
 
 def is_local(endpoint: str) -> bool:
-    """An endpoint on this machine for certain: a unix socket or a loopback address."""
+    """An endpoint on this machine for certain: a unix socket or a loopback address (every
+    one of a comma-separated list of shards' endpoints)."""
+    if "," in endpoint:
+        return all(is_local(e.strip()) for e in endpoint.split(","))
     if endpoint.startswith(("ipc://", "inproc://")):
         return True
     host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
@@ -81,8 +88,9 @@ class Exchange:
                 v.copy_(p.detach().reshape(-1).view_as(v))
                 p.data = v
         self.check = FiniteCheck()
-        self.feedback = None
-        if encoding not in ("none",):
+        self.sharded = hasattr(client, "clients")
+        self.feedback = None         # error feedback of an encoding (one per shard's range)
+        if encoding not in ("none",) and not self.sharded:
             from asgd.core.encoding import ErrorFeedback
 
             self.feedback = ErrorFeedback(self.numel)
@@ -139,8 +147,17 @@ class Exchange:
             self.client.segment = None
             self._bind_gradients(self._new_segment())
         info, weights = hello(self.segment)
+        shard = info.get("shard") or {}
+        if not self.sharded and shard.get("count", 1) > 1:
+            raise RuntimeError(f"the server at {self.client.endpoint} is shard "
+                               f"{shard.get('index')} of {shard.get('count')}: give every "
+                               "shard's endpoint (--server A,B,...)")
         if check is not None:
             check(info)
+        if self.sharded and self.encoding != "none" and self.feedback is None:
+            from asgd.core.encoding import ErrorFeedback
+
+            self.feedback = [ErrorFeedback(hi - lo) for lo, hi in self.client.ranges]
         if self.segment is not None and self.client.segment is None:
             if self.shared_memory == "on":
                 raise RuntimeError("the server did not take the shared-memory segment "
@@ -153,7 +170,10 @@ class Exchange:
             # /dev/shm whatever becomes of this process
             self.segment.unlink()
         self.in_flight = None
-        self.load_tensors(info["version"], weights)
+        if info.get("flat"):
+            self.load_flat(info["version"], weights)
+        else:
+            self.load_tensors(info["version"], weights)
         return info
 
     def load_tensors(self, version: int, tensors) -> None:
@@ -161,6 +181,27 @@ class Exchange:
             for v, t in zip(self._views_w, tensors):
                 v.copy_(t.to_torch().reshape(v.shape), non_blocking=True)
         self.version = version
+
+    def load_flat(self, version: int, chunks) -> None:
+        """Weights given as consecutive flat chunks (a sharded server's hello)."""
+        host = self.host_weights.numpy()
+        pos = 0
+        for t in chunks:
+            n = t.array.size
+            if t.dtype != "float32" or pos + n > host.size:
+                raise RuntimeError("the servers' weights do not fit this model")
+            host[pos:pos + n] = t.array.reshape(-1)
+            pos += n
+        if pos != host.size:
+            raise RuntimeError(f"the servers sent {pos} weights, this model has {host.size}")
+        if self.weights is not self.host_weights:
+            self.weights.copy_(self.host_weights, non_blocking=True)
+        self.version = version
+
+    def base(self):
+        """What a push says it was computed on: the version of the weights loaded (each
+        shard's, for a sharded server)."""
+        return list(self.client.versions) if self.sharded else self.version
 
     def _free(self) -> torch.Tensor:
         """The device gradient buffer not in flight."""
@@ -210,7 +251,7 @@ class Exchange:
         """Push the gradient (computed on ``self.version``); returns the reply whose weights
         are now loaded: this push's, or with overlap the previous push's (None on the first
         step)."""
-        base = self.version                 # the weights the gradient was computed on
+        base = self.base()                  # the weights the gradient was computed on
         reply = self.finish() if self.overlap else None
         rid = self._send(host_grad, base)
         self.in_flight = (rid, base)
@@ -219,10 +260,14 @@ class Exchange:
             reply = self.finish()
         return reply
 
-    def _send(self, host_grad: torch.Tensor, base: int) -> int:
+    def _send(self, host_grad: torch.Tensor, base) -> int:
         c = self.client
         if c.segment is not None:
             return c.send_push_pull_flat(base, slot=self.slot)
+        if self.sharded and self.feedback is not None:
+            enc = [fb.encode(self.encoding, host_grad[lo:hi], **self.encoding_args)
+                   for fb, (lo, hi) in zip(self.feedback, c.ranges)]
+            return c.send_push_pull_flat(base, encoded=enc, weights=self.weights_encoding)
         if self.feedback is not None:
             enc = self.feedback.encode(self.encoding, host_grad, **self.encoding_args)
             return c.send_push_pull_flat(base, encoded=enc, weights=self.weights_encoding)

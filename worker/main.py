@@ -15,9 +15,11 @@ from worker.train import Diverged, ServerGone, WorkerError, run_worker
 
 
 def run(cfg: Config, endpoint: str | None, rank: int, worker_id: str | None = None,
-        run_dir=None, quiet: bool = False, server_file: str | None = None) -> int:
-    """``server_file``: read the server's endpoint from this file once it appears (the worker
-    builds its model and data meanwhile), waiting at most worker.reconnect_timeout_s."""
+        run_dir=None, quiet: bool = False, server_file=None) -> int:
+    """``endpoint``: the server's, or every shard's joined by commas. ``server_file``: read
+    the server's endpoint from this file once it appears (a list of files: one per shard; the
+    worker builds its model and data meanwhile), waiting at most
+    worker.reconnect_timeout_s."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s worker %(levelname)s %(message)s")
     log = logging.getLogger("asgd.worker")
@@ -26,11 +28,16 @@ def run(cfg: Config, endpoint: str | None, rank: int, worker_id: str | None = No
 
         budget = cfg.worker.reconnect_timeout_s
 
+        files = [server_file] if isinstance(server_file, str) else list(server_file)
+
         def endpoint(stop):
-            found = read_address(server_file, budget, lambda: stop.set)
-            if found is None:
-                raise ServerGone(f"no server address in {server_file} after {budget:g} s")
-            return found
+            found = []
+            for f in files:
+                address = read_address(f, budget, lambda: stop.set)
+                if address is None:
+                    raise ServerGone(f"no server address in {f} after {budget:g} s")
+                found.append(address)
+            return found[0] if len(found) == 1 else found
     try:
         res = run_worker(cfg, endpoint, rank, run_dir, worker_id)
     except ServerGone as e:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from asgd.client import Client, ServerError, ServerTimeout
+from asgd.client import ServerError, ServerTimeout, connect_client
 from asgd.config import Config
 from asgd.core.layout import ParameterLayout
 from asgd.experiments.straggler import Straggler
@@ -122,7 +122,8 @@ class Worker:
         self.stop = stop or StopFlag()
         if callable(endpoint):
             endpoint = endpoint(self.stop)
-        self.client = Client(endpoint, self.id, timeout_s=cfg.worker.request_timeout_s)
+        # one server, or every shard of a sharded one (a list, or endpoints joined by commas)
+        self.client = connect_client(endpoint, self.id, timeout_s=cfg.worker.request_timeout_s)
         w = cfg.worker
         self.ex = Exchange(self.model, self.layout, self.client, self.device,
                            shared_memory=w.shared_memory, overlap=w.overlap,

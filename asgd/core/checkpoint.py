@@ -3,6 +3,8 @@
     write_checkpoint(directory, version, layout, flat, config, optimizer)  # atomic
     ckpt = load_checkpoint("runs/x/checkpoint")     # verified: checksums, shapes, finite values
     ckpt.weights()                                   # name -> tensor
+    ckpt = load_checkpoint("runs/x/checkpoint")     # a sharded server's: shard-0/, shard-1/, ...
+                                                     # assembled into the whole model's weights
 
 The server writes it from its parameter store (``server.checkpoint``); anything may read it
 (``asgd eval``, the launcher's final evaluation, ``asgd server --resume``).
@@ -11,7 +13,9 @@ The file (``state.asgd``) is the wire format on disk, never a pickle: the magic 
 a little-endian u32 frame count, then each frame as a u64 length, a u32 CRC-32 of its bytes and
 the bytes. Frame 0 is a msgpack header; the rest are raw tensors, as in asgd.core.protocol.
 Loading checks every checksum and refuses weights or optimizer state that are not finite, so a
-damaged file is an error that says what is wrong, never a model that silently is. Files of the
+damaged file is an error that says what is wrong, never a model that silently is. A server
+shard's checkpoint holds its range of the weights (the header's ``span``); a folder of
+``shard-I`` folders loads as the whole model, each shard's range in place. Files of the
 first format (``ASGDCKP1``, no checksums) still load, with the other checks.
 """
 from __future__ import annotations
@@ -45,6 +49,7 @@ class Checkpoint:
     config: dict
     optimizer_scalars: dict
     optimizer_tensors: dict       # name -> flat tensor
+    span: tuple | None = None     # a server shard's [start, stop) of the flat weights; None: all
 
     @property
     def specs(self) -> list[dict]:
@@ -121,19 +126,25 @@ def read_frames(path: Path) -> list[memoryview]:
 
 def write_checkpoint(directory, version: int, layout: ParameterLayout, flat: torch.Tensor,
                      config: dict, optimizer: str, scalars: dict | None = None,
-                     optimizer_tensors=()) -> Path:
-    """Write ``<directory>/state.asgd`` atomically; returns its path."""
+                     optimizer_tensors=(), span: tuple | None = None) -> Path:
+    """Write ``<directory>/state.asgd`` atomically; returns its path. ``span``: the range of
+    the model's flat weights ``flat`` holds (a server shard's)."""
     header = {"kind": "asgd-checkpoint", "format": 2, "version": version,
               "layout": layout.to_specs(), "config": config,
               "optimizer": {"name": optimizer, "scalars": scalars or {}}}
+    if span is not None and tuple(span) != (0, layout.numel):
+        header["span"] = [int(span[0]), int(span[1])]
     path = Path(directory) / FILENAME
     write_frames(path, protocol.encode(header, [("weights", flat), *optimizer_tensors]))
     return path
 
 
 def load_checkpoint(directory) -> Checkpoint:
-    """Read and verify a checkpoint (a folder holding state.asgd, or the file itself)."""
+    """Read and verify a checkpoint (a folder holding state.asgd, or the file itself, or a
+    folder of a sharded server's ``shard-I`` folders)."""
     path = Path(directory)
+    if path.is_dir() and not (path / FILENAME).exists() and (path / "shard-0").is_dir():
+        return load_sharded(path)
     if path.is_dir():
         path = path / FILENAME
     try:
@@ -162,10 +173,44 @@ def load_checkpoint(directory) -> Checkpoint:
             raise CheckpointError(f"{path}: {t.name} holds {bad} non-finite value(s) "
                                   "(NaN or Inf); refusing to use it")
         by_name[t.name] = x
+    span = header.get("span")
+    if span is not None and not (isinstance(span, list) and len(span) == 2 and
+                                 all(isinstance(x, int) for x in span) and
+                                 0 <= span[0] < span[1] <= layout.numel):
+        raise CheckpointError(f"{path} is damaged: span {span!r}")
+    numel = layout.numel if span is None else span[1] - span[0]
     flat = by_name.pop("weights", None)
-    if flat is None or flat.dim() != 1 or flat.numel() != layout.numel:
+    if flat is None or flat.dim() != 1 or flat.numel() != numel:
         raise CheckpointError(f"{path} is damaged: its weights do not fit its layout")
     for name, t in by_name.items():
-        if t.numel() != layout.numel:
+        if t.numel() != numel:
             raise CheckpointError(f"{path} is damaged: {name} does not fit the layout")
-    return Checkpoint(version, flat, layout, config, scalars, by_name)
+    return Checkpoint(version, flat, layout, config, scalars, by_name,
+                      None if span is None else tuple(span))
+
+
+def load_sharded(folder: Path) -> Checkpoint:
+    """The whole model from a sharded server's checkpoints (``shard-0``, ``shard-1``, ...):
+    each shard's range in place, every range present exactly once. Its version is the
+    lowest of the shards' (each shard counts its own); the optimizer state stays per shard
+    (a shard resumes from its own folder)."""
+    parts, i = [], 0
+    while (folder / f"shard-{i}").is_dir():
+        parts.append(load_checkpoint(folder / f"shard-{i}"))
+        i += 1
+    first = parts[0]
+    flat = torch.empty(first.layout.numel, dtype=torch.float32)
+    pos = 0
+    for i, c in enumerate(parts):
+        if c.layout != first.layout:
+            raise CheckpointError(f"{folder}/shard-{i} holds a different model than shard-0")
+        lo, hi = c.span or (0, c.layout.numel)
+        if lo != pos:
+            raise CheckpointError(f"{folder}/shard-{i} starts at value {lo}, expected {pos}: "
+                                  "the shards do not fit together")
+        flat[lo:hi] = c.flat
+        pos = hi
+    if pos != first.layout.numel:
+        raise CheckpointError(f"{folder}: the shards hold values 0-{pos} of "
+                              f"{first.layout.numel}: a shard is missing")
+    return Checkpoint(min(c.version for c in parts), flat, first.layout, first.config, {}, {})

@@ -1,6 +1,7 @@
 """The flat form of parameters and gradients on the wire: chunks, finiteness, conversions.
 
     ranges = chunk_ranges(numel, 4)                       # [start, end) of each 4 MiB frame
+    start, stop = shard_range(numel, index, count)        # a server shard's contiguous range
     ok = FiniteCheck()(array)                             # no NaN or Inf, no allocation
     copy_checked(dst, src, check)                         # dst[:] = src, False if non-finite
 
@@ -25,6 +26,28 @@ def chunk_ranges(numel: int, itemsize: int, chunk_bytes: int = CHUNK_BYTES
     if numel == 0:
         return [(0, 0)]
     return [(a, min(a + per, numel)) for a in range(0, numel, per)]
+
+
+SHARD_ALIGN = 16             # shard boundaries fall on 64-byte (16-value) multiples
+
+
+def shard_range(numel: int, index: int, count: int) -> tuple[int, int]:
+    """[start, stop) of shard ``index`` of ``count``: balanced contiguous ranges covering
+    range(numel) in order, their boundaries on multiples of SHARD_ALIGN values. ValueError
+    when the index is out of range or a shard would hold nothing."""
+    if not (isinstance(count, int) and count >= 1 and isinstance(index, int)
+            and 0 <= index < count):
+        raise ValueError(f"shard {index} of {count}: the index must be in [0, {count})")
+    if numel < count * SHARD_ALIGN and count > 1:
+        raise ValueError(f"{numel} parameters cannot be split into {count} shards "
+                         f"(at least {SHARD_ALIGN} values each)")
+
+    def edge(i: int) -> int:
+        if i >= count:
+            return numel
+        return (numel * i // count) // SHARD_ALIGN * SHARD_ALIGN
+
+    return edge(index), edge(index + 1)
 
 
 class FiniteCheck:

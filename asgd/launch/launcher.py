@@ -109,7 +109,7 @@ class Launch:
         self.interrupted = False
         self.evals = 0
         self.final_stats: dict | None = None
-        self.server: Proc | None = None
+        self.servers: list[Proc] = []    # one, or one per shard (server.shards)
         self.workers: list[Proc] = []
         self.client = None
 
@@ -118,15 +118,22 @@ class Launch:
     def run(self) -> dict:
         cfg, run_dir = self.cfg, self.run_dir
         config_file = str(run_dir / "config.yaml")
-        addr_file = run_dir / "server.addr"
-        self.server = spawn("server", ["-m", "server", "--config", config_file,
-                                       "--bind", "tcp://127.0.0.1:0", "--run-dir", str(run_dir),
-                                       "--address-file", str(addr_file)],
-                            run_dir / "logs" / "server.log", self.env)
+        shards = cfg.server.shards
+        addr_files = [run_dir / "server.addr"] if shards == 1 else \
+            [run_dir / f"server-{i}.addr" for i in range(shards)]
+        for i, addr_file in enumerate(addr_files):
+            name, log = ("server", "server.log") if shards == 1 else \
+                (f"server shard {i}", f"server-{i}.log")
+            self.servers.append(spawn(
+                name, ["-m", "server", "--config", config_file, "--bind", "tcp://127.0.0.1:0",
+                       "--run-dir", str(run_dir), "--address-file", str(addr_file),
+                       "--shard", str(i)],
+                run_dir / "logs" / log, self.env))
+        files = [a for f in addr_files for a in ("--server-file", str(f))]
         for r in range(cfg.run.workers):
             self.workers.append(spawn(
-                f"worker {r}", ["-m", "worker", "--config", config_file, "--server-file",
-                                str(addr_file), "--rank", str(r), "--run-dir", str(run_dir)],
+                f"worker {r}", ["-m", "worker", "--config", config_file, *files,
+                                "--rank", str(r), "--run-dir", str(run_dir)],
                 run_dir / "logs" / f"worker-{r}.log", self.env))
 
         def sigterm(*_):
@@ -138,14 +145,15 @@ class Launch:
                 self.task = prepare_task(cfg)
                 self.guard = DivergenceGuard(self.task.num_classes, cfg.schedule.warmup,
                                              cfg.run.max_updates)
-                endpoint = wait_for_address(addr_file, self.server, STARTUP_TIMEOUT_S)
+                endpoints = [wait_for_address(f, p, STARTUP_TIMEOUT_S)
+                             for f, p in zip(addr_files, self.servers)]
             except (LaunchError, ProcessError) as e:
-                stop(self.workers + [self.server], grace_s=5.0)
+                stop(self.workers + self.servers, grace_s=5.0)
                 self.start_failed = True
                 raise LaunchError(str(e)) from None
-            from asgd.client import Client
+            from asgd.client import connect_client
 
-            self.client = Client(endpoint, "launcher", timeout_s=10.0)
+            self.client = connect_client(endpoints, "launcher", timeout_s=10.0)
             self._watch()
         except KeyboardInterrupt:
             self.interrupted = True
@@ -167,8 +175,10 @@ class Launch:
         next_eval = time.monotonic() + every if every else float("inf")
         hard_deadline = time.monotonic() + (cfg.run.max_seconds or 24 * 3600) + STARTUP_TIMEOUT_S
         while True:
-            if self.server.poll() is not None:
-                self._died(self.server)
+            dead = [p for p in self.servers if p.poll() is not None]
+            if dead:
+                for p in dead:
+                    self._died(p)
                 return
             for p in self.workers:
                 if p.poll() not in (None, 0) and not p.reported:
@@ -203,7 +213,7 @@ class Launch:
     def _died(self, p: Proc) -> None:
         p.reported = True
         rc = p.returncode
-        if p is not self.server and rc == WORKER_DIVERGED_EXIT:
+        if p not in self.servers and rc == WORKER_DIVERGED_EXIT:
             self._judge(f"{p.name}: its training loss stayed non-finite")
             return
         self.failures.append(f"{p.name} died (exit {rc})")
@@ -240,13 +250,13 @@ class Launch:
         for p in self.workers:
             if p.poll() not in (None, 0) and not p.reported:
                 self._died(p)
-        if self.client is not None and self.server.poll() is None:
+        if self.client is not None and all(p.poll() is None for p in self.servers):
             self._poll_stats()
             self.client.close()
         self.mon.finish_training()
         self.mon.note = self.mon.note or "evaluating"
         self.display.update(self.mon)
-        stop([self.server], grace_s=60.0)
+        stop(self.servers, grace_s=60.0)
 
     # ------------------------------------------------------------------------------------------
 
@@ -256,6 +266,8 @@ class Launch:
 
         cfg, run_dir, failures = self.cfg, self.run_dir, self.failures
         summary: dict = {"run_dir": str(run_dir), "workers": cfg.run.workers}
+        if cfg.server.shards > 1:
+            summary["shards"] = cfg.server.shards
         try:
             ckpt = load_checkpoint(run_dir / "checkpoint")
             ckpt.layout.check_same(self.task.layout, "checkpoint's", "configured model's")
