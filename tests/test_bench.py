@@ -55,6 +55,21 @@ def test_transport_with_an_encoding_moves_fewer_bytes(processes):
     assert out["asgd"]["wire_bytes_per_round_trip"] < 4 * 40_000 * 1.1
 
 
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_transport_through_two_shards_and_two_clients(processes, transport):
+    result = processes.run(["-m", "asgd.cli", "bench", "transport", "--params", "64K",
+                            "--transport", transport, "--shards", "2", "--workers", "2",
+                            "--seconds", "0.3"], timeout=180)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["shards"] == 2 and out["workers"] == 2 and out["round_trips_per_s"] > 0
+    wire = out["asgd"]["wire_bytes_per_round_trip"]
+    if transport == "shm":          # two headers each way: one per shard
+        assert wire < 2000, wire
+    else:                           # every value once each way, over two shards' sockets
+        assert 8 * 64_000 <= wire < 8 * 64_000 + 4000, wire
+
+
 def test_encodings_are_refused_through_shared_memory(processes):
     result = processes.run(["-m", "asgd.cli", "bench", "transport", "--params", "1K",
                             "--encoding", "fp16"], timeout=60)

@@ -39,6 +39,8 @@ def bench():
                                       "over ipc (what asgd launch uses on one host).")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Client processes pushing at once.")
+@click.option("--shards", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Server shards (server.shards), each a range of the parameters.")
 @click.option("--encoding", type=click.Choice(["none", "fp16", "bf16", "int8", "topk"]),
               default="none", show_default=True, help="Gradient encoding (tcp, ipc).")
 @click.option("--seconds", type=click.FloatRange(0.2, 600), default=3.0, show_default=True,
@@ -47,7 +49,7 @@ def bench():
               help="Repeats, interleaved across the systems; medians are reported.")
 @click.option("--vs", "vs", type=click.Choice(["torch-rpc"]), multiple=True,
               help="Also measure torch.distributed.rpc's parameter server.")
-def transport(params, transport, workers, encoding, seconds, repeats, vs):
+def transport(params, transport, workers, shards, encoding, seconds, repeats, vs):
     """push_pull round trips/s through real server processes, against a raw ZeroMQ echo of
     the same bytes (and torch RPC with --vs torch-rpc)."""
     from asgd.bench.transport import run
@@ -58,7 +60,7 @@ def transport(params, transport, workers, encoding, seconds, repeats, vs):
                                  param_hint="--encoding")
     runs = []
     for k in range(repeats):
-        r = run(numel, transport, workers, seconds, encoding, vs=vs)
+        r = run(numel, transport, workers, seconds, encoding, shards, vs=vs)
         runs.append(r)
         click.echo(f"repeat {k + 1}/{repeats}: asgd {r['round_trips_per_s']:.1f} rt/s, "
                    f"raw {r['raw_echo']['round_trips_per_s']:.1f}"

@@ -3,8 +3,9 @@ bare ZeroMQ echo of the same bytes and, optionally, torch.distributed.rpc's para
 
     asgd bench transport --params 1000000 --transport shm --workers 1 --seconds 3 --vs torch-rpc
 
-One server process (SGD, no staleness policy) holds a model of exactly P float32 parameters;
-W client processes each push a flat gradient and take the weights back as fast as they can for
+One server process (SGD, no staleness policy) holds a model of exactly P float32 parameters
+(with ``--shards S``: S server processes, each a contiguous range of them, as
+``server.shards`` makes); W client processes each push a flat gradient and take the weights back as fast as they can for
 T seconds (after a warm-up). ``--transport``: ``tcp`` (loopback), ``ipc`` (a unix socket) or
 ``shm`` (the header over ipc, the tensors in each client's shared-memory segment, as
 ``asgd launch`` does on one host). In the same run, the reference: ``raw_echo`` of the same
@@ -51,7 +52,8 @@ def server_config(numel: int, shards: int = 1) -> dict:
                                                    "shape": [16]}},
             "optimizer": {"name": "sgd", "lr": 0.01},
             "schedule": {"kind": "constant", "warmup": 0},
-            "server": {"policy": "none", "max_staleness": None, "max_message_mb": 4096},
+            "server": {"policy": "none", "max_staleness": None, "max_message_mb": 4096,
+                       "shards": shards},
             "run": {"max_updates": 0, "max_seconds": 0, "workers": 1},
             "worker": {"max_steps": 1}}
 
@@ -74,18 +76,18 @@ def client_main(endpoint: str, numel: int, transport: str, encoding: str, second
                 out_path: str, rank: int) -> None:
     import torch
 
-    from asgd.client import Client
+    from asgd.client import connect_client
     from asgd.core.shm import Segment
 
     torch.set_num_threads(1)
-    client = Client(endpoint, f"bench{rank}", timeout_s=120)
+    client = connect_client(endpoint, f"bench{rank}", timeout_s=120)   # shards: a,b,...
     seg = Segment.create(numel) if transport == "shm" else None
     info, _ = client.hello(rank=rank, shm=seg)
     if transport == "shm" and client.segment is None:
         raise SystemExit(f"the server refused the shared-memory segment: {client.shm_refused}")
     if seg is not None:
         seg.unlink()          # mapped by both: leave no name behind
-    version = info["version"]
+    version = info.get("versions", info["version"])     # each shard's, when sharded
     weights = np.empty(numel, np.float32)
     grad = np.full(numel, 1e-6, np.float32)
     if seg is not None:
@@ -93,8 +95,10 @@ def client_main(endpoint: str, numel: int, transport: str, encoding: str, second
 
     def one() -> int:
         if seg is not None:
-            return client.push_pull_flat(version, None, weights, slot=0)["version"]
-        return client.push_pull_flat(version, grad, weights, encoding=encoding)["version"]
+            head = client.push_pull_flat(version, None, weights, slot=0)
+        else:
+            head = client.push_pull_flat(version, grad, weights, encoding=encoding)
+        return head.get("versions", head["version"])
 
     for _ in range(WARMUP):
         version = one()
@@ -125,7 +129,7 @@ def _endpoint(transport: str, tmp: Path, k: int) -> str:
 
 
 def run_asgd(numel: int, transport: str = "tcp", workers: int = 1, seconds: float = 3.0,
-             encoding: str = "none", tmp: Path | None = None) -> dict:
+             encoding: str = "none", tmp: Path | None = None, shards: int = 1) -> dict:
     import yaml
 
     from asgd.launch.processes import spawn, stop, wait_all, wait_for_address
@@ -133,15 +137,18 @@ def run_asgd(numel: int, transport: str = "tcp", workers: int = 1, seconds: floa
     with tempfile.TemporaryDirectory(dir=tmp) as d:
         tmp = Path(d)
         cfg = tmp / "bench.yaml"
-        cfg.write_text(yaml.safe_dump(server_config(numel)))
-        addr = tmp / "server.addr"
-        server = spawn("server", ["-m", "server", "--config", str(cfg), "--quiet",
-                                  "--bind", _endpoint(transport, tmp, 0),
-                                  "--address-file", str(addr),
-                                  "--checkpoint-dir", str(tmp / "ckpt")], tmp / "server.log")
+        cfg.write_text(yaml.safe_dump(server_config(numel, shards)))
+        servers = []
+        for k in range(shards):
+            servers.append(spawn(f"server{k}", [
+                "-m", "server", "--config", str(cfg), "--quiet", "--shard", str(k),
+                "--bind", _endpoint(transport, tmp, k), "--address-file",
+                str(tmp / f"server{k}.addr"), "--checkpoint-dir", str(tmp / "ckpt")],
+                tmp / f"server{k}.log"))
         clients = []
         try:
-            endpoint = wait_for_address(addr, server, 120)
+            endpoint = ",".join(wait_for_address(tmp / f"server{k}.addr", p, 120)
+                                for k, p in enumerate(servers))
             outs = [tmp / f"client{r}.json" for r in range(workers)]
             clients = [spawn(f"client{r}", ["-m", "asgd.bench.transport", "client", endpoint,
                                             str(numel), transport, encoding, str(seconds),
@@ -156,7 +163,7 @@ def run_asgd(numel: int, transport: str = "tcp", workers: int = 1, seconds: floa
             server_rss = server_peak_rss(endpoint)
         finally:
             stop(clients, grace_s=5)
-            stop([server], grace_s=30)
+            stop(servers, grace_s=30)
     elapsed = max(r["elapsed_s"] for r in results)
     rts = sum(r["round_trips"] for r in results)
     lat = [x for r in results for x in r["latencies"]]
@@ -167,14 +174,16 @@ def run_asgd(numel: int, transport: str = "tcp", workers: int = 1, seconds: floa
             "latency_ms": percentiles(lat),
             "peak_rss_mb": {"server": server_rss,
                             "clients": max(r["peak_rss_mb"] for r in results)},
-            "workers": workers, "numel": numel, "transport": transport, "encoding": encoding}
+            "workers": workers, "shards": shards, "numel": numel, "transport": transport,
+            "encoding": encoding}
 
 
 def server_peak_rss(endpoint: str) -> float | None:
-    from asgd.client import Client
+    """The server's peak resident memory (every shard's, summed)."""
+    from asgd.client import connect_client
 
     try:
-        with Client(endpoint, "bench-stats", timeout_s=10) as c:
+        with connect_client(endpoint, "bench-stats", timeout_s=10) as c:
             return c.stats().get("peak_rss_mb")
     except Exception:
         return None
@@ -188,7 +197,7 @@ def run(params: int, transport: str = "tcp", workers: int = 1, seconds: float = 
            "workers": workers, "shards": shards, "encoding": encoding, "seconds": seconds}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        asgd = run_asgd(params, transport, workers, seconds, encoding, tmp)
+        asgd = run_asgd(params, transport, workers, seconds, encoding, tmp, shards)
         raw = reference.raw_echo(params, workers=workers, seconds=seconds,
                                  transport="tcp" if transport == "tcp" else "ipc", tmp=tmp)
         out.update(asgd=asgd, raw_echo=raw)
