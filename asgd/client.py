@@ -138,7 +138,9 @@ class Client:
         """The reply's weights (flat chunks, or the shared-memory segment) into ``out``."""
         if head.get("shm"):
             w = self.segment.weights
-            np.copyto(out, w if self.span is None else w[self.span[0]:self.span[1]])
+            src = w if self.span is None else w[self.span[0]:self.span[1]]
+            if src.ctypes.data != out.ctypes.data:   # ``out`` may be the segment's own area
+                np.copyto(out, src)
             return
         if not head.get("flat"):
             raise ServerError("bad_request", "the server did not answer in the flat form")

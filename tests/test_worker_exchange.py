@@ -55,10 +55,18 @@ def test_steps_push_autograds_gradient_and_load_the_servers_weights(
             assert torch.allclose(grad, expected, atol=1e-6)
             replies.append(ex.exchange(grad))
         ex.drain()
+        direct = shared_memory == "on" and not staged and not overlap
+        if direct:   # the parameters live where the server writes the weights: no copy
+            seg_w = ex.segment.weights.ctypes.data
+            assert all(seg_w <= p.data_ptr() < seg_w + 4 * task.layout.numel
+                       for p in task.model.parameters())
         if shared_memory == "on":      # a hello again (a restarted server) offers a new one
             old = ex.segment.path
             ex.connect(lambda seg: client.hello(rank=0, shm=seg))
             assert ex.transport == "shm" and ex.segment.path != old
+            if direct:                 # ... and the parameters moved into the new one
+                assert task.model.parameters().__next__().data_ptr() == \
+                    ex.segment.weights.ctypes.data
         server_w = np.empty(task.layout.numel, np.float32)
         version = observer.pull_flat(server_w)
         assert version == 4 and ex.version == 4
@@ -71,6 +79,9 @@ def test_steps_push_autograds_gradient_and_load_the_servers_weights(
             assert [r["staleness"] for r in replies] == [0, 0, 0, 0]
     finally:
         ex.close()
+    # closed: the parameters are in the worker's own memory again, with the same values
+    after = torch.cat([p.detach().reshape(-1) for p in task.model.parameters()])
+    assert np.array_equal(after.numpy(), server_w)
 
 
 def test_topk_with_error_feedback_sends_a_fraction_and_loses_nothing(

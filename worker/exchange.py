@@ -72,9 +72,9 @@ class Exchange:
         self.want_segment = shared_memory == "on" or (shared_memory == "auto" and
                                                       is_local(client.endpoint))
         self.segment = None
-        self.host_weights = self._host(self.numel, cuda)
+        self._own_weights = self._host(self.numel, cuda)
+        self.host_weights = self._own_weights
         self._frame_grads = None
-        self._bind_gradients(self._new_segment())
         if self.staged:          # device buffers: the parameters and gradients view these
             self.weights = torch.zeros(self.numel, device=device)
             self.grads = [torch.zeros(self.numel, device=device)]
@@ -87,6 +87,7 @@ class Exchange:
             for p, v in zip(self.params, self._views_w):
                 v.copy_(p.detach().reshape(-1).view_as(v))
                 p.data = v
+        self._bind_gradients(self._new_segment())
         self.check = FiniteCheck()
         self.sharded = hasattr(client, "clients")
         self.feedback = None         # error feedback of an encoding (one per shard's range)
@@ -115,10 +116,9 @@ class Exchange:
 
     def _bind_gradients(self, segment: Segment | None) -> None:
         """The host gradient buffers: the segment's two slots, or plain (pinned on CUDA)
-        memory for frames; without staging they are also the buffers autograd writes."""
-        if self.segment is not None:
-            self.segment.close()
-        self.segment = segment
+        memory for frames; without staging they are also the buffers autograd writes. Then
+        the weights' place (``_bind_weights``); then the old segment is let go."""
+        old, self.segment = self.segment, segment
         if segment is None:
             if self._frame_grads is None:
                 self._frame_grads = [self._host(self.numel, self.cuda) for _ in range(2)]
@@ -131,6 +131,29 @@ class Exchange:
         if not self.staged:
             self.grads = self.host_grads
             self._views_g = [self.layout.views(g) for g in self.grads]
+        self._bind_weights()
+        if old is not None and old is not segment:
+            old.close()
+
+    def _bind_weights(self) -> None:
+        """Where the host weights live. With a segment, no staging and no overlap, in the
+        segment's weights area: the server writes the weights where the model reads them, and
+        a round trip makes no copy on this side (nothing reads them while the server writes:
+        the worker waits for its reply). Otherwise in the worker's own buffer. Moving copies
+        the current weights and points the parameters at the new place."""
+        seg = self.segment
+        direct = seg is not None and not self.staged and not self.overlap
+        target = torch.from_numpy(seg.weights) if direct else self._own_weights
+        if target.data_ptr() == self.host_weights.data_ptr():
+            return
+        with torch.no_grad():
+            target.copy_(self.host_weights)
+        self.host_weights = target
+        if not self.staged:
+            self.weights = target
+            self._views_w = self.layout.views(target)
+            for p, v in zip(self.params, self._views_w):
+                p.data = v
 
     # ------------------------------------------------------------------------------------------
 
@@ -304,5 +327,6 @@ class Exchange:
             p.grad = None
         if self.segment is not None:
             self.client.segment = None
-            self.segment.close()
-            self.segment = None
+            seg, self.segment = self.segment, None
+            self._bind_weights()        # the weights back in the worker's own memory
+            seg.close()

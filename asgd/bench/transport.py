@@ -8,7 +8,8 @@ One server process (SGD, no staleness policy) holds a model of exactly P float32
 ``server.shards`` makes); W client processes each push a flat gradient and take the weights back as fast as they can for
 T seconds (after a warm-up). ``--transport``: ``tcp`` (loopback), ``ipc`` (a unix socket) or
 ``shm`` (the header over ipc, the tensors in each client's shared-memory segment, as
-``asgd launch`` does on one host). In the same run, the reference: ``raw_echo`` of the same
+``asgd launch`` does on one host; the weights are used where the server wrote them, as a
+worker's parameters are). In the same run, the reference: ``raw_echo`` of the same
 bytes over the same socket kind (what the wire allows), and with ``--vs torch-rpc`` the
 parameter server a PyTorch user writes with ``torch.distributed.rpc``. The last line printed is
 one JSON object: round trips/s, GB/s (both directions), latency percentiles, peak RSS of every
@@ -88,10 +89,12 @@ def client_main(endpoint: str, numel: int, transport: str, encoding: str, second
     if seg is not None:
         seg.unlink()          # mapped by both: leave no name behind
     version = info.get("versions", info["version"])     # each shard's, when sharded
-    weights = np.empty(numel, np.float32)
     grad = np.full(numel, 1e-6, np.float32)
+    weights = np.empty(numel, np.float32)
     if seg is not None:
         seg.grad(0)[:] = grad
+        # as a worker's parameters do: the weights stay where the server writes them
+        weights = seg.weights
 
     def one() -> int:
         if seg is not None:
