@@ -177,17 +177,21 @@ class Client:
 
     def send_push_pull_flat(self, version: int, grad: np.ndarray | None = None, *,
                             slot: int | None = None, encoding: str = "none",
-                            weights: str = "none", encoded=None, op: str = "push_pull") -> int:
+                            weights: str = "none", encoded=None, op: str = "push_pull",
+                            seq: int | None = None) -> int:
         """Send a gradient computed on ``version`` without waiting; the request id for
         ``finish``. The gradient is ``grad`` (flat float32, sent without copying: leave it
         alone until the reply came), or already in the shared-memory segment's ``slot``, or
-        ``encoded``: (meta, arrays) from ``asgd.core.encoding``."""
+        ``encoded``: (meta, arrays) from ``asgd.core.encoding``. ``seq``: this push's sequence
+        number; sending it again with the same one is safe (the server applies it once)."""
         rid = next(self._ids)
+        extra = {} if seq is None else {"seq": seq}
         if slot is not None:
-            header = protocol.request_header(op, rid, self.worker, version=version, shm=slot)
+            header = protocol.request_header(op, rid, self.worker, version=version, shm=slot,
+                                             **extra)
             self._shm_ids.add(rid)
             return self._send(rid, op, [protocol.pack_header(header)])
-        fields = {"version": version, "flat": True}
+        fields = {"version": version, "flat": True, **extra}
         if op == "push_pull":
             fields["weights"] = weights
         if encoded is not None:
@@ -458,7 +462,8 @@ class ShardedClient:
 
     def send_push_pull_flat(self, version, grad: np.ndarray | None = None, *,
                             slot: int | None = None, encoding: str = "none",
-                            weights: str = "none", encoded=None, op: str = "push_pull") -> int:
+                            weights: str = "none", encoded=None, op: str = "push_pull",
+                            seq: int | None = None) -> int:
         """As ``Client.send_push_pull_flat``, to every shard: ``version`` is the list of the
         shards' versions the gradient was computed on (or one int for all); ``grad`` the whole
         flat gradient (each shard gets its range) or ``slot`` in the shared segment;
@@ -468,13 +473,13 @@ class ShardedClient:
         rids = []
         for i, (c, (lo, hi)) in enumerate(zip(self.clients, self.ranges)):
             if slot is not None:
-                rids.append(c.send_push_pull_flat(versions[i], slot=slot, op=op))
+                rids.append(c.send_push_pull_flat(versions[i], slot=slot, op=op, seq=seq))
             elif encoded is not None:
                 rids.append(c.send_push_pull_flat(versions[i], encoded=encoded[i],
-                                                  weights=weights, op=op))
+                                                  weights=weights, op=op, seq=seq))
             else:
                 rids.append(c.send_push_pull_flat(versions[i], grad[lo:hi], encoding=encoding,
-                                                  weights=weights, op=op))
+                                                  weights=weights, op=op, seq=seq))
         token = next(self._ids)
         self._pending[token] = (op, rids)
         return token

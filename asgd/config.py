@@ -91,6 +91,7 @@ class ServerConfig:
     # ranges, each served by its own process (`asgd server --shard I`) with its own version;
     # workers talk to every shard at once. `asgd launch` starts them all.
     shards: int = 1
+    max_workers: int = 1024       # workers' records kept (from hello); the longest silent go first
     # The outer optimizer of local steps (worker.local_steps > 1, DiLoCo): applied to each
     # pushed pseudo-gradient, at a constant rate (times the staleness policy's scale).
     # DiLoCo's Nesterov SGD; its synchronous rate 0.7 diverges when every worker's
@@ -310,6 +311,7 @@ def validate(cfg: Config) -> None:
     need(sv.stats_every_s > 0, "server.stats_every_s", "must be > 0")
     need(sv.threads >= 1, "server.threads", "must be >= 1")
     need(1 <= sv.shards <= 64, "server.shards", f"must be in [1, 64], got {sv.shards}")
+    need(sv.max_workers >= 1, "server.max_workers", "must be >= 1")
     need(w.batch_size >= 1, "worker.batch_size", "must be >= 1")
     need(w.device == "auto" or w.device == "cpu" or w.device.startswith("cuda"),
          "worker.device", f"must be auto, cpu, cuda or cuda:N, got {w.device!r}")

@@ -26,7 +26,7 @@ import logging
 import resource
 import time
 import traceback
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict
 from typing import Callable
 
 import numpy as np
@@ -42,6 +42,10 @@ from server.store import ParameterStore
 
 ZERO_COPY_BYTES = 1 << 20    # replies at least this large are sent from the snapshot pool
 MAX_SEGMENTS = 1024          # shared-memory segments mapped at once (one per worker)
+REPLY_MEMORY = 64            # answered pushes remembered per worker, by sequence number
+STATS_WORKERS = 64           # workers listed by name in stats (the most recently heard)
+HISTOGRAM_BUCKETS = 1000     # staleness counted exactly up to this; above, in one bucket
+HELD = "held"                # a remembered push whose reply a policy still holds
 WIRE_DTYPES = {"none": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
@@ -70,20 +74,38 @@ log = logging.getLogger("asgd.server")
 DEFER = None     # what an op returns when its reply is held back
 
 
+def bucket(staleness: int) -> int:
+    """The staleness histogram's key: exact up to HISTOGRAM_BUCKETS, that bucket above."""
+    return min(staleness, HISTOGRAM_BUCKETS)
+
+
 class WorkerStats:
-    __slots__ = ("pushes", "applied", "dropped", "last_seen", "rank", "staleness")
+    """One worker's record, made when it says hello (and only then: a request under an
+    unknown name leaves nothing behind). ``replies``: its last REPLY_MEMORY pushes' replies by
+    sequence number, for answering a push sent again without applying it twice."""
+    __slots__ = ("pushes", "applied", "dropped", "repeats", "last_seen", "rank", "staleness",
+                 "replies")
 
     def __init__(self):
-        self.pushes = self.applied = self.dropped = 0
+        self.pushes = self.applied = self.dropped = self.repeats = 0
         self.last_seen = 0.0
         self.rank = None
         self.staleness = Counter()
+        self.replies: OrderedDict = OrderedDict()
 
-    def to_dict(self, now: float) -> dict:
+    def remember(self, seq: int, reply) -> None:
+        self.replies[seq] = reply
+        self.replies.move_to_end(seq)
+        while len(self.replies) > REPLY_MEMORY:
+            self.replies.popitem(last=False)
+
+    def to_dict(self, now: float, timeout_s: float) -> dict:
+        ago = now - self.last_seen if self.last_seen else None
         return {
             "rank": self.rank, "pushes": self.pushes, "applied": self.applied,
-            "dropped": self.dropped,
-            "last_seen_ago_s": round(now - self.last_seen, 3) if self.last_seen else None,
+            "dropped": self.dropped, "repeats": self.repeats,
+            "last_seen_ago_s": round(ago, 3) if ago is not None else None,
+            "alive": ago is not None and ago <= timeout_s,
             "staleness_histogram": {str(k): v for k, v in sorted(self.staleness.items())},
         }
 
@@ -102,7 +124,10 @@ class ServerCore:
         self.start_version = store.version
         self.dropped = 0
         self.staleness = Counter()
-        self.workers: dict[str, WorkerStats] = defaultdict(WorkerStats)
+        # workers that said hello, at most server.max_workers (the longest silent evicted)
+        self.workers: dict[str, WorkerStats] = {}
+        self.max_workers = cfg.server.max_workers
+        self.evicted = self.repeats = 0
         self.requests = Counter()
         self.errors = Counter()
         self.bytes_in = self.bytes_out = 0
@@ -131,8 +156,13 @@ class ServerCore:
     def tick(self) -> list[tuple[bytes, list]]:
         """Held replies that may go now (the slowest moved on, a round completed, a dead
         worker stopped counting)."""
-        return [(p.identity, self._answer(p.request_id, p.op, p.reply, None, p.form))
-                for p in self.control.release()]
+        out = []
+        for p in self.control.release():
+            rec = self.workers.get(p.worker)
+            if p.seq is not None and rec is not None:
+                rec.remember(p.seq, dict(p.reply))
+            out.append((p.identity, self._answer(p.request_id, p.op, p.reply, None, p.form)))
+        return out
 
     def reply_frames(self, identity: bytes, frames) -> list | None:
         """Reply frames for one request's frames, or DEFER. Never raises."""
@@ -142,10 +172,10 @@ class ServerCore:
             req = protocol.check_request(frames, self.max_bytes)
             request_id = req.id
             self.requests[req.op] += 1
-            worker = None
-            # observers (the launcher's monitor and its evaluation pulls) are not workers
-            if req.op in ("hello", "push", "push_pull") or req.worker in self.workers:
-                worker = self.workers[req.worker]
+            # a record exists only for a worker that said hello; observers (the launcher's
+            # monitor, evaluation pulls) and strangers leave none
+            worker = self.workers.get(req.worker)
+            if worker is not None:
                 worker.last_seen = self.clock()
             result = self._ops[req.op](req, worker, identity)
             if result is DEFER:
@@ -248,7 +278,9 @@ class ServerCore:
     # ------------------------------------------------------------------------------------------
     # ops: (request, worker stats, identity) -> (reply fields, reply tensors) or DEFER
 
-    def _hello(self, req: Request, worker: WorkerStats, identity: bytes):
+    def _hello(self, req: Request, worker: WorkerStats | None, identity: bytes):
+        if worker is None:
+            worker = self._new_worker(req.worker)
         worker.rank = req.get("rank")
         shm = self._attach(req) if req.get("shm") else None
         self.control.hello(req.worker)
@@ -264,6 +296,26 @@ class ServerCore:
             **({} if self.store.whole else {"params": self.store.specs}),
             **({} if shm is None else {"shm": shm}),
         }, None
+
+    def _new_worker(self, name: str) -> WorkerStats:
+        """A record for a worker saying hello; past server.max_workers the longest silent
+        one's record (and segment, and place in ssp or sync) goes first."""
+        if len(self.workers) >= self.max_workers:
+            gone = min(self.workers, key=lambda w: self.workers[w].last_seen)
+            self._forget(gone)
+            self.evicted += 1
+            log.warning("%d workers known: forgot %s, the longest silent", self.max_workers,
+                        gone)
+        rec = self.workers[name] = WorkerStats()
+        rec.last_seen = self.clock()
+        return rec
+
+    def _forget(self, name: str) -> None:
+        self.workers.pop(name, None)
+        self.control.bye(name)
+        seg = self.segments.pop(name, None)
+        if seg is not None:
+            seg.close()
 
     def _attach(self, req: Request) -> dict:
         """Map the worker's shared-memory segment; whether it worked, and why not (a worker
@@ -385,21 +437,46 @@ class ServerCore:
             bad("the gradient has non-finite values")
         return self.store.grad
 
-    def _push(self, req: Request, worker: WorkerStats, identity: bytes):
+    def _push(self, req: Request, worker: WorkerStats | None, identity: bytes):
+        seq = req.get("seq") if worker is not None else None
+        if seq is not None and seq in worker.replies:
+            return self._repeat(req, worker, identity, seq)
         base, grad = self._check_push(req)
         form = self._reply_form(req) if req.op == "push_pull" else PER_TENSOR
-        out = self.control.push(Pending(identity, req.worker, req.id, req.op, form=form),
-                                base, grad)
+        out = self.control.push(Pending(identity, req.worker, req.id, req.op, form=form,
+                                        seq=seq), base, grad)
         if not out.repeat:
-            worker.pushes += 1
-            worker.staleness[out.staleness] += 1
-            self.staleness[out.staleness] += 1
-            if out.applied:
-                worker.applied += 1
-            else:
+            k = bucket(out.staleness)
+            self.staleness[k] += 1
+            if not out.applied:
                 self.dropped += 1
-                worker.dropped += 1
+            if worker is not None:
+                worker.pushes += 1
+                worker.staleness[k] += 1
+                worker.applied += out.applied
+                worker.dropped += not out.applied
+        if seq is not None:
+            worker.remember(seq, HELD if out.deferred else out.reply())
         return DEFER if out.deferred else (out.reply(), None)
+
+    def _repeat(self, req: Request, worker: WorkerStats, identity: bytes, seq: int):
+        """A push sent again (its reply was lost or late): answered from memory, with the
+        current weights for a push_pull, and never applied again. If a policy still holds
+        the first one's reply, the held reply goes to this request instead."""
+        self.repeats += 1
+        worker.repeats += 1
+        known = worker.replies[seq]
+        if known == HELD:
+            people = self.control.people
+            held = people.waiting.get(req.worker) if people is not None else None
+            if held is not None and held.seq == seq:
+                held.identity, held.request_id, held.op = identity, req.id, req.op
+                if req.op == "push_pull":
+                    held.form = self._reply_form(req)
+                return DEFER
+            raise ProtocolError("internal", f"push {seq} of {req.worker!r} is held but not "
+                                "found", req.id)
+        return dict(known, repeat=True), None
 
     def _bye(self, req: Request, worker, identity: bytes):
         self.control.bye(req.worker)
@@ -430,6 +507,9 @@ class ServerCore:
         now = self.clock()
         total = sum(self.staleness.values())
         mean = sum(k * v for k, v in self.staleness.items()) / total if total else 0.0
+        timeout = self.cfg.server.worker_timeout_s
+        recent = sorted(self.workers.items(), key=lambda kv: kv[1].last_seen,
+                        reverse=True)[:STATS_WORKERS]
         return {
             "version": self.store.version,
             "updates_applied": self.applied,
@@ -437,7 +517,12 @@ class ServerCore:
             "staleness_histogram": {str(k): v for k, v in sorted(self.staleness.items())},
             "staleness_mean": mean,
             "staleness_max": max(self.staleness) if self.staleness else 0,
-            "workers": {w: s.to_dict(now) for w, s in self.workers.items()},
+            # bounded: the STATS_WORKERS most recently heard by name, the rest in totals
+            "workers": {w: s.to_dict(now, timeout) for w, s in recent},
+            "workers_known": len(self.workers),
+            "workers_alive": sum(now - s.last_seen <= timeout for s in self.workers.values()),
+            "workers_evicted": self.evicted,
+            "repeats": self.repeats,
             "requests": dict(self.requests),
             "errors": dict(self.errors),
             "waiting": self.control.waiting(),

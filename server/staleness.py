@@ -42,6 +42,7 @@ class Pending:
     form: object = None       # how the reply carries the weights (server.core.ReplyForm)
     since: float = 0.0
     clock: int = 0
+    seq: int | None = None    # the push's sequence number (exactly-once), if it has one
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def test_hello_describes_the_model_and_sends_the_weights():
     head, weights = send(core, "hello", rank=1)
     assert head["ok"] is True and head["version"] == 0
     assert head["tensors"] == core.store.specs
-    assert head["shard"] == {"index": 0, "count": 1}
+    assert head["shard"] == {"index": 0, "count": 1, "start": 0, "stop": core.store.numel}
     assert head["config"]["optimizer"]["name"] == "adam"
     assert [t.name for t in weights] == core.store.names
     flat = np.concatenate([t.array.reshape(-1) for t in weights])
@@ -330,11 +330,12 @@ def test_stats_counters():
     assert s["staleness_histogram"] == {"0": 2, "1": 1, "2": 1}
     assert s["staleness_mean"] == pytest.approx(3 / 4)
     assert s["staleness_max"] == 2
-    w0, w1 = s["workers"]["w0"], s["workers"]["w1"]
+    w0 = s["workers"]["w0"]
     assert (w0["pushes"], w0["applied"], w0["dropped"], w0["rank"]) == (3, 2, 1, 0)
     assert w0["staleness_histogram"] == {"0": 1, "1": 1, "2": 1}
-    assert (w1["pushes"], w1["applied"], w1["dropped"]) == (1, 1, 0)
-    assert 0 <= w1["last_seen_ago_s"] <= w0["last_seen_ago_s"]
+    assert w0["last_seen_ago_s"] >= 0 and w0["alive"] is True
+    # w1 never said hello: its push counts in the totals, but it has no record of its own
+    assert "w1" not in s["workers"] and s["workers_known"] == 1
     # requests whose header passed are counted by op, the rejected push_pull too
     assert s["requests"] == {"hello": 1, "push": 3, "pull": 1, "push_pull": 2}
     assert s["errors"] == {"bad_request": 1, "bad_version": 1, "unknown_op": 1}
@@ -352,6 +353,8 @@ def test_applied_count_equals_version_after_many_pushes():
     core = make_core()
     rng = np.random.default_rng(0)
     acknowledged = 0
+    for w in ("w0", "w1", "w2"):
+        send(core, "hello", worker=w)
     for i in range(40):
         base = int(rng.integers(0, core.store.version + 1))
         head, _ = send(core, "push", grads_for(core, i, scale=0.1), version=base,
@@ -361,3 +364,90 @@ def test_applied_count_equals_version_after_many_pushes():
     assert core.store.version == acknowledged == 40 == core.stats()["updates_applied"]
     assert sum(core.stats()["staleness_histogram"].values()) == 40
     assert Counter(w["pushes"] for w in core.stats()["workers"].values()) == Counter({14: 1, 13: 2})
+
+
+# ----------------------------------------------------------------------------------------------
+# exactly once, bounded state
+
+def test_a_push_sent_again_is_answered_from_memory_and_applied_once():
+    core = make_core()
+    send(core, "hello", worker="w0")
+    g = grads_for(core, 1, scale=0.1)
+    first, _ = send(core, "push", g, version=0, seq=7)
+    before = state_bytes(core)
+    again, _ = send(core, "push", g, version=0, seq=7)          # the reply was lost: resent
+    assert state_bytes(core) == before                                 # nothing applied again
+    assert again["repeat"] is True and (again["version"], again["applied"]) == (1, True)
+    # a push_pull resent gets the current weights with the first reply's outcome
+    head, weights = send(core, "push_pull", g, version=1, seq=8)
+    head2, weights2 = send(core, "push_pull", g, version=1, seq=8)
+    assert (head2["version"], head2["repeat"]) == (2, True) and core.store.version == 2
+    assert [w.array.tobytes() for w in weights] == [w.array.tobytes() for w in weights2]
+    s = core.stats()
+    assert s["repeats"] == 2 and s["workers"]["w0"]["repeats"] == 2
+    assert s["workers"]["w0"]["pushes"] == 2 == s["updates_applied"]
+
+
+def test_sequence_numbers_are_per_worker_and_remembered_for_a_bounded_window():
+    from server.core import REPLY_MEMORY
+
+    core = make_core(optimizer={"name": "sgd", "lr": 0.01})
+    for w in ("a", "b"):
+        send(core, "hello", worker=w)
+    g = grads_for(core, 2, scale=0.01)
+    send(core, "push", g, worker="a", version=0, seq=1)
+    head, _ = send(core, "push", g, worker="b", version=1, seq=1)   # b's 1 is not a's 1
+    assert head.get("repeat") is None and core.store.version == 2
+    for k in range(2, REPLY_MEMORY + 3):
+        send(core, "push", g, worker="a", version=core.store.version, seq=k)
+    assert len(core.workers["a"].replies) == REPLY_MEMORY
+    v = core.store.version
+    head, _ = send(core, "push", g, worker="a", version=v, seq=1)  # forgotten: a new push
+    assert head.get("repeat") is None and core.store.version == v + 1
+
+
+def test_a_push_held_by_sync_and_sent_again_is_answered_once_with_the_round():
+    core = make_core(server={"policy": "sync", "max_staleness": None})
+    for w in ("a", "b"):
+        send(core, "hello", worker=w)
+    g = grads_for(core, 3, scale=0.1)
+    first = request_frames("push", g, worker="a", version=0, seq=5)[1]
+    assert core.handle(b"A", first) == []                   # held for the round
+    again = request_frames("push", g, worker="a", version=0, seq=5)[1]
+    assert core.handle(b"A2", again) == []                  # still held, now for this request
+    replies = core.handle(b"B", request_frames("push", g, worker="b", version=0, seq=1)[1])
+    assert sorted(i for i, _ in replies) == [b"A2", b"B"]   # one reply each, to the latest
+    assert core.store.version == 1
+
+
+def test_only_workers_that_said_hello_get_records_and_they_are_bounded():
+    core = make_core(server={"max_workers": 8})
+    for i in range(50):                      # strangers: pushes, pulls, stats, bad requests
+        send(core, "push", grads_for(core, 0, scale=0.0), worker=f"x{i}", version=0)
+        send(core, "stats", worker=f"y{i}")
+        call(core, [protocol.pack_header({"v": 1, "op": "push", "id": 1, "worker": f"z{i}"})])
+    assert core.workers == {}
+    for i in range(20):
+        send(core, "hello", worker=f"w{i}")
+    s = core.stats()
+    assert s["workers_known"] == 8 and s["workers_evicted"] == 12
+    assert set(core.workers) == {f"w{i}" for i in range(12, 20)}   # the longest silent went
+
+
+@pytest.mark.parametrize("name", ["", "a b", "-x", "w\n0", "ü", "x" * 257])
+def test_a_worker_name_outside_the_allowed_characters_is_refused(name):
+    core = make_core()
+    head, _ = send(core, "hello", worker=name)
+    assert head["ok"] is False and head["error"] == "bad_request"
+    assert core.workers == {}
+
+
+def test_stats_stay_small_with_many_workers():
+    from server.core import STATS_WORKERS
+
+    core = make_core(server={"max_workers": 4096})
+    for i in range(3000):
+        send(core, "hello", worker=f"worker-{i:05d}")
+    head, _ = send(core, "stats", worker="launcher")
+    assert len(head["workers"]) == STATS_WORKERS and head["workers_known"] == 3000
+    assert len(protocol.pack_header(head)) < 64 * 1024

@@ -36,6 +36,7 @@ def test_stale_push_reports_staleness_over_the_socket(start_server, make_config,
     server = start_server(make_config())
     slow, fast = clients(server.endpoint, "slow"), clients(server.endpoint, "fast")
     info, _ = slow.hello(rank=0)
+    fast.hello(rank=1)
     specs = info["tensors"]
     base, _ = slow.pull()                                # slow computes from version 0 ...
     assert base == 0

@@ -174,3 +174,47 @@ def test_an_unused_parameter_pushes_zeros_and_gradients_keep_their_shapes():
                 assert p.grad.shape == p.shape
             ex.slot ^= 1
         ex.close()
+
+
+@pytest.mark.parametrize("shared_memory", ["on", "off"])
+def test_a_push_whose_reply_is_late_is_sent_again_and_applied_once(
+        start_server, make_config, clients, tmp_path, shared_memory):
+    """The server stops (SIGSTOP) for longer than the worker's timeout: the worker sends the
+    same push again on a fresh socket; once the server goes on it applies the first copy and
+    answers the second from memory."""
+    import os
+    import signal
+    import threading
+
+    config = make_config(**SGD)
+    server = start_server(config, bind=f"ipc://{tmp_path}/s.sock")
+    task = build_task(load_config(config))
+    client = clients(server.endpoint, "w0", timeout_s=1.0)
+    ex = Exchange(task.model, task.layout, client, torch.device("cpu"),
+                  shared_memory=shared_memory, retries=3)
+    observer = clients(server.endpoint, "observer")
+    try:
+        ex.connect(lambda seg: client.hello(rank=0, shm=seg))
+        x, y = task.dataset.x_train[:32], task.dataset.y_train[:32]
+        ex.zero_grad()
+        F.cross_entropy(task.model(x), y).backward()
+        grad = ex.gradient()
+        os.kill(server.popen.pid, signal.SIGSTOP)
+        timer = threading.Timer(1.6, os.kill, (server.popen.pid, signal.SIGCONT))
+        timer.start()
+        try:
+            reply = ex.exchange(grad)
+        finally:
+            timer.join()
+            os.kill(server.popen.pid, signal.SIGCONT)
+        assert ex.resent >= 1
+        assert reply["version"] == 1 and reply["applied"] is True
+        stats = observer.stats()
+        assert stats["version"] == 1 and stats["updates_applied"] == 1
+        assert stats["repeats"] == 1 and stats["workers"]["w0"]["pushes"] == 1
+        server_w = np.empty(task.layout.numel, np.float32)
+        observer.pull_flat(server_w)
+        mine = torch.cat([p.detach().reshape(-1) for p in task.model.parameters()])
+        assert np.array_equal(mine.numpy(), server_w)
+    finally:
+        ex.close()

@@ -22,6 +22,10 @@ gradient leaves in one piece and the weights arrive in one copy.
 * Overlap: the push of step k and the weights after it travel while step k+1 computes, on
   the weights from before step k's push (one more step of staleness). The two gradient buffers
   alternate so the one in flight is never written.
+* Exactly once: every push carries a sequence number (from a random start per process, so a
+  restarted worker's never collide with its predecessor's). A push whose reply does not come
+  within the request timeout is sent again, on a fresh socket, up to ``retries`` times with
+  the same number; the server applies it once and answers a repeat from memory.
 * A sharded server (``asgd.client.ShardedClient``): every shard reads its range of the same
   gradient buffer (or segment) and writes its range of the weights; each push carries every
   shard the version of its range that the gradient was computed on. Encodings are applied
@@ -30,10 +34,12 @@ gradient leaves in one piece and the weights arrive in one copy.
 from __future__ import annotations
 
 import logging
+import secrets
 
 import numpy as np
 import torch
 
+from asgd.client import ServerTimeout
 from asgd.core.flat import FiniteCheck
 from asgd.core.shm import Segment
 
@@ -55,7 +61,7 @@ class Exchange:
     def __init__(self, model: torch.nn.Module, layout, client, device: torch.device,
                  shared_memory: str = "auto", overlap: bool = False, encoding: str = "none",
                  encoding_args: dict | None = None, weights_encoding: str = "none",
-                 staged: bool | None = None):
+                 staged: bool | None = None, retries: int = 2):
         self.model, self.layout, self.client = model, layout, client
         self.device = device
         self.numel = layout.numel
@@ -96,7 +102,10 @@ class Exchange:
 
             self.feedback = ErrorFeedback(self.numel)
         self.version = 0
-        self.in_flight = None        # (request id, the version its gradient was computed on)
+        self.in_flight = None        # (request id, how to send it again)
+        self.retries = retries
+        self.seq = secrets.randbits(40) << 20      # this process's pushes: seq, seq + 1, ...
+        self.resent = 0
 
     @staticmethod
     def _host(numel: int, pinned: bool) -> torch.Tensor:
@@ -276,33 +285,51 @@ class Exchange:
         step)."""
         base = self.base()                  # the weights the gradient was computed on
         reply = self.finish() if self.overlap else None
-        rid = self._send(host_grad, base)
-        self.in_flight = (rid, base)
+        self.seq += 1
+        again = self._sender(host_grad, base, self.seq)
+        self.in_flight = (again(), again)
         self.slot = (self.slot + 1) % 2
         if not self.overlap:
             reply = self.finish()
         return reply
 
-    def _send(self, host_grad: torch.Tensor, base) -> int:
-        c = self.client
+    def _sender(self, host_grad: torch.Tensor, base, seq: int):
+        """A function that sends this push (and sends the very same push again when called
+        again: the encoding, and its error feedback, happen once)."""
+        c, kw, w = self.client, {"seq": seq}, self.weights_encoding
         if c.segment is not None:
-            return c.send_push_pull_flat(base, slot=self.slot)
+            slot = self.slot
+            return lambda: self.client.send_push_pull_flat(base, slot=slot, **kw)
         if self.sharded and self.feedback is not None:
             enc = [fb.encode(self.encoding, host_grad[lo:hi], **self.encoding_args)
                    for fb, (lo, hi) in zip(self.feedback, c.ranges)]
-            return c.send_push_pull_flat(base, encoded=enc, weights=self.weights_encoding)
-        if self.feedback is not None:
-            enc = self.feedback.encode(self.encoding, host_grad, **self.encoding_args)
-            return c.send_push_pull_flat(base, encoded=enc, weights=self.weights_encoding)
-        return c.send_push_pull_flat(base, host_grad.numpy(), weights=self.weights_encoding)
+            kw.update(encoded=enc)
+        elif self.feedback is not None:
+            kw.update(encoded=self.feedback.encode(self.encoding, host_grad,
+                                                   **self.encoding_args))
+        else:
+            grad = host_grad.numpy()
+            return lambda: self.client.send_push_pull_flat(base, grad, weights=w, **kw)
+        return lambda: self.client.send_push_pull_flat(base, weights=w, **kw)
 
     def finish(self) -> dict | None:
         """The reply to the push in flight, its weights loaded; None if none is in flight."""
         if self.in_flight is None:
             return None
-        rid, _ = self.in_flight
+        rid, again = self.in_flight
         self.in_flight = None
-        head = self.client.finish(rid, self.host_weights.numpy())
+        for attempt in range(self.retries + 1):
+            try:
+                head = self.client.finish(rid, self.host_weights.numpy())
+                break
+            except ServerTimeout:
+                if attempt == self.retries:
+                    raise
+                log.warning("no reply to a push within %g s: sending it again (%d of %d)",
+                            self.client.timeout_s, attempt + 1, self.retries)
+                self.client.reconnect()
+                self.resent += 1
+                rid = again()
         if self.weights is not self.host_weights:
             self.weights.copy_(self.host_weights, non_blocking=True)
         self.version = head["version"]

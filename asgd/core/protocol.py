@@ -18,6 +18,7 @@ See docs/protocol.md for the full description.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -52,6 +53,8 @@ DTYPES = {
 MAX_HEADER_BYTES = 1 << 20       # a header is metadata: a MiB is generous
 MAX_TENSORS = 1 << 16            # tensors in one message
 MAX_WORKER_ID = 256              # characters of a worker id
+WORKER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+/-]*\Z")   # letters, digits and _.:@+/-
+MAX_SEQ = (1 << 63) - 1          # a push's sequence number: a non-negative int64
 
 # The ops and the fields each request may carry besides v, op, id and worker:
 # field -> (python type, required). Only push and push_pull carry tensors.
@@ -62,13 +65,16 @@ MAX_WORKER_ID = 256              # characters of a worker id
 #   shm      hello: the path of the worker's shared-memory segment (asgd.core.shm); push,
 #            push_pull: the gradient is in the segment's slot ``shm``; pull, push_pull: the
 #            weights go into the segment, and no tensor frame travels either way
+#   seq      push, push_pull: the worker's sequence number of this push; a push sent again
+#            with the same (worker, seq) is answered from memory, never applied twice
 REQUEST_FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
     "hello": {"rank": (int, False), "shm": (str, False)},
     "pull": {"flat": (bool, False), "weights": (str, False), "shm": (bool, False)},
     "push": {"version": (int, True), "encoding": (str, False), "enc": (dict, False),
-             "flat": (bool, False), "shm": (int, False)},
+             "flat": (bool, False), "shm": (int, False), "seq": (int, False)},
     "push_pull": {"version": (int, True), "encoding": (str, False), "enc": (dict, False),
-                  "flat": (bool, False), "shm": (int, False), "weights": (str, False)},
+                  "flat": (bool, False), "shm": (int, False), "weights": (str, False),
+                  "seq": (int, False)},
     "stats": {},
     "bye": {},
 }
@@ -180,7 +186,11 @@ def decode_header(frame) -> dict:
     if buf.nbytes > MAX_HEADER_BYTES:
         raise ProtocolError("too_large", f"header of {buf.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        header = msgpack.unpackb(buf, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+        # explicit limits: no bin or ext values at all (tensors travel as frames), no string,
+        # list or map longer than a header can need
+        header = msgpack.unpackb(buf, raw=False, strict_map_key=True, max_bin_len=0,
+                                 max_ext_len=0, max_str_len=MAX_HEADER_BYTES,
+                                 max_array_len=MAX_TENSORS, max_map_len=MAX_TENSORS)
     except Exception as e:  # msgpack raises several types for garbage
         raise ProtocolError("bad_request", f"header is not valid msgpack: {e}") from None
     if not isinstance(header, dict):
@@ -316,9 +326,9 @@ def check_request(frames: Sequence, max_bytes: int | None = None) -> Request:
     if op not in REQUEST_FIELDS:
         fail("unknown_op", f"unknown op {op!r} (known: {', '.join(OPS)})")
     w = h.get("worker")
-    if not isinstance(w, str) or not w or len(w) > MAX_WORKER_ID:
+    if not isinstance(w, str) or not w or len(w) > MAX_WORKER_ID or not WORKER_ID.match(w):
         fail("bad_request", f"'worker' must be a non-empty string of at most {MAX_WORKER_ID} "
-             "characters")
+             "characters: letters, digits and _.:@+/- (starting with a letter or digit)")
     for name, (tp, required) in REQUEST_FIELDS[op].items():
         value = h.get(name)
         if value is None:
@@ -327,6 +337,8 @@ def check_request(frames: Sequence, max_bytes: int | None = None) -> Request:
             continue
         if tp is int and not _is_int(value) or tp is not int and not isinstance(value, tp):
             fail("bad_request", f"'{name}' must be {_TYPE_NAMES[tp]}")
+    if h.get("seq") is not None and not 0 <= h["seq"] <= MAX_SEQ:
+        fail("bad_request", "'seq' must be an integer in [0, 2^63)")
     if op == "hello" and h.get("rank") is not None and h["rank"] < 0:
         fail("bad_request", "'rank' must be a non-negative integer")
     if op == "hello" and h.get("shm") is not None and not 0 < len(h["shm"]) <= MAX_SHM_PATH:
