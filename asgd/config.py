@@ -85,6 +85,9 @@ class ServerConfig:
     max_message_mb: float = 512.0
     checkpoint_dir: str = ""      # "" = <run dir>/checkpoint, or ./checkpoint without a run dir
     checkpoint_every: int = 0     # also checkpoint every N updates (0 = only on shutdown)
+    checkpoint_every_s: float = 0.0   # ... and every T seconds when the version moved (0 = no)
+    checkpoint_keep: int = 3      # checkpoints kept (state-<version>.asgd); --resume takes the
+                                  # newest good one
     stats_every_s: float = 1.0    # how often a "server" record goes to metrics.jsonl
     threads: int = 1
     # Sharded parameter server: the flat parameters split into this many balanced contiguous
@@ -308,6 +311,8 @@ def validate(cfg: Config) -> None:
          "policy max_staleness needs a bound K")
     need(sv.max_message_mb > 0, "server.max_message_mb", "must be > 0")
     need(sv.checkpoint_every >= 0, "server.checkpoint_every", "must be >= 0")
+    need(sv.checkpoint_every_s >= 0, "server.checkpoint_every_s", "must be >= 0")
+    need(sv.checkpoint_keep >= 1, "server.checkpoint_keep", "must be >= 1")
     need(sv.stats_every_s > 0, "server.stats_every_s", "must be > 0")
     need(sv.threads >= 1, "server.threads", "must be >= 1")
     need(1 <= sv.shards <= 64, "server.shards", f"must be in [1, 64], got {sv.shards}")

@@ -11,15 +11,17 @@ from asgd.core.checkpoint import CheckpointError, load_checkpoint, write_checkpo
 
 
 def save_store(store, directory, config: dict | None = None) -> Path:
+    """A checkpoint of the store (the newest ``server.checkpoint_keep`` are kept)."""
     scalars, optim_tensors = store.optimizer_state()
     return write_checkpoint(directory, store.version, store.layout, store.weights,
                             config or store.cfg.to_dict(), store.cfg.optimizer.name, scalars,
-                            optim_tensors, span=store.span)
+                            optim_tensors, span=store.span,
+                            keep=store.cfg.server.checkpoint_keep)
 
 
-def resume_store(store, directory) -> None:
-    """Load a checkpoint into ``store``; CheckpointError when it is missing, damaged or of
-    another model."""
+def resume_store(store, directory) -> list[str]:
+    """Load the newest good checkpoint into ``store``; CheckpointError when there is none or
+    it is of another model. Returns why newer ones were skipped (damaged)."""
     ckpt = load_checkpoint(directory)
     try:
         ckpt.layout.check_same(store.layout, "checkpoint's", "configured model's")
@@ -30,3 +32,4 @@ def resume_store(store, directory) -> None:
                               f"server serves {store.span} (a different server.shards?)")
     store.load_weights(ckpt.flat, ckpt.version)
     store.load_optimizer_state(ckpt.optimizer_scalars, ckpt.optimizer_tensors)
+    return ckpt.skipped

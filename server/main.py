@@ -71,7 +71,8 @@ class Server:
         self.checkpoint_dir = shard_checkpoint_dir(base, shard, cfg.server.shards)
         self.store = build_store(cfg, shard)
         if resume:
-            resume_store(self.store, self.checkpoint_dir)
+            for reason in resume_store(self.store, self.checkpoint_dir):
+                log.error("checkpoint skipped: %s", reason)
             log.info("resumed from %s at version %d", self.checkpoint_dir, self.store.version)
         self.metrics = MetricsWriter(run_dir / "metrics.jsonl" if run_dir else None,
                                      buffered=True)
@@ -83,6 +84,7 @@ class Server:
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.stopping = False
         self._last_checkpoint_version = self.store.version
+        self._last_checkpoint_t = time.monotonic()
         self._next_status = time.monotonic() + 1.0
         self._status_at = (time.monotonic(), self.store.version)
 
@@ -122,8 +124,9 @@ class Server:
                 self._record_stats()
             if now >= self._next_status:
                 self._status(now)
-            ce = self.cfg.server.checkpoint_every
-            if ce and self.store.version - self._last_checkpoint_version >= ce:
+            ce, ces = self.cfg.server.checkpoint_every, self.cfg.server.checkpoint_every_s
+            moved = self.store.version - self._last_checkpoint_version
+            if ce and moved >= ce or ces and moved and now - self._last_checkpoint_t >= ces:
                 self.checkpoint()
 
     def _recv(self) -> tuple[bytes, list]:
@@ -186,6 +189,7 @@ class Server:
     def checkpoint(self) -> Path:
         path = save_store(self.store, self.checkpoint_dir)
         self._last_checkpoint_version = self.store.version
+        self._last_checkpoint_t = time.monotonic()
         return path
 
     def close(self) -> None:

@@ -93,13 +93,47 @@ def test_resumed_store_takes_bitwise_the_same_next_steps(tmp_path, name):
         assert flat_bytes(resumed) == flat_bytes(original), f"step {k}"
 
 
-def test_save_overwrites_and_leaves_no_temp_files(tmp_path):
+def test_saves_keep_the_newest_few_and_leave_no_temp_files(tmp_path):
     store = trained_store(OPTIMIZERS["adam"], steps=1)
     save_checkpoint(store, tmp_path)
     apply_push(store, grads(store, 7), store.version)
     save_checkpoint(store, tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == [FILENAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        ["state-000000000001.asgd", "state-000000000002.asgd", FILENAME]
+    assert (tmp_path / FILENAME).samefile(tmp_path / "state-000000000002.asgd")
     assert load_checkpoint(tmp_path).version == 2
+    for k in range(8, 12):
+        apply_push(store, grads(store, k), store.version)
+        save_checkpoint(store, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        ["state-000000000004.asgd", "state-000000000005.asgd", "state-000000000006.asgd",
+         FILENAME]
+
+
+def test_a_damaged_newest_checkpoint_is_reported_and_the_one_before_used(tmp_path, caplog):
+    store = trained_store(OPTIMIZERS["adam"], steps=1)
+    save_checkpoint(store, tmp_path)
+    before = flat_bytes(store)
+    apply_push(store, grads(store, 7), store.version)
+    save_checkpoint(store, tmp_path)
+    newest = tmp_path / "state-000000000002.asgd"
+    data = bytearray(newest.read_bytes())
+    data[-5] ^= 0xFF                          # one flipped byte in the weights' last frame
+    newest.write_bytes(data)                  # (a new inode: state.asgd keeps the good copy)
+    (tmp_path / FILENAME).unlink()
+    (tmp_path / FILENAME).hardlink_to(newest)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.version == 1 and len(ckpt.skipped) == 1
+    assert "fails its checksum" in ckpt.skipped[0]
+    assert ckpt.flat.numpy().tobytes() == before
+    assert any("using the one before it" in r.message for r in caplog.records)
+    # every one damaged: an error naming each
+    one = tmp_path / "state-000000000001.asgd"
+    data = bytearray(one.read_bytes())
+    data[20] ^= 0xFF
+    one.write_bytes(data)
+    with pytest.raises(CheckpointError, match="no good checkpoint"):
+        load_checkpoint(tmp_path)
 
 
 def test_file_is_the_wire_format_not_a_pickle(tmp_path):

@@ -9,7 +9,10 @@
 The server writes it from its parameter store (``server.checkpoint``); anything may read it
 (``asgd eval``, the launcher's final evaluation, ``asgd server --resume``).
 
-The file (``state.asgd``) is the wire format on disk, never a pickle: the magic ``ASGDCKP2``,
+Each checkpoint is a file ``state-<version>.asgd``; ``state.asgd`` is a hard link to the
+newest, and the last ``keep`` are kept. Loading takes the newest that passes every check: a
+damaged newest one is reported (``Checkpoint.skipped``, and the log) and the one before it
+used. A file is the wire format on disk, never a pickle: the magic ``ASGDCKP2``,
 a little-endian u32 frame count, then each frame as a u64 length, a u32 CRC-32 of its bytes and
 the bytes. Frame 0 is a msgpack header; the rest are raw tensors, as in asgd.core.protocol.
 Loading checks every checksum and refuses weights or optimizer state that are not finite, so a
@@ -20,11 +23,12 @@ first format (``ASGDCKP1``, no checksums) still load, with the other checks.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,7 +38,10 @@ from asgd.core.layout import ParameterLayout
 
 MAGIC = b"ASGDCKP2"
 MAGIC_V1 = b"ASGDCKP1"     # no checksums; still read
-FILENAME = "state.asgd"
+FILENAME = "state.asgd"    # the newest checkpoint (a hard link to its state-<version>.asgd)
+KEEP = 3                   # checkpoints kept by default
+
+log = logging.getLogger("asgd.checkpoint")
 
 
 class CheckpointError(ValueError):
@@ -50,6 +57,7 @@ class Checkpoint:
     optimizer_scalars: dict
     optimizer_tensors: dict       # name -> flat tensor
     span: tuple | None = None     # a server shard's [start, stop) of the flat weights; None: all
+    skipped: list = field(default_factory=list)   # newer checkpoints found damaged, and why
 
     @property
     def specs(self) -> list[dict]:
@@ -124,29 +132,85 @@ def read_frames(path: Path) -> list[memoryview]:
 
 # ----------------------------------------------------------------------------------------------
 
+def versioned(directory) -> list[Path]:
+    """The ``state-<version>.asgd`` files of a folder, newest first."""
+    return sorted(Path(directory).glob("state-*.asgd"), reverse=True)
+
+
 def write_checkpoint(directory, version: int, layout: ParameterLayout, flat: torch.Tensor,
                      config: dict, optimizer: str, scalars: dict | None = None,
-                     optimizer_tensors=(), span: tuple | None = None) -> Path:
-    """Write ``<directory>/state.asgd`` atomically; returns its path. ``span``: the range of
-    the model's flat weights ``flat`` holds (a server shard's)."""
+                     optimizer_tensors=(), span: tuple | None = None,
+                     keep: int = KEEP) -> Path:
+    """Write ``<directory>/state-<version>.asgd`` atomically, point ``state.asgd`` at it, and
+    remove all but the newest ``keep``; returns the path of ``state.asgd``. ``span``: the
+    range of the model's flat weights ``flat`` holds (a server shard's)."""
     header = {"kind": "asgd-checkpoint", "format": 2, "version": version,
               "layout": layout.to_specs(), "config": config,
               "optimizer": {"name": optimizer, "scalars": scalars or {}}}
     if span is not None and tuple(span) != (0, layout.numel):
         header["span"] = [int(span[0]), int(span[1])]
-    path = Path(directory) / FILENAME
-    write_frames(path, protocol.encode(header, [("weights", flat), *optimizer_tensors]))
-    return path
+    directory = Path(directory)
+    path = directory / f"state-{version:012d}.asgd"
+    frames = protocol.encode(header, [("weights", flat), *optimizer_tensors])
+    write_frames(path, frames)
+    latest = directory / FILENAME
+    link = directory / f".{FILENAME}.{os.getpid()}.link"
+    try:
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+        os.replace(link, latest)              # atomic: the old newest or the new, never none
+    except OSError:                           # a file system without hard links
+        link.unlink(missing_ok=True)
+        write_frames(latest, frames)
+    _fsync_dir(directory)
+    for old in versioned(directory)[max(keep, 1):]:
+        old.unlink(missing_ok=True)
+    return latest
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(directory) -> Checkpoint:
-    """Read and verify a checkpoint (a folder holding state.asgd, or the file itself, or a
-    folder of a sharded server's ``shard-I`` folders)."""
+    """Read and verify a checkpoint: the newest good one of a folder (a damaged newer one is
+    skipped, reported in the log and in ``skipped``), or a file, or a folder of a sharded
+    server's ``shard-I`` folders. CheckpointError when there is none, or none is good."""
     path = Path(directory)
-    if path.is_dir() and not (path / FILENAME).exists() and (path / "shard-0").is_dir():
+    if path.is_dir() and not (path / FILENAME).exists() and not versioned(path) \
+            and (path / "shard-0").is_dir():
         return load_sharded(path)
-    if path.is_dir():
-        path = path / FILENAME
+    if not path.is_dir():
+        return load_file(path)
+    candidates = [p for p in [path / FILENAME, *versioned(path)] if p.exists()]
+    if not candidates:
+        raise CheckpointError(f"no checkpoint at {path / FILENAME}")
+    skipped, tried = [], []
+    for p in candidates:
+        if any(os.path.samefile(p, t) for t in tried):
+            continue            # state.asgd and the file it links to: one checkpoint
+        tried.append(p)
+        try:
+            ckpt = load_file(p)
+        except CheckpointError as e:
+            skipped.append(str(e))
+            continue
+        ckpt.skipped = skipped
+        for reason in skipped:
+            log.warning("%s: using the one before it, %s (version %d)", reason, p.name,
+                        ckpt.version)
+        return ckpt
+    if len(skipped) == 1:
+        raise CheckpointError(skipped[0])
+    raise CheckpointError(f"no good checkpoint in {path}: " + "; ".join(skipped))
+
+
+def load_file(path: Path) -> Checkpoint:
+    """Read and verify one checkpoint file."""
     try:
         header, tensors = protocol.decode(read_frames(path))
     except protocol.ProtocolError as e:
