@@ -2,9 +2,13 @@
 
     asgd launch                                  # configs/default.yaml: MNIST-1D, 2 workers
     asgd launch --workers 4 --set optimizer.lr=0.003
+    asgd launch --resume runs/<name> --set run.max_updates=6000   # go on with a run
     asgd server --config c.yaml --bind tcp://0.0.0.0:5555
     asgd worker --config c.yaml --server tcp://host:5555 --rank 1
     asgd eval runs/<name>
+    asgd keys w0 --out keys                      # CURVE key pair: keys/w0.key, w0.key_secret
+    asgd export runs/<name> --int8 --report      # INT8 model file, size/latency/accuracy
+    asgd predict runs/<name>/model-int8.asgd inputs.npy
     asgd experiment straggler
     asgd bench transport --params 1M --vs torch-rpc
 
@@ -66,6 +70,28 @@ def fast_exit(code: int) -> None:
     os._exit(code)
 
 
+def workers_overrides(value: str, cfg, gpus: int | None = None) -> list[str]:
+    """The overrides ``--workers N|auto`` stands for (asgd.config.resolve_workers); with
+    ``auto`` on a machine with GPUs (``gpus``: torch's count unless given) each worker also
+    runs on its own, ``cuda:{local_rank}``."""
+    from asgd.config import resolve_workers
+
+    auto = str(value).strip().lower() == "auto"
+    try:
+        if auto and gpus is None:
+            import torch
+
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        n = resolve_workers(value, cfg, gpus)
+    except ConfigError as e:
+        raise click.BadParameter(str(e).removeprefix("--workers: "),
+                                 param_hint="'--workers'") from None
+    out = [f"run.workers={n}"]
+    if auto and gpus:
+        out.append("worker.device=cuda:{local_rank}")
+    return out
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="asgd")
 def cli():
@@ -75,20 +101,35 @@ def cli():
 @cli.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="YAML run configuration (default: configs/default.yaml).")
-@click.option("--workers", type=int, default=None, help="Number of local workers (run.workers).")
+@click.option("--workers", default=None, metavar="N|auto",
+              help="Number of local workers (run.workers); auto: one per GPU (worker r on "
+                   "cuda:r), or run.workers without a GPU.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override any config key, e.g. --set optimizer.lr=0.003 (repeatable).")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-def launch(config_path, workers, overrides, quiet):
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
+              metavar="RUN_DIR",
+              help="Go on with an existing run: its config.yaml (with --set), the server "
+                   "resumed from its checkpoint, the same run directory.")
+def launch(config_path, workers, overrides, quiet, resume_dir):
     """Run a server and N workers on this machine, evaluate, write runs/<name>/."""
-    from asgd.launch.launcher import LaunchError
+    from pathlib import Path
+
+    from asgd.launch.launcher import LaunchError, resume_launch
     from asgd.launch.launcher import launch as run_launch
 
-    path = config_path or default_config_path()
-    overrides = list(overrides) + ([f"run.workers={workers}"] if workers is not None else [])
-    cfg = config_or_exit(path, overrides)
+    if resume_dir is not None and config_path is not None:
+        raise click.UsageError("--resume uses the run's own config.yaml: give no --config")
+    path = Path(resume_dir) / "config.yaml" if resume_dir is not None else \
+        config_path or default_config_path()
+    overrides = list(overrides)
+    if workers is not None:
+        overrides += workers_overrides(workers, config_or_exit(path, overrides))
     try:
-        summary = run_launch(cfg, quiet=quiet)
+        if resume_dir is not None:
+            summary = resume_launch(resume_dir, overrides, quiet=quiet)
+        else:
+            summary = run_launch(config_or_exit(path, overrides), quiet=quiet)
     except LaunchError as e:
         raise click.ClickException(str(e))
     keys = ("test_accuracy", "test_loss", "wall_s", "updates_applied", "updates_dropped",
@@ -169,6 +210,13 @@ def worker_command(config_path, endpoint, server_file, rank, worker_id, override
     if endpoint is not None:
         parts = [endpoint_or_exit(e.strip(), "--server") for e in endpoint.split(",")]
         endpoint = parts[0] if len(parts) == 1 else parts
+    from asgd.core import auth
+
+    try:   # CURVE keys (worker.secret_key_file, worker.server_key) for every client it makes
+        auth.use_client_keys(auth.client_keys(cfg.worker, worker_id or f"w{rank}"))
+    except auth.AuthError as e:
+        echo(f"Error: {e}", err=True)
+        sys.exit(2)
     from worker.main import run
 
     fast_exit(run(cfg, endpoint, rank, worker_id, run_dir, quiet, server_file))
@@ -187,6 +235,110 @@ def eval_cmd(run_dir, checkpoint):
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e))
     click.echo(json.dumps(result, indent=2, allow_nan=False))
+
+
+@cli.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--int8", is_flag=True, help="Dynamically quantize nn.Linear and nn.LSTM to int8 "
+              "(convolutions stay fp32).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="The model file (default: <run_dir>/model-fp32.asgd or model-int8.asgd).")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A checkpoint folder other than <run_dir>/checkpoint.")
+@click.option("--report", is_flag=True, help="Also export the other precision and print the "
+              "size, per-batch latency and test accuracy of fp32 against int8 as JSON.")
+@click.option("--batch-size", type=click.IntRange(1), default=100, show_default=True,
+              help="--report: the batch whose latency is measured.")
+@click.option("--repeats", type=click.IntRange(1, 100), default=5, show_default=True,
+              help="--report: latency is the median of this many passes over the test split.")
+def export_cmd(run_dir, int8, out, checkpoint, report, batch_size, repeats):
+    """Write a run's trained model to one file (fp32, or INT8 with --int8), for asgd predict.
+
+    Not a pickle: the checkpoint's container of named raw tensors with a msgpack header."""
+    from pathlib import Path
+
+    from asgd.tasks.export import export_run
+
+    try:
+        path = export_run(run_dir, out, int8=int8, checkpoint_dir=checkpoint)
+        if not report:
+            echo(json.dumps({"file": str(path), "bytes": path.stat().st_size,
+                             "precision": "int8" if int8 else "fp32"}))
+            return
+        import torch
+
+        from asgd.config import from_dict
+        from asgd.core.checkpoint import load_checkpoint
+        from asgd.tasks.data import load_dataset
+        from asgd.tasks.export import compare
+
+        torch.set_num_threads(1)
+        other = path.with_name(f"{path.stem}-{'fp32' if int8 else 'int8'}{path.suffix}")
+        other = export_run(run_dir, other, int8=not int8, checkpoint_dir=checkpoint)
+        ckpt = load_checkpoint(Path(checkpoint) if checkpoint else Path(run_dir) / "checkpoint")
+        cfg = from_dict(ckpt.config)
+        ds = load_dataset(cfg.data, seed=cfg.run.seed)
+        fp32, q8 = (other, path) if int8 else (path, other)
+        result = compare(fp32, q8, ds.x_test, ds.y_test, batch_size, repeats)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(str(e))
+    echo(json.dumps(result, indent=2, allow_nan=False))
+
+
+@cli.command("predict")
+@click.argument("model_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("inputs", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the classes here (.npy, or one a line for any other name) instead "
+                   "of printing them.")
+@click.option("--batch-size", type=click.IntRange(1), default=1000, show_default=True)
+def predict_cmd(model_file, inputs, out, batch_size):
+    """Run an exported model (asgd export) on INPUTS (.npy, or .csv / .txt of one flattened
+    sample a row) and print the predicted class of each, one a line."""
+    from pathlib import Path
+
+    from asgd.tasks.export import load_model, predict, read_inputs
+
+    try:
+        import numpy as np
+        import torch
+
+        torch.set_num_threads(1)
+        model, header = load_model(model_file)
+        x = read_inputs(inputs, header["input_shape"])
+        classes = predict(model, x, batch_size).numpy()
+        if out is None:
+            echo("\n".join(str(int(c)) for c in classes))
+        elif Path(out).suffix == ".npy":
+            np.save(out, classes, allow_pickle=False)
+        else:
+            Path(out).write_text("".join(f"{int(c)}\n" for c in classes))
+    except (OSError, ValueError) as e:
+        raise click.ClickException(str(e))
+    if out is not None:
+        echo(f"{len(classes)} predictions ({header['precision']}) written to {out}", err=True)
+
+
+@cli.command("keys")
+@click.argument("name")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".",
+              show_default=True, help="Folder to write NAME.key and NAME.key_secret into.")
+@click.option("--force", is_flag=True, help="Replace existing files of that name.")
+def keys_command(name, out_dir, force):
+    """Generate a CURVE key pair: NAME.key (public: give it to the other side) and
+    NAME.key_secret (secret, mode 0600: keep it where it is used).
+
+    For a worker, NAME is the worker id the key lets in (w0, w1, ...): copy NAME.key into the
+    server's server.allowed_keys folder. For the server, the workers set worker.server_key to
+    its NAME.key. See README, Across machines."""
+    from asgd.core.auth import AuthError, generate
+
+    try:
+        public, secret = generate(name, out_dir, force=force)
+    except (AuthError, OSError) as e:
+        raise click.ClickException(str(e))
+    echo(f"public key: {public}")
+    echo(f"secret key: {secret} (mode 0600)")
 
 
 from asgd.bench.cli import bench  # noqa: E402  (click only)

@@ -28,7 +28,7 @@ import time
 import numpy as np
 import zmq
 
-from asgd.core import protocol
+from asgd.core import auth, protocol
 from asgd.core.flat import bf16_to_f32, chunk_ranges
 
 
@@ -42,10 +42,19 @@ class ServerTimeout(Exception):
     pass
 
 
+_CURVE_HINT = (" (CURVE: a server that refuses this key, or whose public key is not "
+               "worker.server_key, never answers)")
+
+
 class Client:
+    """``curve``: CURVE keys (``asgd.core.auth.ClientKeys``) for a server with
+    ``server.auth: curve``; by default the process's (``auth.use_client_keys``, which
+    ``asgd worker`` sets from worker.secret_key_file and worker.server_key), else none."""
+
     def __init__(self, endpoint: str, worker: str, timeout_s: float = 10.0,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, curve: auth.ClientKeys | None = None):
         self.endpoint, self.worker, self.timeout_s = endpoint, worker, timeout_s
+        self.curve = curve or auth.default_client_keys()
         self.ctx = context or zmq.Context.instance()
         self._ids = itertools.count(1)
         self.sock = None
@@ -61,9 +70,15 @@ class Client:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.linger = 0
         self._rcvtimeo = -1
+        self.sock.sndtimeo = int(self.timeout_s * 1000) + 1
+        auth.set_heartbeats(self.sock)       # a dead server's connection is dropped
+        if self.curve is not None:
+            self.curve.apply(self.sock)
         self.sock.connect(self.endpoint)
 
     def reconnect(self):
+        """A new socket (a new routing identity, the same keys); replies owed to the old
+        one are lost."""
         self.sock.close(0)
         self._connect()
 
@@ -92,8 +107,13 @@ class Client:
 
     def _send(self, rid: int, op: str, frames: list) -> int:
         """Send a request's frames; its id."""
+        try:   # bounded (sndtimeo): a socket whose handshake failed has nowhere to send
+            self.sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            raise ServerTimeout(f"could not send {op} to {self.endpoint} within "
+                                f"{self.timeout_s:g} s" + _CURVE_HINT * (self.curve is not None)
+                                ) from None
         self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
-        self.sock.send_multipart(frames, copy=False)
         self._sent_ops[rid] = op
         return rid
 
@@ -137,6 +157,9 @@ class Client:
     def _weights_into(self, head: dict, tensors, out: np.ndarray) -> None:
         """The reply's weights (flat chunks, or the shared-memory segment) into ``out``."""
         if head.get("shm"):
+            if self.segment is None or self.segment.weights is None:
+                raise ServerError("bad_request", "the server answered through a shared-memory "
+                                  "segment this client no longer has; say hello again")
             w = self.segment.weights
             src = w if self.span is None else w[self.span[0]:self.span[1]]
             if src.ctypes.data != out.ctypes.data:   # ``out`` may be the segment's own area
@@ -295,14 +318,15 @@ def _as_tensor(a):
 # ----------------------------------------------------------------------------------------------
 # several shards
 
-def connect_client(endpoints, worker: str, timeout_s: float = 10.0, context=None):
+def connect_client(endpoints, worker: str, timeout_s: float = 10.0, context=None,
+                   curve: auth.ClientKeys | None = None):
     """A ``Client`` for one endpoint, a ``ShardedClient`` for several (a list, or one string
     of comma-separated endpoints)."""
     if isinstance(endpoints, str):
         endpoints = [e.strip() for e in endpoints.split(",") if e.strip()]
     if len(endpoints) == 1:
-        return Client(endpoints[0], worker, timeout_s, context)
-    return ShardedClient(endpoints, worker, timeout_s, context)
+        return Client(endpoints[0], worker, timeout_s, context, curve)
+    return ShardedClient(endpoints, worker, timeout_s, context, curve)
 
 
 class ShardedClient:
@@ -318,10 +342,11 @@ class ShardedClient:
     refuses them."""
 
     def __init__(self, endpoints: list[str], worker: str, timeout_s: float = 10.0,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, curve: auth.ClientKeys | None = None):
         if len(set(endpoints)) != len(endpoints):
             raise ValueError(f"the same endpoint twice among {endpoints}")
-        self.clients = [Client(e, worker, timeout_s, context) for e in endpoints]
+        # every shard has the same allow-list and key pair: one set of client keys for all
+        self.clients = [Client(e, worker, timeout_s, context, curve) for e in endpoints]
         self.endpoint = ",".join(endpoints)
         self.worker = worker
         self.ranges: list[tuple[int, int]] | None = None

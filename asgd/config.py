@@ -16,7 +16,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -29,6 +29,12 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "cnn1d"           # a registry name (asgd.tasks.models) or "package.module:factory"
     args: dict = field(default_factory=dict)
+    # Transfer learning (docs/models.md): start from another run's weights, keep some fixed.
+    init_from: str = ""           # a run directory or checkpoint folder whose tensors of the
+                                  # same names are loaded into the built model ("" = none)
+    init_strict: bool = True      # false: skip tensors whose name or shape does not match
+    freeze: list = field(default_factory=list)   # parameter-name prefixes kept fixed and off
+                                                 # the wire (the server holds the rest)
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,10 @@ class DataConfig:
     args: dict = field(default_factory=dict)
     cache_dir: str = ""           # where generated data sets are cached ("" = ~/.cache/asgd)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # The input pipeline (asgd.tasks.data.ShardLoader, docs/models.md).
+    prefetch: int = 0             # batches prepared ahead in a thread (0 = none: faster here)
+    pin_memory: bool = False      # CUDA: keep the data on the host, pinned, and copy each batch
+                                  # with non_blocking=True (false: the data set on the device)
 
 
 @dataclass(frozen=True)
@@ -85,7 +95,7 @@ class ServerConfig:
     max_message_mb: float = 512.0
     checkpoint_dir: str = ""      # "" = <run dir>/checkpoint, or ./checkpoint without a run dir
     checkpoint_every: int = 0     # also checkpoint every N updates (0 = only on shutdown)
-    checkpoint_every_s: float = 0.0   # ... and every T seconds when the version moved (0 = no)
+    checkpoint_every_s: float = 10.0  # ... and every T seconds when the version moved (0 = no)
     checkpoint_keep: int = 3      # checkpoints kept (state-<version>.asgd); --resume takes the
                                   # newest good one
     stats_every_s: float = 1.0    # how often a "server" record goes to metrics.jsonl
@@ -103,6 +113,12 @@ class ServerConfig:
     outer_lr: float = 0.05
     outer_momentum: float = 0.9   # sgd
     outer_nesterov: bool = True   # sgd
+    # Authentication and encryption (asgd.core.auth, docs/reliability.md): curve = ZeroMQ
+    # CURVE with this secret key, letting in only the public keys of allowed_keys (a NAME.key
+    # file or a folder of them; NAME is the worker id the key may use).
+    auth: str = "none"            # none | curve
+    secret_key_file: str = ""     # the server's NAME.key_secret (asgd keys server)
+    allowed_keys: str = ""        # the workers' public keys: a .key file or a folder
 
 
 @dataclass(frozen=True)
@@ -113,6 +129,8 @@ class WorkerConfig:
     request_timeout_s: float = 30.0   # longer than server.worker_timeout_s: ssp/sync hold replies
     reconnect_timeout_s: float = 30.0   # give up after the server is gone this long
     log_every: int = 10           # a worker_step record every N steps
+    push_retries: int = 2         # a push whose reply is late is sent again this many times
+                                  # (same sequence number: applied once) before a new hello
     # The data path (worker.exchange): shared memory with a server on the same host (auto: for
     # loopback and ipc endpoints), overlap of the exchange with the next step's compute, and
     # the wire encodings of gradients and weights across machines.
@@ -129,6 +147,18 @@ class WorkerConfig:
     slow_factor: float = 1.0
     delay_s: float = 0.0
     slow_ranks: Optional[list] = None   # ranks slowed (null = every rank)
+    # Inside the node (worker.stages, worker.precision; docs/node.md): the model split into
+    # consecutive stages, one per device, run as a pipeline over micro-batches, in mixed
+    # precision, with recompute or offloaded activations. None of it is used when unset.
+    devices: Optional[list] = None      # one stage per device, e.g. [cpu, cpu] or [cuda:0, cuda:1]
+    split: Union[str, list] = "params"  # params | time | [i, j, ...]: stage boundaries
+    microbatches: int = 1         # GPipe: micro-batches per batch (same gradient)
+    precision: str = "fp32"       # fp32 | fp16 (with a loss scaler) | bf16: autocast forward
+    recompute: bool = False       # activation checkpointing per stage
+    offload_activations: bool = False   # saved activations in (pinned) host memory
+    # CURVE (server.auth: curve): both set, or neither. {id} in the file name is the worker id.
+    secret_key_file: str = ""     # this worker's NAME.key_secret
+    server_key: str = ""          # the server's public key: its .key file or the Z85 text
 
 
 @dataclass(frozen=True)
@@ -141,6 +171,7 @@ class RunConfig:
     max_seconds: float = 75.0     # stop the workers after this long (0 = none)
     eval_every_s: float = 2.0     # evaluate the live weights this often during a launch (0 = never)
     eval_batch_size: int = 1000
+    max_restarts: int = 3         # asgd launch: dead workers and servers restarted, in all per run
 
 
 @dataclass(frozen=True)
@@ -171,7 +202,13 @@ def _check(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        tp = next(a for a in args if a is not type(None))
+        alternatives = [a for a in args if a is not type(None)]
+        for alt in alternatives[:-1]:       # Union[str, list]: the first that takes the value
+            try:
+                return _check(key, value, alt)
+            except ConfigError:
+                pass
+        tp = alternatives[-1]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -293,6 +330,9 @@ def validate(cfg: Config) -> None:
         parse_endpoint(sv.bind, bind=True)
     except ValueError as e:
         raise ConfigError(f"server.bind: {e}") from None
+    need(all(isinstance(f, str) and f for f in cfg.model.freeze), "model.freeze",
+         f"must be a list of parameter-name prefixes, got {cfg.model.freeze!r}")
+    need(cfg.data.prefetch >= 0, "data.prefetch", "must be >= 0")
     a = cfg.data.augment
     need(a.shift is None or a.shift >= 0, "data.augment.shift", "must be >= 0 or null")
     need(a.scale >= 0, "data.augment.scale", "must be >= 0")
@@ -310,6 +350,7 @@ def validate(cfg: Config) -> None:
     need("max_staleness" not in sv.policy or sv.max_staleness is not None, "server.max_staleness",
          "policy max_staleness needs a bound K")
     need(sv.max_message_mb > 0, "server.max_message_mb", "must be > 0")
+    need(sv.auth in ("none", "curve"), "server.auth", f"must be none or curve, got {sv.auth!r}")
     need(sv.checkpoint_every >= 0, "server.checkpoint_every", "must be >= 0")
     need(sv.checkpoint_every_s >= 0, "server.checkpoint_every_s", "must be >= 0")
     need(sv.checkpoint_keep >= 1, "server.checkpoint_keep", "must be >= 1")
@@ -318,12 +359,14 @@ def validate(cfg: Config) -> None:
     need(1 <= sv.shards <= 64, "server.shards", f"must be in [1, 64], got {sv.shards}")
     need(sv.max_workers >= 1, "server.max_workers", "must be >= 1")
     need(w.batch_size >= 1, "worker.batch_size", "must be >= 1")
-    need(w.device == "auto" or w.device == "cpu" or w.device.startswith("cuda"),
-         "worker.device", f"must be auto, cpu, cuda or cuda:N, got {w.device!r}")
+    need(_device_name_ok(w.device, auto=True), "worker.device",
+         f"must be auto, cpu, cuda, cuda:N or cuda:{{local_rank}}, got {w.device!r}")
+    _validate_stages(w, need)
     need(w.threads >= 1, "worker.threads", "must be >= 1")
     need(w.request_timeout_s > 0, "worker.request_timeout_s", "must be > 0")
     need(w.reconnect_timeout_s > 0, "worker.reconnect_timeout_s", "must be > 0")
     need(w.log_every >= 1, "worker.log_every", "must be >= 1")
+    need(w.push_retries >= 0, "worker.push_retries", "must be >= 0")
     need(w.max_steps >= 0, "worker.max_steps", "must be >= 0")
     need(w.shared_memory in ("auto", "on", "off"), "worker.shared_memory",
          f"must be auto, on or off, got {w.shared_memory!r}")
@@ -347,7 +390,51 @@ def validate(cfg: Config) -> None:
          "a run needs a budget: run.max_updates, run.max_seconds or worker.max_steps")
     need(r.eval_every_s >= 0, "run.eval_every_s", "must be >= 0")
     need(r.eval_batch_size >= 1, "run.eval_batch_size", "must be >= 1")
+    need(r.max_restarts >= 0, "run.max_restarts", "must be >= 0")
     need("/" not in r.name and r.name not in (".", ".."), "run.name", "must be a plain name")
+
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+SPLITS = ("params", "time")
+
+
+def _device_name_ok(name, auto: bool = False) -> bool:
+    """cpu, cuda, cuda:N, N, with ``{local_rank}`` allowed in place of N (and auto)."""
+    if not isinstance(name, str):
+        return False
+    if auto and name == "auto":
+        return True
+    name = name.replace("{local_rank}", "0")
+    return name in ("cpu", "cuda") or name.isdigit() or (
+        name.startswith("cuda:") and name[5:].isdigit())
+
+
+def _validate_stages(w: WorkerConfig, need) -> None:
+    """The inside-the-node keys (worker.stages): what can be checked without the model."""
+    need(w.devices is None or (len(w.devices) >= 1 and
+                               all(_device_name_ok(d) for d in w.devices)),
+         "worker.devices", "must be null or a non-empty list of devices (cpu, cuda:N, "
+         f"cuda:{{local_rank}}), got {w.devices!r}")
+    if isinstance(w.split, str):
+        need(w.split in SPLITS, "worker.split",
+             f"must be params, time or a list of split points, got {w.split!r}")
+    else:
+        points = w.split
+        need(all(isinstance(i, int) and not isinstance(i, bool) for i in points),
+             "worker.split", f"split points must be integers, got {points!r}")
+        need(all(a < b for a, b in zip(points, points[1:])) and all(i > 0 for i in points),
+             "worker.split", f"split points must be increasing and > 0, got {points!r}")
+        stages = len(w.devices) if w.devices else 1
+        need(len(points) == stages - 1, "worker.split",
+             f"{len(points)} split points make {len(points) + 1} stages but worker.devices "
+             f"names {stages}")
+    need(w.microbatches >= 1, "worker.microbatches", "must be >= 1")
+    need(w.microbatches <= w.batch_size, "worker.microbatches",
+         f"{w.microbatches} micro-batches need worker.batch_size >= {w.microbatches}")
+    need(w.precision in PRECISIONS, "worker.precision",
+         f"{w.precision!r} is not one of {', '.join(PRECISIONS)}")
+    need(w.precision != "fp16" or w.local_steps == 1, "worker.precision",
+         "fp16 (with its loss scaler) needs worker.local_steps = 1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,6 +463,27 @@ def load_config(path: str | Path | None = None, overrides=()) -> Config:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     cfg = from_dict(data)
     return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def resolve_workers(value, cfg: Config, gpus: int | None = None) -> int:
+    """The number of workers ``--workers VALUE`` asks for: a count as it is, or ``auto``:
+    one worker per GPU on a machine with GPUs (worker r then runs on ``cuda:r``), else the
+    configured ``run.workers`` (the CPU workers share the cores: the config knows best).
+    ``gpus`` defaults to ``torch.cuda.device_count()``. ConfigError for anything else."""
+    text = str(value).strip().lower()
+    if text != "auto":
+        try:
+            n = int(text)
+        except ValueError:
+            raise ConfigError(f"--workers: expected a number or auto, got {value!r}") from None
+        if n < 1:
+            raise ConfigError(f"--workers: must be >= 1, got {n}")
+        return n
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return gpus if gpus > 0 else cfg.run.workers
 
 
 def dump_config(cfg: Config) -> str:

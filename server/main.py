@@ -23,6 +23,7 @@ import torch
 import zmq
 
 from asgd.config import Config
+from asgd.core import auth, protocol
 from asgd.core.checkpoint import CheckpointError
 from asgd.launch.processes import write_address
 from asgd.metrics import MetricsWriter
@@ -52,6 +53,60 @@ def build_store(cfg: Config, shard: int = 0) -> ParameterStore:
     return ParameterStore.from_model(model, cfg, span=span)
 
 
+# ----------------------------------------------------------------------------------------------
+# the socket: limits, heartbeats, CURVE
+
+QUEUE_BYTES = 64 << 20       # what a few queued messages per peer and direction may hold
+MIN_HWM, MAX_HWM = 4, 1000   # messages queued per peer: at least a few, at most ZeroMQ's default
+HEADER_SLACK = 2 * protocol.MAX_HEADER_BYTES   # frames up to 2 MiB are read: an oversized
+                                               # header still gets its too_large answer
+
+
+def socket_limits(store: ParameterStore, cfg: Config) -> dict:
+    """ZMQ_MAXMSGSIZE and the high-water marks of the server's socket, from the store.
+
+    ZeroMQ applies MAXMSGSIZE to each frame and disconnects a peer that sends a larger one.
+    No frame of a legal request is larger than the whole largest request: the header (1 MiB
+    at most) and the flat gradient of this store's ``numel`` values at 4 bytes each (8 for
+    top-k's int64 indices from 2**31 values on), so that is the limit; ``server.max_message_mb``
+    caps it when smaller, but never below 2 MiB, so that a header of more than 1 MiB is still
+    read and answered ``too_large``. The high-water marks (messages queued per peer, each way)
+    are QUEUE_BYTES over one gradient message, within [4, 1000]."""
+    per_value = 8 if store.numel >= 2 ** 31 else 4
+    largest = protocol.MAX_HEADER_BYTES + per_value * store.numel
+    cap = int(cfg.server.max_message_mb * (1 << 20))
+    maxmsgsize = max(HEADER_SLACK, min(largest, cap))
+    message = 4 * store.numel + (64 << 10)          # a gradient and a generous header
+    hwm = max(MIN_HWM, min(MAX_HWM, QUEUE_BYTES // message))
+    return {"maxmsgsize": maxmsgsize, "rcvhwm": hwm, "sndhwm": hwm}
+
+
+def open_socket(ctx: zmq.Context, bind: str, store: ParameterStore, cfg: Config):
+    """The server's ROUTER, bound: its limits (``socket_limits``), ZeroMQ heartbeats, and with
+    ``server.auth: curve`` CURVE with a ZAP authenticator that lets in the allow-list only.
+    (socket, authenticator or None). AuthError (a ValueError) for keys that cannot be used."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.linger = 0
+    limits = socket_limits(store, cfg)
+    sock.setsockopt(zmq.MAXMSGSIZE, limits["maxmsgsize"])
+    sock.rcvhwm, sock.sndhwm = limits["rcvhwm"], limits["sndhwm"]
+    auth.set_heartbeats(sock)
+    authenticator = None
+    try:
+        authenticator = auth.secure_server(ctx, sock, cfg.server)
+        sock.bind(bind)
+    except BaseException:
+        sock.close(0)
+        if authenticator is not None:
+            authenticator.stop()
+        raise
+    if authenticator is None and not auth.is_loopback(bind):
+        log.warning("serving %s without authentication: anyone who can reach this port can "
+                    "read the weights and push gradients; set server.auth=curve (README, "
+                    "Across machines) or open the port only to your workers", bind)
+    return sock, authenticator
+
+
 def shard_checkpoint_dir(base: Path, shard: int, shards: int) -> Path:
     """Where shard ``shard`` of ``shards`` keeps its checkpoint (the base itself for one)."""
     return base if shards == 1 else base / f"shard-{shard}"
@@ -78,9 +133,13 @@ class Server:
                                      buffered=True)
         self.core = ServerCore(self.store, cfg, (shard, cfg.server.shards), metrics=self.metrics)
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.linger = 0
-        self.sock.bind(bind)
+        try:
+            self.sock, self.authenticator = open_socket(self.ctx, bind, self.store, cfg)
+        except BaseException:
+            self.ctx.term()
+            raise
+        self.unauthorized = 0         # requests whose worker is not their key's (CURVE)
+        self._unauthorized_logged: set = set()
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.stopping = False
         self._last_checkpoint_version = self.store.version
@@ -110,10 +169,10 @@ class Server:
                 sock = self.sock
                 for _ in range(MAX_BATCH):   # a message is waiting: poll said so, or EVENTS
                     try:
-                        identity, request = self._recv()
+                        identity, request, user = self._recv()
                     except zmq.Again:
                         break
-                    self._serve(identity, request)
+                    self._serve(identity, request, user)
                     if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         break
             for identity, reply in self.core.tick():
@@ -129,21 +188,57 @@ class Server:
             if ce and moved >= ce or ces and moved and now - self._last_checkpoint_t >= ces:
                 self.checkpoint()
 
-    def _recv(self) -> tuple[bytes, list]:
+    def _recv(self) -> tuple[bytes, list, str | None]:
         """One request: the routing identity and the header as bytes (small: copying is
-        cheaper than a Frame object), the tensor frames without a copy."""
+        cheaper than a Frame object), the tensor frames without a copy; and with CURVE the
+        connection's User-Id (the worker ids its key may use, asgd.core.auth), else None."""
         sock = self.sock
         identity = sock.recv(zmq.NOBLOCK)
         frames = []
+        user = None
         if sock.rcvmore:
-            frames.append(sock.recv())
+            if self.authenticator is None:
+                frames.append(sock.recv())
+            else:
+                head = sock.recv(copy=False)
+                try:
+                    user = head.get("User-Id")
+                except zmq.ZMQError:
+                    user = ""
+                frames.append(head.bytes)
             while sock.rcvmore:
                 frames.append(sock.recv(copy=False))
-        return identity, frames
+        return identity, frames, user
 
-    def _serve(self, identity: bytes, request: list) -> None:
+    def _serve(self, identity: bytes, request: list, user: str | None = None) -> None:
+        if self.authenticator is not None and not self._authorized(identity, request, user):
+            return
         for peer, reply in self.core.handle(identity, request):
             self._send(peer, reply)
+
+    def _authorized(self, identity: bytes, request: list, user: str | None) -> bool:
+        """With CURVE: does the header's ``worker`` belong to the key the request came with?
+        If not, answer ``unauthorized`` and change nothing. A header that cannot be read goes
+        on to the core, which answers it as always."""
+        try:
+            header = protocol.decode_header(request[0])
+        except Exception:   # not even a header (ProtocolError and the like): the core's case
+            return True
+        worker = header.get("worker")
+        if not isinstance(worker, str) or worker in auth.names_of(user):
+            return True
+        rid = header.get("id")
+        rid = rid if isinstance(rid, int) and not isinstance(rid, bool) else None
+        self.unauthorized += 1
+        if len(self._unauthorized_logged) < 100 and (user, worker) not in \
+                self._unauthorized_logged:
+            self._unauthorized_logged.add((user, worker))
+            log.warning("unauthorized: a request as worker %r from a key allowed as %r",
+                        worker[:64], user)
+        self._send(identity, protocol.error_frames(
+            rid, "unauthorized", f"worker {worker[:64]!r} is not the id of the key this "
+            f"connection authenticated with ({user or 'none'})"))
+        return False
 
     def _send(self, identity: bytes, reply: list) -> None:
         """One reply. Frames from the snapshot pool (zmq.Frame) go without a copy; the rest
@@ -201,6 +296,8 @@ class Server:
             self._record_stats()
             self.metrics.close()
             self.sock.close(0)
+            if self.authenticator is not None:
+                self.authenticator.stop()
             self.ctx.term()
 
 

@@ -218,3 +218,58 @@ def test_a_push_whose_reply_is_late_is_sent_again_and_applied_once(
         assert np.array_equal(mine.numpy(), server_w)
     finally:
         ex.close()
+
+
+@pytest.mark.parametrize("shared_memory", ["on", "off"])
+def test_a_model_in_parts_exchanges_like_a_whole_one(start_server, make_config, clients,
+                                                     tmp_path, shared_memory):
+    """The buffers of a model split over devices (one part per stage's run of parameters),
+    run on the CPU: gradients and weights are those of the whole model, and the local-steps
+    delta is taken part by part."""
+    from worker.exchange import Spread
+
+    config = make_config(**SGD)
+    server = start_server(config, bind=f"ipc://{tmp_path}/s.sock")
+    task = build_task(load_config(config))
+    n = len(list(task.model.parameters()))
+    client = clients(server.endpoint, "w0")
+    ex = Exchange(task.model, task.layout, client, torch.device("cpu"),
+                  shared_memory=shared_memory, staged=True, parts=[3, n - 5, 2])
+    observer = clients(server.endpoint, "observer")
+    try:
+        assert isinstance(ex.weights, Spread) and len(ex.weights.parts) == 3
+        ex.connect(lambda seg: client.hello(rank=0, shm=seg))
+        x, y = task.dataset.x_train[:32], task.dataset.y_train[:32]
+        for _ in range(3):
+            expected = reference_gradient(task.model, x, y)
+            ex.zero_grad()
+            F.cross_entropy(task.model(x), y).backward()
+            grad = ex.gradient()
+            assert torch.allclose(grad, expected, atol=1e-6)
+            ex.exchange(grad)
+        server_w = np.empty(task.layout.numel, np.float32)
+        assert observer.pull_flat(server_w) == 3 == ex.version
+        mine = torch.cat([p.detach().reshape(-1) for p in task.model.parameters()])
+        assert np.array_equal(mine.numpy(), server_w)
+        anchor = ex.weights.clone()
+        with torch.no_grad():
+            for p in task.model.parameters():
+                p.add_(0.5)
+        assert torch.allclose(ex.delta(anchor), torch.full((task.layout.numel,), -0.5))
+    finally:
+        ex.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: stages on a GPU and "
+                    "the CPU in one worker")
+def test_a_worker_with_stages_on_a_gpu_and_the_cpu_trains(processes, make_config, tmp_path):
+    import json
+
+    cfg = make_config(worker={"devices": ["cuda:0", "cpu"], "microbatches": 2},
+                      run={"max_updates": 300, "eval_every_s": 0, "name": "gpu-cpu",
+                           "out_dir": str(tmp_path / "runs")})
+    r = processes.run(["-m", "asgd.cli", "launch", "--config", str(cfg), "--quiet"],
+                      timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads((tmp_path / "runs" / "gpu-cpu" / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["test_accuracy"] > 0.3

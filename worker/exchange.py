@@ -19,6 +19,9 @@ gradient leaves in one piece and the weights arrive in one copy.
   into the weights buffer.
 * GPU: the flat buffers live on the device; a step makes one device-to-host copy of the
   gradient into pinned host memory (or the segment) and one host-to-device copy of the weights.
+  A model split into stages over several devices (worker.devices) has its flat buffers in
+  parts, one per run of consecutive parameters on one device (``Spread``); each part copies
+  its own range of the host buffer, so the server sees one flat vector as always.
 * Overlap: the push of step k and the weights after it travel while step k+1 computes, on
   the weights from before step k's push (one more step of staleness). The two gradient buffers
   alternate so the one in flight is never written.
@@ -46,6 +49,72 @@ from asgd.core.shm import Segment
 log = logging.getLogger("asgd.worker")
 
 
+class Spread:
+    """One flat vector held in parts: each a contiguous range ``[lo, hi)`` of it on its own
+    device (the parameters of one stage of a split model view their part). What the exchange
+    does to a flat device buffer, done part by part."""
+
+    def __init__(self, parts: list[tuple[torch.device, int, int]]):
+        self.parts = [(lo, hi, torch.zeros(hi - lo, device=d)) for d, lo, hi in parts]
+        self.numel = parts[-1][2] if parts else 0
+        self.cuda = sorted({t.device for _, _, t in self.parts if t.device.type == "cuda"},
+                           key=str)
+
+    def views(self, layout) -> list[torch.Tensor]:
+        out = []
+        for spec, (a, b) in zip(layout.specs, layout.spans()):
+            lo, hi, t = next(p for p in self.parts if p[0] <= a and b <= p[1])
+            out.append(t[a - lo:b - lo].view(spec.shape))
+        return out
+
+    def zero_(self) -> "Spread":
+        for _, _, t in self.parts:
+            t.zero_()
+        return self
+
+    def copy_(self, src, non_blocking: bool = False) -> "Spread":
+        """From a host flat tensor, or from another Spread of the same parts."""
+        for k, (lo, hi, t) in enumerate(self.parts):
+            t.copy_(src.parts[k][2] if isinstance(src, Spread) else src[lo:hi],
+                    non_blocking=non_blocking)
+        return self
+
+    def copy_to(self, host: torch.Tensor) -> None:
+        """Into a host flat tensor; every device done when this returns."""
+        for lo, hi, t in self.parts:
+            host[lo:hi].copy_(t, non_blocking=True)
+        for d in self.cuda:
+            torch.cuda.synchronize(d)
+
+    def clone(self) -> "Spread":
+        out = Spread([(t.device, lo, hi) for lo, hi, t in self.parts])
+        return out.copy_(self)
+
+    def set_difference(self, a: "Spread", b: "Spread") -> "Spread":
+        """self = a - b, part by part."""
+        for (_, _, t), (_, _, x), (_, _, y) in zip(self.parts, a.parts, b.parts):
+            torch.sub(x, y, out=t)
+        return self
+
+
+def device_runs(params, layout, counts: list[int] | None = None
+                ) -> list[tuple[torch.device, int, int]]:
+    """The parts of a Spread: maximal runs of consecutive parameters on one device (or, with
+    ``counts``, runs of that many parameters each), as (device, lo, hi) flat ranges."""
+    spans = layout.spans()
+    cuts = []
+    if counts:
+        k = 0
+        for n in counts[:-1]:
+            k += n
+            cuts.append(k)
+    else:
+        cuts = [i for i in range(1, len(params)) if params[i].device != params[i - 1].device]
+    edges = [0, *cuts, len(params)]
+    return [(params[i].device, spans[i][0], spans[j - 1][1])
+            for i, j in zip(edges, edges[1:]) if j > i]
+
+
 def is_local(endpoint: str) -> bool:
     """An endpoint on this machine for certain: a unix socket or a loopback address (every
     one of a comma-separated list of shards' endpoints)."""
@@ -61,19 +130,22 @@ class Exchange:
     def __init__(self, model: torch.nn.Module, layout, client, device: torch.device,
                  shared_memory: str = "auto", overlap: bool = False, encoding: str = "none",
                  encoding_args: dict | None = None, weights_encoding: str = "none",
-                 staged: bool | None = None, retries: int = 2):
+                 staged: bool | None = None, retries: int = 2,
+                 parts: list[int] | None = None):
         self.model, self.layout, self.client = model, layout, client
         self.device = device
         self.numel = layout.numel
         self.overlap = overlap
         self.encoding, self.encoding_args = encoding, dict(encoding_args or {})
         self.weights_encoding = weights_encoding
-        self.params = list(model.parameters())
+        self.params = layout.parameters(model)   # trainable ones: model.freeze stays off
         cuda = device.type == "cuda"
         # staged: device buffers apart from the host's, one copy each way a step (on a GPU;
         # on the CPU only when asked, which runs the GPU's code path for tests)
-        self.staged = cuda if staged is None else staged or cuda
-        self.cuda = cuda
+        multi = len({p.device for p in self.params}) > 1
+        self.staged = (cuda or multi) if staged is None else staged or cuda or multi
+        self.cuda = cuda or any(p.device.type == "cuda" for p in self.params)
+        cuda = self.cuda
         self.shared_memory = shared_memory
         self.want_segment = shared_memory == "on" or (shared_memory == "auto" and
                                                       is_local(client.endpoint))
@@ -82,13 +154,18 @@ class Exchange:
         self.host_weights = self._own_weights
         self._frame_grads = None
         if self.staged:          # device buffers: the parameters and gradients view these
-            self.weights = torch.zeros(self.numel, device=device)
-            self.grads = [torch.zeros(self.numel, device=device)]
-            self._views_g = [layout.views(self.grads[0])]
+            if multi or parts:   # a split model: a part per stage's device
+                runs = device_runs(self.params, layout, parts)
+                self.weights, self.grads = Spread(runs), [Spread(runs)]
+                self._views_g = [self.grads[0].views(layout)]
+            else:
+                self.weights = torch.zeros(self.numel, device=device)
+                self.grads = [torch.zeros(self.numel, device=device)]
+                self._views_g = [layout.views(self.grads[0])]
         else:
             self.weights = self.host_weights
         self.slot = 0
-        self._views_w = layout.views(self.weights)
+        self._views_w = self._views(self.weights)
         with torch.no_grad():
             for p, v in zip(self.params, self._views_w):
                 v.copy_(p.detach().reshape(-1).view_as(v))
@@ -104,8 +181,12 @@ class Exchange:
         self.version = 0
         self.in_flight = None        # (request id, how to send it again)
         self.retries = retries
+        self.on_timeout = None       # what to do before a resend (default: a fresh socket)
         self.seq = secrets.randbits(40) << 20      # this process's pushes: seq, seq + 1, ...
         self.resent = 0
+
+    def _views(self, flat) -> list[torch.Tensor]:
+        return flat.views(self.layout) if isinstance(flat, Spread) else self.layout.views(flat)
 
     @staticmethod
     def _host(numel: int, pinned: bool) -> torch.Tensor:
@@ -245,7 +326,9 @@ class Exchange:
     def _to_host(self, g: torch.Tensor) -> torch.Tensor:
         """``g`` in the host buffer that goes on the wire (itself on the CPU)."""
         host = self.host_grads[self.slot]
-        if g is not host:
+        if isinstance(g, Spread):
+            g.copy_to(host)
+        elif g is not host:
             host.copy_(g, non_blocking=True)
             if self.cuda:
                 torch.cuda.synchronize(self.device)
@@ -273,7 +356,10 @@ class Exchange:
         """``anchor - weights`` (a pseudo-gradient) in the free gradient buffer, on the
         host."""
         g = self._free()
-        torch.sub(anchor, self.weights, out=g)
+        if isinstance(g, Spread):
+            g.set_difference(anchor, self.weights)
+        else:
+            torch.sub(anchor, self.weights, out=g)
         return self._to_host(g)
 
     def finite(self, host_grad: torch.Tensor) -> bool:
@@ -327,7 +413,12 @@ class Exchange:
                     raise
                 log.warning("no reply to a push within %g s: sending it again (%d of %d)",
                             self.client.timeout_s, attempt + 1, self.retries)
-                self.client.reconnect()
+                before = self.client
+                (self.on_timeout or self.client.reconnect)()
+                if self.client is not before:
+                    # another server now (a restart on a new port): it knows neither this
+                    # worker nor its segment; the worker says hello there instead
+                    raise ServerTimeout(f"the server moved to {self.client.endpoint}")
                 self.resent += 1
                 rid = again()
         if self.weights is not self.host_weights:

@@ -19,7 +19,8 @@ def run(cfg: Config, endpoint: str | None, rank: int, worker_id: str | None = No
     """``endpoint``: the server's, or every shard's joined by commas. ``server_file``: read
     the server's endpoint from this file once it appears (a list of files: one per shard; the
     worker builds its model and data meanwhile), waiting at most
-    worker.reconnect_timeout_s."""
+    worker.reconnect_timeout_s; when the server stops answering, the files are read again (a
+    restarted server announces its new endpoint there)."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s worker %(levelname)s %(message)s")
     log = logging.getLogger("asgd.worker")
@@ -31,6 +32,9 @@ def run(cfg: Config, endpoint: str | None, rank: int, worker_id: str | None = No
         files = [server_file] if isinstance(server_file, str) else list(server_file)
 
         def endpoint(stop):
+            # the worker re-reads these files when the server stops answering: a server that
+            # asgd launch restarted listens on a new port (worker.train.follow_server_files)
+            stop.server_files = files
             found = []
             for f in files:
                 address = read_address(f, budget, lambda: stop.set)

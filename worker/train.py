@@ -28,8 +28,10 @@ from asgd.core.layout import ParameterLayout
 from asgd.experiments.straggler import Straggler
 from asgd.metrics import MetricsWriter
 from asgd.tasks.data import ShardLoader
-from asgd.tasks.task import build_task, resolve_device as _resolve_device
+from asgd.tasks.task import build_task
 from worker.exchange import Exchange
+from worker.precision import LossScaler
+from worker.stages import build_pipeline, resolve_device as _resolve_device
 
 log = logging.getLogger("asgd.worker")
 
@@ -58,6 +60,42 @@ def fault_exit_step(rank: int, spec: str | None = None) -> int | None:
     return step if ranks is None or rank in ranks else None
 
 
+def read_server_files(files) -> list[str] | None:
+    """The endpoints announced in the server's address files, each read once (no waiting);
+    None while one of them is missing or empty (a restarted server not listening yet)."""
+    out = []
+    for f in files:
+        try:
+            text = open(f).read().strip()
+        except OSError:
+            return None
+        if not text:
+            return None
+        out.append(text)
+    return out
+
+
+def follow_server_files(worker) -> bool:
+    """A worker started from address files (``--server-file``, as asgd launch starts it) reads
+    them again when the server stops answering: a server that the launcher restarted listens
+    on a new port. If the endpoints changed, the worker gets a new client for them (handed
+    to its exchange as well: both speak through the same one) and the old one is closed.
+    True when it switched."""
+    files = getattr(worker.stop, "server_files", None)   # set by worker.main
+    if not files:
+        return False
+    endpoints = read_server_files(files)
+    if endpoints is None or ",".join(endpoints) == worker.client.endpoint:
+        return False
+    old = worker.client
+    worker.client = worker.ex.client = connect_client(endpoints, worker.id,
+                                                      timeout_s=old.timeout_s)
+    old.close()
+    log.warning("%s: the server now listens at %s (read from %s)", worker.id,
+                worker.client.endpoint, ", ".join(map(str, files)))
+    return True
+
+
 class WorkerError(Exception):
     """A condition the worker cannot train through (exit code 2)."""
 
@@ -76,9 +114,11 @@ HELLO_TIMEOUT_S = 2.0      # each attempt to reach the server waits this long at
 MAX_NONFINITE_RUN = 10     # non-finite losses in a row before the worker gives up
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, rank: int = 0) -> torch.device:
+    """``worker.device`` for this rank: ``auto``, ``cpu``, ``cuda:N``, or ``cuda:{local_rank}``
+    (or ``{local_rank}``) with the rank modulo the visible CUDA devices filled in."""
     try:
-        return _resolve_device(name)
+        return _resolve_device(name, rank)
     except ValueError as e:
         raise WorkerError(str(e)) from None
 
@@ -111,11 +151,23 @@ class Worker:
         self.cfg, self.rank = cfg, rank
         self.id = worker_id or f"w{rank}"
         self.metrics = metrics or MetricsWriter(None)
-        self.device = resolve_device(cfg.worker.device)
+        self.device = resolve_device(cfg.worker.device, rank)
         task = build_task(cfg)
         ds = task.dataset
         self.layout = task.layout
-        self.model = task.model.to(self.device)
+        # Inside the node (worker.stages): stages on their devices, micro-batches, autocast,
+        # recompute, offload; None on the plain path. Every stage is on its device before the
+        # exchange makes the parameters views of its flat buffers.
+        self.pipeline = build_pipeline(cfg.worker, task.model, rank,
+                                       example=ds.x_train[:cfg.worker.batch_size],
+                                       default_device=self.device)
+        if self.pipeline is None:
+            self.model = task.model.to(self.device)
+        else:
+            self.model = task.model
+            self.device = self.pipeline.device        # batches go in at the first stage
+        # fp16: the loss scale; a step whose gradient overflowed is skipped (step() -> None)
+        self.scaler = LossScaler() if cfg.worker.precision == "fp16" else None
         self.params = list(self.model.parameters())
         self.names = self.layout.names
         self.loader = ShardLoader.for_config(cfg, ds, rank, cfg.run.workers, self.device)
@@ -129,7 +181,10 @@ class Worker:
                            shared_memory=w.shared_memory, overlap=w.overlap,
                            encoding=w.encoding, weights_encoding=w.weights_encoding,
                            encoding_args={"topk_ratio": w.topk_ratio}
-                           if w.encoding == "topk" else {})
+                           if w.encoding == "topk" else {}, retries=w.push_retries)
+        # a push resent after a timeout goes to a server that moved (restarted on a new
+        # port by asgd launch) if the address files say so, else on a fresh socket
+        self.ex.on_timeout = lambda: follow_server_files(self) or self.client.reconnect()
         # local steps (asynchronous Local SGD, DiLoCo): the worker's own optimizer takes
         # worker.local_steps steps from the weights last pulled, then the difference is pushed
         self.local_steps = w.local_steps
@@ -138,7 +193,7 @@ class Worker:
 
             self.inner_cfg = inner_config(cfg)
             self.inner = make_optimizer(cfg, self.params, fused=True)   # 3x faster on a CPU
-            self.anchor = torch.empty_like(self.ex.weights)
+            self.anchor = self.ex.weights.clone()   # a tensor, or per stage's device
         self.straggler = Straggler.for_rank(cfg.worker, rank)
         self.crash_at = fault_exit_step(rank)
         self.max_updates = cfg.run.max_updates       # the server's, once it has said hello
@@ -164,7 +219,8 @@ class Worker:
     def _with_retry(self, what: str, fn):
         """Call ``fn(timeout_s)``; while the server does not answer, reconnect with bounded
         back-off, say so at once and every few seconds, and give up (ServerGone) once
-        worker.reconnect_timeout_s has passed."""
+        worker.reconnect_timeout_s has passed. Before each new attempt a worker started from
+        address files reads them again and follows a server that moved (a restart)."""
         budget = self.cfg.worker.reconnect_timeout_s
         started = time.monotonic()
         give_up = started + budget
@@ -192,19 +248,32 @@ class Worker:
                                 self.id, self.client.endpoint, now - started, budget)
                 time.sleep(min(delay, max(0.0, give_up - now)))
                 delay = min(delay * 2, 2.0)
-                self.client.reconnect()
+                if not follow_server_files(self):
+                    self.client.reconnect()
 
     def _hello(self, what: str) -> dict:
         """Say hello (again), offering the shared-memory segment; the weights it carries are
-        loaded."""
+        loaded. A hello again (``what`` is not "hello") is logged and recorded
+        (``worker_rejoined``), saying when the server's version went back (a server restarted
+        from a checkpoint): the worker trains on from the server's weights."""
         def hello(segment):
             return self._with_retry(what, lambda t: self.client.hello(
                 rank=self.rank, timeout_s=t, shm=segment))
 
+        before = self.ex.version
         try:
-            return self.ex.connect(hello, self._check_layout)
+            info = self.ex.connect(hello, self._check_layout)
         except RuntimeError as e:
             raise WorkerError(f"worker {self.id}: {e}") from None
+        if what != "hello":
+            back = self.version < before
+            log.warning("%s: %s: hello again at version %d%s", self.id, what, self.version,
+                        f", behind this worker's {before}: the server went back (a restart)"
+                        if back else "")
+            self.metrics.write("worker_rejoined", worker=self.id, rank=self.rank, reason=what,
+                               version=self.version, previous_version=before,
+                               endpoint=self.client.endpoint)
+        return info
 
     def _check_layout(self, info: dict) -> None:
         try:
@@ -228,8 +297,13 @@ class Worker:
     # ------------------------------------------------------------------------------------------
 
     def compute_gradient(self):
-        """Loss and batch size of one step; the gradient is in the exchange's buffer."""
+        """Loss and batch size of one step; the gradient is in the exchange's buffer (times
+        the loss scale with fp16)."""
         x, y = self.loader.next()
+        if self.pipeline is not None:
+            self.ex.zero_grad()
+            scale = self.scaler.scale if self.scaler is not None else 1.0
+            return self.pipeline.forward_backward(x, y, scale), len(x)
         loss = F.cross_entropy(self.model(x), y)
         self.ex.zero_grad()
         loss.backward()
@@ -239,10 +313,19 @@ class Worker:
         """One step's loss, samples and the flat gradient to push (on the host). With local
         steps: ``local_steps`` steps of the worker's own optimizer, and the pseudo-gradient
         (the weights pulled minus the weights now), which the server's outer optimizer
-        applies."""
+        applies.
+
+        With fp16 the gradient is unscaled here; when it overflowed (inf or nan) the returned
+        gradient is None: the step is skipped and nothing may be pushed (the scale has shrunk
+        for the next one). Once the scale has shrunk below its floor the non-finite gradient
+        itself is returned, for the caller's divergence check."""
         if self.local_steps <= 1:
             loss, n = self.compute_gradient()
-            return loss, n, self.ex.gradient()
+            grad = self.ex.gradient()
+            if self.scaler is not None and not self.scaler.unscale_and_update(grad) \
+                    and not self.scaler.exhausted:
+                return loss, n, None
+            return loss, n, grad
         from asgd.core.optim import scheduled_lr
 
         self.anchor.copy_(self.ex.weights)
@@ -270,6 +353,10 @@ class Worker:
                 break
             step_started = time.perf_counter()
             loss, n, grad = self.step()
+            if grad is None:      # fp16 overflow: step skipped, nothing pushed (see step)
+                self.metrics.write("fp16_overflow", worker=self.id, rank=self.rank,
+                                   version=self.version, **self.scaler.state())
+                continue
             if not self.ex.finite(grad):
                 self._nonfinite(loss)
                 continue
@@ -285,8 +372,19 @@ class Worker:
                 self._hello("reconnecting")
                 continue
             except ServerError as e:
-                if e.code == "bad_version":  # the server restarted behind us: resync
-                    log.warning("%s: %s; pulling fresh weights", self.id, e)
+                # The server restarted behind us: a version it never had (it resumed from an
+                # older checkpoint), or it no longer knows this worker (its shared-memory
+                # segment). Say hello again for its weights (said once here; _hello records
+                # worker_rejoined with both versions); the same again without a step between
+                # is fatal after a few tries.
+                lost = e.code == "bad_version" or (e.code == "bad_request" and
+                                                   "hello" in e.message)
+                tries = self.__dict__.get("_resync_tries", 0) + 1 \
+                    if self.__dict__.get("_resync_step") == res.steps else 1
+                self._resync_step, self._resync_tries = res.steps, tries
+                if lost and tries <= 3:
+                    log.warning("%s: %s: the server restarted; hello again for its weights",
+                                self.id, e)
                     self._hello("resync")
                     continue
                 raise WorkerError(f"worker {self.id}: {e}") from None

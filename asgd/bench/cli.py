@@ -49,7 +49,9 @@ def bench():
               help="Repeats, interleaved across the systems; medians are reported.")
 @click.option("--vs", "vs", type=click.Choice(["torch-rpc"]), multiple=True,
               help="Also measure torch.distributed.rpc's parameter server.")
-def transport(params, transport, workers, shards, encoding, seconds, repeats, vs):
+@click.option("--curve", is_flag=True, help="Also measure the server with ZeroMQ CURVE "
+              "(server.auth: curve, throwaway keys) right after the plain one in each repeat.")
+def transport(params, transport, workers, shards, encoding, seconds, repeats, vs, curve):
     """push_pull round trips/s through real server processes, against a raw ZeroMQ echo of
     the same bytes (and torch RPC with --vs torch-rpc)."""
     from asgd.bench.transport import run
@@ -60,10 +62,12 @@ def transport(params, transport, workers, shards, encoding, seconds, repeats, vs
                                  param_hint="--encoding")
     runs = []
     for k in range(repeats):
-        r = run(numel, transport, workers, seconds, encoding, shards, vs=vs)
+        r = run(numel, transport, workers, seconds, encoding, shards, vs=vs, curve=curve)
         runs.append(r)
         click.echo(f"repeat {k + 1}/{repeats}: asgd {r['round_trips_per_s']:.1f} rt/s, "
-                   f"raw {r['raw_echo']['round_trips_per_s']:.1f}"
+                   + (f"with CURVE {r['asgd_curve']['round_trips_per_s']:.1f}, "
+                      if curve else "")
+                   + f"raw {r['raw_echo']['round_trips_per_s']:.1f}"
                    + (f", torch rpc {r['torch_rpc']['round_trips_per_s']:.1f}"
                       if "torch_rpc" in r else ""), err=True)
     click.echo(json.dumps(summarize(runs)))
@@ -103,7 +107,7 @@ def summarize(runs: list[dict]) -> dict:
     out = {k: first[k] for k in ("benchmark", "params", "transport", "workers", "shards",
                                  "encoding", "seconds")}
     out["repeats"] = len(runs)
-    for system in ("asgd", "raw_echo", "torch_rpc"):
+    for system in ("asgd", "asgd_curve", "raw_echo", "torch_rpc"):
         if system not in first:
             continue
         out[system] = {
@@ -123,6 +127,11 @@ def summarize(runs: list[dict]) -> dict:
     out["ratio_vs_raw"] = round(a / out["raw_echo"]["round_trips_per_s"], 3)
     if "torch_rpc" in out:
         out["ratio_vs_torch_rpc"] = round(a / out["torch_rpc"]["round_trips_per_s"], 3)
+    if "asgd_curve" in out:   # the median of each repeat's ratio, and the ratio of the medians
+        out["ratio_curve_vs_plain"] = round(statistics.median(
+            r["ratio_curve_vs_plain"] for r in runs), 3)
+        out["ratio_curve_vs_plain_of_medians"] = round(
+            out["asgd_curve"]["round_trips_per_s"] / a, 3)
     return out
 
 

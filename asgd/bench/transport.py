@@ -9,7 +9,10 @@ One server process (SGD, no staleness policy) holds a model of exactly P float32
 T seconds (after a warm-up). ``--transport``: ``tcp`` (loopback), ``ipc`` (a unix socket) or
 ``shm`` (the header over ipc, the tensors in each client's shared-memory segment, as
 ``asgd launch`` does on one host; the weights are used where the server wrote them, as a
-worker's parameters are). In the same run, the reference: ``raw_echo`` of the same
+worker's parameters are). ``--curve``: the same server again with ZeroMQ CURVE
+(``server.auth: curve``, throwaway keys made in the run's temporary folder), measured right after
+the plain one in each repeat; ``ratio_curve_vs_plain`` is its round trips/s over the plain
+server's. In the same run, the reference: ``raw_echo`` of the same
 bytes over the same socket kind (what the wire allows), and with ``--vs torch-rpc`` the
 parameter server a PyTorch user writes with ``torch.distributed.rpc``. The last line printed is
 one JSON object: round trips/s, GB/s (both directions), latency percentiles, peak RSS of every
@@ -74,14 +77,15 @@ def peak_rss_mb() -> float:
 # one client process
 
 def client_main(endpoint: str, numel: int, transport: str, encoding: str, seconds: float,
-                out_path: str, rank: int) -> None:
+                out_path: str, rank: int, keys: str = "") -> None:
     import torch
 
     from asgd.client import connect_client
     from asgd.core.shm import Segment
 
     torch.set_num_threads(1)
-    client = connect_client(endpoint, f"bench{rank}", timeout_s=120)   # shards: a,b,...
+    client = connect_client(endpoint, f"bench{rank}", timeout_s=120,    # shards: a,b,...
+                            curve=client_keys(keys, f"bench{rank}"))
     seg = Segment.create(numel) if transport == "shm" else None
     info, _ = client.hello(rank=rank, shm=seg)
     if transport == "shm" and client.segment is None:
@@ -127,12 +131,35 @@ def client_main(endpoint: str, numel: int, transport: str, encoding: str, second
 # ----------------------------------------------------------------------------------------------
 # the run
 
+def make_keys(keys: Path, workers: int) -> dict:
+    """Throwaway CURVE keys for one run: the server's, and one per client (``bench<r>``, and
+    ``bench-stats`` for the final stats); the server's ``server`` settings that use them."""
+    from asgd.core.auth import generate
+
+    generate("server", keys)
+    for name in [f"bench{r}" for r in range(workers)] + ["bench-stats"]:
+        generate(name, keys / "allowed")
+    return {"auth": "curve", "secret_key_file": str(keys / "server.key_secret"),
+            "allowed_keys": str(keys / "allowed")}
+
+
+def client_keys(keys: str, name: str):
+    """The CURVE keys of client ``name`` in the folder ``make_keys`` wrote, or None."""
+    if not keys:
+        return None
+    from asgd.core.auth import ClientKeys
+
+    return ClientKeys.load(Path(keys) / "allowed" / f"{name}.key_secret",
+                           Path(keys) / "server.key")
+
+
 def _endpoint(transport: str, tmp: Path, k: int) -> str:
     return "tcp://127.0.0.1:0" if transport == "tcp" else f"ipc://{tmp}/server{k}.sock"
 
 
 def run_asgd(numel: int, transport: str = "tcp", workers: int = 1, seconds: float = 3.0,
-             encoding: str = "none", tmp: Path | None = None, shards: int = 1) -> dict:
+             encoding: str = "none", tmp: Path | None = None, shards: int = 1,
+             curve: bool = False) -> dict:
     import yaml
 
     from asgd.launch.processes import spawn, stop, wait_all, wait_for_address
@@ -140,7 +167,12 @@ def run_asgd(numel: int, transport: str = "tcp", workers: int = 1, seconds: floa
     with tempfile.TemporaryDirectory(dir=tmp) as d:
         tmp = Path(d)
         cfg = tmp / "bench.yaml"
-        cfg.write_text(yaml.safe_dump(server_config(numel, shards)))
+        conf = server_config(numel, shards)
+        keys = ""
+        if curve:
+            keys = str(tmp / "keys")
+            conf["server"].update(make_keys(tmp / "keys", workers))
+        cfg.write_text(yaml.safe_dump(conf))
         servers = []
         for k in range(shards):
             servers.append(spawn(f"server{k}", [
@@ -155,7 +187,8 @@ def run_asgd(numel: int, transport: str = "tcp", workers: int = 1, seconds: floa
             outs = [tmp / f"client{r}.json" for r in range(workers)]
             clients = [spawn(f"client{r}", ["-m", "asgd.bench.transport", "client", endpoint,
                                             str(numel), transport, encoding, str(seconds),
-                                            str(outs[r]), str(r)], tmp / f"client{r}.log")
+                                            str(outs[r]), str(r), keys],
+                                  tmp / f"client{r}.log")
                        for r in range(workers)]
             codes = wait_all(clients, seconds * 4 + 120)
             bad = [(c, rc) for c, rc in zip(clients, codes) if rc != 0]
@@ -163,7 +196,7 @@ def run_asgd(numel: int, transport: str = "tcp", workers: int = 1, seconds: floa
                 c, rc = bad[0]
                 raise RuntimeError(f"{c.name} ended with {rc}:\n{c.tail()}")
             results = [json.loads(o.read_text()) for o in outs]
-            server_rss = server_peak_rss(endpoint)
+            server_rss = server_peak_rss(endpoint, keys)
         finally:
             stop(clients, grace_s=5)
             stop(servers, grace_s=30)
@@ -178,22 +211,23 @@ def run_asgd(numel: int, transport: str = "tcp", workers: int = 1, seconds: floa
             "peak_rss_mb": {"server": server_rss,
                             "clients": max(r["peak_rss_mb"] for r in results)},
             "workers": workers, "shards": shards, "numel": numel, "transport": transport,
-            "encoding": encoding}
+            "encoding": encoding, "curve": curve}
 
 
-def server_peak_rss(endpoint: str) -> float | None:
+def server_peak_rss(endpoint: str, keys: str = "") -> float | None:
     """The server's peak resident memory (every shard's, summed)."""
     from asgd.client import connect_client
 
     try:
-        with connect_client(endpoint, "bench-stats", timeout_s=10) as c:
+        with connect_client(endpoint, "bench-stats", timeout_s=10,
+                            curve=client_keys(keys, "bench-stats")) as c:
             return c.stats().get("peak_rss_mb")
     except Exception:
         return None
 
 
 def run(params: int, transport: str = "tcp", workers: int = 1, seconds: float = 3.0,
-        encoding: str = "none", shards: int = 1, vs: tuple = ()) -> dict:
+        encoding: str = "none", shards: int = 1, vs: tuple = (), curve: bool = False) -> dict:
     from asgd.bench import reference
 
     out = {"benchmark": "transport", "params": params, "transport": transport,
@@ -201,6 +235,11 @@ def run(params: int, transport: str = "tcp", workers: int = 1, seconds: float = 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         asgd = run_asgd(params, transport, workers, seconds, encoding, tmp, shards)
+        if curve:        # right after the plain server, on the same machine state
+            out["asgd_curve"] = run_asgd(params, transport, workers, seconds, encoding, tmp,
+                                         shards, curve=True)
+            out["ratio_curve_vs_plain"] = round(out["asgd_curve"]["round_trips_per_s"] /
+                                                asgd["round_trips_per_s"], 3)
         raw = reference.raw_echo(params, workers=workers, seconds=seconds,
                                  transport="tcp" if transport == "tcp" else "ipc", tmp=tmp)
         out.update(asgd=asgd, raw_echo=raw)
@@ -216,9 +255,10 @@ def run(params: int, transport: str = "tcp", workers: int = 1, seconds: float = 
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 9 and sys.argv[1] == "client":
+    if len(sys.argv) in (9, 10) and sys.argv[1] == "client":
         a = sys.argv[2:]
-        client_main(a[0], int(a[1]), a[2], a[3], float(a[4]), a[5], int(a[6]))
+        client_main(a[0], int(a[1]), a[2], a[3], float(a[4]), a[5], int(a[6]),
+                    a[7] if len(a) > 7 else "")
     else:
         raise SystemExit("usage: python -m asgd.bench.transport client ENDPOINT NUMEL "
-                         "TRANSPORT ENCODING SECONDS OUT RANK")
+                         "TRANSPORT ENCODING SECONDS OUT RANK [KEYS_DIR]")

@@ -1,7 +1,7 @@
 """The parameter layout: the model's tensors in order, and where each lives in one flat buffer.
 
     layout = ParameterLayout.from_model(model)        # or .from_specs(hello_reply["tensors"])
-    flat = layout.flatten(model.parameters())         # (numel,) float32, layout order
+    flat = layout.flatten(trainable_parameters(model))   # (numel,) float32, layout order
     for name, view in layout.named_views(flat): ...   # per-tensor views into ``flat``
     layout.load_into(model, flat)                     # copy a flat buffer into a model
     layout.check_same(other, "worker", "server")      # ValueError naming the difference
@@ -9,6 +9,11 @@
 The server keeps its weights, gradients and optimizer state as flat buffers in this order; the
 wire carries one frame per tensor in the same order; checkpoints store the flat buffer with
 the spec list. Every place that needs offsets asks this object, so they agree by construction.
+
+Only trainable parameters (``requires_grad``) are in a layout: a frozen parameter
+(``model.freeze``, docs/models.md) stays in the model but never goes on the wire, into the
+server's store or into a checkpoint. ``trainable_parameters(model)`` lists the parameters a
+layout describes, in its order; every place that pairs parameters with a layout uses it.
 """
 from __future__ import annotations
 
@@ -18,6 +23,16 @@ from typing import Iterable
 
 import numpy as np
 import torch
+
+
+def trainable_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every parameter that trains, in the model's order: a layout's."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters a layout of ``model`` describes, in its order (frozen ones left out)."""
+    return [p for _, p in trainable_named_parameters(model)]
 
 
 @dataclass(frozen=True)
@@ -51,7 +66,7 @@ class ParameterLayout:
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> "ParameterLayout":
         return cls(TensorSpec(n, str(p.dtype).replace("torch.", ""), tuple(p.shape))
-                   for n, p in model.named_parameters())
+                   for n, p in trainable_named_parameters(model))
 
     # ------------------------------------------------------------------------------------------
 
@@ -106,8 +121,11 @@ class ParameterLayout:
 
     def flatten(self, tensors: Iterable, out: torch.Tensor | None = None) -> torch.Tensor:
         """One flat float32 buffer from tensors or arrays in layout order (into ``out`` when
-        given). ValueError when a count or shape does not match."""
-        tensors = list(tensors)
+        given). ValueError when a count or shape does not match. Frozen parameters
+        (``nn.Parameter`` with ``requires_grad`` False) are skipped, so ``model.parameters()``
+        gives the same buffer as ``trainable_parameters(model)``."""
+        tensors = [t for t in tensors
+                   if not (isinstance(t, torch.nn.Parameter) and not t.requires_grad)]
         if len(tensors) != len(self.specs):
             raise ValueError(f"{len(tensors)} tensors, the layout has {len(self.specs)}")
         if out is None:
@@ -120,9 +138,16 @@ class ParameterLayout:
             out[a:b].copy_(t.detach().reshape(-1))
         return out
 
+    def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """``model``'s parameters that this layout describes, in its order (its trainable
+        ones); ValueError when they do not match the layout."""
+        ParameterLayout.from_model(model).check_same(self, "model's", "layout's")
+        return trainable_parameters(model)
+
     def load_into(self, model: torch.nn.Module, flat: torch.Tensor) -> None:
-        """Copy a flat buffer into ``model``'s parameters (any device)."""
-        params = list(model.parameters())
+        """Copy a flat buffer into ``model``'s trainable parameters (any device); frozen ones
+        are left as they are."""
+        params = trainable_parameters(model)
         self.check_same(ParameterLayout.from_model(model), "stored", "model's")
         with torch.no_grad():
             for p, v in zip(params, self.views(flat)):

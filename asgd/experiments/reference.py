@@ -67,6 +67,7 @@ def train_local(cfg: Config, run_dir: Path, rank: int = 0, world: int = 1,
     import torch.distributed as dist
     import torch.nn.functional as F
 
+    from asgd.core.layout import trainable_parameters
     from asgd.core.optim import make_optimizer, scheduled_lr
     from asgd.experiments.straggler import Straggler
     from asgd.metrics import MetricsWriter
@@ -83,7 +84,7 @@ def train_local(cfg: Config, run_dir: Path, rank: int = 0, world: int = 1,
     if ddp:   # init: a file:// URL, a FileStore every rank opens
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
         model = torch.nn.parallel.DistributedDataParallel(model)
-    opt = make_optimizer(cfg, model.parameters())
+    opt = make_optimizer(cfg, trainable_parameters(model))   # model.freeze stays fixed
     loader = ShardLoader.for_config(cfg, ds, rank, world, device)
     straggler = Straggler.for_rank(cfg.worker, rank)
     name = f"{'ddp' if ddp else 'single'}{rank}"

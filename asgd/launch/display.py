@@ -35,12 +35,18 @@ class Monitor:
     loss: float | None = None
     accuracy: float | None = None
     note: str = ""                  # a short state word: "evaluating", "diverged", ...
+    restarts: int = 0               # processes restarted so far (run.max_restarts)
     trained_s: float | None = None  # frozen when training ends
     _last: tuple = (0.0, 0)
     _first: tuple | None = None     # (time, pushes) when pushes were first seen
     _losses: dict = field(default_factory=dict)
     _metrics_pos: int = 0
+    _pushes_before: int = 0         # pushes counted by servers that have since restarted
     new_steps: list = field(default_factory=list)   # worker_step records since last asked
+
+    def skip_metrics(self, pos: int) -> None:
+        """Read metrics.jsonl from byte ``pos`` on (a resumed run's earlier records)."""
+        self._metrics_pos = pos
 
     @property
     def training(self) -> bool:
@@ -52,7 +58,11 @@ class Monitor:
         if not self.training:
             return          # the throughput clock stopped with training
         now = time.time()
-        pushes = sum(w["pushes"] for w in stats["workers"].values())
+        raw = sum(w["pushes"] for w in stats["workers"].values())
+        pushes = raw + self._pushes_before
+        if pushes < self._last[1]:      # a restarted server counts from zero again
+            self._pushes_before = self._last[1]
+            pushes = raw + self._pushes_before
         if pushes and self._first is None:
             self._first = (now, pushes)
         t_prev, p_prev = self._last
@@ -107,6 +117,8 @@ class Monitor:
         out.append(f"{self.samples_per_s:,.0f} samples/s")
         out.append(f"staleness {self.staleness_mean:.2f}")
         out.append(f"{self.elapsed_s:.1f}s")
+        if self.restarts:
+            out.insert(1, f"restarts {self.restarts}")
         if self.note:
             out.insert(1, self.note)
         return out

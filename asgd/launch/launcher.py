@@ -9,9 +9,19 @@ and the workers then run as subprocesses (``python -m server``, ``python -m work
 imported here, so CUDA is never initialised in this process. The run directory
 (``runs/<name>/``) gets config.yaml, metrics.jsonl, summary.json, checkpoint/ and logs/.
 
-A process that dies is reported with the tail of its log. A run that diverges (see
+A process that dies is reported with the tail of its log and started again, up to
+``run.max_restarts`` restarts in all per run (workers and servers together): a worker with its
+rank (so its data shard) and without ``$ASGD_FAULT`` (an injected crash fires once per run); a
+server, or one shard of several, with ``--resume`` from its checkpoint (none yet: from the
+start) on a new port, announced in its address file, where the workers find it again. Every
+death and restart is said in the display and recorded in metrics.jsonl (``worker_died``,
+``worker_restarted``, ``server_died``, ``server_restarted``) and summary.json (``deaths``,
+``restarts``); the run still ends ``ok`` when the server reaches its budget, and ``failed`` when
+the restarts run out or a server cannot be started again. A run that diverges (see
 ``asgd.launch.guard``) is stopped, reported at once and ends ``diverged``. Ctrl-C stops
 everything, and the weights reached so far are still evaluated, whatever became of stdout.
+
+    summary = resume_launch("runs/x")          # `asgd launch --resume runs/x`: go on with a run
 """
 from __future__ import annotations
 
@@ -22,16 +32,17 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from asgd.config import Config, save_config
+from asgd.config import Config, ConfigError, load_config, save_config
 from asgd.launch.display import Display, Monitor
 from asgd.launch.guard import DivergenceGuard
 from asgd.launch.processes import Proc, ProcessError, child_env, spawn, stop, wait_for_address
-from asgd.metrics import MetricsWriter, read_metrics
+from asgd.metrics import MetricsWriter
 
 STARTUP_TIMEOUT_S = 60.0
 STOP_GRACE_S = 20.0
 POLL_S = 0.5
 WORKER_DIVERGED_EXIT = 4     # worker/train.py: its loss stayed non-finite
+FAULT_ENV = "ASGD_FAULT"     # worker/train.py's crash switch: not passed to a restarted worker
 
 
 class LaunchError(RuntimeError):
@@ -47,6 +58,27 @@ def make_run_dir(cfg: Config) -> Path:
         k += 1
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def checkpoint_dirs(cfg: Config, run_dir: Path) -> list[Path]:
+    """Where each server (each shard) of the run keeps its checkpoint (as server/main.py)."""
+    base = Path(cfg.server.checkpoint_dir or run_dir / "checkpoint")
+    if cfg.server.shards == 1:
+        return [base]
+    return [base / f"shard-{i}" for i in range(cfg.server.shards)]
+
+
+def checkpoint_state(directory: Path) -> tuple[int | None, str]:
+    """(version, "") of the checkpoint a server would resume from in ``directory``; (None, "")
+    when there is none yet; (None, why) when it cannot be read."""
+    from asgd.core.checkpoint import CheckpointError, load_checkpoint
+
+    if not any(Path(directory).glob("*.asgd")):
+        return None, ""
+    try:
+        return load_checkpoint(directory).version, ""
+    except CheckpointError as e:
+        return None, str(e)
 
 
 def check_imports(cfg: Config) -> None:
@@ -87,54 +119,109 @@ def launch(cfg: Config, quiet: bool = False) -> dict:
         raise
 
 
+def resume_launch(run_dir, overrides=(), quiet: bool = False) -> dict:
+    """Go on with an existing run: its own config.yaml (with ``overrides``, e.g. a larger
+    run.max_updates, saved back to it), the server(s) started with ``--resume`` from its
+    checkpoint, workers as usual, in the same run directory: metrics.jsonl is appended to,
+    logs too, and a new summary.json is written (the previous one kept as summary-K.json)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise LaunchError(f"{run_dir} is not a run directory: it has no config.yaml")
+    try:
+        cfg = load_config(run_dir / "config.yaml", list(overrides))
+    except ConfigError as e:
+        raise LaunchError(str(e)) from None
+    check_imports(cfg)
+    for d in checkpoint_dirs(cfg, run_dir):
+        if not any(d.glob("*.asgd")):
+            raise LaunchError(f"nothing to resume in {run_dir}: no checkpoint in {d}")
+    return Launch(cfg, run_dir, quiet, resume=True).run()
+
+
 class Launch:
     """The server and the workers start together (each worker builds its model and data
     while the server starts, and reads the server's address from a file once it is there);
-    meanwhile this process builds the task it evaluates with."""
+    meanwhile this process builds the task it evaluates with. ``resume``: the server(s)
+    start from the run's checkpoint, and the run directory is reused."""
 
-    def __init__(self, cfg: Config, run_dir: Path, quiet: bool):
-        self.cfg, self.run_dir = cfg, run_dir
+    def __init__(self, cfg: Config, run_dir: Path, quiet: bool, resume: bool = False):
+        self.cfg, self.run_dir, self.resume = cfg, run_dir, resume
         self.task = None
         self.guard = None
         self.start_failed = False
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        self.config_file = str(run_dir / "config.yaml")
         self.t0 = time.time()
         self.env = child_env(ASGD_T0=repr(self.t0))
+        # a restarted worker runs without the crash switch: an injected fault fires once a run
+        self.restart_env = {k: v for k, v in self.env.items() if k != FAULT_ENV}
         self.metrics_path = run_dir / "metrics.jsonl"
+        try:        # this launch's records start here (a resumed run appends to the file)
+            self.metrics_start = self.metrics_path.stat().st_size
+        except OSError:
+            self.metrics_start = 0
         self.metrics = MetricsWriter(self.metrics_path, self.t0)
         self.display = Display(cfg, quiet)
         self.mon = Monitor(cfg, self.t0)
+        self.mon.skip_metrics(self.metrics_start)
         self.failures: list[str] = []
         self.diverged: list[str] = []
+        self.deaths: list[dict] = []
+        self.restarts: list[dict] = []
         self.interrupted = False
         self.evals = 0
         self.final_stats: dict | None = None
+        shards = cfg.server.shards
+        self.addr_files = [run_dir / "server.addr"] if shards == 1 else \
+            [run_dir / f"server-{i}.addr" for i in range(shards)]
+        self.endpoints: list[str] = []
         self.servers: list[Proc] = []    # one, or one per shard (server.shards)
-        self.workers: list[Proc] = []
+        self.workers: list[Proc] = []    # by rank; a restarted worker takes its place
         self.client = None
+        self.resumed_from: list[int | None] = []
+
+    # ------------------------------------------------------------------------------------------
+    # processes
+
+    def _spawn_server(self, shard: int, resume: bool, bind: str = "tcp://127.0.0.1:0") -> Proc:
+        """Server (shard) ``shard`` on ``bind`` (a free loopback port); its address file is
+        removed first, so that nobody reads a dead server's endpoint from it."""
+        addr_file = self.addr_files[shard]
+        addr_file.unlink(missing_ok=True)
+        name, log = ("server", "server.log") if self.cfg.server.shards == 1 else \
+            (f"server shard {shard}", f"server-{shard}.log")
+        return spawn(name, ["-m", "server", "--config", self.config_file,
+                            "--bind", bind, "--run-dir", str(self.run_dir),
+                            "--address-file", str(addr_file), "--shard", str(shard),
+                            *(["--resume"] if resume else [])],
+                     self.run_dir / "logs" / log, self.env)
+
+    def _spawn_worker(self, rank: int, env: dict) -> Proc:
+        files = [a for f in self.addr_files for a in ("--server-file", str(f))]
+        return spawn(f"worker {rank}", ["-m", "worker", "--config", self.config_file, *files,
+                                        "--rank", str(rank), "--run-dir", str(self.run_dir)],
+                     self.run_dir / "logs" / f"worker-{rank}.log", env)
+
+    def _connect(self) -> None:
+        from asgd.client import connect_client
+
+        if self.client is not None:
+            self.client.close()
+        self.client = connect_client(self.endpoints, "launcher", timeout_s=10.0)
 
     # ------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        cfg, run_dir = self.cfg, self.run_dir
-        config_file = str(run_dir / "config.yaml")
-        shards = cfg.server.shards
-        addr_files = [run_dir / "server.addr"] if shards == 1 else \
-            [run_dir / f"server-{i}.addr" for i in range(shards)]
-        for i, addr_file in enumerate(addr_files):
-            name, log = ("server", "server.log") if shards == 1 else \
-                (f"server shard {i}", f"server-{i}.log")
-            self.servers.append(spawn(
-                name, ["-m", "server", "--config", config_file, "--bind", "tcp://127.0.0.1:0",
-                       "--run-dir", str(run_dir), "--address-file", str(addr_file),
-                       "--shard", str(i)],
-                run_dir / "logs" / log, self.env))
-        files = [a for f in addr_files for a in ("--server-file", str(f))]
+        cfg = self.cfg
+        if self.resume:
+            self.resumed_from = [checkpoint_state(d)[0]
+                                 for d in checkpoint_dirs(cfg, self.run_dir)]
+            self.metrics.write("launch_resumed", versions=self.resumed_from)
+        for i in range(cfg.server.shards):
+            self.servers.append(self._spawn_server(i, self.resume))
         for r in range(cfg.run.workers):
-            self.workers.append(spawn(
-                f"worker {r}", ["-m", "worker", "--config", config_file, *files,
-                                "--rank", str(r), "--run-dir", str(run_dir)],
-                run_dir / "logs" / f"worker-{r}.log", self.env))
+            self.workers.append(self._spawn_worker(r, self.env))
 
         def sigterm(*_):
             raise KeyboardInterrupt
@@ -145,15 +232,13 @@ class Launch:
                 self.task = prepare_task(cfg)
                 self.guard = DivergenceGuard(self.task.num_classes, cfg.schedule.warmup,
                                              cfg.run.max_updates)
-                endpoints = [wait_for_address(f, p, STARTUP_TIMEOUT_S)
-                             for f, p in zip(addr_files, self.servers)]
+                self.endpoints = [wait_for_address(f, p, STARTUP_TIMEOUT_S)
+                                  for f, p in zip(self.addr_files, self.servers)]
             except (LaunchError, ProcessError) as e:
                 stop(self.workers + self.servers, grace_s=5.0)
                 self.start_failed = True
                 raise LaunchError(str(e)) from None
-            from asgd.client import connect_client
-
-            self.client = connect_client(endpoints, "launcher", timeout_s=10.0)
+            self._connect()
             self._watch()
         except KeyboardInterrupt:
             self.interrupted = True
@@ -175,14 +260,12 @@ class Launch:
         next_eval = time.monotonic() + every if every else float("inf")
         hard_deadline = time.monotonic() + (cfg.run.max_seconds or 24 * 3600) + STARTUP_TIMEOUT_S
         while True:
-            dead = [p for p in self.servers if p.poll() is not None]
-            if dead:
-                for p in dead:
-                    self._died(p)
-                return
-            for p in self.workers:
+            for i, p in enumerate(self.servers):
+                if p.poll() is not None and not p.reported and not self._server_died(i):
+                    return                 # it could not be brought back: the run is over
+            for r, p in enumerate(self.workers):
                 if p.poll() not in (None, 0) and not p.reported:
-                    self._died(p)
+                    self._worker_died(r)
             self._poll_stats()
             mon.update_losses(self.metrics_path)
             for rec in mon.new_steps:
@@ -210,14 +293,124 @@ class Launch:
         except (ServerTimeout, ServerError):
             pass
 
-    def _died(self, p: Proc) -> None:
-        p.reported = True
+    # ------------------------------------------------------------------------------------------
+    # deaths and restarts
+
+    def _death(self, kind: str, index: int, p: Proc) -> dict:
+        """Record a death: the summary's ``deaths``, a ``<kind>_died`` record."""
         rc = p.returncode
-        if p not in self.servers and rc == WORKER_DIVERGED_EXIT:
+        sig = signal.Signals(-rc).name if rc is not None and rc < 0 and \
+            -rc in signal.valid_signals() else None
+        key = "rank" if kind == "worker" else "shard"
+        extra = {"worker": f"w{index}"} if kind == "worker" else \
+            {"version": self.mon.updates}      # the last version seen before it died
+        rec = self.metrics.write(f"{kind}_died", **{key: index}, exit_code=rc, signal=sig,
+                                 **extra)
+        self.deaths.append({"process": p.name, **{k: v for k, v in rec.items() if k != "kind"}})
+        return rec
+
+    def _restart_left(self) -> bool:
+        return len(self.restarts) < self.cfg.run.max_restarts
+
+    def _exit_text(self, p: Proc, rec: dict) -> str:
+        return f"exit {p.returncode}" + (f", {rec['signal']}" if rec.get("signal") else "")
+
+    def _out_of_restarts(self, p: Proc, rec: dict) -> None:
+        n = self.cfg.run.max_restarts
+        failure = f"{p.name} died ({self._exit_text(p, rec)})"
+        if n:
+            failure += f" after all {n} restarts (run.max_restarts)"
+        self.failures.append(failure)
+        self.display.message(f"[red]{p.name} died[/red] ({self._exit_text(p, rec)}):\n"
+                             f"{p.tail()}\nnot restarted: "
+                             f"{'no restarts left' if n else 'run.max_restarts is 0'}",
+                             always=True)
+
+    def _worker_died(self, rank: int) -> None:
+        """A worker exited non-zero or was killed: a divergence (exit 4) stops the run;
+        otherwise it is started again with its rank while restarts are left."""
+        p = self.workers[rank]
+        p.reported = True
+        if p.returncode == WORKER_DIVERGED_EXIT:
             self._judge(f"{p.name}: its training loss stayed non-finite")
             return
-        self.failures.append(f"{p.name} died (exit {rc})")
-        self.display.message(f"[red]{p.name} died[/red] (exit {rc}):\n{p.tail()}", always=True)
+        rec = self._death("worker", rank, p)
+        if not self._restart_left():
+            self._out_of_restarts(p, rec)
+            return
+        self.workers[rank] = self._spawn_worker(rank, self.restart_env)
+        self._restarted("worker", rank, p.name, worker=f"w{rank}")
+        self.display.message(
+            f"[red]{p.name} died[/red] ({self._exit_text(p, rec)}):\n{p.tail()}\n"
+            f"[yellow]restarting {p.name}[/yellow] (restart {len(self.restarts)} of "
+            f"{self.cfg.run.max_restarts} in this run)", always=True)
+
+    def _server_died(self, shard: int) -> bool:
+        """A server (shard) died: start it again with --resume from its checkpoint (from the
+        start when it has none yet), and follow it. It binds its old port if it can (the
+        workers' sockets find it there by themselves, and a push they resend reaches it),
+        else a new one, announced in its address file, which the workers read again. False
+        when the run cannot go on: no restarts left, or it does not come back."""
+        p = self.servers[shard]
+        p.reported = True
+        rec = self._death("server", shard, p)
+        if not self._restart_left():
+            self._out_of_restarts(p, rec)
+            return False
+        directory = checkpoint_dirs(self.cfg, self.run_dir)[shard]
+        version, unreadable = checkpoint_state(directory)
+        resume = version is not None or bool(unreadable)   # a damaged one: the server decides
+        self.display.message(
+            f"[red]{p.name} died[/red] ({self._exit_text(p, rec)}):\n{p.tail()}\n"
+            f"[yellow]restarting {p.name}[/yellow] "
+            + (f"from its checkpoint at version {version}" if version is not None else
+               f"with --resume (its newest checkpoint is unreadable: {unreadable})"
+               if unreadable else "from the start (no checkpoint yet)"), always=True)
+        endpoint = None
+        for bind in (self.endpoints[shard], "tcp://127.0.0.1:0"):   # the old port, else any
+            self.servers[shard] = self._spawn_server(shard, resume, bind)
+            try:
+                endpoint = wait_for_address(self.addr_files[shard], self.servers[shard],
+                                            STARTUP_TIMEOUT_S)
+                break
+            except ProcessError as e:
+                error = e
+                stop([self.servers[shard]], grace_s=5.0)
+        if endpoint is None:
+            self.servers[shard].reported = True
+            self.failures.append(f"{p.name} died ({self._exit_text(p, rec)}) and could not "
+                                 "be restarted")
+            self.display.message(f"[red]{p.name} could not be restarted:[/red] {error}",
+                                 always=True)
+            return False
+        self.endpoints[shard] = endpoint
+        self._connect()
+        self._restarted("server", shard, p.name, endpoint=endpoint, resumed_version=version,
+                        resume=resume, **({"checkpoint_error": unreadable} if unreadable
+                                          else {}))
+        return True
+
+    def _restarted(self, kind: str, index: int, name: str, **fields) -> None:
+        """Record a restart: the summary's ``restarts``, a ``<kind>_restarted`` record."""
+        key = "rank" if kind == "worker" else "shard"
+        rec = self.metrics.write(f"{kind}_restarted", **{key: index},
+                                 restart=len(self.restarts) + 1, **fields)
+        self.restarts.append({"process": name, **{k: v for k, v in rec.items() if k != "kind"}})
+        self.mon.restarts = len(self.restarts)
+
+    def _worker_died_at_stop(self, p: Proc) -> None:
+        """A worker's death while the cluster is being stopped: reported, not restarted."""
+        p.reported = True
+        rank = self.workers.index(p)
+        if p.returncode == WORKER_DIVERGED_EXIT:
+            self._judge(f"{p.name}: its training loss stayed non-finite")
+            return
+        rec = self._death("worker", rank, p)
+        self.failures.append(f"{p.name} died ({self._exit_text(p, rec)})")
+        self.display.message(f"[red]{p.name} died[/red] ({self._exit_text(p, rec)}):\n"
+                             f"{p.tail()}", always=True)
+
+    # ------------------------------------------------------------------------------------------
 
     def _judge(self, reason: str) -> None:
         """A divergence found: say it at once, in the display and the log, and stop."""
@@ -247,9 +440,9 @@ class Launch:
 
     def _stop_all(self) -> None:
         stop(self.workers, STOP_GRACE_S)
-        for p in self.workers:
-            if p.poll() not in (None, 0) and not p.reported:
-                self._died(p)
+        for p in self.workers:   # our SIGTERM may reach a restarted worker before its handler
+            if p.poll() not in (None, 0, -signal.SIGTERM) and not p.reported:
+                self._worker_died_at_stop(p)
         if self.client is not None and all(p.poll() is None for p in self.servers):
             self._poll_stats()
             self.client.close()
@@ -260,6 +453,22 @@ class Launch:
 
     # ------------------------------------------------------------------------------------------
 
+    def _records(self) -> list[dict]:
+        """This launch's records of metrics.jsonl (a resumed run's file holds earlier ones)."""
+        out = []
+        try:
+            with open(self.metrics_path, "rb") as f:
+                f.seek(self.metrics_start)
+                lines = f.read().splitlines()
+        except OSError:
+            return out
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
     def _summarize(self) -> dict:
         from asgd.core.checkpoint import load_checkpoint
         from asgd.tasks.evaluate import evaluate_flat
@@ -268,6 +477,8 @@ class Launch:
         summary: dict = {"run_dir": str(run_dir), "workers": cfg.run.workers}
         if cfg.server.shards > 1:
             summary["shards"] = cfg.server.shards
+        if self.resume:
+            summary["resumed_from"] = self.resumed_from
         try:
             ckpt = load_checkpoint(run_dir / "checkpoint")
             ckpt.layout.check_same(self.task.layout, "checkpoint's", "configured model's")
@@ -283,7 +494,7 @@ class Launch:
             summary.update(test_accuracy=None, test_loss=None)
         self.mon.note = "diverged" if self.diverged else ""
         self.display.close(self.mon)
-        records = read_metrics(run_dir / "metrics.jsonl")
+        records = self._records()
         done = [r for r in records if r.get("kind") == "worker_done"]
         samples = sum(r["samples"] for r in done)
         starts = [r["t"] - r["elapsed_s"] for r in done]
@@ -300,6 +511,7 @@ class Launch:
         summary.update(
             wall_s=round(time.time() - self.t0, 3),
             train_s=round(train_s, 3),
+            # since the server (last) started: a restarted server counts afresh; version is whole
             updates_applied=stats.get("updates_applied", 0),
             updates_dropped=stats.get("updates_dropped", 0),
             version=stats.get("version", 0),
@@ -312,6 +524,9 @@ class Launch:
             samples=samples,
             samples_per_s=samples / train_s if train_s > 0 else 0.0,
             policy=cfg.server.policy,
+            deaths=self.deaths,
+            restarts=self.restarts,
+            max_restarts=cfg.run.max_restarts,
             failures=failures,
             diverged=self.diverged,
             interrupted=self.interrupted,
@@ -319,6 +534,12 @@ class Launch:
         )
         if self.evals:
             summary["evals"] = self.evals
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        path = run_dir / "summary.json"
+        if self.resume and path.exists():      # the earlier launch's summary is kept
+            k = 1
+            while (run_dir / f"summary-{k}.json").exists():
+                k += 1
+            path.rename(run_dir / f"summary-{k}.json")
+        path.write_text(json.dumps(summary, indent=2) + "\n")
         self.metrics.close()
         return summary

@@ -18,6 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,18 +199,42 @@ def shard_indices(n: int, rank: int, world: int, seed: int) -> torch.Tensor:
 
 class ShardLoader:
     """Endless batches from one worker's shard, reshuffled each epoch with (seed, rank, epoch).
-    The data stay in one tensor (on the worker's device); a batch is an index_select."""
+
+    Where the data live: on the worker's device in one tensor (a batch is an index_select
+    there), or with ``pin_memory`` on CUDA in pinned host memory, each batch gathered on the
+    host and copied with ``non_blocking=True`` (for data sets too big for the device).
+    ``prefetch``: prepare batches ahead of the step in a thread, at most this many waiting
+    (0: each batch is made when it is asked for). The batches and their order are the same
+    either way: the thread is the only one drawing from the shuffle and the augmentation's
+    generator. On the CPU with the small in-memory data sets here a batch takes tens of
+    microseconds, less than handing it across threads costs, so the default is 0
+    (docs/models.md has the measurement)."""
+
+    GET_TIMEOUT_S = 60.0     # a prefetch thread that produces nothing for this long is an error
 
     def __init__(self, x, y, rank: int, world: int, batch_size: int, seed: int = 0,
-                 device="cpu", augment=None):
-        self.indices = shard_indices(len(x), rank, world, seed).to(device)
+                 device="cpu", augment=None, prefetch: int = 0, pin_memory: bool = False):
+        device = torch.device(device)
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        self.pinned = bool(pin_memory) and device.type == "cuda"
+        home = torch.device("cpu") if self.pinned else device   # where the data set lives
+        self.device = device
+        self.indices = shard_indices(len(x), rank, world, seed).to(home)
         if len(self.indices) == 0:
             raise ValueError(f"shard {rank} of {world} is empty ({len(x)} samples)")
-        self.x, self.y = x.to(device), y.to(device)
+        if self.pinned:
+            self.x, self.y = x.contiguous().pin_memory(), y.contiguous().pin_memory()
+        else:
+            self.x, self.y = x.to(device), y.to(device)
         self.batch_size = min(batch_size, len(self.indices))
         self.seed, self.rank = seed, rank
         self.augment = augment      # an asgd.tasks.augment.Augment for training batches, or None
+        self.prefetch = int(prefetch)
         self.epoch, self._order, self._pos = 0, None, 0
+        self._queue = self._thread = None
+        self._stop = threading.Event()
+        self._stream = None
         self._reshuffle()
 
     def _reshuffle(self):
@@ -215,14 +242,88 @@ class ShardLoader:
         perm = torch.randperm(len(self.indices), generator=g).to(self.indices.device)
         self._order, self._pos = self.indices[perm], 0
 
-    def next(self):
+    def _make(self):
+        """The next batch (x, y) on the device, augmented."""
         if self._pos + self.batch_size > len(self._order):
             self.epoch += 1
             self._reshuffle()
         idx = self._order[self._pos:self._pos + self.batch_size]
         self._pos += self.batch_size
-        x = self.x.index_select(0, idx)
-        return (self.augment(x) if self.augment is not None else x), self.y.index_select(0, idx)
+        x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
+        if self.pinned:     # gathered on the host into pinned memory, copied asynchronously
+            x = x.pin_memory().to(self.device, non_blocking=True)
+            y = y.pin_memory().to(self.device, non_blocking=True)
+        return (self.augment(x) if self.augment is not None else x), y
+
+    def next(self):
+        if not self.prefetch:
+            return self._make()
+        if self._thread is None:
+            self._start()
+        deadline = time.monotonic() + self.GET_TIMEOUT_S
+        while True:
+            try:
+                item = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() or time.monotonic() > deadline:
+                    raise RuntimeError("the prefetch thread stopped producing batches")
+        if isinstance(item, BaseException):
+            raise item
+        x, y, event = item
+        if event is not None:   # the copy ran on the thread's stream: wait for it on ours
+            torch.cuda.current_stream(self.device).wait_event(event)
+            x.record_stream(torch.cuda.current_stream(self.device))
+            y.record_stream(torch.cuda.current_stream(self.device))
+        return x, y
+
+    # ------------------------------------------------------------------------------------------
+    # prefetch
+
+    def _start(self):
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        if self.device.type == "cuda":
+            self._stream = torch.cuda.Stream(self.device)
+        self._thread = threading.Thread(target=self._produce, name=f"prefetch-{self.rank}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _produce(self):
+        try:
+            while not self._stop.is_set():
+                if self._stream is not None:
+                    with torch.cuda.stream(self._stream):
+                        x, y = self._make()
+                        event = torch.cuda.Event()
+                        event.record(self._stream)
+                else:
+                    (x, y), event = self._make(), None
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put((x, y, event), timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+        except BaseException as e:     # handed to the consumer, which raises it
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(e, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+
+    def close(self) -> None:
+        """Stop the prefetch thread (if any); waits at most a second for it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+            self._thread = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     @classmethod
     def for_config(cls, cfg, ds, rank: int, world: int, device="cpu") -> "ShardLoader":
@@ -232,7 +333,9 @@ class ShardLoader:
 
         aug = Augment.from_config(cfg.data, ds.input_shape, cfg.run.seed, rank, device)
         return cls(ds.x_train, ds.y_train, rank, world, cfg.worker.batch_size,
-                   seed=cfg.run.seed, device=device, augment=aug if aug.active else None)
+                   seed=cfg.run.seed, device=device, augment=aug if aug.active else None,
+                   prefetch=getattr(cfg.data, "prefetch", 0),
+                   pin_memory=getattr(cfg.data, "pin_memory", False))
 
     def __iter__(self):
         while True:

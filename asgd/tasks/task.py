@@ -4,8 +4,10 @@
     task = build_task(cfg, data=False)     # the model only (the server): no data is loaded
     check_task(cfg)                        # imports and arguments, before any process starts
 
-The model is initialised from ``run.seed`` in every process, so the server's initial weights
-and every worker's first model agree; the server's copy is the one that counts.
+The model is initialised from ``run.seed`` in every process, then from ``model.init_from``
+when set, so the server's initial weights and every worker's first model agree; the server's
+copy is the one that counts. Parameters under ``model.freeze`` are left out of the layout
+(asgd.core.layout): only the trainable ones go on the wire (docs/models.md).
 """
 from __future__ import annotations
 

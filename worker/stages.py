@@ -1,0 +1,538 @@
+"""Inside the node: the worker's model split into stages, one per device, run as a pipeline.
+
+    pipe = build_pipeline(cfg.worker, model, rank, example=x[:2])   # None: the plain path
+    loss = pipe.forward_backward(x, y)        # gradients accumulate in the parameters' .grad
+
+* Stages: the model as a sequence of layers (an ``nn.Sequential``, nested ones flattened; the
+  registry's models through the adapters below; any model with a ``stage_layers()`` method;
+  else its children in order, if they compute its forward), cut into ``len(worker.devices)``
+  consecutive stages, balanced by parameter count, by measured forward+backward time, or at
+  the split points the config names. The stages hold the model's own modules, so the model's
+  parameters (what the exchange flattens and pushes) are the stages' parameters.
+* Pipeline (GPipe, Huang et al. 2019): the batch is cut into ``worker.microbatches``
+  micro-batches, each goes forward through every stage (fill: at clock t stage s runs
+  micro-batch t - s), the loss of each is weighted by its share of the batch, and one backward
+  over all of them (drain: autograd runs the last micro-batch's nodes first) accumulates the
+  whole batch's gradient. Activations cross devices with ``.to(device, non_blocking=True)``
+  (blocking into the CPU, which reads them at once);
+  kernel launches are asynchronous on CUDA and autograd runs one thread per device, so stages
+  on different GPUs overlap. On the CPU the same schedule runs sequentially, with the same
+  maths.
+* Recompute (``worker.recompute``): each stage runs as about sqrt(L) checkpointed segments of
+  its L layers (``torch.utils.checkpoint``, non-reentrant): only segment inputs are kept, the
+  rest is recomputed in backward (Chen et al. 2016).
+* Offload (``worker.offload_activations``): every activation autograd saves is copied to
+  host memory (pinned on CUDA) when saved and brought back when backward needs it
+  (``saved_tensors_hooks``, as TensorFlow Large Model Support does); weights stay put.
+* Precision: every stage's forward under ``torch.autocast`` (``worker.precision``); the loss
+  in float32.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.weak import WeakIdKeyDictionary
+
+from asgd.config import ConfigError
+from asgd.tasks import models as registry
+from worker.precision import autocast
+
+log = logging.getLogger("asgd.worker")
+
+# ----------------------------------------------------------------------------------------------
+# devices
+
+
+def local_rank(rank: int) -> int:
+    """The worker's rank modulo the visible CUDA devices (its rank where there are none)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return rank % count if count else rank
+
+
+def device_name(name: str, rank: int = 0) -> str:
+    """``name`` with ``{local_rank}`` filled in; a bare device number N means ``cuda:N``."""
+    name = name.replace("{local_rank}", str(local_rank(rank)))
+    return f"cuda:{name}" if name.isdigit() else name
+
+
+def resolve_device(name: str, rank: int = 0) -> torch.device:
+    """The device ``name`` means for this rank: ``auto`` is CUDA where there is one, else the
+    CPU; ValueError for CUDA without one, or a device number beyond those visible."""
+    name = device_name(name, rank)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} was asked for but CUDA is not available here")
+        index = torch.device(name).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) are visible")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# the model as a sequence of layers
+
+class Reshape(nn.Module):
+    """(B, ...) -> (B, *shape); ``-1`` allowed. ``side=True``: (B, 1, S, S) with S the input's
+    last size (CNN2D's square images)."""
+
+    def __init__(self, *shape, square: bool = False):
+        super().__init__()
+        self.shape, self.square = shape, square
+
+    def forward(self, x):
+        if self.square:
+            side = x.shape[-1]
+            return x.reshape(x.shape[0], 1, side, side)
+        return x.reshape(x.shape[0], *self.shape)
+
+    def extra_repr(self):
+        return "square" if self.square else ", ".join(map(str, self.shape))
+
+
+class FeatureAxis(nn.Module):
+    """(B, T) -> (B, T, 1); (B, T, F) unchanged (LSTMClassifier's input)."""
+
+    def forward(self, x):
+        return x.unsqueeze(-1) if x.dim() == 2 else x
+
+
+class SequenceOutput(nn.Module):
+    """An ``nn.LSTM``/``nn.GRU``'s output sequence, without its final state."""
+
+    def __init__(self, rnn: nn.Module):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+class LastStep(nn.Module):
+    def forward(self, x):                   # (B, T, H) -> (B, H)
+        return x[:, -1]
+
+
+def _mlp(m):
+    return [nn.Flatten(1), *m.net]
+
+
+def _cnn1d(m):
+    return [Reshape(1, -1), m.conv1, nn.ReLU(), m.conv2, nn.ReLU(), m.conv3, nn.ReLU(),
+            nn.Flatten(1), m.linear]
+
+
+def _cnn2d(m):
+    return [Reshape(square=True), *m.features, nn.Flatten(1), m.head]
+
+
+def _lstm(m):
+    return [FeatureAxis(), SequenceOutput(m.lstm), LastStep(), m.head]
+
+
+# The registry's models, each as the sequence of layers its forward runs (checked against the
+# forward when a model is split, like every other sequence).
+ADAPTERS = {registry.MLP: _mlp, registry.CNN1D: _cnn1d, registry.CNN2D: _cnn2d,
+            registry.LSTMClassifier: _lstm}
+
+HOW_TO_SPLIT = ("give an nn.Sequential, or a stage_layers() method returning the layers in "
+                "the order its forward runs them (parameterless steps such as reshapes as "
+                "modules too)")
+
+
+def _flatten(modules) -> list[nn.Module]:
+    out = []
+    for m in modules:
+        out.extend(_flatten(m) if isinstance(m, nn.Sequential) else [m])
+    return out
+
+
+def model_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+    """``model`` as a sequence of layers whose composition is its forward; ConfigError naming
+    what to provide when there is none. ``example``: a few inputs to check it on."""
+    name = type(model).__name__
+    if hasattr(model, "stage_layers"):
+        layers, how = _flatten(model.stage_layers()), "its stage_layers()"
+    elif type(model) in ADAPTERS:
+        layers, how = _flatten(ADAPTERS[type(model)](model)), "the registry's layer list"
+    elif isinstance(model, nn.Sequential):
+        layers, how = _flatten(model), "its layers"
+    else:
+        layers, how = _flatten(model.children()), "its children in order"
+    if not layers:
+        raise ConfigError(f"worker.devices: model {name} has no layers to split; {HOW_TO_SPLIT}")
+    _check_parameters(model, layers, name)
+    _check_equivalent(model, layers, example, name, how)
+    return layers
+
+
+def _check_parameters(model, layers, name) -> None:
+    """Every parameter of the model in exactly one layer."""
+    owner = {}
+    for i, layer in enumerate(layers):
+        for p in layer.parameters():
+            if id(p) in owner and owner[id(p)] != i:
+                raise ConfigError(f"worker.devices: a parameter of model {name} is used by "
+                                  f"layers {owner[id(p)]} and {i}; shared weights cannot be "
+                                  "split across stages")
+            owner[id(p)] = i
+    missing = [n for n, p in model.named_parameters() if id(p) not in owner]
+    if missing:
+        raise ConfigError(f"worker.devices: the layers of model {name} do not hold "
+                          f"{', '.join(missing[:3])}; {HOW_TO_SPLIT}")
+
+
+def _check_equivalent(model, layers, example, name, how) -> None:
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            want = model(example)
+            got = example
+            try:
+                for layer in layers:
+                    got = layer(got)
+            except Exception as e:   # noqa: BLE001 - any failure means "not its forward"
+                raise ConfigError(f"worker.devices: model {name} cannot be split: running "
+                                  f"{how} one after another fails ({type(e).__name__}: {e}); "
+                                  f"{HOW_TO_SPLIT}") from None
+    finally:
+        model.train(training)
+    if not (isinstance(got, torch.Tensor) and got.shape == want.shape
+            and torch.allclose(got, want, rtol=1e-4, atol=1e-5)):
+        raise ConfigError(f"worker.devices: model {name} cannot be split: {how} do not compute "
+                          f"its forward; {HOW_TO_SPLIT}")
+
+
+# ----------------------------------------------------------------------------------------------
+# where to cut
+
+def balance(costs: list[float], stages: int) -> list[int]:
+    """Split points (increasing, in (0, len(costs))) cutting ``costs`` into ``stages``
+    non-empty consecutive runs whose largest sum is as small as it can be (dynamic
+    programming over prefix sums)."""
+    n = len(costs)
+    if not 1 <= stages <= n:
+        raise ValueError(f"cannot cut {n} layers into {stages} stages")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: the smallest largest sum cutting the first i layers into k runs
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, n - (stages - k) + 1):
+            for j in range(k - 1, i):
+                v = max(best[k - 1][j], prefix[i] - prefix[j])
+                if v < best[k][i]:
+                    best[k][i], cut[k][i] = v, j
+    points, i = [], n
+    for k in range(stages, 1, -1):
+        i = cut[k][i]
+        points.append(i)
+    return points[::-1]
+
+
+def parameter_costs(layers) -> list[float]:
+    return [float(sum(p.numel() for p in layer.parameters())) for layer in layers]
+
+
+def time_costs(layers, example: torch.Tensor, device: torch.device,
+               repeats: int = 3) -> list[float]:
+    """Each layer's forward+backward seconds (the median of ``repeats``) on ``example``, on
+    ``device``; the layers go back where they were, their gradients are cleared."""
+    homes = [next(iter(layer.parameters()), None) for layer in layers]
+    homes = [p.device if p is not None else None for p in homes]
+    inputs, h = [], example.to(device)
+    with torch.no_grad():
+        for layer in layers:
+            layer.to(device)
+            inputs.append(h)
+            h = layer(h)
+    costs = []
+    for layer, x in zip(layers, inputs):
+        x = x.detach().requires_grad_(x.is_floating_point())
+        runs = []
+        for _ in range(repeats + 1):            # the first run warms up
+            t = time.perf_counter()
+            out = layer(x)
+            if out.requires_grad:
+                out.backward(torch.ones_like(out))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            runs.append(time.perf_counter() - t)
+        costs.append(statistics.median(runs[1:]))
+    for layer, home in zip(layers, homes):
+        for p in layer.parameters():
+            p.grad = None
+        if home is not None:
+            layer.to(home)
+    return costs
+
+
+def split_points(layers, stages: int, split, example=None, device=None) -> list[int]:
+    """Where to cut ``layers`` into ``stages``: ``split`` is params, time or the points."""
+    n = len(layers)
+    if stages > n:
+        raise ConfigError(f"worker.devices: {stages} stages but the model has only {n} layers")
+    if isinstance(split, (list, tuple)):
+        points = [int(i) for i in split]
+        if len(points) != stages - 1:
+            raise ConfigError(f"worker.split: {len(points)} split points for {stages} stages")
+        if any(not 0 < i < n for i in points) or points != sorted(set(points)):
+            raise ConfigError(f"worker.split: split points {points} out of range: they must "
+                              f"increase within 1..{n - 1} (the model has {n} layers)")
+        return points
+    if split == "params":
+        return balance(parameter_costs(layers), stages)
+    if split == "time":
+        return balance(time_costs(layers, example, device or torch.device("cpu")), stages)
+    raise ConfigError(f"worker.split: {split!r} is not params, time or a list of split points")
+
+
+# ----------------------------------------------------------------------------------------------
+# stages and the pipeline
+
+def move(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``: asynchronously into a CUDA device (ordered on its stream); into
+    the CPU the copy must be finished before the CPU reads it, so it blocks."""
+    return t.to(device, non_blocking=device.type == "cuda")
+
+
+class Stage:
+    """Consecutive layers on one device. With ``recompute`` they run as about sqrt(L)
+    checkpointed segments."""
+
+    def __init__(self, layers, device: torch.device, precision: str = "fp32",
+                 recompute: bool = False, first: int = 0):
+        self.layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+        self.device, self.precision, self.first = torch.device(device), precision, first
+        self.module = (self.layers[0] if len(self.layers) == 1
+                       else nn.Sequential(*self.layers))
+        self.module.to(self.device)
+        self.segments = None
+        if recompute:
+            k = max(1, math.isqrt(len(self.layers) - 1) + 1) if len(self.layers) > 1 else 1
+            bounds = [round(i * len(self.layers) / k) for i in range(k + 1)]
+            self.segments = [nn.Sequential(*self.layers[a:b])
+                             for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        h = move(h, self.device)
+        with autocast(self.device, self.precision):
+            if self.segments is None:
+                return self.module(h)
+            for seg in self.segments:
+                h = checkpoint(seg, h, use_reentrant=False)
+            return h
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for layer in self.layers for p in layer.parameters())
+
+    def describe(self) -> str:
+        last = self.first + len(self.layers) - 1
+        names = ", ".join(type(m).__name__ for m in self.layers)
+        seg = f", {len(self.segments)} recomputed segments" if self.segments else ""
+        return (f"{self.device}: layers {self.first}-{last} ({names}), "
+                f"{self.parameters:,} parameters{seg}")
+
+
+def _is_weight(t: torch.Tensor) -> bool:
+    """A parameter, or a view of one (what Linear saves of its weight), frozen or not."""
+    base = t._base if t._base is not None else t
+    return isinstance(base, nn.Parameter)
+
+
+class Offload:
+    """saved_tensors_hooks that keep every saved activation in host memory: copied out when
+    autograd saves it (into pinned memory, asynchronously, on CUDA; a plain copy on the CPU)
+    and back to its device when backward unpacks it. A tensor saved twice (a ReLU's output is
+    also the next Linear's input) is copied once: the copy is found by the tensor itself, held
+    weakly, so it is forgotten when the tensor is freed. ``bytes``: copied out since the last
+    ``reset``."""
+
+    def __init__(self):
+        self.bytes = 0
+        self._copies = WeakIdKeyDictionary()      # tensor -> (its version, its host copy)
+
+    def reset(self):
+        self.bytes = 0
+        self._copies = WeakIdKeyDictionary()
+
+    def pack(self, t: torch.Tensor):
+        if _is_weight(t):
+            return t
+        known = self._copies.get(t)
+        if known is not None and known[0] == t._version:
+            return t.device, known[1]
+        cuda = t.device.type == "cuda"
+        host = torch.empty_like(t, device="cpu", pin_memory=cuda)
+        host.copy_(t, non_blocking=cuda)
+        self._copies[t] = (t._version, host)
+        self.bytes += t.numel() * t.element_size()
+        return t.device, host
+
+    @staticmethod
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host = packed
+        return host.to(device, non_blocking=True)
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+
+class Pipeline:
+    """The stages run GPipe-style over micro-batches. ``forward_backward(x, y, scale)``:
+    the batch's mean cross-entropy (float32, detached) after accumulating ``scale`` times its
+    gradient into the parameters' ``.grad``."""
+
+    def __init__(self, stages: list[Stage], microbatches: int = 1, offload: bool = False):
+        self.stages, self.microbatches = stages, microbatches
+        self.device = stages[0].device          # where batches go in
+        self.out_device = stages[-1].device     # where the loss is computed
+        self.offload = Offload() if offload else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor,
+                         scale: float = 1.0) -> torch.Tensor:
+        if self.offload is None:
+            losses = self._fill(x, y)
+        else:
+            self.offload.reset()
+            with self.offload.hooks():
+                losses = self._fill(x, y)
+        # drain: one backward over every micro-batch's loss; autograd takes the latest nodes
+        # first, i.e. the last micro-batch, and on CUDA runs each device's part in its thread
+        roots = losses if scale == 1.0 else [loss * scale for loss in losses]
+        torch.autograd.backward(roots)
+        total = losses[0].detach()
+        for loss in losses[1:]:
+            total = total + loss.detach()
+        return total
+
+    def _fill(self, x, y) -> list[torch.Tensor]:
+        """Forward every micro-batch through every stage in GPipe's order; each micro-batch's
+        loss weighted by its share of the batch, so their sum is the batch's mean loss."""
+        if self.microbatches == 1:
+            return [F.cross_entropy(self.forward(x).float(), move(y, self.out_device))]
+        xs = [c for c in torch.tensor_split(x, self.microbatches) if len(c)]
+        ys = [move(c, self.out_device) for c in torch.tensor_split(y, self.microbatches)
+              if len(c)]
+        m, s_count, n = len(xs), len(self.stages), len(x)
+        acts, losses = list(xs), [None] * m
+        for clock in range(m + s_count - 1):     # at clock t, stage s runs micro-batch t - s
+            for s in range(s_count):
+                i = clock - s
+                if 0 <= i < m:
+                    acts[i] = self.stages[s](acts[i])
+                    if s == s_count - 1:
+                        losses[i] = F.cross_entropy(acts[i].float(), ys[i]) * (len(xs[i]) / n)
+                        acts[i] = None
+        return losses
+
+    def describe(self) -> str:
+        return "; ".join(f"stage {i} on {s.describe()}" for i, s in enumerate(self.stages))
+
+
+def _probe(pipe: Pipeline, model: nn.Module, example: torch.Tensor, precision: str) -> None:
+    """One forward and backward of a few inputs through the pipeline, so that what cannot run
+    (an op without a kernel in this precision on this device: oneDNN's LSTM in fp16 on the CPU)
+    fails at start-up, naming the key, rather than at the first step. The gradients it leaves
+    are cleared."""
+    training = model.training
+    model.eval()
+    try:
+        labels = torch.zeros(len(example), dtype=torch.long, device=pipe.device)
+        pipe.forward_backward(example.to(pipe.device), labels)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        key = "worker.precision" if precision != "fp32" else "worker.devices"
+        raise ConfigError(f"{key}: model {type(model).__name__} does not run in "
+                          f"{precision} on {pipe.device.type}: {first}") from None
+    finally:
+        model.train(training)
+        for p in model.parameters():
+            p.grad = None
+
+
+# ----------------------------------------------------------------------------------------------
+
+def is_plain(wcfg) -> bool:
+    """No key of this module set: the worker's plain path (no pipeline object at all)."""
+    return (wcfg.devices is None and wcfg.microbatches == 1 and wcfg.precision == "fp32"
+            and not wcfg.recompute and not wcfg.offload_activations)
+
+
+def build_pipeline(wcfg, model: nn.Module, rank: int, example: torch.Tensor,
+                   default_device: torch.device | None = None) -> Pipeline | None:
+    """The worker's pipeline from its config (None when none of its keys is set): the model
+    split and every stage moved to its device. ``example``: a few training inputs (on the
+    CPU), to check the split and, with ``split: time``, to time the layers."""
+    if is_plain(wcfg):
+        return None
+    if wcfg.devices:
+        try:
+            devices = [resolve_device(d, rank) for d in wcfg.devices]
+        except ValueError as e:
+            raise ConfigError(f"worker.devices: {e}") from None
+    else:
+        devices = [default_device or resolve_device(wcfg.device, rank)]
+    precision = wcfg.precision
+    if precision == "bf16" and any(d.type == "cuda" and not torch.cuda.is_bf16_supported()
+                                   for d in devices):
+        raise ConfigError("worker.precision: bf16 is not supported by this GPU")
+    if len(devices) == 1 and not wcfg.recompute:
+        stages = [Stage(model, devices[0], precision)]        # the model's own forward
+    else:
+        try:
+            layers = model_layers(model, example[:2])
+        except ConfigError:
+            if len(devices) > 1:
+                raise
+            log.warning("worker.recompute: model %s is not a sequence of layers (%s): it is "
+                        "recomputed as one segment", type(model).__name__, HOW_TO_SPLIT)
+            layers = [model]
+        micro = example[:max(1, len(example) // wcfg.microbatches)]
+        points = split_points(layers, len(devices), wcfg.split, micro, devices[0])
+        bounds = [0, *points, len(layers)]
+        stages = [Stage(layers[a:b], d, precision, wcfg.recompute, first=a)
+                  for a, b, d in zip(bounds[:-1], bounds[1:], devices)]
+    pipe = Pipeline(stages, wcfg.microbatches, offload=wcfg.offload_activations)
+    _probe(pipe, model, example[:2], precision)
+    log.info("pipeline: %d micro-batch(es), %s%s%s; %s", wcfg.microbatches, precision,
+             ", recompute" if wcfg.recompute else "",
+             ", offloaded activations" if wcfg.offload_activations else "", pipe.describe())
+    return pipe
+
+
+def check_split(cfg) -> None:
+    """ConfigError unless the configured model can be cut as ``worker.devices`` and
+    ``worker.split`` say: what a launcher can check before it starts any process. Nothing is
+    placed on a device (no CUDA is initialised) and ``split: time`` is not timed."""
+    w = cfg.worker
+    if not w.devices or len(w.devices) < 2:
+        return
+    from asgd.tasks.task import build_task
+
+    task = build_task(cfg, data=False)
+    example = torch.randn(2, *task.input_shape, generator=torch.Generator().manual_seed(0))
+    layers = model_layers(task.model, example)
+    split_points(layers, len(w.devices), w.split if w.split != "time" else "params")
