@@ -31,6 +31,26 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def start_server(tmp: Path, params: int):
+    """A real server of ``params`` float32 values (SGD, no staleness policy) on a loopback
+    port: (process, endpoint)."""
+    from asgd.bench.transport import server_config
+    from asgd.launch.processes import spawn, wait_for_address
+
+    (tmp / "c.yaml").write_text(yaml.safe_dump(server_config(params)))
+    server = spawn("server", ["-m", "server", "--config", str(tmp / "c.yaml"), "--quiet",
+                              "--bind", "tcp://127.0.0.1:0", "--address-file",
+                              str(tmp / "addr"), "--checkpoint-dir", str(tmp / "ck")],
+                   tmp / "server.log")
+    try:
+        return server, wait_for_address(tmp / "addr", server, 120)
+    except BaseException:
+        from asgd.launch.processes import stop
+
+        stop([server], grace_s=10)
+        raise
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--names", type=int, default=60_000)
@@ -39,20 +59,13 @@ def main() -> None:
 
     import zmq
 
-    from asgd.bench.transport import server_config
-    from asgd.client import Client, ServerError
+    from asgd.client import Client
     from asgd.core import protocol
-    from asgd.launch.processes import spawn, stop, wait_for_address
+    from asgd.launch.processes import stop
 
     with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        (tmp / "c.yaml").write_text(yaml.safe_dump(server_config(args.params)))
-        server = spawn("server", ["-m", "server", "--config", str(tmp / "c.yaml"), "--quiet",
-                                  "--bind", "tcp://127.0.0.1:0", "--address-file",
-                                  str(tmp / "addr"), "--checkpoint-dir", str(tmp / "ck")],
-                       tmp / "server.log")
+        server, endpoint = start_server(Path(d), args.params)
         try:
-            endpoint = wait_for_address(tmp / "addr", server, 120)
             pid = server.popen.pid
             sock = zmq.Context.instance().socket(zmq.DEALER)
             sock.linger = 0

@@ -21,28 +21,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flood import rss_mb  # noqa: E402
+from flood import rss_mb, start_server  # noqa: E402
 
 
 def run(clients: int, seconds: float, resend: float, params: int, seed: int = 0) -> dict:
-    from asgd.bench.transport import server_config
     from asgd.client import Client
-    from asgd.launch.processes import spawn, stop, wait_for_address
+    from asgd.launch.processes import stop
 
     with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        (tmp / "c.yaml").write_text(yaml.safe_dump(server_config(params)))
-        server = spawn("server", ["-m", "server", "--config", str(tmp / "c.yaml"), "--quiet",
-                                  "--bind", "tcp://127.0.0.1:0", "--address-file",
-                                  str(tmp / "addr"), "--checkpoint-dir", str(tmp / "ck")],
-                       tmp / "server.log")
+        server, endpoint = start_server(Path(d), params)
         try:
-            endpoint = wait_for_address(tmp / "addr", server, 120)
             rss0 = rss_mb(server.popen.pid)
             acked = [0] * clients
             resent = [0] * clients
