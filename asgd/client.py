@@ -52,9 +52,13 @@ class Client:
     ``asgd worker`` sets from worker.secret_key_file and worker.server_key), else none."""
 
     def __init__(self, endpoint: str, worker: str, timeout_s: float = 10.0,
-                 context: zmq.Context | None = None, curve: auth.ClientKeys | None = None):
+                 context: zmq.Context | None = None, curve: auth.ClientKeys | None = None,
+                 spin_us: float = 0.0):
         self.endpoint, self.worker, self.timeout_s = endpoint, worker, timeout_s
         self.curve = curve or auth.default_client_keys()
+        # wait for a reply by polling for up to this long before sleeping in the kernel: a
+        # reply that comes within it is taken without a wake-up (worker.spin_us)
+        self.spin_s = spin_us * 1e-6
         self.ctx = context or zmq.Context.instance()
         self._ids = itertools.count(1)
         self.sock = None
@@ -129,7 +133,9 @@ class Client:
             while True:
                 if ms != self._rcvtimeo:
                     sock.rcvtimeo = self._rcvtimeo = ms
-                reply = sock.recv_multipart(copy=copy)
+                reply = self._spin(copy) if self.spin_s else None
+                if reply is None:
+                    reply = sock.recv_multipart(copy=copy)
                 self.bytes_received += sum(len(f) for f in reply) if copy else \
                     sum(f.buffer.nbytes for f in reply)
                 head, out = protocol.decode(reply)
@@ -149,6 +155,18 @@ class Client:
                                 f"{timeout_s:g} s") from None
         finally:
             self._sent_ops.pop(rid, None)
+
+    def _spin(self, copy: bool):
+        """A reply that arrives within ``spin_s``, taken by polling; None if none did. Sleeping
+        in a blocking receive costs a wake-up (tens to hundreds of microseconds on a busy
+        machine), more than a small exchange takes."""
+        sock, end = self.sock, time.perf_counter() + self.spin_s
+        while True:
+            try:
+                return sock.recv_multipart(zmq.NOBLOCK, copy=copy)
+            except zmq.Again:
+                if time.perf_counter() >= end:
+                    return None
 
     # ------------------------------------------------------------------------------------------
     # the flat form
@@ -319,14 +337,14 @@ def _as_tensor(a):
 # several shards
 
 def connect_client(endpoints, worker: str, timeout_s: float = 10.0, context=None,
-                   curve: auth.ClientKeys | None = None):
+                   curve: auth.ClientKeys | None = None, spin_us: float = 0.0):
     """A ``Client`` for one endpoint, a ``ShardedClient`` for several (a list, or one string
     of comma-separated endpoints)."""
     if isinstance(endpoints, str):
         endpoints = [e.strip() for e in endpoints.split(",") if e.strip()]
     if len(endpoints) == 1:
-        return Client(endpoints[0], worker, timeout_s, context, curve)
-    return ShardedClient(endpoints, worker, timeout_s, context, curve)
+        return Client(endpoints[0], worker, timeout_s, context, curve, spin_us)
+    return ShardedClient(endpoints, worker, timeout_s, context, curve, spin_us)
 
 
 class ShardedClient:
@@ -342,11 +360,13 @@ class ShardedClient:
     refuses them."""
 
     def __init__(self, endpoints: list[str], worker: str, timeout_s: float = 10.0,
-                 context: zmq.Context | None = None, curve: auth.ClientKeys | None = None):
+                 context: zmq.Context | None = None, curve: auth.ClientKeys | None = None,
+                 spin_us: float = 0.0):
         if len(set(endpoints)) != len(endpoints):
             raise ValueError(f"the same endpoint twice among {endpoints}")
         # every shard has the same allow-list and key pair: one set of client keys for all
-        self.clients = [Client(e, worker, timeout_s, context, curve) for e in endpoints]
+        self.clients = [Client(e, worker, timeout_s, context, curve, spin_us)
+                        for e in endpoints]
         self.endpoint = ",".join(endpoints)
         self.worker = worker
         self.ranges: list[tuple[int, int]] | None = None

@@ -129,6 +129,7 @@ class WorkerConfig:
     request_timeout_s: float = 30.0   # longer than server.worker_timeout_s: ssp/sync hold replies
     reconnect_timeout_s: float = 30.0   # give up after the server is gone this long
     log_every: int = 10           # a worker_step record every N steps
+    spin_us: float = 200.0        # poll for a reply this long before sleeping (no wake-up)
     push_retries: int = 2         # a push whose reply is late is sent again this many times
                                   # (same sequence number: applied once) before a new hello
     # The data path (worker.exchange): shared memory with a server on the same host (auto: for
@@ -367,6 +368,7 @@ def validate(cfg: Config) -> None:
     need(w.reconnect_timeout_s > 0, "worker.reconnect_timeout_s", "must be > 0")
     need(w.log_every >= 1, "worker.log_every", "must be >= 1")
     need(w.push_retries >= 0, "worker.push_retries", "must be >= 0")
+    need(0 <= w.spin_us <= 100_000, "worker.spin_us", "must be in [0, 100000]")
     need(w.max_steps >= 0, "worker.max_steps", "must be >= 0")
     need(w.shared_memory in ("auto", "on", "off"), "worker.shared_memory",
          f"must be auto, on or off, got {w.shared_memory!r}")

@@ -54,3 +54,31 @@ def test_a_late_reply_is_discarded_and_the_next_request_gets_its_own(
     head = a.stats()
     assert head["id"] == 4 and head["version"] == 1
     assert head["workers"]["a"]["pushes"] == 1 and head["workers"]["b"]["pushes"] == 1
+
+
+def test_a_spinning_client_takes_quick_replies_and_still_waits_for_slow_ones(
+        start_server, make_config, tmp_path):
+    """worker.spin_us: the client polls for a reply before it sleeps; a reply later than
+    that (the server stopped for 0.3 s) is still taken by the blocking receive."""
+    import os
+    import signal
+    import threading
+
+    import numpy as np
+
+    from asgd.client import Client
+
+    server = start_server(make_config(), bind=f"ipc://{tmp_path}/s.sock")
+    with Client(server.endpoint, "w0", timeout_s=10, spin_us=200) as c:
+        _, tensors = c.hello()
+        out = np.empty(sum(t.array.size for t in tensors), np.float32)
+        assert c.pull_flat(out) == 0                      # quick: within the spin
+        os.kill(server.popen.pid, signal.SIGSTOP)
+        timer = threading.Timer(0.3, os.kill, (server.popen.pid, signal.SIGCONT))
+        timer.start()
+        try:
+            assert c.pull_flat(out) == 0                  # slow: after the spin, then asleep
+        finally:
+            timer.join()
+            os.kill(server.popen.pid, signal.SIGCONT)
+        assert np.array_equal(out, np.concatenate([t.array.reshape(-1) for t in tensors]))

@@ -89,6 +89,7 @@ def follow_server_files(worker) -> bool:
         return False
     old = worker.client
     worker.client = worker.ex.client = connect_client(endpoints, worker.id,
+                                                      spin_us=worker.cfg.worker.spin_us,
                                                       timeout_s=old.timeout_s)
     old.close()
     log.warning("%s: the server now listens at %s (read from %s)", worker.id,
@@ -175,7 +176,8 @@ class Worker:
         if callable(endpoint):
             endpoint = endpoint(self.stop)
         # one server, or every shard of a sharded one (a list, or endpoints joined by commas)
-        self.client = connect_client(endpoint, self.id, timeout_s=cfg.worker.request_timeout_s)
+        self.client = connect_client(endpoint, self.id, timeout_s=cfg.worker.request_timeout_s,
+                                     spin_us=cfg.worker.spin_us)
         w = cfg.worker
         self.ex = Exchange(self.model, self.layout, self.client, self.device,
                            shared_memory=w.shared_memory, overlap=w.overlap,

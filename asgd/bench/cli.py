@@ -51,7 +51,11 @@ def bench():
               help="Also measure torch.distributed.rpc's parameter server.")
 @click.option("--curve", is_flag=True, help="Also measure the server with ZeroMQ CURVE "
               "(server.auth: curve, throwaway keys) right after the plain one in each repeat.")
-def transport(params, transport, workers, shards, encoding, seconds, repeats, vs, curve):
+@click.option("--spin-us", type=click.FloatRange(0, 100_000), default=None,
+              help="Poll for a reply this long before sleeping, in asgd's clients and the raw "
+                   "echo's (default: worker.spin_us's default, 200).")
+def transport(params, transport, workers, shards, encoding, seconds, repeats, vs, curve,
+              spin_us):
     """push_pull round trips/s through real server processes, against a raw ZeroMQ echo of
     the same bytes (and torch RPC with --vs torch-rpc)."""
     from asgd.bench.transport import run
@@ -62,7 +66,8 @@ def transport(params, transport, workers, shards, encoding, seconds, repeats, vs
                                  param_hint="--encoding")
     runs = []
     for k in range(repeats):
-        r = run(numel, transport, workers, seconds, encoding, shards, vs=vs, curve=curve)
+        r = run(numel, transport, workers, seconds, encoding, shards, vs=vs, curve=curve,
+                spin_us=spin_us)
         runs.append(r)
         click.echo(f"repeat {k + 1}/{repeats}: asgd {r['round_trips_per_s']:.1f} rt/s, "
                    + (f"with CURVE {r['asgd_curve']['round_trips_per_s']:.1f}, "

@@ -70,7 +70,7 @@ LR = 0.01
 # the references, from the parent
 
 def raw_echo(numel: int, workers: int = 1, seconds: float = 3.0, transport: str = "tcp",
-             chunk_bytes: int = 4 << 20, *, tmp: Path) -> dict:
+             chunk_bytes: int = 4 << 20, *, tmp: Path, spin_us: float = 0.0) -> dict:
     """A ZeroMQ ROUTER echo and ``workers`` DEALER clients moving numel float32 values each
     way a round trip. ``transport``: "tcp" (127.0.0.1), "ipc" or "shm" (an ipc:// socket in
     the run directory; ZeroMQ has no shared-memory transport)."""
@@ -86,7 +86,8 @@ def raw_echo(numel: int, workers: int = 1, seconds: float = 3.0, transport: str 
         names = [f"client-{k}" for k in range(workers)]
         procs += [_spawn_role(f"echo {name}", "client",
                               ["--name", name, "--endpoint", endpoint, "--numel", str(numel),
-                               "--chunk-bytes", str(chunk_bytes), "--seconds", str(seconds)],
+                               "--chunk-bytes", str(chunk_bytes), "--seconds", str(seconds),
+                               "--spin-us", str(spin_us)],
                               run_dir, env) for name in names]
         results = _measure_clients(procs, names, seconds, run_dir)
         _stop_echo(endpoint, server)
@@ -275,9 +276,10 @@ def run_echo(run_dir: Path, bind: str) -> None:
 
 
 def run_client(run_dir: Path, name: str, endpoint: str, numel: int, chunk_bytes: int,
-               seconds: float) -> None:
+               seconds: float, spin_us: float = 0.0) -> None:
     """Round trips of numel float32 values: sent with copy=False from one preallocated
-    buffer, the echo received frame by frame with recv_into into another."""
+    buffer, the echo received frame by frame with recv_into into another. ``spin_us``: poll
+    for the echo this long before sleeping, as asgd's client does (worker.spin_us)."""
     import zmq
 
     payload = np.full(numel, 1e-4, dtype=np.float32)
@@ -296,11 +298,18 @@ def run_client(run_dir: Path, name: str, endpoint: str, numel: int, chunk_bytes:
     sock.rcvtimeo = int(REPLY_TIMEOUT_S * 1000)   # a lost echo raises zmq.Again, no hang
     sock.connect(endpoint)
     count = 0
+    spin_s = spin_us * 1e-6
+
+    def wait():
+        end = time.perf_counter() + spin_s
+        while spin_s and not sock.poll(0) and time.perf_counter() < end:
+            pass
 
     def round_trip():
         nonlocal count
         count += 1
         sock.send_multipart([HEADER.pack(count, nbytes), *send_views], copy=False)
+        wait()
         if sock.recv_into(head) != HEADER.size or HEADER.unpack(head) != (count, nbytes):
             raise RuntimeError(f"echo header {bytes(head)!r} is not round trip {count}")
         for k, view in enumerate(recv_views):
@@ -386,11 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--numel", type=int)
     ap.add_argument("--chunk-bytes", type=int, default=4 << 20)
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--spin-us", type=float, default=0.0)
     a = ap.parse_args(argv)
     if a.role == "echo":
         run_echo(a.run_dir, a.bind)
     elif a.role == "client":
-        run_client(a.run_dir, a.name, a.endpoint, a.numel, a.chunk_bytes, a.seconds)
+        run_client(a.run_dir, a.name, a.endpoint, a.numel, a.chunk_bytes, a.seconds,
+                   a.spin_us)
     elif a.role == "ps":
         run_ps(a.run_dir, a.init, a.workers, a.numel)
     else:

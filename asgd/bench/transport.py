@@ -22,6 +22,7 @@ reference's: above 1, asgd is faster).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 WARMUP = 5
+SPIN_ENV = "ASGD_BENCH_SPIN_US"     # how a benchmark client learns its spin
 
 
 def vector_model(input_shape, num_classes, params: int = 1000):
@@ -84,8 +86,9 @@ def client_main(endpoint: str, numel: int, transport: str, encoding: str, second
     from asgd.core.shm import Segment
 
     torch.set_num_threads(1)
+    spin_us = float(os.environ.get(SPIN_ENV, "0"))      # run() passes worker.spin_us's value
     client = connect_client(endpoint, f"bench{rank}", timeout_s=120,    # shards: a,b,...
-                            curve=client_keys(keys, f"bench{rank}"))
+                            curve=client_keys(keys, f"bench{rank}"), spin_us=spin_us)
     seg = Segment.create(numel) if transport == "shm" else None
     info, _ = client.hello(rank=rank, shm=seg)
     if transport == "shm" and client.segment is None:
@@ -159,10 +162,10 @@ def _endpoint(transport: str, tmp: Path, k: int) -> str:
 
 def run_asgd(numel: int, transport: str = "tcp", workers: int = 1, seconds: float = 3.0,
              encoding: str = "none", tmp: Path | None = None, shards: int = 1,
-             curve: bool = False) -> dict:
+             curve: bool = False, spin_us: float = 0.0) -> dict:
     import yaml
 
-    from asgd.launch.processes import spawn, stop, wait_all, wait_for_address
+    from asgd.launch.processes import child_env, spawn, stop, wait_all, wait_for_address
 
     with tempfile.TemporaryDirectory(dir=tmp) as d:
         tmp = Path(d)
@@ -188,7 +191,7 @@ def run_asgd(numel: int, transport: str = "tcp", workers: int = 1, seconds: floa
             clients = [spawn(f"client{r}", ["-m", "asgd.bench.transport", "client", endpoint,
                                             str(numel), transport, encoding, str(seconds),
                                             str(outs[r]), str(r), keys],
-                                  tmp / f"client{r}.log")
+                                  tmp / f"client{r}.log", child_env(**{SPIN_ENV: str(spin_us)}))
                        for r in range(workers)]
             codes = wait_all(clients, seconds * 4 + 120)
             bad = [(c, rc) for c, rc in zip(clients, codes) if rc != 0]
@@ -227,21 +230,29 @@ def server_peak_rss(endpoint: str, keys: str = "") -> float | None:
 
 
 def run(params: int, transport: str = "tcp", workers: int = 1, seconds: float = 3.0,
-        encoding: str = "none", shards: int = 1, vs: tuple = (), curve: bool = False) -> dict:
+        encoding: str = "none", shards: int = 1, vs: tuple = (), curve: bool = False,
+        spin_us: float | None = None) -> dict:
+    """``spin_us``: how long asgd's clients and the raw echo's poll for a reply before
+    sleeping (default: worker.spin_us's default, what a worker does)."""
     from asgd.bench import reference
+    from asgd.config import WorkerConfig
 
+    spin_us = WorkerConfig().spin_us if spin_us is None else spin_us
     out = {"benchmark": "transport", "params": params, "transport": transport,
-           "workers": workers, "shards": shards, "encoding": encoding, "seconds": seconds}
+           "workers": workers, "shards": shards, "encoding": encoding, "seconds": seconds,
+           "spin_us": spin_us}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        asgd = run_asgd(params, transport, workers, seconds, encoding, tmp, shards)
+        asgd = run_asgd(params, transport, workers, seconds, encoding, tmp, shards,
+                        spin_us=spin_us)
         if curve:        # right after the plain server, on the same machine state
             out["asgd_curve"] = run_asgd(params, transport, workers, seconds, encoding, tmp,
-                                         shards, curve=True)
+                                         shards, curve=True, spin_us=spin_us)
             out["ratio_curve_vs_plain"] = round(out["asgd_curve"]["round_trips_per_s"] /
                                                 asgd["round_trips_per_s"], 3)
         raw = reference.raw_echo(params, workers=workers, seconds=seconds,
-                                 transport="tcp" if transport == "tcp" else "ipc", tmp=tmp)
+                                 transport="tcp" if transport == "tcp" else "ipc", tmp=tmp,
+                                 spin_us=spin_us)
         out.update(asgd=asgd, raw_echo=raw)
         out["ratio_vs_raw"] = round(asgd["round_trips_per_s"] / raw["round_trips_per_s"], 3)
         if "torch-rpc" in vs:
