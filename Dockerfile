@@ -23,7 +23,7 @@ RUN pip install .
 
 # Generate the default data set (MNIST-1D, made offline by the mnist1d package) once, into
 # the image's cache, so the containers do not each generate it at start-up.
-RUN python -c "from asgd.config import load_config; from asgd.data import load_dataset; \
+RUN python -c "from asgd.config import load_config; from asgd.tasks.data import load_dataset; \
 c = load_config('configs/default.yaml'); load_dataset(c.data, seed=c.run.seed)"
 
 EXPOSE 5555

@@ -6,6 +6,7 @@
     asgd server --config c.yaml --bind tcp://0.0.0.0:5555
     asgd worker --config c.yaml --server tcp://host:5555 --rank 1
     asgd eval runs/<name>
+    asgd status --server tcp://host:5555 --watch  # a running cluster's stats, live
     asgd keys w0 --out keys                      # CURVE key pair: keys/w0.key, w0.key_secret
     asgd export runs/<name> --int8 --report      # INT8 model file, size/latency/accuracy
     asgd predict runs/<name>/model-int8.asgd inputs.npy
@@ -147,8 +148,9 @@ def launch(config_path, workers, overrides, quiet, resume_dir):
 @cli.command("server")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True,
               help="YAML run configuration.")
-@click.option("--bind", default=None, help="ZeroMQ endpoint to bind (default: server.bind, "
-              "loopback). Use tcp://0.0.0.0:5555 to serve other machines; port 0 picks one.")
+@click.option("--bind", default=None, help="ZeroMQ endpoint to bind (default: $ASGD_BIND, else "
+              "server.bind, loopback). Use tcp://0.0.0.0:5555 to serve other machines; port 0 "
+              "picks one.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key (repeatable).")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None,
@@ -161,19 +163,29 @@ def launch(config_path, workers, overrides, quiet, resume_dir):
 @click.option("--extend", type=click.IntRange(1), default=None, metavar="N",
               help="Train N more updates from where it starts (with --resume: from the "
               "checkpoint's version); workers take this budget from the server.")
-@click.option("--shard", type=click.IntRange(0), default=0, show_default=True,
-              help="With server.shards S > 1: serve the I-th of S ranges of the parameters.")
+@click.option("--shard", type=click.IntRange(0), default=None,
+              help="With server.shards S > 1: serve the I-th of S ranges of the parameters "
+                   "(default: $ASGD_SHARD, else 0).")
 @click.option("--quiet", is_flag=True, help="No periodic status lines.")
 def server_command(config_path, bind, overrides, run_dir, checkpoint_dir, resume, address_file,
                    extend, shard, quiet):
-    """Run one parameter server (or one shard of a sharded server)."""
-    cfg = config_or_exit(config_path, overrides)
-    bind = endpoint_or_exit(bind, "--bind", bind=True) if bind else None
+    """Run one parameter server (or one shard of a sharded server).
+
+    Options not given come from the environment: ASGD_BIND, ASGD_SHARD, ASGD_WORKERS
+    (run.workers); see docs/deploy.md."""
+    from asgd.launch import env as envlib
+
+    environ = envlib.environ()
+    try:
+        overrides = envlib.with_workers(overrides, envlib.workers(overrides, environ, None))
+        cfg = config_or_exit(config_path, overrides)
+        where = envlib.bind(bind, environ)
+        shard = envlib.shard(shard, environ, cfg.server.shards)
+    except envlib.EnvError as e:
+        raise click.UsageError(str(e))
+    bind = endpoint_or_exit(where.value, where.source, bind=True) if where else None
     from server.main import run_server
 
-    if shard >= cfg.server.shards:
-        raise click.UsageError(f"--shard {shard} is not in [0, server.shards="
-                               f"{cfg.server.shards})")
     fast_exit(run_server(cfg, bind, run_dir, checkpoint_dir, resume, address_file,
                         extend or 0, quiet, shard))
 
@@ -182,13 +194,16 @@ def server_command(config_path, bind, overrides, run_dir, checkpoint_dir, resume
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True,
               help="YAML run configuration.")
 @click.option("--server", "endpoint", default=None, help="The server's endpoint, e.g. "
-              "tcp://127.0.0.1:5555; for a sharded server every shard's, joined by commas.")
+              "tcp://127.0.0.1:5555; for a sharded server every shard's, joined by commas "
+              "(default: $ASGD_SERVER).")
 @click.option("--server-file", type=click.Path(dir_okay=False), multiple=True,
               help="Instead of --server: read the endpoint from this file once it appears "
                    "(asgd launch starts the server and workers together); repeat it for "
                    "each shard.")
-@click.option("--rank", type=int, default=0, show_default=True,
-              help="This worker's rank in [0, run.workers): picks its data shard.")
+@click.option("--rank", type=int, default=None,
+              help="This worker's rank in [0, run.workers): picks its data shard (default: "
+                   "$ASGD_RANK, the host name's ordinal with ASGD_RANK_FROM_HOSTNAME=1, "
+                   "$SLURM_PROCID, else 0).")
 @click.option("--id", "worker_id", default=None, help="Worker id on the wire (default w<rank>).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config key (repeatable).")
@@ -201,14 +216,32 @@ def worker_command(config_path, endpoint, server_file, rank, worker_id, override
 
     Exit codes: 0 when a budget ends the run, 2 for a configuration or model that cannot
     train, 3 when the server stayed away longer than worker.reconnect_timeout_s, 4 when the
-    training loss stayed NaN or Inf."""
+    training loss stayed NaN or Inf.
+
+    Options not given come from the environment: ASGD_SERVER, ASGD_RANK (or
+    ASGD_RANK_FROM_HOSTNAME=1, or SLURM_PROCID), ASGD_WORKERS (or SLURM_NTASKS) for
+    run.workers; see docs/deploy.md."""
+    from asgd.launch import env as envlib
+
+    environ = envlib.environ()
     server_file = list(server_file) or None
-    if (endpoint is None) == (server_file is None):
+    if endpoint is not None and server_file is not None:
+        raise click.UsageError("give either --server or --server-file, not both")
+    where = envlib.server_endpoints(endpoint, environ) if server_file is None else None
+    if where is None and server_file is None:
         raise click.UsageError("give the server's address: --server tcp://HOST:PORT "
-                               "(or --server-file PATH)")
-    cfg = config_or_exit(config_path, overrides)
-    if endpoint is not None:
-        parts = [endpoint_or_exit(e.strip(), "--server") for e in endpoint.split(",")]
+                               "(or --server-file PATH, or $ASGD_SERVER)")
+    try:
+        placed = envlib.rank(rank, environ)
+        world = envlib.workers(overrides, environ, placed.source)
+        overrides = envlib.with_workers(overrides, world)
+        cfg = config_or_exit(config_path, overrides)
+        rank = envlib.check_rank(placed, cfg.run.workers, world)
+    except envlib.EnvError as e:
+        raise click.UsageError(str(e))
+    endpoint = None
+    if where is not None:
+        parts = [endpoint_or_exit(e.strip(), where.source) for e in where.value.split(",")]
         endpoint = parts[0] if len(parts) == 1 else parts
     from asgd.core import auth
 
@@ -339,6 +372,51 @@ def keys_command(name, out_dir, force):
         raise click.ClickException(str(e))
     echo(f"public key: {public}")
     echo(f"secret key: {secret} (mode 0600)")
+
+
+@cli.command("status")
+@click.option("--server", "endpoint", required=True, metavar="ADDR",
+              help="The server's endpoint (tcp://HOST:PORT or HOST:PORT); a sharded server's "
+                   "endpoints comma-separated.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the raw stats as one JSON object (one a line with --watch).")
+@click.option("--watch", "watch_s", type=click.FloatRange(min=0.1), is_flag=False,
+              flag_value=2.0, default=None, metavar="[SECONDS]",
+              help="Refresh every SECONDS (default 2) until Ctrl-C.")
+@click.option("--count", type=click.IntRange(min=1), default=None, metavar="K",
+              help="With --watch: stop after K snapshots.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=5.0,
+              show_default=True, metavar="SECONDS",
+              help="Seconds to wait for the server's answer.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="Only for a CURVE server: the configuration whose worker.secret_key_file "
+                   "and worker.server_key to use.")
+@click.option("--id", "worker_id", default="status", show_default=True,
+              help="The name to ask as (and, with --config, the {id} of the key file).")
+def status_command(endpoint, as_json, watch_s, count, timeout_s, config_path, worker_id):
+    """Show a running cluster's stats: version, updates/s, staleness, each worker's pushes and
+    last contact, bytes in and out. Exit 1 when the server does not answer."""
+    parts = [endpoint_or_exit(e.strip(), "--server") for e in endpoint.split(",") if e.strip()]
+    curve = None
+    if config_path is not None:
+        from asgd.core import auth
+
+        try:
+            curve = auth.client_keys(config_or_exit(config_path, ()).worker, worker_id)
+        except auth.AuthError as e:
+            raise click.ClickException(str(e))
+    from asgd.client import ServerError, ServerTimeout
+    from asgd.launch.status import run_status
+
+    try:
+        code = run_status(parts[0] if len(parts) == 1 else parts, as_json, watch_s, count,
+                          timeout_s, echo, worker_id, curve)
+    except (ServerTimeout, ServerError, ValueError) as e:
+        echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        code = 0
+    sys.exit(code)
 
 
 from asgd.bench.cli import bench  # noqa: E402  (click only)

@@ -173,6 +173,7 @@ class RunConfig:
     eval_every_s: float = 2.0     # evaluate the live weights this often during a launch (0 = never)
     eval_batch_size: int = 1000
     max_restarts: int = 3         # asgd launch: dead workers and servers restarted, in all per run
+    tensorboard: bool = False     # asgd launch: write scalars to <run_dir>/tensorboard/
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,11 @@ class Launch:
         self.display = Display(cfg, quiet)
         self.mon = Monitor(cfg, self.t0)
         self.mon.skip_metrics(self.metrics_start)
+        self.tb = None          # run.tensorboard: metrics.jsonl's scalars as TensorBoard events
+        if cfg.run.tensorboard:
+            from asgd.tensorboard import MetricsToTensorBoard
+
+            self.tb = MetricsToTensorBoard(cfg, run_dir, self.t0, self.metrics_start)
         self.failures: list[str] = []
         self.diverged: list[str] = []
         self.deaths: list[dict] = []
@@ -268,6 +273,8 @@ class Launch:
                     self._worker_died(r)
             self._poll_stats()
             mon.update_losses(self.metrics_path)
+            if self.tb is not None:
+                self.tb.update()
             for rec in mon.new_steps:
                 self._judge(self.guard.loss(rec.get("version", 0), rec.get("loss")))
             mon.new_steps.clear()
@@ -542,4 +549,6 @@ class Launch:
             path.rename(run_dir / f"summary-{k}.json")
         path.write_text(json.dumps(summary, indent=2) + "\n")
         self.metrics.close()
+        if self.tb is not None:      # the final evaluation's record too
+            self.tb.close()
         return summary
