@@ -564,3 +564,19 @@ def test_the_sbatch_script_refuses_a_job_of_one_task(tmp_path):
     res, calls = run_sbatch(tmp_path, 1)
     assert res.returncode == 2 and "at least 2" in res.stderr
     assert calls == []
+
+
+def test_asgd_launch_keeps_cluster_variables_from_its_children(processes, make_config,
+                                                               tmp_path, mnist1d_cached):
+    """A shell (or a Slurm job) with ASGD_WORKERS, ASGD_RANK or SLURM_PROCID set: asgd launch
+    gives each of its processes its place itself, and the run is the configured one."""
+    cfg = make_config(run={"max_updates": 100, "eval_every_s": 0, "name": "inherited",
+                           "out_dir": str(tmp_path / "runs")})
+    processes.env = dict(processes.env, ASGD_WORKERS="1", ASGD_RANK="5", SLURM_PROCID="3",
+                         SLURM_NTASKS="9", ASGD_SERVER="tcp://127.0.0.1:9")
+    r = processes.run(["-m", "asgd.cli", "launch", "--config", str(cfg), "--quiet"],
+                      timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads((tmp_path / "runs" / "inherited" / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["workers"] == 2
+    assert summary["deaths"] == []

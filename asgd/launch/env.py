@@ -46,6 +46,10 @@ RANK_FROM_HOSTNAME = "ASGD_RANK_FROM_HOSTNAME"
 WORKERS = "ASGD_WORKERS"
 SLURM_RANK = "SLURM_PROCID"
 SLURM_WORLD = "SLURM_NTASKS"
+# what a process of a cluster takes from its environment: asgd launch, which passes every
+# process its place itself, keeps these from its children
+CLUSTER_VARIABLES = (SERVER, BIND, SHARD, RANK, RANK_FROM_HOSTNAME, WORKERS, SLURM_RANK,
+                     SLURM_WORLD)
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")

@@ -154,6 +154,10 @@ class Launch:
         self.config_file = str(run_dir / "config.yaml")
         self.t0 = time.time()
         self.env = child_env(ASGD_T0=repr(self.t0))
+        from asgd.launch.env import CLUSTER_VARIABLES
+
+        for name in CLUSTER_VARIABLES:   # a shell's (or a Slurm job's) must not move ranks
+            self.env.pop(name, None)
         # a restarted worker runs without the crash switch: an injected fault fires once a run
         self.restart_env = {k: v for k, v in self.env.items() if k != FAULT_ENV}
         self.metrics_path = run_dir / "metrics.jsonl"
