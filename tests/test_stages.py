@@ -356,3 +356,13 @@ def test_two_workers_with_two_stages_four_microbatches_and_bf16_train_the_defaul
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
     logs = "".join(p.read_text() for p in (run_dir / "logs").glob("w*.log"))
     assert logs.count("pipeline: 4 micro-batch(es), bf16; stage 0 on cpu") == 2, logs[-2000:]
+
+
+def test_a_split_the_model_cannot_take_stops_the_launch_before_it_starts(processes, tmp_path):
+    out = tmp_path / "runs"
+    r = processes.run(["-m", "asgd.cli", "launch", "--quiet", "--set", f"run.out_dir={out}",
+                       "--set", "worker.devices=[cpu,cpu]", "--set", "worker.split=[999]"],
+                      timeout=60)
+    assert r.returncode == 1
+    assert "split" in r.stderr and "999" in r.stderr
+    assert not out.exists() or not any(out.iterdir())      # nothing ran: no run directory

@@ -82,8 +82,9 @@ def checkpoint_state(directory: Path) -> tuple[int | None, str]:
 
 
 def check_imports(cfg: Config) -> None:
-    """A user's model or data set given by import path must import: checked before any
-    process starts (the built-ins always do; their arguments are checked with the task)."""
+    """A user's model or data set given by import path must import, and a model split into
+    stages (worker.devices) must be one that can be cut so: checked before any process starts
+    (the built-ins always import; their arguments are checked with the task)."""
     from asgd.tasks.imports import import_object
 
     for what, name in (("model", cfg.model.name), ("data set", cfg.data.name)):
@@ -92,6 +93,13 @@ def check_imports(cfg: Config) -> None:
                 import_object(name, what)
             except (ValueError, TypeError) as e:
                 raise LaunchError(str(e)) from None
+    if cfg.worker.devices and len(cfg.worker.devices) > 1:   # a split the model cannot take
+        from worker.stages import check_split
+
+        try:
+            check_split(cfg)
+        except (ValueError, TypeError) as e:
+            raise LaunchError(str(e)) from None
 
 
 def prepare_task(cfg: Config):
