@@ -289,3 +289,38 @@ def gradients(specs, seed: int, scale: float = 0.1) -> list[tuple[str, "np.ndarr
 def flat(tensors) -> bytes:
     """Decoded tensors' bytes, concatenated (for bitwise comparisons)."""
     return b"".join(t.array.tobytes() for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# a run trained in this process
+
+def train_run(run_dir: Path, cfg, steps: int) -> Path:
+    """Train ``cfg``'s task in this process for ``steps`` steps (its optimizer and schedule,
+    rank 0's shard) and leave what a launch leaves for evaluation and export: config.yaml and
+    a checkpoint of the trainable parameters."""
+    import torch.nn.functional as F
+
+    from asgd.config import save_config
+    from asgd.core.checkpoint import write_checkpoint
+    from asgd.core.layout import trainable_parameters
+    from asgd.core.optim import make_optimizer, scheduled_lr
+    from asgd.tasks.data import ShardLoader
+    from asgd.tasks.task import build_task
+
+    task = build_task(cfg)
+    loader = ShardLoader.for_config(cfg, task.dataset, 0, 1)
+    opt = make_optimizer(cfg, trainable_parameters(task.model))
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = scheduled_lr(cfg, step)
+        x, y = loader.next()
+        loss = F.cross_entropy(task.model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    run_dir.mkdir(parents=True)
+    save_config(cfg, run_dir / "config.yaml")
+    write_checkpoint(run_dir / "checkpoint", steps, task.layout,
+                     task.layout.flatten(trainable_parameters(task.model)), cfg.to_dict(),
+                     cfg.optimizer.name)
+    return run_dir

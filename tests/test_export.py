@@ -10,16 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from asgd.config import from_dict, load_config, save_config
-from asgd.core.checkpoint import write_checkpoint
-from asgd.core.layout import trainable_parameters
-from asgd.core.optim import make_optimizer, scheduled_lr
-from asgd.tasks.data import ShardLoader
+from asgd.config import from_dict, load_config
 from asgd.tasks.export import (ExportError, compare, export_run, load_model, predict, quantize,
                                read_model, trained_model)
 from asgd.tasks.task import build_task
+from tests import conftest
 
 MIN_SIZE_RATIO = 3.0
 MAX_ACCURACY_DROP = 0.01
@@ -31,27 +27,10 @@ MODELS = {     # name -> (model config, training steps): about 2 s and 10 s on o
 
 
 def train_run(run_dir: Path, model: dict, steps: int) -> Path:
-    """Train in this process with the run's task and write config.yaml and a checkpoint,
-    as a launch leaves them."""
+    """Train ``model`` in this process and leave a run directory, as a launch does."""
     cfg = from_dict({"model": model, "optimizer": {"name": "adam", "lr": 0.003},
                      "run": {"max_updates": steps, "workers": 1}})
-    task = build_task(cfg)
-    loader = ShardLoader.for_config(cfg, task.dataset, 0, 1)
-    opt = make_optimizer(cfg, trainable_parameters(task.model))
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = scheduled_lr(cfg, step)
-        x, y = loader.next()
-        loss = F.cross_entropy(task.model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    run_dir.mkdir(parents=True)
-    save_config(cfg, run_dir / "config.yaml")
-    write_checkpoint(run_dir / "checkpoint", steps, task.layout,
-                     task.layout.flatten(trainable_parameters(task.model)), cfg.to_dict(),
-                     "adam")
-    return run_dir
+    return conftest.train_run(run_dir, cfg, steps)
 
 
 @pytest.fixture(scope="module")

@@ -5,21 +5,17 @@ checkpoint holds only those, and it trains and evaluates."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-import yaml
 
-from asgd.config import ConfigError, from_dict, load_config, save_config
-from asgd.core.checkpoint import load_checkpoint, write_checkpoint
+from asgd.config import ConfigError, from_dict, load_config
+from asgd.core.checkpoint import load_checkpoint
 from asgd.core.layout import ParameterLayout, trainable_parameters
-from asgd.core.optim import make_optimizer
-from asgd.tasks.data import ShardLoader
 from asgd.tasks.evaluate import evaluate_checkpoint
 from asgd.tasks.models import build_model
 from asgd.tasks.task import build_task
+from tests.conftest import train_run
 
 SMALL = {"name": "cnn1d", "args": {"channels": 8}}
 
@@ -27,25 +23,6 @@ SMALL = {"name": "cnn1d", "args": {"channels": 8}}
 def cfg_of(**model):
     return from_dict({"model": dict(SMALL, **model), "optimizer": {"name": "adam", "lr": 0.01},
                       "run": {"workers": 1, "max_updates": 300}})
-
-
-def train_run(run_dir: Path, cfg, steps: int) -> Path:
-    """Train in this process (the reference trainer's loop) and leave a run directory."""
-    task = build_task(cfg)
-    loader = ShardLoader.for_config(cfg, task.dataset, 0, 1)
-    opt = make_optimizer(cfg, trainable_parameters(task.model))
-    for _ in range(steps):
-        x, y = loader.next()
-        loss = F.cross_entropy(task.model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    run_dir.mkdir(parents=True)
-    save_config(cfg, run_dir / "config.yaml")
-    write_checkpoint(run_dir / "checkpoint", steps, task.layout,
-                     task.layout.flatten(trainable_parameters(task.model)), cfg.to_dict(),
-                     "adam")
-    return run_dir
 
 
 @pytest.fixture(scope="module")
