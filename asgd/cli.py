@@ -3,6 +3,7 @@
     asgd launch                                  # configs/default.yaml: MNIST-1D, 2 workers
     asgd launch --workers 4 --set optimizer.lr=0.003
     asgd launch --resume runs/<name> --set run.max_updates=6000   # go on with a run
+    asgd launch --on ray [--address head:6379]  # the same run as Ray actors (asgd[ray])
     asgd server --config c.yaml --bind tcp://0.0.0.0:5555
     asgd worker --config c.yaml --server tcp://host:5555 --rank 1
     asgd eval runs/<name>
@@ -112,8 +113,16 @@ def cli():
               metavar="RUN_DIR",
               help="Go on with an existing run: its config.yaml (with --set), the server "
                    "resumed from its checkpoint, the same run directory.")
-def launch(config_path, workers, overrides, quiet, resume_dir):
-    """Run a server and N workers on this machine, evaluate, write runs/<name>/."""
+@click.option("--on", "on", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True,
+              help="local: processes on this machine; ray: Ray actors (pip install "
+                   "'asgd[ray]'), on a local Ray instance or the cluster at --address.")
+@click.option("--address", default=None, metavar="ADDR",
+              help="With --on ray: a running Ray cluster (e.g. head:6379, or auto); "
+                   "default: a local Ray instance for the run.")
+def launch(config_path, workers, overrides, quiet, resume_dir, on, address):
+    """Run a server and N workers on this machine (or on Ray), evaluate, write
+    runs/<name>/."""
     from pathlib import Path
 
     from asgd.launch.launcher import LaunchError, resume_launch
@@ -126,8 +135,16 @@ def launch(config_path, workers, overrides, quiet, resume_dir):
     overrides = list(overrides)
     if workers is not None:
         overrides += workers_overrides(workers, config_or_exit(path, overrides))
+    if address is not None and on != "ray":
+        raise click.UsageError("--address is the Ray cluster's: give it with --on ray")
     try:
-        if resume_dir is not None:
+        if on == "ray":
+            from asgd.launch.onray import launch_on_ray
+
+            cfg = None if resume_dir is not None else config_or_exit(path, overrides)
+            summary = launch_on_ray(cfg, quiet=quiet, address=address,
+                                    resume_dir=resume_dir, overrides=overrides)
+        elif resume_dir is not None:
             summary = resume_launch(resume_dir, overrides, quiet=quiet)
         else:
             summary = run_launch(config_or_exit(path, overrides), quiet=quiet)

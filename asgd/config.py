@@ -105,6 +105,8 @@ class ServerConfig:
     # workers talk to every shard at once. `asgd launch` starts them all.
     shards: int = 1
     max_workers: int = 1024       # workers' records kept (from hello); the longest silent go first
+    resources: dict = field(default_factory=dict)   # asgd launch --on ray: each server
+                                  # (shard) actor's Ray resources, e.g. {CPU: 1} ({} = none)
     # The outer optimizer of local steps (worker.local_steps > 1, DiLoCo): applied to each
     # pushed pseudo-gradient, at a constant rate (times the staleness policy's scale).
     # DiLoCo's Nesterov SGD; its synchronous rate 0.7 diverges when every worker's
@@ -160,6 +162,9 @@ class WorkerConfig:
     # CURVE (server.auth: curve): both set, or neither. {id} in the file name is the worker id.
     secret_key_file: str = ""     # this worker's NAME.key_secret
     server_key: str = ""          # the server's public key: its .key file or the Z85 text
+    # asgd launch --on ray: each worker's bundle in the workers' placement group, e.g.
+    # {CPU: 2} or {GPU: 1, memory: 4e9} ({} = one GPU for a CUDA device, else one CPU)
+    resources: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -394,6 +399,10 @@ def validate(cfg: Config) -> None:
     need(r.eval_every_s >= 0, "run.eval_every_s", "must be >= 0")
     need(r.eval_batch_size >= 1, "run.eval_batch_size", "must be >= 1")
     need(r.max_restarts >= 0, "run.max_restarts", "must be >= 0")
+    for key, res in (("worker.resources", w.resources), ("server.resources", sv.resources)):
+        need(all(isinstance(k, str) and k and isinstance(v, (int, float))
+                 and not isinstance(v, bool) and v >= 0 for k, v in res.items()), key,
+             f"must map resource names to amounts >= 0, e.g. {{CPU: 1}}, got {res!r}")
     need("/" not in r.name and r.name not in (".", ".."), "run.name", "must be a plain name")
 
 

@@ -10,20 +10,55 @@ Service names resolve in every host through ``/etc/netns/<namespace>/hosts``, wh
 ``ip netns exec`` puts over ``/etc/hosts``. Everything made is removed on exit, and names carry
 the process id so that parallel runs never meet. ``available()`` says whether namespaces can
 be made here (root and iproute2), and why not.
+
+A shaped network (``Shaping``): a slow, lossy, distant link between the hosts,
+
+    shaping = Shaping(rate_mbit=100, loss=0.02, delay_ms=50)
+    with Topology(hosts, shaping=shaping, relay=("server", [5555])) as topo: ...
+
+* bandwidth: ``tc tbf`` at ``rate_mbit`` on both ends of every host's veth pair: the egress of
+  the host's ``eth0`` (what it sends) and of the hub-side end (what it receives);
+* loss: iptables' ``statistic`` match drops each packet arriving on a host's ``eth0`` with
+  probability ``loss`` (INPUT, in the host's own namespace: it goes with it), so each direction
+  of a path between two hosts loses that share;
+* delay: the kernel here has no netem, so a relay of this module's own (``Relay``, run with
+  ``python tests/multihost.py relay``) does it: an extra host ``relay`` whose TCP relay
+  accepts the connections for one service's ports and forwards each to the service, holding
+  every chunk ``delay_ms`` in each direction, in order. From every other host the service's
+  name resolves to the relay, so the clients (the workers) reach the service through it under
+  its usual name and port. The relay's own link is neither limited nor lossy (a router's);
+  the clients' and the service's are, so on a worker's path to the server each direction
+  loses ``loss`` of its packets (at the receiving host), passes two links of ``rate_mbit``
+  and is held ``delay_ms``.
+
+The delay is applied to the byte stream, not to packets: each TCP connection ends at the
+relay, so TCP's own round trip (and with it its loss recovery) does not include the delay,
+only the application's does. See docs/performance.md, "Across hosts: a shaped network".
 """
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ETC_NETNS = Path("/etc/netns")
+RELAY = "relay"                    # the relay's host name
+RELAY_READY_S = 20.0               # the relay listens within this (it imports asyncio only)
 
 
 def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
     cmd = ["ip", *(["netns", "exec", ns, "ip"] if ns else []), *args]
     return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=20)
+
+
+def _in(ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``argv`` run inside namespace ``ns`` (tc, iptables)."""
+    return subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True,
+                          check=check, timeout=20)
 
 
 def available() -> str:
@@ -41,14 +76,71 @@ def available() -> str:
     return ""
 
 
+def shaping_available() -> str:
+    """"" when a shaped network can be made here (namespaces, tc's tbf, iptables' statistic
+    match), else the reason."""
+    why = available()
+    if why:
+        return why
+    for tool, pkg in (("tc", "iproute2"), ("iptables", "iptables")):
+        if shutil.which(tool) is None:
+            return f"no {tool} on this machine (Debian package {pkg})"
+    name = f"asgd-probe-{os.getpid()}"
+    try:
+        _ip("netns", "add", name)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        return f"cannot make a network namespace: {getattr(e, 'stderr', e)}".strip()
+    try:
+        _ip("link", "add", "p0", "type", "veth", "peer", "name", "p1", ns=name)
+        _in(name, "tc", "qdisc", "add", "dev", "p0", "root", "tbf", "rate", "100mbit",
+            "burst", "64kb", "limit", "1mb")
+        _in(name, "iptables", "-A", "INPUT", "-i", "p0", "-m", "statistic", "--mode", "random",
+            "--probability", "0.02", "-j", "DROP")
+    except subprocess.CalledProcessError as e:
+        return f"cannot shape a link ({' '.join(e.cmd[4:6])}): {e.stderr.strip()}"
+    except subprocess.TimeoutExpired as e:
+        return f"cannot shape a link: {e}"
+    finally:
+        _ip("netns", "del", name, check=False)
+    return ""
+
+
+@dataclass(frozen=True)
+class Shaping:
+    rate_mbit: float = 0.0        # tc tbf on both ends of every host's link (0 = unlimited)
+    loss: float = 0.0             # share of the packets dropped on arrival at each host
+    delay_ms: float = 0.0         # held by the relay in each direction (needs a relay)
+    burst_kb: int = 64            # tbf's bucket
+    limit_kb: int = 2048          # tbf's queue (beyond it, drops)
+
+    def describe(self) -> str:
+        return (f"{self.delay_ms:g} ms delay each way, {100 * self.loss:g}% loss, "
+                f"{self.rate_mbit:g} Mbit/s")
+
+
 class Topology:
-    def __init__(self, hosts: list[str], subnet: int = 0):
+    def __init__(self, hosts: list[str], subnet: int = 0, shaping: Shaping | None = None,
+                 relay: tuple[str, list[int]] | None = None, relay_max_s: float = 900.0,
+                 relay_log: Path | None = None):
+        """``relay``: (service, ports): an extra host ``relay`` that the other hosts reach
+        ``service`` through, holding every chunk ``shaping.delay_ms`` each way."""
         tag = f"{os.getpid() % 100000}"
         self.hub = f"asgd{tag}-hub"
+        if relay is not None:
+            if relay[0] not in hosts or RELAY in hosts:
+                raise ValueError(f"relay for {relay[0]!r}: not one of the hosts, or a host is "
+                                 f"already named {RELAY!r}")
+            hosts = [*hosts, RELAY]
         self.ns = {h: f"asgd{tag}-{i}" for i, h in enumerate(hosts)}
         # 198.18.<subnet>.0/24, .1 unused, hosts from .2
         self.ip = {h: f"198.18.{subnet}.{i + 2}" for i, h in enumerate(hosts)}
         self.tag = tag
+        self.shaping = shaping or Shaping()
+        self.relay = relay
+        self.relay_max_s = relay_max_s
+        self.relay_log = relay_log
+        self.relay_proc: subprocess.Popen | None = None
+        self._relay_tmp: Path | None = None
         self.procs: list[subprocess.Popen] = []
 
     def __enter__(self) -> "Topology":
@@ -62,12 +154,21 @@ class Topology:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _hosts_file(self, host: str) -> str:
+        """Every host's name and address; through the relay, its service's name is the
+        relay's address (except in the relay itself and the service's own host)."""
+        out = []
+        for h, ip in self.ip.items():
+            if self.relay and h == self.relay[0] and host not in (h, RELAY):
+                ip = self.ip[RELAY]
+            out.append(f"{ip} {h}\n")
+        return "127.0.0.1 localhost\n" + "".join(out)
+
     def _build(self) -> None:
         _ip("netns", "add", self.hub)
         _ip("link", "set", "lo", "up", ns=self.hub)
         _ip("link", "add", "br0", "type", "bridge", ns=self.hub)
         _ip("link", "set", "br0", "up", ns=self.hub)
-        hosts_file = "".join(f"{ip} {h}\n" for h, ip in self.ip.items())
         for i, (host, ns) in enumerate(self.ns.items()):
             _ip("netns", "add", ns)
             _ip("link", "set", "lo", "up", ns=ns)
@@ -82,7 +183,52 @@ class Topology:
             _ip("link", "set", "eth0", "up", ns=ns)
             etc = ETC_NETNS / ns
             etc.mkdir(parents=True, exist_ok=True)
-            (etc / "hosts").write_text("127.0.0.1 localhost\n" + hosts_file)
+            (etc / "hosts").write_text(self._hosts_file(host))
+            if self.shaping.rate_mbit > 0 or self.shaping.loss > 0:
+                # packets of one MTU, as on a real link: without this, veth passes TCP's
+                # segmentation-offload packets of up to 64 KB, and a drop loses dozens at once
+                _ip("link", "set", "dev", "eth0", "gso_max_segs", "1", ns=ns)
+                _ip("link", "set", "dev", outer, "gso_max_segs", "1", ns=self.hub)
+            if host != RELAY:
+                self._shape(ns, outer)
+        if self.relay is not None:
+            self._start_relay()
+
+    def _shape(self, ns: str, outer: str) -> None:
+        """Rate on both ends of a host's link, loss on arrival at the host: all of it inside
+        the host's and the hub's namespaces, deleted with them."""
+        s = self.shaping
+        if s.rate_mbit > 0:
+            tbf = ["root", "tbf", "rate", f"{s.rate_mbit:g}mbit", "burst", f"{s.burst_kb}kb",
+                   "limit", f"{s.limit_kb}kb"]
+            _in(ns, "tc", "qdisc", "add", "dev", "eth0", *tbf)            # the host sends
+            _in(self.hub, "tc", "qdisc", "add", "dev", outer, *tbf)       # ... and receives
+        if s.loss > 0:
+            _in(ns, "iptables", "-w", "5", "-A", "INPUT", "-i", "eth0", "-m", "statistic",
+                "--mode", "random", "--probability", f"{s.loss:g}", "-j", "DROP")
+
+    def _start_relay(self) -> None:
+        service, ports = self.relay
+        if self.relay_log is None:
+            import tempfile
+
+            self._relay_tmp = Path(tempfile.mkdtemp(prefix=f"asgd{self.tag}-relay-"))
+            self.relay_log = self._relay_tmp / "relay.log"
+        argv = [sys.executable, str(Path(__file__).resolve()), "relay",
+                "--to", self.ip[service], "--delay-ms", f"{self.shaping.delay_ms:g}",
+                "--max-seconds", f"{self.relay_max_s:g}",
+                *[a for p in ports for a in ("--port", str(p))]]
+        self.relay_proc = self.spawn(RELAY, argv, dict(os.environ, PYTHONUNBUFFERED="1"),
+                                     Path("/"), self.relay_log)
+        deadline = time.monotonic() + RELAY_READY_S
+        while time.monotonic() < deadline:
+            text = self.relay_log.read_text() if self.relay_log.exists() else ""
+            if "listening" in text:
+                return
+            if self.relay_proc.poll() is not None:
+                raise RuntimeError(f"the relay exited ({self.relay_proc.returncode}): {text}")
+            time.sleep(0.05)
+        raise RuntimeError(f"the relay did not listen within {RELAY_READY_S:g} s")
 
     def address(self, host: str) -> str:
         return self.ip[host]
@@ -97,7 +243,20 @@ class Topology:
         self.procs.append(p)
         return p
 
+    def relay_stats(self) -> str:
+        """The relay's log so far (its connections and bytes)."""
+        try:
+            return self.relay_log.read_text() if self.relay_log else ""
+        except OSError:
+            return ""
+
     def close(self) -> None:
+        if self.relay_proc is not None and self.relay_proc.poll() is None:
+            self.relay_proc.terminate()      # it writes its totals
+            try:
+                self.relay_proc.wait(3)
+            except subprocess.TimeoutExpired:
+                pass
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
@@ -108,3 +267,258 @@ class Topology:
         for ns in [*self.ns.values(), self.hub]:
             _ip("netns", "del", ns, check=False)
             shutil.rmtree(ETC_NETNS / ns, ignore_errors=True)
+        if self._relay_tmp is not None:
+            shutil.rmtree(self._relay_tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# the compose topology on it
+
+REPO = Path(__file__).resolve().parents[1]
+SERVER = "server"                  # the service that the workers reach
+
+
+def compose_services(compose: Path | None = None) -> dict:
+    """docker-compose.yml's services: name -> (argv to run here, environment, exposed ports).
+    ``asgd`` becomes ``python -m asgd.cli``."""
+    import shlex
+
+    import yaml
+
+    doc = yaml.safe_load((compose or REPO / "docker-compose.yml").read_text())
+    out = {}
+    for name, svc in doc["services"].items():
+        argv = shlex.split(svc["command"])
+        assert argv[0] == "asgd", argv
+        env = {k: str(v) for k, v in (svc.get("environment") or {}).items()}
+        ports = [int(str(p).split("/")[0]) for p in svc.get("expose") or []]
+        out[name] = ([sys.executable, "-m", "asgd.cli", *argv[1:]], env, ports)
+    return out
+
+
+@dataclass
+class ComposeRun:
+    test_accuracy: float
+    train_s: float                 # from the server's start to the last worker's exit
+    result: dict                   # asgd eval's answer
+    logs: dict                     # service -> the tail of its log
+    relay: str = ""                # the relay's totals
+
+
+def run_compose(work: Path, env: dict, shaping: Shaping | None = None,
+                overrides: list[str] | tuple = (), services: dict | None = None,
+                timeout_s: float = 240.0, subnet: int = 0) -> ComposeRun:
+    """docker-compose.yml's services, each in a host of its own, in ``work`` (the containers'
+    /app: configs copied in, runs/ and logs/ made); ``overrides`` (key=value) are appended to
+    every service's command as ``--set``. With a delay in ``shaping`` the workers reach the
+    server through the relay. Then ``asgd eval`` of the server's checkpoint."""
+    import json
+    import signal
+
+    services = services or compose_services()
+    if not (work / "configs").exists():
+        shutil.copytree(REPO / "configs", work / "configs")
+    logs = work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for f in logs.glob("*.log"):
+        f.unlink()
+    shutil.rmtree(work / "runs", ignore_errors=True)
+    env = dict(env, PYTHONPATH=str(REPO))
+    sets = [a for o in overrides for a in ("--set", o)]
+    shaping = shaping or Shaping()
+    relay = (SERVER, services[SERVER][2] or [5555]) if shaping.delay_ms > 0 else None
+    tails = {}
+    with Topology(list(services), subnet=subnet, shaping=shaping, relay=relay,
+                  relay_max_s=timeout_s + 60, relay_log=logs / "relay.log") as topo:
+        started = time.monotonic()
+        deadline = started + timeout_s
+        procs = {}
+        try:
+            for name, (argv, senv, _) in services.items():
+                procs[name] = topo.spawn(name, [*argv, *sets], dict(env, **senv), work,
+                                         logs / f"{name}.log")
+                if name == SERVER:
+                    time.sleep(0.5)
+            for n in (n for n in services if n != SERVER):
+                rc = procs[n].wait(timeout=max(1.0, deadline - time.monotonic()))
+                if rc != 0:
+                    raise RuntimeError(f"{n} exited with {rc}: "
+                                       + (logs / f"{n}.log").read_text()[-3000:])
+            train_s = time.monotonic() - started
+            procs[SERVER].send_signal(signal.SIGTERM)      # it writes its checkpoint
+            if procs[SERVER].wait(timeout=60) != 0:
+                raise RuntimeError("the server failed: "
+                                   + (logs / f"{SERVER}.log").read_text()[-3000:])
+        finally:
+            for n in services:
+                f = logs / f"{n}.log"
+                tails[n] = f.read_text()[-20000:] if f.exists() else ""
+    r = subprocess.run([sys.executable, "-m", "asgd.cli", "eval", "runs/compose"], cwd=work,
+                       env=env, capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise RuntimeError(f"asgd eval failed: {r.stderr[-3000:]}")
+    result = json.loads(r.stdout)
+    relay_log = logs / "relay.log"
+    return ComposeRun(result["test_accuracy"], train_s, result, tails,
+                      relay_log.read_text() if relay_log.exists() else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# the delay relay (standard library only: it runs as its own process in the relay's namespace)
+
+CHUNK = 64 * 1024                  # read at most this much at a time
+MAX_BUFFERED = 4 * 1024 * 1024     # bytes held per direction of a connection (>> 100 Mbit/s
+                                   # x 50 ms = 625 KB): beyond it the relay stops reading
+MAX_CONNECTIONS = 256
+CONNECT_TIMEOUT_S = 5.0
+
+
+class Relay:
+    """A TCP relay that holds every chunk ``delay_s`` before passing it on, in each
+    direction, in order. Each accepted connection is forwarded to (``target``, its port)."""
+
+    def __init__(self, target: str, delay_s: float):
+        self.target, self.delay_s = target, delay_s
+        self.connections = 0
+        self.active = 0
+        self.bytes = {"up": 0, "down": 0}
+        self.chunks = {"up": 0, "down": 0}
+
+    async def _pipe(self, reader, writer, direction: str) -> None:
+        """Read chunks, stamp them, and write each once it has been held ``delay_s``."""
+        import asyncio
+        import collections
+
+        q: collections.deque = collections.deque()
+        held = 0
+        more = asyncio.Event()       # something queued (or the end)
+        room = asyncio.Event()       # fewer than MAX_BUFFERED bytes held
+        room.set()
+        loop = asyncio.get_running_loop()
+
+        async def read():
+            nonlocal held
+            try:
+                while True:
+                    await room.wait()
+                    data = await reader.read(CHUNK)
+                    q.append((loop.time() + self.delay_s, data))
+                    more.set()
+                    if not data:
+                        return
+                    held += len(data)
+                    if held >= MAX_BUFFERED:
+                        room.clear()
+            except (ConnectionError, OSError):
+                q.append((loop.time(), b""))
+                more.set()
+
+        async def write():
+            nonlocal held
+            while True:
+                while not q:
+                    more.clear()
+                    await more.wait()
+                due, data = q.popleft()
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                if not data:
+                    if writer.can_write_eof():
+                        writer.write_eof()
+                    await writer.drain()
+                    return
+                writer.write(data)
+                await writer.drain()
+                held -= len(data)
+                self.bytes[direction] += len(data)
+                self.chunks[direction] += 1
+                if held < MAX_BUFFERED:
+                    room.set()
+
+        reading = asyncio.ensure_future(read())
+        try:
+            await write()
+        finally:
+            reading.cancel()
+
+    async def handle(self, reader, writer) -> None:
+        import asyncio
+        import socket
+
+        port = writer.get_extra_info("sockname")[1]
+        if self.active >= MAX_CONNECTIONS:
+            writer.close()
+            return
+        self.connections += 1
+        self.active += 1
+        try:
+            try:
+                up_r, up_w = await asyncio.wait_for(
+                    asyncio.open_connection(self.target, port), CONNECT_TIMEOUT_S)
+            except (OSError, asyncio.TimeoutError):
+                writer.close()
+                return
+            for w in (writer, up_w):
+                sock = w.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            pipes = [asyncio.ensure_future(self._pipe(reader, up_w, "up")),
+                     asyncio.ensure_future(self._pipe(up_r, writer, "down"))]
+            try:
+                # a connection ends when either direction fails, or both have ended
+                done, pending = await asyncio.wait(pipes, return_when=asyncio.FIRST_EXCEPTION)
+            finally:
+                for p in pipes:
+                    p.cancel()
+                for w in (writer, up_w):
+                    w.close()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.active -= 1
+
+    def summary(self) -> str:
+        return (f"relay: {self.connections} connections; up {self.bytes['up']} bytes in "
+                f"{self.chunks['up']} chunks, down {self.bytes['down']} bytes in "
+                f"{self.chunks['down']} chunks")
+
+
+def _relay_main(argv: list[str]) -> int:
+    import argparse
+    import asyncio
+    import signal
+
+    ap = argparse.ArgumentParser(prog="multihost.py relay")
+    ap.add_argument("--to", required=True, help="the service's address")
+    ap.add_argument("--port", type=int, action="append", required=True)
+    ap.add_argument("--delay-ms", type=float, default=50.0)
+    ap.add_argument("--max-seconds", type=float, default=900.0, help="then exit, whatever")
+    args = ap.parse_args(argv)
+    relay = Relay(args.to, args.delay_ms / 1e3)
+
+    async def main():
+        servers = [await asyncio.start_server(relay.handle, "0.0.0.0", p, backlog=64)
+                   for p in args.port]
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"relay: listening on {args.port}, to {args.to}, holding {args.delay_ms:g} ms "
+              "each way", flush=True)
+        try:
+            await asyncio.wait_for(stop.wait(), args.max_seconds)
+        except asyncio.TimeoutError:
+            print(f"relay: {args.max_seconds:g} s are up", flush=True)
+        for s in servers:
+            s.close()
+
+    asyncio.run(main())
+    print(relay.summary(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["relay"]:
+        sys.exit("usage: multihost.py relay --to ADDRESS --port P [--delay-ms MS]")
+    sys.exit(_relay_main(sys.argv[2:]))

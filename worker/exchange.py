@@ -36,8 +36,10 @@ gradient leaves in one piece and the weights arrive in one copy.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import secrets
+import socket
 
 import numpy as np
 import torch
@@ -116,14 +118,30 @@ def device_runs(params, layout, counts: list[int] | None = None
 
 
 def is_local(endpoint: str) -> bool:
-    """An endpoint on this machine for certain: a unix socket or a loopback address (every
-    one of a comma-separated list of shards' endpoints)."""
+    """An endpoint on this machine for certain: a unix socket, a loopback address, or an
+    address of one of this machine's interfaces (every one of a comma-separated list of
+    shards' endpoints). Host names other than localhost are not looked up."""
     if "," in endpoint:
         return all(is_local(e.strip()) for e in endpoint.split(","))
     if endpoint.startswith(("ipc://", "inproc://")):
         return True
     host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.")
+    return host in ("localhost", "::1") or host.startswith("127.") or own_address(host)
+
+
+def own_address(host: str) -> bool:
+    """True when ``host`` is a literal IP address of this machine's (in this network
+    namespace): a socket can be bound to it only then."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return False
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind((host, 0))
+        except OSError:
+            return False
+    return True
 
 
 class Exchange:

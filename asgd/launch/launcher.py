@@ -132,6 +132,12 @@ def resume_launch(run_dir, overrides=(), quiet: bool = False) -> dict:
     run.max_updates, saved back to it), the server(s) started with ``--resume`` from its
     checkpoint, workers as usual, in the same run directory: metrics.jsonl is appended to,
     logs too, and a new summary.json is written (the previous one kept as summary-K.json)."""
+    cfg, run_dir = resume_config(run_dir, overrides)
+    return Launch(cfg, run_dir, quiet, resume=True).run()
+
+
+def resume_config(run_dir, overrides=()) -> tuple[Config, Path]:
+    """The config of a run to go on with, checked: it has a checkpoint to resume from."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise LaunchError(f"{run_dir} is not a run directory: it has no config.yaml")
@@ -143,7 +149,7 @@ def resume_launch(run_dir, overrides=(), quiet: bool = False) -> dict:
     for d in checkpoint_dirs(cfg, run_dir):
         if not any(d.glob("*.asgd")):
             raise LaunchError(f"nothing to resume in {run_dir}: no checkpoint in {d}")
-    return Launch(cfg, run_dir, quiet, resume=True).run()
+    return cfg, run_dir
 
 
 class Launch:
@@ -283,6 +289,7 @@ class Launch:
             for r, p in enumerate(self.workers):
                 if p.poll() not in (None, 0) and not p.reported:
                     self._worker_died(r)
+            self._tick()
             self._poll_stats()
             mon.update_losses(self.metrics_path)
             if self.tb is not None:
@@ -303,6 +310,9 @@ class Launch:
                 return
             time.sleep(POLL_S)
 
+    def _tick(self) -> None:
+        """Once a turn of the watch loop, before the stats (asgd.launch.onray's restarts)."""
+
     def _poll_stats(self) -> None:
         from asgd.client import ServerError, ServerTimeout
 
@@ -315,9 +325,10 @@ class Launch:
     # ------------------------------------------------------------------------------------------
     # deaths and restarts
 
-    def _death(self, kind: str, index: int, p: Proc) -> dict:
-        """Record a death: the summary's ``deaths``, a ``<kind>_died`` record."""
-        rc = p.returncode
+    def _death(self, kind: str, index: int, p: Proc, rc: int | None = None) -> dict:
+        """Record a death: the summary's ``deaths``, a ``<kind>_died`` record (``rc``: its
+        exit code, when ``p`` no longer tells it)."""
+        rc = p.returncode if rc is None else rc
         sig = signal.Signals(-rc).name if rc is not None and rc < 0 and \
             -rc in signal.valid_signals() else None
         key = "rank" if kind == "worker" else "shard"
@@ -332,7 +343,7 @@ class Launch:
         return len(self.restarts) < self.cfg.run.max_restarts
 
     def _exit_text(self, p: Proc, rec: dict) -> str:
-        return f"exit {p.returncode}" + (f", {rec['signal']}" if rec.get("signal") else "")
+        return f"exit {rec.get('exit_code')}" + (f", {rec['signal']}" if rec.get("signal") else "")
 
     def _out_of_restarts(self, p: Proc, rec: dict) -> None:
         n = self.cfg.run.max_restarts

@@ -1,0 +1,458 @@
+"""``asgd launch --on ray``: the run's server(s) and workers as Ray actors.
+
+    summary = launch_on_ray(cfg)                          # a local Ray instance for the run
+    summary = launch_on_ray(cfg, address="head:6379")     # a running Ray cluster
+
+Each process of a run is one actor, ``ProcessActor``, which starts it on its node
+(``python -m server`` / ``python -m worker``, with the same arguments as a local launch) and
+watches it. A server or worker that dies takes its actor down with it, and Ray restarts the
+actor (``max_restarts``: run.max_restarts per actor): a server actor starts its server again
+with ``--resume`` from its checkpoint, on its old port if that is free, and a worker actor its
+worker with the same rank and data shard (without ``$ASGD_FAULT``: an injected crash fires once).
+A worker that exits 0 (done) or 4 (diverged) is not restarted.
+
+The workers are placed in one placement group, a bundle per worker: ``worker.resources``, by
+default one GPU for a CUDA worker (Ray gives the actor that GPU as its ``cuda:0``) and one CPU
+otherwise. The servers take ``server.resources`` (by default none). A server binds its node's
+address; a worker on the same node as its server moves tensors through shared memory, as in a
+local launch (``worker.exchange.is_local``), and one elsewhere uses tcp.
+
+This process stays the launcher of a local launch (``asgd.launch.launcher.Launch``): the same
+run directory, display, live evaluation, divergence guard and summary. It sees each actor's
+process through ``RayProc``, which answers as a local ``Proc`` does. Every node must see the
+run directory at the same path (a shared file system on a cluster of several machines): the
+address files, logs, metrics and checkpoints live there, as in a local launch. Ray's calls
+between this process and the actors carry only names, paths, numbers and exit codes;
+gradients and weights never travel through Ray.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from asgd.config import Config
+from asgd.launch.launcher import (STARTUP_TIMEOUT_S, WORKER_DIVERGED_EXIT, Launch, LaunchError,
+                                  checkpoint_dirs, checkpoint_state)
+from asgd.launch.processes import read_address
+
+PLACEMENT_TIMEOUT_S = 60.0
+CALL_TIMEOUT_S = 10.0
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise LaunchError("asgd launch --on ray needs Ray: pip install 'asgd[ray]' "
+                          "(or pip install ray)") from None
+    return ray
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: SIGTERM when the actor that started it is gone (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class ProcessActor:
+    """One process of a run, started and watched on the actor's node. ``spec``: ``kind``
+    (server | worker), ``name``, ``args`` (after ``python``), ``env``, ``restart_env``,
+    ``log``, ``cwd``, ``exit_file``; a server's also ``addr_file``, ``checkpoint_dir`` and
+    ``resume``. Wrapped with ``ray.remote`` by the launcher (Ray stays an optional import)."""
+
+    def __init__(self, spec: dict):
+        import ray
+
+        self.spec = spec
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self.node = ray.util.get_node_ip_address()
+        self.stopping = False
+        env = dict(spec["restart_env"] if self.restarted else spec["env"])
+        if self.restarted:
+            self._note(f"restarted by Ray on {self.node}")
+        if spec["kind"] == "server":
+            self.popen = self._start_server(env)
+        else:
+            self.popen = self._popen(spec["args"], env)
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _note(self, text: str) -> None:
+        with open(self.spec["log"], "a") as f:
+            f.write(f"[asgd ray] {self.spec['name']}: {text}\n")
+
+    def _popen(self, args: list[str], env: dict) -> subprocess.Popen:
+        cwd = self.spec["cwd"] if os.path.isdir(self.spec["cwd"]) else None
+        with open(self.spec["log"], "ab") as out:
+            return subprocess.Popen([sys.executable, *args], stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    cwd=cwd, preexec_fn=_die_with_parent)
+
+    def _start_server(self, env: dict) -> subprocess.Popen:
+        """The server on this node's address (loopback on a local Ray instance): the first
+        time on a free port (with --resume
+        when the launch resumes a run); after a restart on its old port if it can, from its
+        newest checkpoint when it has one."""
+        spec = self.spec
+        addr_file = Path(spec["addr_file"])
+        host = spec["host"] or self.node
+        binds, resume = [f"tcp://{host}:0"], spec["resume"]
+        if self.restarted:
+            try:
+                old = addr_file.read_text().strip()
+            except OSError:
+                old = ""
+            if old.rsplit(":", 1)[0] == f"tcp://{host}":
+                binds.insert(0, old)
+            version, unreadable = checkpoint_state(Path(spec["checkpoint_dir"]))
+            resume = version is not None or bool(unreadable)
+            self._note("resuming from its checkpoint" + (f" at version {version}"
+                                                         if version is not None else "")
+                       if resume else "starting afresh (no checkpoint yet)")
+        for bind in binds:
+            addr_file.unlink(missing_ok=True)
+            popen = self._popen([*spec["args"], "--bind", bind,
+                                 *(["--resume"] if resume else [])], env)
+            if not self.restarted:
+                return popen              # the launcher waits for its address
+            if read_address(addr_file, STARTUP_TIMEOUT_S, lambda: popen.poll() is not None):
+                return popen
+            popen.kill()
+            popen.wait(10)
+        raise RuntimeError(f"{spec['name']} could not be started again on {self.node}")
+
+    def _watch(self) -> None:
+        """A death the launcher did not ask for takes the actor down: Ray restarts it."""
+        rc = self.popen.wait()
+        if self._final(rc):
+            return
+        Path(self.spec["exit_file"]).write_text(json.dumps({"exit_code": rc}) + "\n")
+        self._note(f"exited ({rc}): its actor exits for Ray to restart it")
+        os._exit(1)
+
+    def _final(self, rc: int) -> bool:
+        return self.stopping or rc == 0 or \
+            (self.spec["kind"] == "worker" and rc == WORKER_DIVERGED_EXIT)
+
+    def state(self) -> dict:
+        """This actor's process id (a new one after a restart) and its child's exit code
+        (None while it runs, and for a death the actor is about to follow)."""
+        rc = self.popen.poll()
+        return {"pid": os.getpid(), "node": self.node, "child": self.popen.pid,
+                "returncode": rc if rc is None or self._final(rc) else None}
+
+    def signal(self, sig: int) -> None:
+        self.stopping = True
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+
+class _ActorPopen:
+    """The part of ``subprocess.Popen`` that ``asgd.launch.processes.stop`` uses."""
+
+    def __init__(self, proc: "RayProc"):
+        self.proc = proc
+
+    @property
+    def returncode(self):
+        return self.proc.returncode
+
+    def poll(self):
+        return self.proc.poll()
+
+    def send_signal(self, sig) -> None:
+        ray = self.proc.ray
+        try:
+            ray.get(self.proc.actor.signal.remote(int(sig)), timeout=CALL_TIMEOUT_S)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            pass
+
+    def wait(self, timeout: float | None = None):
+        deadline = time.monotonic() + (timeout if timeout is not None else 3600.0)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return self.proc.returncode
+            time.sleep(0.05)
+        raise subprocess.TimeoutExpired("ray actor " + self.proc.name, timeout)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+
+class RayProc:
+    """A process of the run in a Ray actor, seen as a local ``Proc``: ``poll()`` never
+    blocks (one ``state`` call is kept in flight); a restart by Ray shows as a new actor
+    process id and is queued in ``restarts`` with the exit code of the death before it."""
+
+    def __init__(self, ray, actor, name: str, log_path: Path, exit_file: Path):
+        self.ray, self.actor, self.name = ray, actor, name
+        self.log_path, self.exit_file = log_path, exit_file
+        self.popen = _ActorPopen(self)
+        self.reported = False
+        self.returncode: int | None = None
+        self.restarts: list[int | None] = []     # the exit code of each death Ray restarted
+        self.node: str | None = None
+        self._pid: int | None = None
+        self._ref = None
+        self._gone = False
+
+    def _exit_code(self) -> int | None:
+        try:
+            return json.loads(self.exit_file.read_text())["exit_code"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def poll(self) -> int | None:
+        if self._gone:
+            return self.returncode
+        if self._ref is None:
+            self._ref = self.actor.state.remote()
+        ready, _ = self.ray.wait([self._ref], timeout=0)
+        if ready:
+            ref, self._ref = self._ref, None
+            try:
+                st = self.ray.get(ref)
+            except self.ray.exceptions.RayError:          # dead, and not to be restarted
+                self._gone = True
+                code = self._exit_code()
+                self.returncode = code if code not in (None, 0) else 1
+                return self.returncode
+            if self._pid is not None and st["pid"] != self._pid:
+                self.restarts.append(self._exit_code())
+            self._pid, self.node, self.returncode = st["pid"], st["node"], st["returncode"]
+        return self.returncode
+
+    def kill(self) -> None:
+        try:
+            self.ray.kill(self.actor, no_restart=True)
+        except self.ray.exceptions.RayError:
+            pass
+        self._gone = True
+        if self.returncode is None:
+            self.returncode = -signal.SIGKILL
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def worker_bundle(cfg: Config, cluster_gpus: float) -> dict:
+    """A worker's bundle: worker.resources, else a GPU for a CUDA worker (``auto`` with GPUs
+    in the cluster), else a CPU."""
+    if cfg.worker.resources:
+        return dict(cfg.worker.resources)
+    device = cfg.worker.device
+    if device.startswith("cuda") or (device == "auto" and cluster_gpus >= 1):
+        return {"GPU": 1}
+    return {"CPU": 1}
+
+
+def actor_options(resources: dict) -> dict:
+    """Ray's actor options for a bundle or a resource dict."""
+    res = dict(resources)
+    opts = {"num_cpus": res.pop("CPU", 0), "num_gpus": res.pop("GPU", 0)}
+    if "memory" in res:
+        opts["memory"] = res.pop("memory")
+    if res:
+        opts["resources"] = res
+    return opts
+
+
+class RayLaunch(Launch):
+    """A launch whose processes are Ray actors (see the module's text)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, quiet: bool, resume: bool = False,
+                 address: str | None = None):
+        self.ray = import_ray()
+        run_dir = Path(run_dir).resolve()
+        super().__init__(cfg, run_dir, quiet, resume)
+        self.address = address
+        self.started_ray = False
+        self.pg = None
+        self.bundle: dict = {}
+        self.actor_class = None
+
+    # ------------------------------------------------------------------------------------------
+
+    def _start_ray(self) -> None:
+        ray, cfg = self.ray, self.cfg
+        from ray.util.placement_group import placement_group
+
+        kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+                      configure_logging=True)
+        try:
+            if self.address:
+                ray.init(address=self.address, **kwargs)
+            else:        # a local instance for the run, as large as the run needs
+                need = cfg.run.workers * float(worker_bundle(cfg, 0).get("CPU", 0)) + \
+                    cfg.server.shards * float(cfg.server.resources.get("CPU", 0))
+                ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), **kwargs)
+                self.started_ray = True
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise LaunchError(f"cannot start or reach Ray"
+                              f"{' at ' + self.address if self.address else ''}: {e}") from None
+        self.bundle = worker_bundle(cfg, ray.cluster_resources().get("GPU", 0))
+        self.pg = placement_group([dict(self.bundle) for _ in range(cfg.run.workers)],
+                                  strategy="PACK")
+        ready, _ = ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            raise LaunchError(f"the Ray cluster cannot place {cfg.run.workers} workers of "
+                              f"{self.bundle} each (worker.resources) within "
+                              f"{PLACEMENT_TIMEOUT_S:g} s; it has "
+                              f"{ray.available_resources()} free")
+        self.actor_class = ray.remote(ProcessActor)
+        self.metrics.write("ray_started", address=self.address or "local",
+                           bundle=self.bundle,
+                           resources={k: v for k, v in ray.cluster_resources().items()
+                                      if "node:" not in k})
+
+    def _stop_ray(self) -> None:
+        ray = self.ray
+        if not ray.is_initialized():
+            return
+        for p in self.servers + self.workers:
+            if isinstance(p, RayProc):
+                p.kill()
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(self.pg)
+            except ray.exceptions.RayError:
+                pass
+        ray.shutdown()        # a local instance started for the run ends with it
+
+    def run(self) -> dict:
+        try:
+            self._start_ray()
+        except LaunchError:
+            self._stop_ray()
+            self.start_failed = True
+            raise
+        try:
+            return super().run()
+        finally:
+            self._stop_ray()
+
+    def _summarize(self) -> dict:
+        summary = super()._summarize()
+        summary["on"] = "ray"
+        summary["nodes"] = sorted({p.node for p in self.servers + self.workers
+                                   if getattr(p, "node", None)})
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    # ------------------------------------------------------------------------------------------
+    # processes: actors
+
+    def _actor(self, spec: dict, options: dict) -> RayProc:
+        exit_file = Path(spec["log"]).with_suffix(".exit")
+        exit_file.unlink(missing_ok=True)
+        spec = dict(spec, exit_file=str(exit_file), cwd=os.getcwd(), env=dict(self.env),
+                    restart_env=dict(self.restart_env))
+        actor = self.actor_class.options(name=None, max_restarts=self.cfg.run.max_restarts,
+                                         max_task_retries=-1, **options).remote(spec)
+        return RayProc(self.ray, actor, spec["name"], Path(spec["log"]), exit_file)
+
+    def _spawn_server(self, shard: int, resume: bool, bind: str = "") -> RayProc:
+        name, log = ("server", "server.log") if self.cfg.server.shards == 1 else \
+            (f"server shard {shard}", f"server-{shard}.log")
+        self.addr_files[shard].unlink(missing_ok=True)
+        spec = {"kind": "server", "name": name, "log": str(self.run_dir / "logs" / log),
+                "args": ["-m", "server", "--config", self.config_file,
+                         "--run-dir", str(self.run_dir),
+                         "--address-file", str(self.addr_files[shard]),
+                         "--shard", str(shard)],
+                "addr_file": str(self.addr_files[shard]),
+                "checkpoint_dir": str(checkpoint_dirs(self.cfg, self.run_dir)[shard]),
+                "resume": bool(resume),
+                # a local instance's processes share this machine: loopback only
+                "host": "127.0.0.1" if self.started_ray else ""}
+        return self._actor(spec, actor_options(self.cfg.server.resources))
+
+    def _spawn_worker(self, rank: int, env: dict) -> RayProc:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        files = [a for f in self.addr_files for a in ("--server-file", str(f))]
+        spec = {"kind": "worker", "name": f"worker {rank}",
+                "log": str(self.run_dir / "logs" / f"worker-{rank}.log"),
+                "args": ["-m", "worker", "--config", self.config_file, *files,
+                         "--rank", str(rank), "--run-dir", str(self.run_dir)]}
+        strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg,
+                                                    placement_group_bundle_index=rank)
+        return self._actor(spec, dict(actor_options(self.bundle),
+                                      scheduling_strategy=strategy))
+
+    # ------------------------------------------------------------------------------------------
+    # deaths: Ray restarts; the launcher records what it sees
+
+    def _tick(self) -> None:
+        for kind, procs in (("server", self.servers), ("worker", self.workers)):
+            for i, p in enumerate(procs):
+                while p.restarts:
+                    self._ray_restarted(kind, i, p, p.restarts.pop(0))
+
+    def _ray_restarted(self, kind: str, index: int, p: RayProc, code: int | None) -> None:
+        rec = self._death(kind, index, p, code)
+        fields: dict = {"by": "ray"}
+        if kind == "worker":
+            fields["worker"] = f"w{index}"
+        else:
+            endpoint = read_address(self.addr_files[index], STARTUP_TIMEOUT_S)
+            if endpoint:
+                self.endpoints[index] = endpoint
+                fields["endpoint"] = endpoint
+                self._connect()
+            version, _ = checkpoint_state(checkpoint_dirs(self.cfg, self.run_dir)[index])
+            fields["resumed_version"] = version
+        self._restarted(kind, index, p.name, **fields)
+        self.display.message(f"[red]{p.name} died[/red] ({self._exit_text(p, rec)}):\n"
+                             f"{p.tail()}\n[yellow]Ray restarted {p.name}[/yellow] "
+                             f"(restart {len(self.restarts)})", always=True)
+
+    def _worker_died(self, rank: int) -> None:
+        """Ray gave up on it (its restarts are spent), or it diverged."""
+        p = self.workers[rank]
+        p.reported = True
+        if p.returncode == WORKER_DIVERGED_EXIT:
+            self._judge(f"{p.name}: its training loss stayed non-finite")
+            return
+        self._out_of_restarts(p, self._death("worker", rank, p))
+
+    def _server_died(self, shard: int) -> bool:
+        p = self.servers[shard]
+        p.reported = True
+        self._out_of_restarts(p, self._death("server", shard, p))
+        return False
+
+
+def launch_on_ray(cfg: Config, quiet: bool = False, address: str | None = None,
+                  resume_dir=None, overrides=()) -> dict:
+    """``launch`` / ``resume_launch`` (asgd.launch.launcher) with the processes as Ray
+    actors."""
+    import shutil
+
+    from asgd.launch.launcher import check_imports, make_run_dir, resume_config
+
+    import_ray()
+    if resume_dir is not None:
+        cfg, run_dir = resume_config(resume_dir, overrides)
+        return RayLaunch(cfg, run_dir, quiet, resume=True, address=address).run()
+    check_imports(cfg)
+    run_dir = make_run_dir(cfg)
+    try:
+        return RayLaunch(cfg, run_dir, quiet, address=address).run()
+    except LaunchError:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
