@@ -32,6 +32,9 @@ from asgd.core import auth, protocol
 from asgd.core.flat import bf16_to_f32, chunk_ranges
 
 
+ZERO_COPY_BYTES = 1 << 20   # requests at least this large go without a copy
+
+
 class ServerError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(f"server answered {code}: {message}")
@@ -111,13 +114,16 @@ class Client:
 
     def _send(self, rid: int, op: str, frames: list) -> int:
         """Send a request's frames; its id."""
+        nbytes = sum(memoryview(f).nbytes for f in frames)
         try:   # bounded (sndtimeo): a socket whose handshake failed has nowhere to send
-            self.sock.send_multipart(frames, copy=False)
+            # below ZERO_COPY_BYTES a copy is cheaper than handing ZeroMQ our memory (which
+            # costs a message to pyzmq's collector thread when ZeroMQ lets go of it)
+            self.sock.send_multipart(frames, copy=nbytes < ZERO_COPY_BYTES)
         except zmq.Again:
             raise ServerTimeout(f"could not send {op} to {self.endpoint} within "
                                 f"{self.timeout_s:g} s" + _CURVE_HINT * (self.curve is not None)
                                 ) from None
-        self.bytes_sent += sum(memoryview(f).nbytes for f in frames)
+        self.bytes_sent += nbytes
         self._sent_ops[rid] = op
         return rid
 

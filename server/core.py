@@ -38,9 +38,10 @@ from asgd.core.flat import FiniteCheck, bf16_to_f32, chunk_ranges, copy_checked
 from asgd.core.protocol import ProtocolError, Request
 from asgd.core.shm import Segment, SegmentError
 from server.staleness import Pending, StalenessControl
-from server.store import ParameterStore
+from server.store import FlatChunks, ParameterStore
 
-ZERO_COPY_BYTES = 1 << 20    # replies at least this large are sent from the snapshot pool
+ZERO_COPY_BYTES = 1 << 20    # float32 replies at least this large are sent from the live
+                             # weights without a copy (ParameterStore.lend)
 MAX_SEGMENTS = 1024          # shared-memory segments mapped at once (one per worker)
 REPLY_MEMORY = 64            # answered pushes remembered per worker, by sequence number
 STATS_WORKERS = 64           # workers listed by name in stats (the most recently heard)
@@ -236,8 +237,10 @@ class ServerCore:
             nbytes = store.numel * protocol.DTYPES[form.dtype].itemsize
             if form.flat:
                 fields["flat"] = True
-                if nbytes >= ZERO_COPY_BYTES or form.dtype != "float32":
+                if form.dtype != "float32":
                     buf, trackers = store.pool.take(store.version, form.dtype)
+                elif nbytes >= ZERO_COPY_BYTES:
+                    buf, trackers = store.lend()
                 else:
                     buf, trackers = store.weights.numpy(), None
                 specs, parts = [], []
@@ -248,7 +251,7 @@ class ServerCore:
                                     parts, trackers)
             # per parameter: a frame each, from a pool buffer or a copy (never the live weights)
             if nbytes >= ZERO_COPY_BYTES:
-                buf, trackers = store.pool.take(store.version, "float32")
+                buf, trackers = store.lend()
             else:
                 buf, trackers = store.weights.numpy(), None
             views = store.layout.named_views(torch.from_numpy(buf))
@@ -261,13 +264,14 @@ class ServerCore:
         return frames
 
     def _frames(self, header: dict, parts: list, trackers) -> list:
-        """Header and payload frames. With ``trackers`` (a snapshot-pool buffer) the parts go
-        without copying and their trackers tell the pool when ZeroMQ is done; without, they
-        are copied now (the live weights change with the next push)."""
+        """Header and payload frames. With ``trackers`` (the live weights lent by the store,
+        or a snapshot-pool buffer) the parts go without copying and their trackers tell the
+        store when ZeroMQ is done; without, each is copied now, once, into a ZeroMQ message
+        (the live weights change with the next push)."""
         frames = [protocol.pack_header(header)]
         for part in parts:
             if trackers is None:
-                frames.append(part.tobytes())
+                frames.append(zmq.Frame(part, copy=True))
             else:
                 f = zmq.Frame(part, track=True)
                 trackers.append(f.tracker)
@@ -407,13 +411,15 @@ class ServerCore:
             if sum(t.array.size for t in chunks) != numel:
                 bad(f"the chunks hold {sum(t.array.size for t in chunks)} values, the model "
                     f"has {numel}")
-            if len(chunks) == 1 and want == "float32":
-                # one chunk: the frame is the whole gradient, contiguous; check it and let the
-                # update read it where ZeroMQ put it (no copy)
-                a = chunks[0].array
-                if not self.check(a):
-                    bad("the gradient has non-finite values")
-                return _readonly_tensor(a)
+            if want == "float32":
+                # the frames are the gradient: check each, and let the update read them where
+                # ZeroMQ put them (no copy); one frame is the whole gradient, contiguous
+                for t in chunks:
+                    if not self.check(t.array):
+                        bad("the gradient has non-finite values")
+                if len(chunks) == 1:
+                    return _readonly_tensor(chunks[0].array)
+                return FlatChunks([_readonly_tensor(t.array) for t in chunks])
             pos = 0
             for t in chunks:
                 n = t.array.size

@@ -29,6 +29,7 @@ import torch
 
 from asgd.core.optim import server_lr
 from asgd.core.policies import dc_compensate, decide, parse_policy, ssp_may_proceed
+from server.store import FlatChunks
 
 
 @dataclass
@@ -252,10 +253,11 @@ class StalenessControl:
             self.people.leave(worker)
             self.log("leave", worker=worker, version=self.store.version)
 
-    def _flat(self, grads) -> torch.Tensor:
-        """The gradient as one flat tensor: as given, or arrays in layout order copied into
-        the store's gradient buffer."""
-        if isinstance(grads, torch.Tensor):
+    def _flat(self, grads):
+        """The gradient as one flat tensor (as given), or ``FlatChunks`` (as given: the
+        store steps over them), or arrays in layout order copied into the store's gradient
+        buffer."""
+        if isinstance(grads, (torch.Tensor, FlatChunks)):
             return grads
         self.store.load_grad(grads)
         return self.store.grad
@@ -291,7 +293,9 @@ class StalenessControl:
             return Outcome(False, staleness, store.version, 0.0, decision.reason)
         grad = self._flat(grads)
         if self.dc is not None:
-            if grad is not store.grad:   # compensation rewrites it: never the sender's memory
+            if isinstance(grad, FlatChunks):  # compensation needs it whole, and rewrites it:
+                grad = grad.copy_into(store.grad)   # never the sender's memory
+            elif grad is not store.grad:
                 store.grad.copy_(grad)
                 grad = store.grad
             self.dc.compensate(grad, store.weights, base, store.version)
@@ -315,6 +319,8 @@ class StalenessControl:
             return Outcome(True, staleness, self.store.version, deferred=True, repeat=True)
         if isinstance(grads, torch.Tensor):
             self.sync.grad_sum.add_(grads)
+        elif isinstance(grads, FlatChunks):
+            grads.add_into(self.sync.grad_sum)
         else:
             self.store.add_grad(grads, self.sync.grad_sum)
         p.reply, p.since = {"staleness": staleness, "applied": True}, now

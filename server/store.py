@@ -4,14 +4,19 @@
     store.load_grad(arrays)            # a gradient, arrays in layout order, into store.grad
     store.step(lr)                     # one optimizer step; version += 1
     store.step(lr, grad=flat_tensor)   # ... or with a gradient held elsewhere (shared memory)
-    buf, release = store.pool.take(store.version, "float32")   # a reused snapshot buffer
+    buf, trackers = store.lend()       # the live weights, for a zero-copy reply
+    buf, trackers = store.pool.take(store.version, "float16")   # a reused converted snapshot
 
 The flat buffer is one float32 allocation laid out by ``asgd.core.layout.ParameterLayout``;
 ``views`` are per-tensor views into it in the model's parameter order. The optimizer is
 torch.optim's, run on the flat buffer as a single parameter (its update rules are elementwise,
 so this is the same arithmetic as per tensor), with torch's fused kernel where there is one.
-Replies that must not change under ZeroMQ's feet (zero-copy sends of large weights) come from
-``SnapshotPool``: a few reused buffers, each taken back once ZeroMQ reports it sent them.
+Large float32 replies are sent from the live weights themselves, without a copy (``lend``):
+the frames' trackers are kept, and a step that finds ZeroMQ still holding the live buffer
+first moves the weights to another (copy on write, into a reused spare). A client that waits
+for its reply before pushing again (the common case) therefore costs no copy of the weights
+at all. Replies in another dtype (fp16, bf16 weights) are converted into ``SnapshotPool``: a
+few reused buffers, each taken back once ZeroMQ reports it sent them.
 What a push does to the store (the learning
 rate, whether it is applied at all, delay compensation, synchronous rounds) is decided by
 ``server.staleness``; the store only holds state and steps.
@@ -39,8 +44,8 @@ class SnapshotPool:
     let go of it); replies at the same version share one buffer. At most ``size`` buffers per
     dtype are kept; past that a busy pool hands out a fresh buffer that is not kept."""
 
-    def __init__(self, weights: torch.Tensor, size: int = POOL_SIZE):
-        self.weights = weights         # the live flat weights
+    def __init__(self, weights, size: int = POOL_SIZE):
+        self._weights = weights        # the live flat weights, or a callable returning them
         self.size = size
         self.entries: dict[str, list[list]] = {}   # dtype -> [[version, array, trackers]]
         self.fills = 0
@@ -67,6 +72,10 @@ class SnapshotPool:
         self.fills += 1
         return entry[1], entry[2]
 
+    @property
+    def weights(self) -> torch.Tensor:
+        return self._weights() if callable(self._weights) else self._weights
+
     def _fill(self, out: np.ndarray, dtype: str) -> None:
         src = self.weights.detach().numpy()
         if dtype == "bfloat16":
@@ -78,6 +87,31 @@ class SnapshotPool:
         for entries in self.entries.values():
             for e in entries:
                 e[0] = -1
+
+
+class FlatChunks:
+    """A flat gradient as consecutive 1-D float32 tensors that together cover the store's
+    range in order: the frames it arrived in, read where ZeroMQ put them (no copy into one
+    buffer). The optimizer steps over the matching slices of the weights and its state."""
+
+    def __init__(self, parts: list[torch.Tensor]):
+        self.parts = parts
+
+    def spans(self) -> list[tuple[int, int, torch.Tensor]]:
+        out, pos = [], 0
+        for g in self.parts:
+            out.append((pos, pos + g.numel(), g))
+            pos += g.numel()
+        return out
+
+    def copy_into(self, out: torch.Tensor) -> torch.Tensor:
+        for a, b, g in self.spans():
+            out[a:b].copy_(g)
+        return out
+
+    def add_into(self, acc: torch.Tensor) -> None:
+        for a, b, g in self.spans():
+            acc[a:b].add_(g)
 
 
 class ParameterStore:
@@ -107,7 +141,10 @@ class ParameterStore:
         self.grad_np = self.flat.grad.numpy()
         self.optimizer = make_optimizer(outer_config(cfg), [self.flat], fused=True)
         self.version = version
-        self.pool = SnapshotPool(self.flat.detach())
+        self.pool = SnapshotPool(lambda: self.flat.detach())
+        self._lent: list = []          # trackers of zero-copy replies from the live buffer
+        self._spare: list = []         # [array, trackers]: former live buffers, reused when free
+        self.moves = 0                 # copies on write (the live buffer was still being sent)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, cfg: Config,
@@ -140,6 +177,35 @@ class ParameterStore:
 
     # ------------------------------------------------------------------------------------------
 
+    def lend(self) -> tuple[np.ndarray, list]:
+        """The live weights (float32) for a zero-copy reply, and the list to which the caller
+        appends the trackers of the frames it sends from them. The weights are not copied:
+        the next change moves them to another buffer first if ZeroMQ still holds these."""
+        return self.flat.data.numpy(), self._lent
+
+    def _own(self) -> None:
+        """Before the weights change: if a reply still reads the live buffer, go on in
+        another one (a free spare, else a new one) holding a copy of it."""
+        lent = self._lent
+        lent[:] = [t for t in lent if not t.done]
+        if not lent:
+            return
+        live = self.flat.data.numpy()
+        spare = next((e for e in self._spare if all(t.done for t in e[1])), None)
+        if spare is not None:
+            self._spare.remove(spare)
+            new = spare[0]
+        else:
+            new = np.empty_like(live)
+        np.copyto(new, live)
+        if len(self._spare) < POOL_SIZE:   # beyond that, ZeroMQ's reference keeps it alive
+            self._spare.append([live, lent])
+        self._lent = []
+        self.flat.data = torch.from_numpy(new)
+        if self.views is not None:
+            self.views = self.layout.views(self.flat.data)
+        self.moves += 1
+
     def staleness_of(self, base_version: int) -> int:
         return self.version - base_version
 
@@ -154,12 +220,18 @@ class ParameterStore:
         for (a, b), g in zip(self.layout.spans(), grads):
             acc[a:b] += g.reshape(-1)
 
-    def step(self, lr: float, grad: torch.Tensor | None = None) -> None:
+    def step(self, lr: float, grad=None) -> None:
         """One optimizer step with the gradient in ``grad`` (a flat float32 tensor: a
-        worker's shared-memory slot, read in place) or else already in ``self.grad``;
-        version += 1."""
+        worker's shared-memory slot, read in place; or ``FlatChunks``: the frames it came in)
+        or else already in ``self.grad``; version += 1."""
+        self._own()
         g = self.flat.grad if grad is None else grad
-        if not self._direct(g, lr):
+        if isinstance(g, FlatChunks):
+            if self._direct(g.spans(), lr):
+                self.version += 1
+                return
+            g = g.copy_into(self.flat.grad)
+        if not self._direct([(0, self.numel, g)], lr):
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             own = self.flat.grad
@@ -170,27 +242,32 @@ class ParameterStore:
                 self.flat.grad = own
         self.version += 1
 
-    def _direct(self, g: torch.Tensor, lr: float) -> bool:
+    def _direct(self, grads: list[tuple[int, int, torch.Tensor]], lr: float) -> bool:
         """The step through torch.optim's functional form, on the optimizer's own state:
         the same kernels as ``optimizer.step()`` without its per-call machinery (hooks,
         profiler ranges, grad-mode switches: tens of microseconds, more than the update of a
-        small model). False where it does not apply (before the state exists, other
-        optimizers): the caller then steps the usual way."""
+        small model). ``grads``: (start, stop, gradient) pieces covering the weights, each
+        stepped on the same slices of the weights and the state (the rules are elementwise:
+        the same numbers as one step over the whole). False where it does not apply (before
+        the state exists, other optimizers): the caller then steps the usual way."""
         opt = self.optimizer
         group = opt.param_groups[0]
         p = self.flat.data
+        ps = [p[a:b] for a, b, _ in grads]
+        gs = [g for _, _, g in grads]
         name = type(opt).__name__
         fused = bool(group.get("fused"))
         if name == "SGD":
             if group["momentum"] == 0 and group["weight_decay"] == 0 and not group["maximize"]:
-                p.add_(g, alpha=-lr)      # what torch's SGD does in this case
+                for pv, g in zip(ps, gs):
+                    pv.add_(g, alpha=-lr)      # what torch's SGD does in this case
                 return True
             buf = opt.state.get(self.flat, {}).get("momentum_buffer")
             if buf is None:
                 return False
             from torch.optim.sgd import sgd
 
-            sgd([p], [g], [buf], weight_decay=group["weight_decay"],
+            sgd(ps, gs, [buf[a:b] for a, b, _ in grads], weight_decay=group["weight_decay"],
                 momentum=group["momentum"], lr=lr, dampening=group["dampening"],
                 nesterov=group["nesterov"], maximize=group["maximize"],
                 fused=fused or None, foreach=None if fused else False)
@@ -202,8 +279,13 @@ class ParameterStore:
             from torch.optim.adam import adam
             from torch.optim.adamw import adamw
 
+            # one step counter per piece, each advanced once by the kernel: the state's own
+            # for the first, copies for the rest
+            step = st["step"]
+            steps = [step] + [step.clone() for _ in grads[1:]]
             (adam if name == "Adam" else adamw)(
-                [p], [g], [st["exp_avg"]], [st["exp_avg_sq"]], [], [st["step"]],
+                ps, gs, [st["exp_avg"][a:b] for a, b, _ in grads],
+                [st["exp_avg_sq"][a:b] for a, b, _ in grads], [], steps,
                 fused=fused or None, foreach=None if fused else False, amsgrad=False,
                 beta1=group["betas"][0], beta2=group["betas"][1], lr=lr,
                 weight_decay=group["weight_decay"], eps=group["eps"],
@@ -238,6 +320,7 @@ class ParameterStore:
             self.optimizer.state[self.flat] = state
 
     def load_weights(self, flat: torch.Tensor, version: int) -> None:
+        self._own()
         with torch.no_grad():
             self.flat.data.copy_(flat.reshape(-1))
         self.version = version

@@ -250,3 +250,30 @@ def test_a_vector_of_several_chunks_arrives_whole(sgd_server, clients):
         c.push_pull_flat(v0 + 1, g, out)
     assert e.value.code == "bad_tensor"
     assert flat_weights(c, numel)[0] == v0 + 1
+    assert np.array_equal(flat_weights(c, numel)[1], out)   # nothing of the bad push applied
+    g[-1] = 0.5
+    g[:numel // 2] = 3e38                               # finite, but their sum overflows
+    reply = c.push_pull_flat(v0 + 1, g, out)
+    assert reply["version"] == v0 + 2
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", [0, 65_535, 65_536, 199_999])
+def test_the_finiteness_check_finds_every_bad_value(bad, where):
+    """The fast path (a sum) and the exact one (block by block) agree: one bad value
+    anywhere is found; finite values whose sum overflows are not refused."""
+    from asgd.core.flat import FiniteCheck
+
+    check = FiniteCheck()
+    a = np.random.default_rng(0).normal(size=200_000).astype(np.float32)
+    assert check(a) and check.exact(a)
+    a[where] = bad
+    assert not check(a) and not check.exact(a)
+    big = np.full(200_000, 3e38, np.float32)            # the sum is inf, every value finite
+    assert check(big)
+    big[where] = bad
+    assert not check(big)
+    half = np.full(1000, 60_000, np.float16)            # float16: the exact path
+    assert check(half)
+    half[3] = bad
+    assert not check(half)

@@ -216,6 +216,61 @@ def test_snapshot_pool_reuses_buffers_zeromq_has_let_go_of():
     assert half.dtype == np.float16 and np.allclose(half, buf2, atol=1e-3)
 
 
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_gradient_in_pieces_steps_exactly_as_a_whole(name):
+    """A flat push of several frames is stepped piece by piece where ZeroMQ put them
+    (FlatChunks): the weights and optimizer state of one step over the whole (to rounding:
+    a short piece takes the kernel's scalar tail, which may round a fused multiply-add
+    differently from its vector loop)."""
+    from server.store import FlatChunks
+
+    section, _ = OPTIMIZERS[name]
+    whole = ParameterStore.from_model(small_model(), config(section))
+    pieces = ParameterStore.from_model(small_model(), config(section))
+    cuts = [0, 7, 8, 40, whole.numel]               # uneven, one of a single value
+    for step in range(5):
+        g = torch.cat([x.reshape(-1) for x in gradients(small_model(), step)])
+        whole.step(0.03, g.clone())
+        pieces.step(0.03, FlatChunks([g[a:b].clone() for a, b in zip(cuts, cuts[1:])]))
+        torch.testing.assert_close(pieces.weights, whole.weights, rtol=1e-6, atol=1e-7)
+    assert pieces.version == whole.version == 5
+    (s1, t1), (s2, t2) = pieces.optimizer_state(), whole.optimizer_state()
+    assert s1 == s2
+    for (n1, a), (n2, b) in zip(t1, t2):
+        assert n1 == n2
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_lent_weights_are_moved_only_while_zeromq_holds_them():
+    """Large replies are sent from the live weights themselves. A step while such a reply is
+    still queued moves the weights to another buffer first (the reply keeps its bytes); a
+    step after ZeroMQ let go of it changes them in place, with no copy."""
+    cfg = config({"name": "sgd", "lr": 0.1})
+    store = ParameterStore.from_model(small_model(), cfg)
+    live, trackers = store.lend()
+    assert np.shares_memory(live, store.weights.numpy())
+    before = live.copy()
+    t = Tracker()
+    trackers.append(t)                       # a reply queued from the live weights
+    apply_push(store, [g.numpy() for g in gradients(small_model(), 0)], 0)
+    assert store.moves == 1
+    assert np.array_equal(live, before)      # the queued reply keeps its bytes
+    assert not np.shares_memory(live, store.weights.numpy())
+    assert not np.array_equal(store.weights.numpy(), before)    # the step was applied
+    for view, (a, b) in zip(store.views, store.layout.spans()):   # views follow the move
+        assert np.shares_memory(view.numpy(), store.weights.numpy())
+    t.done = True
+    now, trackers = store.lend()
+    trackers.append(Tracker())
+    trackers[-1].done = True                 # sent already
+    apply_push(store, [g.numpy() for g in gradients(small_model(), 1)], 1)
+    assert store.moves == 1                  # nothing held: stepped in place
+    assert np.shares_memory(now, store.weights.numpy())
+    trackers.append(Tracker())               # held again: the spare buffer is reused
+    apply_push(store, [g.numpy() for g in gradients(small_model(), 2)], 2)
+    assert store.moves == 2 and np.shares_memory(live, store.weights.numpy())
+
+
 # ----------------------------------------------------------------------------------------------
 # learning-rate schedule
 

@@ -12,6 +12,8 @@ the allocator's reused memory), and a sender can hand each chunk to ZeroMQ witho
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 CHUNK_BYTES = 4 << 20        # 4 MiB frames
@@ -51,15 +53,29 @@ def shard_range(numel: int, index: int, count: int) -> tuple[int, int]:
 
 
 class FiniteCheck:
-    """Whether a float array holds only finite values, block by block into one reused
-    boolean buffer: no allocation per call, unlike ``np.isfinite(a).all()`` (a mask as large as
-    the array) or torch.isfinite (twenty times slower on one CPU thread)."""
+    """Whether a float array holds only finite values, with no allocation per call.
+
+    First one vectorised sum (torch's kernel: a read of the array, 4-5x faster than numpy's
+    ``isfinite`` on one CPU thread): NaN and Inf propagate through every addition, so a finite
+    sum means every value is finite. Only a non-finite sum (a bad value, or finite values
+    whose sum overflows) takes the exact path: block by block into one reused boolean buffer,
+    unlike ``np.isfinite(a).all()`` (a mask as large as the array)."""
 
     def __init__(self, block: int = CHECK_BLOCK):
         self.block = block
         self.mask = np.empty(block, dtype=bool)
 
     def __call__(self, a: np.ndarray) -> bool:
+        a = a.reshape(-1)
+        if a.dtype == np.float32 and a.size:
+            import torch
+
+            if math.isfinite(torch.from_numpy(a).sum().item()):
+                return True
+        return self.exact(a)
+
+    def exact(self, a: np.ndarray) -> bool:
+        """The block-by-block check, whatever the sum says."""
         a = a.reshape(-1)
         b = self.block
         for i in range(0, a.size, b):
