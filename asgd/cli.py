@@ -4,6 +4,7 @@
     asgd launch --workers 4 --set optimizer.lr=0.003
     asgd launch --resume runs/<name> --set run.max_updates=6000   # go on with a run
     asgd launch --on ray [--address head:6379]  # the same run as Ray actors (asgd[ray])
+    asgd launch --on ray --num-cpus 2           # ... on a local Ray instance of two CPUs
     asgd server --config c.yaml --bind tcp://0.0.0.0:5555
     asgd worker --config c.yaml --server tcp://host:5555 --rank 1
     asgd eval runs/<name>
@@ -120,7 +121,10 @@ def cli():
 @click.option("--address", default=None, metavar="ADDR",
               help="With --on ray: a running Ray cluster (e.g. head:6379, or auto); "
                    "default: a local Ray instance for the run.")
-def launch(config_path, workers, overrides, quiet, resume_dir, on, address):
+@click.option("--num-cpus", type=click.IntRange(min=1), default=None, metavar="N",
+              help="With --on ray and no --address: the local Ray instance's CPUs "
+                   "(default: this machine's cores, or what the run's bundles need if more).")
+def launch(config_path, workers, overrides, quiet, resume_dir, on, address, num_cpus):
     """Run a server and N workers on this machine (or on Ray), evaluate, write
     runs/<name>/."""
     from pathlib import Path
@@ -130,20 +134,25 @@ def launch(config_path, workers, overrides, quiet, resume_dir, on, address):
 
     if resume_dir is not None and config_path is not None:
         raise click.UsageError("--resume uses the run's own config.yaml: give no --config")
+    if address is not None and on != "ray":
+        raise click.UsageError("--address is the Ray cluster's: give it with --on ray")
+    if num_cpus is not None and (on != "ray" or address is not None):
+        raise click.UsageError("--num-cpus sizes the local Ray instance of --on ray; a cluster "
+                               "at --address has its own" if address is not None else
+                               "--num-cpus sizes a local Ray instance: give it with --on ray")
     path = Path(resume_dir) / "config.yaml" if resume_dir is not None else \
         config_path or default_config_path()
     overrides = list(overrides)
     if workers is not None:
         overrides += workers_overrides(workers, config_or_exit(path, overrides))
-    if address is not None and on != "ray":
-        raise click.UsageError("--address is the Ray cluster's: give it with --on ray")
     try:
         if on == "ray":
             from asgd.launch.onray import launch_on_ray
 
             cfg = None if resume_dir is not None else config_or_exit(path, overrides)
             summary = launch_on_ray(cfg, quiet=quiet, address=address,
-                                    resume_dir=resume_dir, overrides=overrides)
+                                    resume_dir=resume_dir, overrides=overrides,
+                                    num_cpus=num_cpus)
         elif resume_dir is not None:
             summary = resume_launch(resume_dir, overrides, quiet=quiet)
         else:

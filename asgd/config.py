@@ -163,7 +163,8 @@ class WorkerConfig:
     secret_key_file: str = ""     # this worker's NAME.key_secret
     server_key: str = ""          # the server's public key: its .key file or the Z85 text
     # asgd launch --on ray: each worker's bundle in the workers' placement group, e.g.
-    # {CPU: 2} or {GPU: 1, memory: 4e9} ({} = one GPU for a CUDA device, else one CPU)
+    # {CPU: 2} or {GPU: 1, memory: 4000000000} (bytes; {} = one GPU for a CUDA device, else
+    # one CPU)
     resources: dict = field(default_factory=dict)
 
 
@@ -403,9 +404,16 @@ def validate(cfg: Config) -> None:
         need(all(isinstance(k, str) and k and isinstance(v, (int, float))
                  and not isinstance(v, bool) and v >= 0 for k, v in res.items()), key,
              f"must map resource names to amounts >= 0, e.g. {{CPU: 1}}, got {res!r}")
+        for name in res:    # a custom resource no node has would leave the run waiting
+            need(name in RAY_RESOURCES or name.lower() not in
+                 [r.lower() for r in RAY_RESOURCES], key,
+                 f"{name!r}: Ray's built-in resources are spelt {', '.join(RAY_RESOURCES)}")
+    need(not w.resources or any(v > 0 for v in w.resources.values()), "worker.resources",
+         f"a worker's bundle must ask for some resource > 0, got {w.resources!r}")
     need("/" not in r.name and r.name not in (".", ".."), "run.name", "must be a plain name")
 
 
+RAY_RESOURCES = ("CPU", "GPU", "memory")     # asgd launch --on ray: worker/server.resources
 PRECISIONS = ("fp32", "fp16", "bf16")
 SPLITS = ("params", "time")
 

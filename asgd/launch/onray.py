@@ -1,6 +1,7 @@
 """``asgd launch --on ray``: the run's server(s) and workers as Ray actors.
 
     summary = launch_on_ray(cfg)                          # a local Ray instance for the run
+    summary = launch_on_ray(cfg, num_cpus=2)              # ... of two CPUs
     summary = launch_on_ray(cfg, address="head:6379")     # a running Ray cluster
 
 Each process of a run is one actor, ``ProcessActor``, which starts it on its node
@@ -24,12 +25,19 @@ run directory at the same path (a shared file system on a cluster of several mac
 address files, logs, metrics and checkpoints live there, as in a local launch. Ray's calls
 between this process and the actors carry only names, paths, numbers and exit codes;
 gradients and weights never travel through Ray.
+
+A local instance has ``num_cpus`` CPUs (``asgd launch --num-cpus``), by default this
+machine's cores or as many as the run's bundles need, whichever is more; a run that cannot fit
+in it fails before anything starts. A cluster's address is tried with a plain TCP connection
+first (``CONNECT_TIMEOUT_S``), so an address nobody answers at fails at once rather than in
+Ray's own connection retries.
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -43,6 +51,7 @@ from asgd.launch.processes import read_address
 
 PLACEMENT_TIMEOUT_S = 60.0
 CALL_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
 
 
 def import_ray():
@@ -52,6 +61,36 @@ def import_ray():
         raise LaunchError("asgd launch --on ray needs Ray: pip install 'asgd[ray]' "
                           "(or pip install ray)") from None
     return ray
+
+
+def gcs_host_port(address: str) -> tuple[str, int]:
+    """The host and port that ``--address`` points at: ``HOST:PORT``, ``ray://HOST:PORT``
+    (Ray Client), or ``auto`` (``$RAY_ADDRESS``, else the cluster ``ray start`` started on
+    this machine)."""
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        try:
+            address = canonicalize_bootstrap_address_or_die("auto")
+        except (ConnectionError, ValueError) as e:
+            raise LaunchError(f"--address auto: {e}".splitlines()[0]) from None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise LaunchError(f"--address {address!r}: expected HOST:PORT (e.g. head:6379), "
+                          "ray://HOST:PORT or auto")
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str) -> None:
+    """A TCP connection to the cluster's address within CONNECT_TIMEOUT_S, else LaunchError
+    (Ray's own client would retry for many minutes)."""
+    host, port = gcs_host_port(address)
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        why = "no answer" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise LaunchError(f"cannot reach the Ray cluster at {address}: {why} "
+                          f"(within {CONNECT_TIMEOUT_S:g} s)") from None
 
 
 def _die_with_parent() -> None:
@@ -77,6 +116,10 @@ class ProcessActor:
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.node = ray.util.get_node_ip_address()
         self.stopping = False
+        self.endpoint: str | None = None          # a restarted server's, once it listens
+        self.resumed_version: int | None = None   # the checkpoint a restarted server took
+        self.resumed = False                      # ... with --resume (its checkpoint, or an
+                                                  # unreadable one the server judges)
         env = dict(spec["restart_env"] if self.restarted else spec["env"])
         if self.restarted:
             self._note(f"restarted by Ray on {self.node}")
@@ -115,6 +158,7 @@ class ProcessActor:
                 binds.insert(0, old)
             version, unreadable = checkpoint_state(Path(spec["checkpoint_dir"]))
             resume = version is not None or bool(unreadable)
+            self.resumed_version, self.resumed = version, resume
             self._note("resuming from its checkpoint" + (f" at version {version}"
                                                          if version is not None else "")
                        if resume else "starting afresh (no checkpoint yet)")
@@ -124,7 +168,9 @@ class ProcessActor:
                                  *(["--resume"] if resume else [])], env)
             if not self.restarted:
                 return popen              # the launcher waits for its address
-            if read_address(addr_file, STARTUP_TIMEOUT_S, lambda: popen.poll() is not None):
+            self.endpoint = read_address(addr_file, STARTUP_TIMEOUT_S,
+                                         lambda: popen.poll() is not None)
+            if self.endpoint:
                 return popen
             popen.kill()
             popen.wait(10)
@@ -144,11 +190,14 @@ class ProcessActor:
             (self.spec["kind"] == "worker" and rc == WORKER_DIVERGED_EXIT)
 
     def state(self) -> dict:
-        """This actor's process id (a new one after a restart) and its child's exit code
-        (None while it runs, and for a death the actor is about to follow)."""
+        """This actor's process id (a new one after a restart), its child's exit code (None
+        while it runs, and for a death the actor is about to follow); after a restart, a
+        server's endpoint and the checkpoint version it resumed from."""
         rc = self.popen.poll()
         return {"pid": os.getpid(), "node": self.node, "child": self.popen.pid,
-                "returncode": rc if rc is None or self._final(rc) else None}
+                "returncode": rc if rc is None or self._final(rc) else None,
+                "restarted": self.restarted, "endpoint": self.endpoint,
+                "resumed_version": self.resumed_version, "resume": self.resumed}
 
     def signal(self, sig: int) -> None:
         self.stopping = True
@@ -191,7 +240,8 @@ class _ActorPopen:
 class RayProc:
     """A process of the run in a Ray actor, seen as a local ``Proc``: ``poll()`` never
     blocks (one ``state`` call is kept in flight); a restart by Ray shows as a new actor
-    process id and is queued in ``restarts`` with the exit code of the death before it."""
+    process id and is queued in ``restarts`` as (the exit code of the death before it, the
+    restarted actor's state)."""
 
     def __init__(self, ray, actor, name: str, log_path: Path, exit_file: Path):
         self.ray, self.actor, self.name = ray, actor, name
@@ -199,7 +249,7 @@ class RayProc:
         self.popen = _ActorPopen(self)
         self.reported = False
         self.returncode: int | None = None
-        self.restarts: list[int | None] = []     # the exit code of each death Ray restarted
+        self.restarts: list[tuple[int | None, dict]] = []    # each restart by Ray
         self.node: str | None = None
         self._pid: int | None = None
         self._ref = None
@@ -227,7 +277,7 @@ class RayProc:
                 self.returncode = code if code not in (None, 0) else 1
                 return self.returncode
             if self._pid is not None and st["pid"] != self._pid:
-                self.restarts.append(self._exit_code())
+                self.restarts.append((self._exit_code(), st))
             self._pid, self.node, self.returncode = st["pid"], st["node"], st["returncode"]
         return self.returncode
 
@@ -245,6 +295,13 @@ class RayProc:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def local_cpus_needed(cfg: Config) -> float:
+    """The CPUs a local Ray instance needs for the run: every worker's bundle and every
+    server's resources."""
+    return cfg.run.workers * float(worker_bundle(cfg, 0).get("CPU", 0)) + \
+        cfg.server.shards * float(cfg.server.resources.get("CPU", 0))
 
 
 def worker_bundle(cfg: Config, cluster_gpus: float) -> dict:
@@ -273,11 +330,12 @@ class RayLaunch(Launch):
     """A launch whose processes are Ray actors (see the module's text)."""
 
     def __init__(self, cfg: Config, run_dir: Path, quiet: bool, resume: bool = False,
-                 address: str | None = None):
+                 address: str | None = None, num_cpus: int | None = None):
         self.ray = import_ray()
         run_dir = Path(run_dir).resolve()
         super().__init__(cfg, run_dir, quiet, resume)
         self.address = address
+        self.num_cpus = num_cpus
         self.started_ray = False
         self.pg = None
         self.bundle: dict = {}
@@ -291,18 +349,40 @@ class RayLaunch(Launch):
 
         kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING",
                       configure_logging=True)
+        if self.address:
+            check_reachable(self.address)
+        else:
+            need = local_cpus_needed(cfg)
+            if self.num_cpus is not None and self.num_cpus < need:
+                raise LaunchError(f"the run needs {need:g} CPUs of Ray (run.workers × "
+                                  "worker.resources + server.shards × server.resources); "
+                                  f"--num-cpus is {self.num_cpus}")
         try:
             if self.address:
                 ray.init(address=self.address, **kwargs)
-            else:        # a local instance for the run, as large as the run needs
-                need = cfg.run.workers * float(worker_bundle(cfg, 0).get("CPU", 0)) + \
-                    cfg.server.shards * float(cfg.server.resources.get("CPU", 0))
-                ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), **kwargs)
+            else:        # a local instance for the run (never $RAY_ADDRESS's cluster)
+                cpus = self.num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
+                ray.init(address="local", num_cpus=cpus, **kwargs)
                 self.started_ray = True
         except (ConnectionError, RuntimeError, ValueError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if self.address and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+                why += (" (a cluster with token authentication, Ray's default, needs "
+                        "RAY_AUTH_MODE=token here and its token in ~/.ray/auth_token or "
+                        "$RAY_AUTH_TOKEN)")
             raise LaunchError(f"cannot start or reach Ray"
-                              f"{' at ' + self.address if self.address else ''}: {e}") from None
+                              f"{' at ' + self.address if self.address else ''}: {why}"
+                              ) from None
         self.bundle = worker_bundle(cfg, ray.cluster_resources().get("GPU", 0))
+        if self.started_ray:     # nothing will join a local instance: what it lacks, it lacks
+            total = ray.cluster_resources()
+            short = {k: v * cfg.run.workers for k, v in self.bundle.items()
+                     if v * cfg.run.workers > total.get(k, 0)}
+            if short:
+                has = {k: total.get(k, 0) for k in short}
+                raise LaunchError(f"the local Ray instance cannot place {cfg.run.workers} "
+                                  f"workers of {self.bundle} each (worker.resources): they "
+                                  f"need {short}, it has {has}")
         self.pg = placement_group([dict(self.bundle) for _ in range(cfg.run.workers)],
                                   strategy="PACK")
         ready, _ = ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
@@ -401,24 +481,31 @@ class RayLaunch(Launch):
         for kind, procs in (("server", self.servers), ("worker", self.workers)):
             for i, p in enumerate(procs):
                 while p.restarts:
-                    self._ray_restarted(kind, i, p, p.restarts.pop(0))
+                    self._ray_restarted(kind, i, p, *p.restarts.pop(0))
 
-    def _ray_restarted(self, kind: str, index: int, p: RayProc, code: int | None) -> None:
+    def _ray_restarted(self, kind: str, index: int, p: RayProc, code: int | None,
+                       state: dict) -> None:
         rec = self._death(kind, index, p, code)
-        fields: dict = {"by": "ray"}
+        fields: dict = {"by": "ray", "node": state.get("node")}
         if kind == "worker":
             fields["worker"] = f"w{index}"
-        else:
-            endpoint = read_address(self.addr_files[index], STARTUP_TIMEOUT_S)
+        else:        # the actor waited for it to listen before it answered
+            endpoint = state.get("endpoint") or read_address(self.addr_files[index],
+                                                             STARTUP_TIMEOUT_S)
             if endpoint:
                 self.endpoints[index] = endpoint
                 fields["endpoint"] = endpoint
                 self._connect()
-            version, _ = checkpoint_state(checkpoint_dirs(self.cfg, self.run_dir)[index])
-            fields["resumed_version"] = version
+            fields["resumed_version"] = state.get("resumed_version")
+            fields["resume"] = bool(state.get("resume"))
         self._restarted(kind, index, p.name, **fields)
+        how = ""
+        if kind == "server":
+            version = fields["resumed_version"]
+            how = f" from its checkpoint at version {version}" if version is not None else \
+                " with --resume" if fields["resume"] else " from the start (no checkpoint yet)"
         self.display.message(f"[red]{p.name} died[/red] ({self._exit_text(p, rec)}):\n"
-                             f"{p.tail()}\n[yellow]Ray restarted {p.name}[/yellow] "
+                             f"{p.tail()}\n[yellow]Ray restarted {p.name}[/yellow]{how} "
                              f"(restart {len(self.restarts)})", always=True)
 
     def _worker_died(self, rank: int) -> None:
@@ -438,9 +525,9 @@ class RayLaunch(Launch):
 
 
 def launch_on_ray(cfg: Config, quiet: bool = False, address: str | None = None,
-                  resume_dir=None, overrides=()) -> dict:
+                  resume_dir=None, overrides=(), num_cpus: int | None = None) -> dict:
     """``launch`` / ``resume_launch`` (asgd.launch.launcher) with the processes as Ray
-    actors."""
+    actors: on the cluster at ``address``, else on a local instance of ``num_cpus`` CPUs."""
     import shutil
 
     from asgd.launch.launcher import check_imports, make_run_dir, resume_config
@@ -448,11 +535,12 @@ def launch_on_ray(cfg: Config, quiet: bool = False, address: str | None = None,
     import_ray()
     if resume_dir is not None:
         cfg, run_dir = resume_config(resume_dir, overrides)
-        return RayLaunch(cfg, run_dir, quiet, resume=True, address=address).run()
+        return RayLaunch(cfg, run_dir, quiet, resume=True, address=address,
+                         num_cpus=num_cpus).run()
     check_imports(cfg)
     run_dir = make_run_dir(cfg)
     try:
-        return RayLaunch(cfg, run_dir, quiet, address=address).run()
+        return RayLaunch(cfg, run_dir, quiet, address=address, num_cpus=num_cpus).run()
     except LaunchError:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
