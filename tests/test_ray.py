@@ -275,8 +275,6 @@ def test_on_a_ray_cluster_ray_restarts_a_killed_server_and_a_crashed_worker(
     err = result.stderr
     assert "Ray restarted server" in err and "Ray restarted worker 1" in err, err
     summary = json.loads((run_dir / "summary.json").read_text())
-    print(f"\nthe default run on a Ray cluster through two faults: test accuracy "
-          f"{summary['test_accuracy']:.3f}, {wall:.1f} s wall")
     assert summary["status"] == "ok" and summary["failures"] == [], summary
     assert summary["on"] == "ray"
     deaths = sorted((d["process"], d["exit_code"], d["signal"]) for d in summary["deaths"])
@@ -312,6 +310,18 @@ def test_on_a_ray_cluster_ray_restarts_a_killed_server_and_a_crashed_worker(
     assert f"resuming from its checkpoint at version {resumed}" in slog
     assert f"Ray restarted server from its checkpoint at version {resumed}" in err
     assert load_checkpoint(run_dir / "checkpoint").version >= budget
+    # the pauses as training saw them (the launcher records a death and its restart
+    # together, when it sees the restarted actor): the longest silence of all workers (the
+    # server's outage: w0 trained on through w1's), and w1's from its last step to the first
+    # of its restart
+    steps = [r["t"] for r in kinds(records, "worker_step")]
+    paused = max(b - a for a, b in zip(steps, steps[1:]))
+    w1 = [r for r in kinds(records, "worker_step") if r["worker"] == "w1"]
+    (w1_gap,) = [b["t"] - a["t"] for a, b in zip(w1, w1[1:]) if b["step"] < a["step"]]
+    print(f"\nthe default run on a Ray cluster through two faults: test accuracy "
+          f"{summary['test_accuracy']:.3f}, {wall:.1f} s wall; the server killed at version "
+          f"{max(before)}, training paused {paused:.1f} s, resumed from version {resumed}; "
+          f"worker 1 back {w1_gap:.1f} s after its crash")
     assert summary["test_accuracy"] >= 0.93, summary
     # the cluster runs on, without the run's processes
     assert session_pids(ray_cluster.sid)
