@@ -85,6 +85,14 @@ def argv_of(pid: int) -> list[str]:
         return []
 
 
+def visible_gpus(pid: int) -> str | None:
+    """CUDA_VISIBLE_DEVICES in the environment of process ``pid``."""
+    for item in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0"):
+        if item.startswith("CUDA_VISIBLE_DEVICES="):
+            return item.split("=", 1)[1]
+    return None
+
+
 def run_process(sid: int, module: str, run_dir: Path) -> int | None:
     """The ``python -m <module>`` of the run in ``run_dir`` (a server or worker an actor
     started), among session ``sid``'s processes."""
@@ -135,9 +143,12 @@ class Cluster:
 
 @pytest.fixture
 def ray_cluster(ray_installed, ray_env, ray_tmp):
-    """A running Ray cluster of one node with two CPUs, as `ray start --head` makes one, in
-    a session of its own. Stopped at the end: its whole session, bounded."""
-    head = subprocess.Popen([*ray_cli(), "start", "--head", "--num-cpus", "2", "--port", "0",
+    """A running Ray cluster of one node with two CPUs and two GPUs, as `ray start --head`
+    makes one, in a session of its own. The GPUs are declared, not real: Ray hands them out
+    by setting CUDA_VISIBLE_DEVICES, and a worker that finds no CUDA trains on the CPU.
+    Stopped at the end: its whole session, bounded."""
+    head = subprocess.Popen([*ray_cli(), "start", "--head", "--num-cpus", "2", "--num-gpus", "2",
+                             "--port", "0",
                              "--include-dashboard=false", "--disable-usage-stats",
                              "--temp-dir", ray_tmp],
                             env=ray_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -237,7 +248,8 @@ def test_the_default_run_trains_on_a_local_ray_instance_of_two_cpus(
 @pytest.mark.timeout(240)
 def test_on_a_ray_cluster_ray_restarts_a_killed_server_and_a_crashed_worker(
         ray_cluster, ray_env, tmp_path, mnist1d_cached):
-    """The default run on the cluster at --address, with two faults: worker 1 crashes at its
+    """The default run on the cluster at --address, one worker per GPU (each actor given its
+    own by Ray, and its process that one alone), with two faults: worker 1 crashes at its
     step 100 ($ASGD_FAULT, exit 5), and the server is SIGKILLed once a worker has logged
     version 1000 (checkpoints every 250 updates). Ray restarts both actors: the worker with
     its rank and without the fault, the server with --resume from its newest checkpoint; the
@@ -253,8 +265,15 @@ def test_on_a_ray_cluster_ray_restarts_a_killed_server_and_a_crashed_worker(
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     env = dict(ray_env, ASGD_FAULT="exit:100:1")
     killed: dict = {}
+    gpus: dict = {}
 
     def kill_the_server():
+        if not gpus:        # what each process of the run was given (before any restart)
+            seen = {pid: argv_of(pid) for pid in session_pids(ray_cluster.sid)}
+            seen = {pid: argv[argv.index("-m") + 1] for pid, argv in seen.items()
+                    if str(run_dir) in argv and "-m" in argv}
+            if sorted(seen.values()) == ["server", "worker", "worker"]:
+                gpus.update({pid: (module, visible_gpus(pid)) for pid, module in seen.items()})
         if killed:
             return
         steps = [r for r in read_metrics(run_dir / "metrics.jsonl")
@@ -285,7 +304,12 @@ def test_on_a_ray_cluster_ray_restarts_a_killed_server_and_a_crashed_worker(
 
     records = read_metrics(run_dir / "metrics.jsonl")
     (started,) = kinds(records, "ray_started")
-    assert started["address"] == ray_cluster.address and started["resources"]["CPU"] == 2
+    assert started["address"] == ray_cluster.address and started["bundle"] == {"GPU": 1}
+    assert started["resources"]["CPU"] == 2 and started["resources"]["GPU"] == 2
+    # one GPU a worker, each its own; none for the server (it asks for none)
+    by_module = sorted(gpus.values(), key=str)
+    assert [m for m, _ in by_module] == ["server", "worker", "worker"], gpus
+    assert by_module[0][1] is None and sorted(g for _, g in by_module[1:]) == ["0", "1"], gpus
     # the worker: restarted with its rank, without the fault (one death only), and it
     # finished the run with the other
     (wdied,) = kinds(records, "worker_died")

@@ -52,6 +52,11 @@ from asgd.launch.processes import read_address
 PLACEMENT_TIMEOUT_S = 60.0
 CALL_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0
+# what Ray sets in an actor's environment for the accelerators it gave it; the actor's child
+# gets them too (a worker of a GPU bundle sees that GPU alone, as its cuda:0)
+ACCELERATOR_VARIABLES = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
+                         "ONEAPI_DEVICE_SELECTOR", "NEURON_RT_VISIBLE_CORES",
+                         "TPU_VISIBLE_CHIPS")
 
 
 def import_ray():
@@ -121,6 +126,10 @@ class ProcessActor:
         self.resumed = False                      # ... with --resume (its checkpoint, or an
                                                   # unreadable one the server judges)
         env = dict(spec["restart_env"] if self.restarted else spec["env"])
+        for name in ACCELERATOR_VARIABLES:     # this actor's, not the launcher's
+            env.pop(name, None)
+            if name in os.environ:
+                env[name] = os.environ[name]
         if self.restarted:
             self._note(f"restarted by Ray on {self.node}")
         if spec["kind"] == "server":
