@@ -1,9 +1,10 @@
 """`asgd launch --on ray`: the default run on a local Ray instance of two CPUs trains to the
 accuracy bar and leaves the run directory of a local launch; on a running Ray cluster
-(`ray start --head`, two CPUs, reached with --address) a server killed with SIGKILL and a
-worker that crashes ($ASGD_FAULT) are restarted by Ray, the server from its checkpoint, and the
-run still ends ok; and the errors: --address or --num-cpus without --on ray, an address
-nobody answers at, bad worker.resources, too few CPUs for the run.
+(`ray start --head`, two CPUs and two declared GPUs, reached with --address) each worker gets
+a GPU of its own, and a server killed with SIGKILL and a worker that crashes ($ASGD_FAULT) are
+restarted by Ray, the server from its checkpoint, and the run still ends ok above the bar;
+and the errors: --address or --num-cpus without --on ray, an address nobody answers at, bad
+worker.resources and server.resources, too few CPUs for the run.
 
 The Ray tests need the `ray` extra (pip install -e '.[ray]') and are skipped without it. Every
 Ray process a test starts lives in a session of its own (the launcher's, or `ray start`'s):
