@@ -8,8 +8,10 @@ Each host is a network namespace with its loopback up and one end of a veth pair
 ends join a bridge in a hub namespace, addresses from the benchmarking range 198.18.0.0/15.
 Service names resolve in every host through ``/etc/netns/<namespace>/hosts``, which
 ``ip netns exec`` puts over ``/etc/hosts``. Everything made is removed on exit, and names carry
-the process id so that parallel runs never meet. ``available()`` says whether namespaces can
-be made here (root and iproute2), and why not.
+the process id so that parallel runs never meet; what a killed process left behind (its
+namespaces, with their links, qdiscs and rules, and /etc/netns folders) is removed by the next
+topology made (``sweep_stale``). ``available()`` says whether namespaces can be made here
+(root and iproute2), and why not.
 
 A shaped network (``Shaping``): a slow, lossy, distant link between the hosts,
 
@@ -34,9 +36,19 @@ A shaped network (``Shaping``): a slow, lossy, distant link between the hosts,
 The delay is applied to the byte stream, not to packets: each TCP connection ends at the
 relay, so TCP's own round trip (and with it its loss recovery) does not include the delay,
 only the application's does. See docs/performance.md, "Across hosts: a shaped network".
+
+What the shaping does can be read back: ``loss_counters(host)`` (packets that arrived at a
+host, and those of them dropped: a counting rule sits before the drop rule),
+``tbf_counters(host)`` (``tc -s``: bytes sent, overlimits), the relay's log (a line per
+connection with its bytes each way, then the totals), and a probe of this module's own:
+
+    python tests/multihost.py echo --port 5555                   # in one host: echo and sink
+    python tests/multihost.py probe --to server --port 5555      # in another: JSON, round
+                                                                 # trips and a bulk transfer
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -48,6 +60,7 @@ from pathlib import Path
 ETC_NETNS = Path("/etc/netns")
 RELAY = "relay"                    # the relay's host name
 RELAY_READY_S = 20.0               # the relay listens within this (it imports asyncio only)
+_TOPOLOGIES = itertools.count()
 
 
 def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -105,6 +118,37 @@ def shaping_available() -> str:
     return ""
 
 
+def sweep_stale() -> list[str]:
+    """Delete the namespaces (and /etc/netns folders) that a topology of a process no longer
+    alive left behind (one killed before it could close), after killing what still runs in
+    them; returns their names. A namespace of a live process, or not one of ours, is left
+    alone."""
+    import re
+
+    out = _ip("netns", "list", check=False).stdout
+    names = {line.split()[0] for line in out.splitlines() if line.strip()}
+    if ETC_NETNS.is_dir():
+        names |= {d.name for d in ETC_NETNS.iterdir()}
+    gone = []
+    for ns in sorted(names):
+        m = re.fullmatch(r"asgdp(\d+)-\d+-(hub|\d+)", ns)   # asgdp<maker's pid>-<k>-...
+        if m is None:
+            continue
+        owner = int(m.group(1))
+        if owner == os.getpid() or Path(f"/proc/{owner}").exists():
+            continue
+        # what still runs in it was started there by the dead process (a server, a relay)
+        for pid in _ip("netns", "pids", ns, check=False).stdout.split():
+            try:
+                os.kill(int(pid), 9)
+            except (ProcessLookupError, ValueError):
+                pass
+        _ip("netns", "del", ns, check=False)
+        shutil.rmtree(ETC_NETNS / ns, ignore_errors=True)
+        gone.append(ns)
+    return gone
+
+
 @dataclass(frozen=True)
 class Shaping:
     rate_mbit: float = 0.0        # tc tbf on both ends of every host's link (0 = unlimited)
@@ -124,14 +168,15 @@ class Topology:
                  relay_log: Path | None = None):
         """``relay``: (service, ports): an extra host ``relay`` that the other hosts reach
         ``service`` through, holding every chunk ``shaping.delay_ms`` each way."""
-        tag = f"{os.getpid() % 100000}"
-        self.hub = f"asgd{tag}-hub"
+        k = next(_TOPOLOGIES)                    # this process's k-th topology
+        tag = f"{os.getpid() % 100000}x{k}"      # interface names are short (15 bytes)
+        self.hub = f"asgdp{os.getpid()}-{k}-hub"
         if relay is not None:
             if relay[0] not in hosts or RELAY in hosts:
                 raise ValueError(f"relay for {relay[0]!r}: not one of the hosts, or a host is "
                                  f"already named {RELAY!r}")
             hosts = [*hosts, RELAY]
-        self.ns = {h: f"asgd{tag}-{i}" for i, h in enumerate(hosts)}
+        self.ns = {h: f"asgdp{os.getpid()}-{k}-{i}" for i, h in enumerate(hosts)}
         # 198.18.<subnet>.0/24, .1 unused, hosts from .2
         self.ip = {h: f"198.18.{subnet}.{i + 2}" for i, h in enumerate(hosts)}
         self.tag = tag
@@ -165,6 +210,7 @@ class Topology:
         return "127.0.0.1 localhost\n" + "".join(out)
 
     def _build(self) -> None:
+        sweep_stale()
         _ip("netns", "add", self.hub)
         _ip("link", "set", "lo", "up", ns=self.hub)
         _ip("link", "add", "br0", "type", "bridge", ns=self.hub)
@@ -204,6 +250,8 @@ class Topology:
             _in(ns, "tc", "qdisc", "add", "dev", "eth0", *tbf)            # the host sends
             _in(self.hub, "tc", "qdisc", "add", "dev", outer, *tbf)       # ... and receives
         if s.loss > 0:
+            # a rule without a target counts every packet arriving; the next drops some
+            _in(ns, "iptables", "-w", "5", "-A", "INPUT", "-i", "eth0")
             _in(ns, "iptables", "-w", "5", "-A", "INPUT", "-i", "eth0", "-m", "statistic",
                 "--mode", "random", "--probability", f"{s.loss:g}", "-j", "DROP")
 
@@ -242,6 +290,40 @@ class Topology:
         out.close()
         self.procs.append(p)
         return p
+
+    def run(self, host: str, argv: list[str], timeout_s: float,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+        """``argv`` run to its end in ``host``'s namespace (bounded by ``timeout_s``)."""
+        return subprocess.run(["ip", "netns", "exec", self.ns[host], *argv], env=env,
+                              capture_output=True, text=True, timeout=timeout_s)
+
+    def loss_counters(self, host: str) -> tuple[int, int]:
+        """(packets that arrived at ``host``'s eth0, packets of them dropped), from the
+        counters of its two iptables rules; (0, 0) without loss."""
+        out = _in(self.ns[host], "iptables", "-w", "5", "-S", "INPUT", "-v").stdout
+        seen = dropped = 0
+        for rule in out.splitlines():          # -A INPUT -i eth0 [...] -c PACKETS BYTES [-j DROP]
+            words = rule.split()
+            if words[:4] != ["-A", "INPUT", "-i", "eth0"] or "-c" not in words:
+                continue
+            packets = int(words[words.index("-c") + 1])
+            if "DROP" in words:
+                dropped += packets
+            else:
+                seen += packets
+        return seen, dropped
+
+    def tbf_counters(self, host: str) -> dict:
+        """``tc -s`` of the tbf on ``host``'s eth0 (what it sends): bytes and packets sent,
+        dropped, and overlimits (packets that had to wait for tokens)."""
+        import re
+
+        out = _in(self.ns[host], "tc", "-s", "qdisc", "show", "dev", "eth0").stdout
+        m = re.search(r"qdisc tbf .*?Sent (\d+) bytes (\d+) pkt \(dropped (\d+), "
+                      r"overlimits (\d+)", out, re.S)
+        if m is None:
+            return {}
+        return dict(zip(("bytes", "packets", "dropped", "overlimits"), map(int, m.groups())))
 
     def relay_stats(self) -> str:
         """The relay's log so far (its connections and bytes)."""
@@ -302,7 +384,10 @@ class ComposeRun:
     train_s: float                 # from the server's start to the last worker's exit
     result: dict                   # asgd eval's answer
     logs: dict                     # service -> the tail of its log
-    relay: str = ""                # the relay's totals
+    relay: str = ""                # the relay's log: its connections and totals
+    loss: dict | None = None       # service -> (packets arrived, dropped), with shaping
+    server: dict | None = None     # the server's last "server" record (updates, bytes, ...)
+    workers: list | None = None    # the workers' "worker_done" records
 
 
 def run_compose(work: Path, env: dict, shaping: Shaping | None = None,
@@ -349,6 +434,7 @@ def run_compose(work: Path, env: dict, shaping: Shaping | None = None,
             if procs[SERVER].wait(timeout=60) != 0:
                 raise RuntimeError("the server failed: "
                                    + (logs / f"{SERVER}.log").read_text()[-3000:])
+            loss = {n: topo.loss_counters(n) for n in services} if shaping.loss > 0 else None
         finally:
             for n in services:
                 f = logs / f"{n}.log"
@@ -359,8 +445,13 @@ def run_compose(work: Path, env: dict, shaping: Shaping | None = None,
         raise RuntimeError(f"asgd eval failed: {r.stderr[-3000:]}")
     result = json.loads(r.stdout)
     relay_log = logs / "relay.log"
+    records = [json.loads(line) for line in
+               (work / "runs" / "compose" / "metrics.jsonl").read_text().splitlines() if line]
+    server = [m for m in records if m.get("kind") == "server"]
     return ComposeRun(result["test_accuracy"], train_s, result, tails,
-                      relay_log.read_text() if relay_log.exists() else "")
+                      relay_log.read_text() if relay_log.exists() else "", loss,
+                      server[-1] if server else None,
+                      [m for m in records if m.get("kind") == "worker_done"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,7 +475,7 @@ class Relay:
         self.bytes = {"up": 0, "down": 0}
         self.chunks = {"up": 0, "down": 0}
 
-    async def _pipe(self, reader, writer, direction: str) -> None:
+    async def _pipe(self, reader, writer, direction: str, counts: dict) -> None:
         """Read chunks, stamp them, and write each once it has been held ``delay_s``."""
         import asyncio
         import collections
@@ -433,6 +524,7 @@ class Relay:
                 held -= len(data)
                 self.bytes[direction] += len(data)
                 self.chunks[direction] += 1
+                counts[direction] += len(data)
                 if held < MAX_BUFFERED:
                     room.set()
 
@@ -452,19 +544,26 @@ class Relay:
             return
         self.connections += 1
         self.active += 1
+        number, opened = self.connections, time.monotonic()
+        counts = {"up": 0, "down": 0}
+        peer = (writer.get_extra_info("peername") or ("?", 0))[0]
         try:
             try:
                 up_r, up_w = await asyncio.wait_for(
                     asyncio.open_connection(self.target, port), CONNECT_TIMEOUT_S)
-            except (OSError, asyncio.TimeoutError):
+            except (OSError, asyncio.TimeoutError) as e:
+                # a client that connects before the service listens (ZeroMQ retries)
+                print(f"relay: connection {number} from {peer} to port {port}: the service "
+                      f"did not take it ({e.__class__.__name__})", flush=True)
                 writer.close()
+                counts = None
                 return
             for w in (writer, up_w):
                 sock = w.get_extra_info("socket")
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            pipes = [asyncio.ensure_future(self._pipe(reader, up_w, "up")),
-                     asyncio.ensure_future(self._pipe(up_r, writer, "down"))]
+            pipes = [asyncio.ensure_future(self._pipe(reader, up_w, "up", counts)),
+                     asyncio.ensure_future(self._pipe(up_r, writer, "down", counts))]
             try:
                 # a connection ends when either direction fails, or both have ended
                 done, pending = await asyncio.wait(pipes, return_when=asyncio.FIRST_EXCEPTION)
@@ -477,11 +576,118 @@ class Relay:
             pass
         finally:
             self.active -= 1
+            if counts is not None:
+                print(f"relay: connection {number} from {peer} to port {port} closed after "
+                      f"{time.monotonic() - opened:.1f} s: up {counts['up']} bytes, down "
+                      f"{counts['down']} bytes", flush=True)
 
     def summary(self) -> str:
         return (f"relay: {self.connections} connections; up {self.bytes['up']} bytes in "
                 f"{self.chunks['up']} chunks, down {self.bytes['down']} bytes in "
                 f"{self.chunks['down']} chunks")
+
+
+# ----------------------------------------------------------------------------------------------
+# a probe of the shaped network (standard library only): what a test measures the links with
+#
+# The probe's requests: a kind byte and a length (8 bytes, big-endian), then that many bytes.
+# "P" (ping): the echo sends the bytes back. "S" (sink): the echo reads them and answers b"done".
+
+PROBE_TIMEOUT_S = 60.0             # any one receive of the probe or the echo
+
+
+def _recv_exactly(sock, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        data = sock.recv(min(n - len(out), 1 << 20))
+        if not data:
+            raise ConnectionError("closed early")
+        out += data
+    return bytes(out)
+
+
+def _echo_main(argv: list[str]) -> int:
+    import argparse
+    import socket
+    import threading
+
+    ap = argparse.ArgumentParser(prog="multihost.py echo")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--max-seconds", type=float, default=300.0, help="then exit, whatever")
+    args = ap.parse_args(argv)
+
+    def serve(conn):
+        conn.settimeout(PROBE_TIMEOUT_S)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with conn:
+            try:
+                while True:
+                    head = conn.recv(9, socket.MSG_WAITALL)
+                    if len(head) < 9:
+                        return
+                    kind, n = head[:1], int.from_bytes(head[1:], "big")
+                    if kind == b"P":
+                        conn.sendall(_recv_exactly(conn, n))
+                    else:
+                        left = n
+                        while left:
+                            data = conn.recv(min(left, 1 << 20))
+                            if not data:
+                                return
+                            left -= len(data)
+                        conn.sendall(b"done")
+            except OSError:
+                return
+
+    srv = socket.create_server(("0.0.0.0", args.port), reuse_port=False)
+    srv.settimeout(0.5)
+    print(f"echo: listening on {args.port}", flush=True)
+    deadline = time.monotonic() + args.max_seconds
+    while time.monotonic() < deadline:
+        try:
+            conn, _ = srv.accept()
+        except TimeoutError:
+            continue
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    return 0
+
+
+def _probe_main(argv: list[str]) -> int:
+    """Round trips of a small message, then one bulk transfer, to an echo; JSON on stdout."""
+    import argparse
+    import json
+    import socket
+    import statistics
+
+    ap = argparse.ArgumentParser(prog="multihost.py probe")
+    ap.add_argument("--to", required=True, help="the echo's host name or address")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--pings", type=int, default=10)
+    ap.add_argument("--bytes", type=int, default=8 << 20, help="of the bulk transfer")
+    args = ap.parse_args(argv)
+    sock = socket.create_connection((args.to, args.port), timeout=PROBE_TIMEOUT_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    rtts = []
+    for _ in range(args.pings):
+        t = time.perf_counter()
+        sock.sendall(b"P" + (4).to_bytes(8, "big") + b"ping")
+        _recv_exactly(sock, 4)
+        rtts.append(1e3 * (time.perf_counter() - t))
+    block = bytes(1 << 20)
+    t = time.perf_counter()
+    sock.sendall(b"S" + args.bytes.to_bytes(8, "big"))
+    left = args.bytes
+    while left:
+        k = min(left, len(block))
+        sock.sendall(block[:k])
+        left -= k
+    _recv_exactly(sock, 4)
+    bulk_s = time.perf_counter() - t
+    sock.close()
+    print(json.dumps({"rtt_ms": rtts, "rtt_median_ms": statistics.median(rtts),
+                      "bulk_bytes": args.bytes, "bulk_s": bulk_s,
+                      "bulk_mbit_s": 8 * args.bytes / bulk_s / 1e6}), flush=True)
+    return 0
 
 
 def _relay_main(argv: list[str]) -> int:
@@ -519,6 +725,9 @@ def _relay_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["relay"]:
-        sys.exit("usage: multihost.py relay --to ADDRESS --port P [--delay-ms MS]")
-    sys.exit(_relay_main(sys.argv[2:]))
+    commands = {"relay": _relay_main, "echo": _echo_main, "probe": _probe_main}
+    if sys.argv[1:2] and sys.argv[1] in commands:
+        sys.exit(commands[sys.argv[1]](sys.argv[2:]))
+    sys.exit("usage: multihost.py relay --to ADDRESS --port P [--delay-ms MS]\n"
+             "       multihost.py echo --port P\n"
+             "       multihost.py probe --to HOST --port P [--pings N] [--bytes B]")
