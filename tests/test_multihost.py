@@ -25,10 +25,10 @@ needs_shaping = pytest.mark.skipif(bool(WHY_NOT_SHAPED), reason=WHY_NOT_SHAPED o
 
 # the slow link
 SHAPED = multihost.Shaping(rate_mbit=100, loss=0.02, delay_ms=50)
-# the fastest over it (docs/performance.md, "Across hosts: a shaped network"): 16 local steps
-# a push (the same 300,000 samples in 188 pushes), pushed while the next 16 compute, as fp16,
+# the fastest over it (docs/performance.md, "Across hosts: a shaped network"): 32 local steps
+# a push (the same 300,000 samples in 94 pushes), pushed while the next 32 compute, as fp16,
 # the weights back as bf16
-BEST = ["worker.local_steps=16", "run.max_updates=188", "worker.overlap=true",
+BEST = ["worker.local_steps=32", "run.max_updates=94", "worker.overlap=true",
         "worker.encoding=fp16", "worker.weights_encoding=bf16"]
 PROBE = [sys.executable, str(Path(multihost.__file__).resolve())]
 
