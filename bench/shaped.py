@@ -4,13 +4,16 @@ default run, and what the encodings, local steps and overlap win back.
     sudo python bench/shaped.py --repeats 3
     sudo python bench/shaped.py --repeats 3 --only shaped,h16,h32-overlap-fp16
     sudo python bench/shaped.py --delay-ms 50 --loss 0.02 --rate-mbit 100 --uncapped
+    sudo python bench/shaped.py --delay-in packets --only shaped,h32-overlap-fp16
 
 Each run is docker-compose.yml's services (a server and two workers) in network namespaces of
 their own (tests/multihost.py, ``run_compose``), then ``asgd eval`` of the server's
 checkpoint. ``unshaped`` is the reference: the default run across the namespaces' bridge. The
 others run over the shaped network (by default 50 ms each way through the harness's delay
 relay, 2% of the packets arriving at each host dropped, 100 Mbit/s on both ends of every
-host's link), with the overrides of their setting given to every service. Every repeat runs
+host's link), with the overrides of their setting given to every service. ``--delay-in
+packets`` holds every packet instead of the byte stream (tests/multihost.py: TCP's own round
+trip, and with it its loss recovery, then includes the delay). Every repeat runs
 every setting once, the reference first, so each shaped run's time is compared with the
 reference measured in the same repeat (``ratio``: its time over the reference's).
 
@@ -42,6 +45,7 @@ from tests import multihost  # noqa: E402
 H8 = ["worker.local_steps=8", "run.max_updates=375"]        # the same 300,000 samples
 H16 = ["worker.local_steps=16", "run.max_updates=188"]
 H32 = ["worker.local_steps=32", "run.max_updates=94"]
+H64 = ["worker.local_steps=64", "run.max_updates=47"]
 FP16 = ["worker.encoding=fp16", "worker.weights_encoding=bf16"]
 TOPK = ["worker.encoding=topk", "worker.weights_encoding=bf16"]
 OVERLAP = ["worker.overlap=true"]
@@ -61,6 +65,7 @@ SETTINGS = [
     ("h16-overlap-fp16", True, H16 + OVERLAP + FP16),
     ("h32-overlap", True, H32 + OVERLAP),
     ("h32-overlap-fp16", True, H32 + OVERLAP + FP16),
+    ("h64-overlap-fp16", True, H64 + OVERLAP + FP16),
 ]
 UNCAPPED = ("shaped-uncapped", True, ["run.max_seconds=0"])
 RUN_TIMEOUT_S = 420.0
@@ -92,12 +97,16 @@ def main() -> int:
     ap.add_argument("--delay-ms", type=float, default=50.0, help="each way")
     ap.add_argument("--loss", type=float, default=0.02, help="share dropped at each host")
     ap.add_argument("--rate-mbit", type=float, default=100.0)
+    ap.add_argument("--delay-in", choices=("stream", "packets"), default="stream",
+                    help="stream: the harness's TCP relay holds the byte stream; packets: "
+                    "every packet is routed through the relay host and held there, so that "
+                    "TCP's own round trip includes the delay")
     ap.add_argument("--only", default="", help="comma-separated names of settings (the "
                     "reference, unshaped, is always run)")
     ap.add_argument("--uncapped", action="store_true",
                     help="also the default run over the shaped network without run.max_seconds")
     args = ap.parse_args()
-    why = multihost.shaping_available()
+    why = multihost.shaping_available(packets=args.delay_in == "packets")
     if why:
         print(json.dumps({"error": why}))
         return 1
@@ -110,7 +119,7 @@ def main() -> int:
                      f"{', '.join(s[0] for s in settings)}")
         settings = [s for s in settings if s[0] in names]
     shaping = multihost.Shaping(rate_mbit=args.rate_mbit, loss=args.loss,
-                                delay_ms=args.delay_ms)
+                                delay_ms=args.delay_ms, delay_in=args.delay_in)
     cache = os.environ.get("ASGD_CACHE") or str(Path.home() / ".cache" / "asgd")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                ASGD_CACHE=cache)

@@ -33,9 +33,15 @@ A shaped network (``Shaping``): a slow, lossy, distant link between the hosts,
   loses ``loss`` of its packets (at the receiving host), passes two links of ``rate_mbit``
   and is held ``delay_ms``.
 
-The delay is applied to the byte stream, not to packets: each TCP connection ends at the
-relay, so TCP's own round trip (and with it its loss recovery) does not include the delay,
-only the application's does. See docs/performance.md, "Across hosts: a shaped network".
+This delay is applied to the byte stream, not to packets: each TCP connection ends at the
+relay, so TCP's own round trip (and with it its loss recovery and its window) does not
+include the delay, only the application's does. ``Shaping(delay_in="packets")`` holds the
+packets instead: the relay host becomes a router through which every host reaches every
+other (a /32 route each), and what arrives on its eth0 is routed into a TUN device whose
+process (``python tests/multihost.py delay``) writes each packet back ``delay_ms`` later, to
+be routed on to its destination. Then TCP's handshake, its acknowledgements and its loss
+recovery all wait for the delay, as on a real distant link. See docs/performance.md,
+"Across hosts: a shaped network".
 
 What the shaping does can be read back: ``loss_counters(host)`` (packets that arrived at a
 host, and those of them dropped: a counting rule sits before the drop rule),
@@ -89,12 +95,17 @@ def available() -> str:
     return ""
 
 
-def shaping_available() -> str:
+def shaping_available(packets: bool = False) -> str:
     """"" when a shaped network can be made here (namespaces, tc's tbf, iptables' statistic
-    match), else the reason."""
+    match; with ``packets``, a TUN device and sysctl for the packet delay), else the
+    reason."""
     why = available()
     if why:
         return why
+    if packets and not Path("/dev/net/tun").exists():
+        return "no /dev/net/tun on this machine (the packet delay needs a TUN device)"
+    if packets and shutil.which("sysctl") is None:
+        return "no sysctl on this machine (Debian package procps)"
     for tool, pkg in (("tc", "iproute2"), ("iptables", "iptables")):
         if shutil.which(tool) is None:
             return f"no {tool} on this machine (Debian package {pkg})"
@@ -154,12 +165,15 @@ class Shaping:
     rate_mbit: float = 0.0        # tc tbf on both ends of every host's link (0 = unlimited)
     loss: float = 0.0             # share of the packets dropped on arrival at each host
     delay_ms: float = 0.0         # held by the relay in each direction (needs a relay)
+    delay_in: str = "stream"      # "stream": the TCP relay; "packets": every packet routed
+                                  # through the relay host, held there (TCP sees the delay)
     burst_kb: int = 64            # tbf's bucket
     limit_kb: int = 2048          # tbf's queue (beyond it, drops)
 
     def describe(self) -> str:
-        return (f"{self.delay_ms:g} ms delay each way, {100 * self.loss:g}% loss, "
-                f"{self.rate_mbit:g} Mbit/s")
+        return (f"{self.delay_ms:g} ms delay each way"
+                f"{' (packets)' if self.delay_in == 'packets' else ''}, "
+                f"{100 * self.loss:g}% loss, {self.rate_mbit:g} Mbit/s")
 
 
 class Topology:
@@ -171,6 +185,16 @@ class Topology:
         k = next(_TOPOLOGIES)                    # this process's k-th topology
         tag = f"{os.getpid() % 100000}x{k}"      # interface names are short (15 bytes)
         self.hub = f"asgdp{os.getpid()}-{k}-hub"
+        shaping = shaping or Shaping()
+        if shaping.delay_in not in ("stream", "packets"):
+            raise ValueError(f"delay_in {shaping.delay_in!r}: stream or packets")
+        # packets: the relay host routes every packet between the other hosts
+        self.router = shaping.delay_ms > 0 and shaping.delay_in == "packets"
+        if self.router:
+            relay = None
+            if RELAY in hosts:
+                raise ValueError(f"a host is already named {RELAY!r}")
+            hosts = [*hosts, RELAY]
         if relay is not None:
             if relay[0] not in hosts or RELAY in hosts:
                 raise ValueError(f"relay for {relay[0]!r}: not one of the hosts, or a host is "
@@ -180,7 +204,7 @@ class Topology:
         # 198.18.<subnet>.0/24, .1 unused, hosts from .2
         self.ip = {h: f"198.18.{subnet}.{i + 2}" for i, h in enumerate(hosts)}
         self.tag = tag
-        self.shaping = shaping or Shaping()
+        self.shaping = shaping
         self.relay = relay
         self.relay_max_s = relay_max_s
         self.relay_log = relay_log
@@ -239,6 +263,8 @@ class Topology:
                 self._shape(ns, outer)
         if self.relay is not None:
             self._start_relay()
+        if self.router:
+            self._start_router()
 
     def _shape(self, ns: str, outer: str) -> None:
         """Rate on both ends of a host's link, loss on arrival at the host: all of it inside
@@ -257,26 +283,54 @@ class Topology:
 
     def _start_relay(self) -> None:
         service, ports = self.relay
+        self._run_relay(["relay", "--to", self.ip[service],
+                         *[a for p in ports for a in ("--port", str(p))]], "listening")
+
+    def _start_router(self) -> None:
+        """The relay host as a router that holds every packet: what arrives on its eth0 is
+        routed (table 100) into a TUN device, whose process (``python tests/multihost.py
+        delay``) writes each packet back after ``delay_ms``; written back, it is routed on by
+        the main table, out of eth0 to its destination. Every other host reaches every other
+        through it (a /32 route each), so each direction of a path is held once, and TCP's
+        own round trip (its loss recovery, its window) includes both delays."""
+        r = self.ns[RELAY]
+        for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0", "net.ipv4.conf.all.send_redirects=0",
+                    "net.ipv4.conf.eth0.send_redirects=0"):
+            _in(r, "sysctl", "-q", "-w", key)
+        _ip("tuntap", "add", "dev", "tun0", "mode", "tun", ns=r)
+        _in(r, "sysctl", "-q", "-w", "net.ipv4.conf.tun0.rp_filter=0")
+        _ip("link", "set", "tun0", "up", ns=r)
+        _ip("rule", "add", "iif", "eth0", "lookup", "100", "pref", "100", ns=r)
+        _ip("route", "add", "default", "dev", "tun0", "table", "100", ns=r)
+        for h, ns in self.ns.items():
+            for g in self.ns:
+                if RELAY not in (h, g) and g != h:
+                    _ip("route", "add", f"{self.ip[g]}/32", "via", self.ip[RELAY], ns=ns)
+        self._run_relay(["delay", "--dev", "tun0"], "holding")
+
+    def _run_relay(self, command: list[str], ready: str) -> None:
+        """The relay host's process (``command`` of this module), bounded by relay_max_s;
+        returns once its log says ``ready``."""
         if self.relay_log is None:
             import tempfile
 
             self._relay_tmp = Path(tempfile.mkdtemp(prefix=f"asgd{self.tag}-relay-"))
             self.relay_log = self._relay_tmp / "relay.log"
-        argv = [sys.executable, str(Path(__file__).resolve()), "relay",
-                "--to", self.ip[service], "--delay-ms", f"{self.shaping.delay_ms:g}",
-                "--max-seconds", f"{self.relay_max_s:g}",
-                *[a for p in ports for a in ("--port", str(p))]]
+        argv = [sys.executable, str(Path(__file__).resolve()), *command,
+                "--delay-ms", f"{self.shaping.delay_ms:g}",
+                "--max-seconds", f"{self.relay_max_s:g}"]
         self.relay_proc = self.spawn(RELAY, argv, dict(os.environ, PYTHONUNBUFFERED="1"),
                                      Path("/"), self.relay_log)
         deadline = time.monotonic() + RELAY_READY_S
         while time.monotonic() < deadline:
             text = self.relay_log.read_text() if self.relay_log.exists() else ""
-            if "listening" in text:
+            if ready in text:
                 return
             if self.relay_proc.poll() is not None:
                 raise RuntimeError(f"the relay exited ({self.relay_proc.returncode}): {text}")
             time.sleep(0.05)
-        raise RuntimeError(f"the relay did not listen within {RELAY_READY_S:g} s")
+        raise RuntimeError(f"the relay was not ready within {RELAY_READY_S:g} s")
 
     def address(self, host: str) -> str:
         return self.ip[host]
@@ -411,7 +465,8 @@ def run_compose(work: Path, env: dict, shaping: Shaping | None = None,
     env = dict(env, PYTHONPATH=str(REPO))
     sets = [a for o in overrides for a in ("--set", o)]
     shaping = shaping or Shaping()
-    relay = (SERVER, services[SERVER][2] or [5555]) if shaping.delay_ms > 0 else None
+    relay = (SERVER, services[SERVER][2] or [5555]) \
+        if shaping.delay_ms > 0 and shaping.delay_in == "stream" else None
     tails = {}
     with Topology(list(services), subnet=subnet, shaping=shaping, relay=relay,
                   relay_max_s=timeout_s + 60, relay_log=logs / "relay.log") as topo:
@@ -665,7 +720,9 @@ def _probe_main(argv: list[str]) -> int:
     ap.add_argument("--pings", type=int, default=10)
     ap.add_argument("--bytes", type=int, default=8 << 20, help="of the bulk transfer")
     args = ap.parse_args(argv)
+    t = time.perf_counter()
     sock = socket.create_connection((args.to, args.port), timeout=PROBE_TIMEOUT_S)
+    connect_ms = 1e3 * (time.perf_counter() - t)       # TCP's handshake: its own round trip
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     rtts = []
     for _ in range(args.pings):
@@ -684,9 +741,66 @@ def _probe_main(argv: list[str]) -> int:
     _recv_exactly(sock, 4)
     bulk_s = time.perf_counter() - t
     sock.close()
-    print(json.dumps({"rtt_ms": rtts, "rtt_median_ms": statistics.median(rtts),
+    print(json.dumps({"connect_ms": connect_ms, "rtt_ms": rtts, "rtt_median_ms": statistics.median(rtts),
                       "bulk_bytes": args.bytes, "bulk_s": bulk_s,
                       "bulk_mbit_s": 8 * args.bytes / bulk_s / 1e6}), flush=True)
+    return 0
+
+
+def _delay_main(argv: list[str]) -> int:
+    """The packet delay: every packet read from the TUN device is written back to it
+    ``--delay-ms`` later, in order."""
+    import argparse
+    import asyncio
+    import fcntl
+    import signal
+    import struct
+
+    ap = argparse.ArgumentParser(prog="multihost.py delay")
+    ap.add_argument("--dev", default="tun0", help="an existing TUN device, up")
+    ap.add_argument("--delay-ms", type=float, default=50.0)
+    ap.add_argument("--max-seconds", type=float, default=900.0, help="then exit, whatever")
+    args = ap.parse_args(argv)
+    tunsetiff, iff_tun, iff_no_pi = 0x400454CA, 0x0001, 0x1000
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    fcntl.ioctl(fd, tunsetiff, struct.pack("16sH", args.dev.encode(), iff_tun | iff_no_pi))
+    delay = args.delay_ms / 1e3
+    count = {"packets": 0, "bytes": 0, "lost": 0}
+
+    def send(packet: bytes) -> None:
+        try:
+            os.write(fd, packet)
+        except OSError:                      # the device's queue is full: a drop, as a
+            count["lost"] += 1               # router's would be
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        def arrived():
+            due = loop.time() + delay
+            while True:
+                try:
+                    packet = os.read(fd, 65536)
+                except BlockingIOError:
+                    return
+                count["packets"] += 1
+                count["bytes"] += len(packet)
+                loop.call_at(due, send, packet)
+
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_reader(fd, arrived)
+        print(f"delay: holding every packet through {args.dev} {args.delay_ms:g} ms",
+              flush=True)
+        try:
+            await asyncio.wait_for(stop.wait(), args.max_seconds)
+        except asyncio.TimeoutError:
+            print(f"delay: {args.max_seconds:g} s are up", flush=True)
+
+    asyncio.run(main())
+    print(f"delay: {count['packets']} packets, {count['bytes']} bytes held, "
+          f"{count['lost']} not written back", flush=True)
     return 0
 
 
@@ -725,9 +839,11 @@ def _relay_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    commands = {"relay": _relay_main, "echo": _echo_main, "probe": _probe_main}
+    commands = {"relay": _relay_main, "delay": _delay_main, "echo": _echo_main,
+                "probe": _probe_main}
     if sys.argv[1:2] and sys.argv[1] in commands:
         sys.exit(commands[sys.argv[1]](sys.argv[2:]))
     sys.exit("usage: multihost.py relay --to ADDRESS --port P [--delay-ms MS]\n"
+             "       multihost.py delay --dev TUN [--delay-ms MS]\n"
              "       multihost.py echo --port P\n"
              "       multihost.py probe --to HOST --port P [--pings N] [--bytes B]")

@@ -94,6 +94,8 @@ def test_the_shaped_network_does_what_it_says(tmp_path):
     assert min(relayed["rtt_ms"]) >= 2 * SHAPED.delay_ms - 1, relayed
     assert relayed["rtt_median_ms"] < 2 * SHAPED.delay_ms + 150, relayed
     assert direct["rtt_median_ms"] < SHAPED.delay_ms, direct
+    # ... and the relay ends each TCP connection: the handshake does not wait for the delay
+    assert relayed["connect_ms"] < SHAPED.delay_ms, relayed
     assert "connection 1 from" in relay_log and f"up {nbytes + 9 + 10 * 13}" in relay_log, \
         relay_log
     # rate: tbf lets through at most rate_mbit of packets (headers included), so the bytes
@@ -181,3 +183,46 @@ def test_what_a_killed_process_left_is_swept_by_the_next_topology(tmp_path):
         assert time.monotonic() < deadline, f"{orphan} still runs"
         time.sleep(0.05)
     assert not set(mine) & set(listed())
+
+
+PACKETS = multihost.Shaping(rate_mbit=100, loss=0.02, delay_ms=50, delay_in="packets")
+WHY_NOT_PACKETS = multihost.shaping_available(packets=True)
+
+
+@pytest.mark.skipif(bool(WHY_NOT_PACKETS), reason=WHY_NOT_PACKETS or "")
+@pytest.mark.timeout(120)
+def test_the_packet_delay_holds_tcps_own_round_trip(tmp_path):
+    """With the delay on packets (every packet between two hosts routed through the relay
+    host and held there), TCP's handshake itself takes the two delays, every round trip
+    does, by name or address, and the hosts still lose their share of the packets."""
+    port, nbytes = 5555, 1 << 20
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log = tmp_path / "echo.log"
+    with multihost.Topology(["server", "worker-0"], shaping=PACKETS,
+                            relay_log=tmp_path / "delay.log") as topo:
+        echo = topo.spawn("server", [*PROBE, "echo", "--port", str(port), "--max-seconds",
+                                     "100"], env, tmp_path, log)
+        deadline = time.monotonic() + 20
+        while "listening" not in (log.read_text() if log.exists() else ""):
+            assert echo.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        probes = []
+        for to in ("server", topo.address("server")):
+            r = topo.run("worker-0", [*PROBE, "probe", "--to", to, "--port", str(port),
+                                      "--pings", "5", "--bytes", str(nbytes)], 60, env)
+            assert r.returncode == 0, r.stderr
+            probes.append(json.loads(r.stdout.splitlines()[-1]))
+        loss = {h: topo.loss_counters(h) for h in ("server", "worker-0")}
+    held = (tmp_path / "delay.log").read_text()
+    print(f"\npackets ({PACKETS.describe()}): " + "; ".join(
+        f"connect {m['connect_ms']:.1f} ms, round trip {m['rtt_median_ms']:.1f} ms, "
+        f"{m['bulk_mbit_s']:.1f} Mbit/s" for m in probes) + f"; {loss}; {held.splitlines()[-1]}")
+    for m in probes:
+        assert m["connect_ms"] >= 2 * PACKETS.delay_ms - 1, m
+        assert min(m["rtt_ms"]) >= 2 * PACKETS.delay_ms - 1, m
+        assert m["rtt_median_ms"] < 2 * PACKETS.delay_ms + 150, m
+        assert m["bulk_s"] >= 8 * nbytes / (PACKETS.rate_mbit * 1e6), m
+    packets = re.search(r"delay: (\d+) packets", held)
+    assert packets and int(packets.group(1)) > 2 * nbytes // 1500, held
+    for host, (seen, dropped) in loss.items():
+        assert dropped > 0 and within_binomial(dropped, seen, PACKETS.loss), (host, loss)
