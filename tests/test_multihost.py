@@ -2,8 +2,10 @@
 command and environment, read from the file) runs in a host of its own, the hosts joined by a
 bridge, the workers reaching the server by its service name over real TCP; the default run
 trains to the accuracy bar. Then the same over a shaped network (50 ms each way, 2% loss,
-100 Mbit/s; tests/multihost.py), whose shaping is itself measured first. Skipped, with the
-reason, where namespaces (or tc and iptables) are not to be had."""
+100 Mbit/s; tests/multihost.py), whose shaping is itself measured first, with the delay on
+the byte stream (the relay) and on packets (TCP's own round trip); and what a killed test
+left behind is swept. Skipped, with the reason, where namespaces (or tc and iptables) are
+not to be had."""
 from __future__ import annotations
 
 import json
