@@ -100,6 +100,10 @@ class ServerConfig:
                                   # newest good one
     stats_every_s: float = 1.0    # how often a "server" record goes to metrics.jsonl
     threads: int = 1
+    # After a reply, poll for the next request this long before sleeping, but only when the
+    # client just answered came back that fast last time: a client waiting on the server in
+    # a loop then costs no wake-up, and workers that compute between pushes no spinning.
+    spin_us: float = 500.0
     # Sharded parameter server: the flat parameters split into this many balanced contiguous
     # ranges, each served by its own process (`asgd server --shard I`) with its own version;
     # workers talk to every shard at once. `asgd launch` starts them all.
@@ -364,6 +368,7 @@ def validate(cfg: Config) -> None:
     need(sv.checkpoint_keep >= 1, "server.checkpoint_keep", "must be >= 1")
     need(sv.stats_every_s > 0, "server.stats_every_s", "must be > 0")
     need(sv.threads >= 1, "server.threads", "must be >= 1")
+    need(0 <= sv.spin_us <= 100_000, "server.spin_us", "must be in [0, 100000]")
     need(1 <= sv.shards <= 64, "server.shards", f"must be in [1, 64], got {sv.shards}")
     need(sv.max_workers >= 1, "server.max_workers", "must be >= 1")
     need(w.batch_size >= 1, "worker.batch_size", "must be >= 1")

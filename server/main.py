@@ -36,6 +36,7 @@ log = logging.getLogger("asgd.server")
 POLL_MS = 100
 STATUS_EVERY_S = 5.0   # a status line in the log this often, when anything changed
 MAX_BATCH = 256   # requests handled per wake-up before periodic work gets a turn
+MAX_REPLIED = 1024  # clients whose last reply time is kept (server.spin_us)
 
 
 def build_store(cfg: Config, shard: int = 0) -> ParameterStore:
@@ -146,6 +147,9 @@ class Server:
         self._last_checkpoint_t = time.monotonic()
         self._next_status = time.monotonic() + 1.0
         self._status_at = (time.monotonic(), self.store.version)
+        self.spin_s = cfg.server.spin_us * 1e-6
+        self._spin_next = False
+        self._replied: dict[bytes, float] = {}    # identity -> when it was last answered
 
     def extend_budget(self, updates: int) -> None:
         """run.max_updates = the current version + ``updates`` (what hello tells workers)."""
@@ -165,7 +169,7 @@ class Server:
         while not self.stopping:
             if deadline and time.monotonic() > deadline:
                 break
-            if poller.poll(POLL_MS):
+            if self._spin() or poller.poll(POLL_MS):
                 sock = self.sock
                 for _ in range(MAX_BATCH):   # a message is waiting: poll said so, or EVENTS
                     try:
@@ -187,6 +191,26 @@ class Server:
             moved = self.store.version - self._last_checkpoint_version
             if ce and moved >= ce or ces and moved and now - self._last_checkpoint_t >= ces:
                 self.checkpoint()
+
+    def _spin(self) -> bool:
+        """Whether a request came while polling for up to server.spin_us. The loop polls
+        only after answering a client that came back that fast last time (its request
+        arrived within spin_us of our reply before it): one waiting on us in a loop costs
+        no wake-up of the server, while workers that compute between pushes, and idle
+        times, leave it asleep in ``poll`` (no CPU)."""
+        if self._spin_next:
+            self._spin_next = False
+            sock = self.sock
+            end = time.perf_counter() + self.spin_s
+            while time.perf_counter() < end:
+                if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    return True
+        return False
+
+    def _turnaround(self, identity: bytes, arrived: float) -> None:
+        """Note whether ``identity`` came back within spin_us of our last reply to it."""
+        last = self._replied.get(identity)
+        self._spin_next = last is not None and arrived - last <= self.spin_s
 
     def _recv(self) -> tuple[bytes, list, str | None]:
         """One request: the routing identity and the header as bytes (small: copying is
@@ -211,10 +235,16 @@ class Server:
         return identity, frames, user
 
     def _serve(self, identity: bytes, request: list, user: str | None = None) -> None:
+        if self.spin_s:
+            self._turnaround(identity, time.perf_counter())
         if self.authenticator is not None and not self._authorized(identity, request, user):
             return
         for peer, reply in self.core.handle(identity, request):
             self._send(peer, reply)
+        if self.spin_s:
+            if len(self._replied) >= MAX_REPLIED:   # bounded: strangers come and go
+                self._replied.clear()
+            self._replied[identity] = time.perf_counter()
 
     def _authorized(self, identity: bytes, request: list, user: str | None) -> bool:
         """With CURVE: does the header's ``worker`` belong to the key the request came with?

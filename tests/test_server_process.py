@@ -193,3 +193,37 @@ def test_resume_without_checkpoint_fails_clearly(processes, make_config, tmp_pat
                             "--resume"], timeout=60)
     assert result.returncode != 0
     assert "state.asgd" in result.stderr or "checkpoint" in result.stderr.lower(), result.stderr
+
+
+def test_a_spinning_server_serves_a_looping_client_and_goes_back_to_sleep(
+        start_server, make_config, clients):
+    """server.spin_us: after answering a client that came straight back, the server polls
+    for its next request before sleeping. Every request is still answered in order, and once
+    the client stops the server sleeps in poll again: over an idle second it uses a small
+    part of a core (not a spinning one)."""
+    import os
+    import time
+    from pathlib import Path
+
+    server = start_server(make_config(server={"spin_us": 50_000, "policy": "none",
+                                               "max_staleness": None}))
+    c = clients(server.endpoint, "w0")
+    info, tensors = c.hello(rank=0)
+    numel = sum(t.array.size for t in tensors)
+    out = np.empty(numel, np.float32)
+    version = info["version"]
+    for k in range(200):                       # back to back: the server spins between them
+        reply = c.push_pull_flat(version, np.full(numel, 1e-4, np.float32), out)
+        assert reply["version"] == version + 1
+        version = reply["version"]
+
+    def cpu_s() -> float:
+        fields = (Path(f"/proc/{server.popen.pid}/stat").read_text()
+                  .rsplit(")", 1)[1].split())
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    time.sleep(0.2)                            # the last spin (50 ms) is over
+    before = cpu_s()
+    time.sleep(1.0)
+    assert cpu_s() - before < 0.3, "the server kept spinning while nobody asked"
+    assert c.stats()["version"] == version      # and it still answers
