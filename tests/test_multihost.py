@@ -42,6 +42,16 @@ def within_binomial(k: int, n: int, p: float, sigmas: float = 6.0) -> bool:
 
 @needs_namespaces
 @pytest.mark.timeout(300)
+
+def start_echo(topo, port: int, env: dict, cwd: Path, log: Path) -> None:
+    """The probe's echo on the server's host, listening within 20 s."""
+    echo = topo.spawn("server", [*PROBE, "echo", "--port", str(port), "--max-seconds", "100"],
+                      env, cwd, log)
+    deadline = time.monotonic() + 20
+    while "listening" not in (log.read_text() if log.exists() else ""):
+        assert echo.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+
 def test_the_compose_topology_trains_across_hosts(tmp_path, child_env, mnist1d_cached):
     run = multihost.run_compose(tmp_path / "app", child_env)      # the containers' /app
     assert "tcp://server:5555" in run.logs["worker-0"]              # by service name
@@ -65,25 +75,17 @@ def test_the_shaped_network_does_what_it_says(tmp_path):
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout.splitlines()[-1])
 
-    def start_echo(topo, log: Path) -> None:
-        echo = topo.spawn("server", [*PROBE, "echo", "--port", str(port), "--max-seconds",
-                                     "100"], env, tmp_path, log)
-        deadline = time.monotonic() + 20
-        while "listening" not in (log.read_text() if log.exists() else ""):
-            assert echo.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-
     nbytes = 8 << 20
     with multihost.Topology(["server", "worker-0"], shaping=SHAPED,
                             relay=("server", [port])) as topo:
-        start_echo(topo, tmp_path / "echo.log")
+        start_echo(topo, port, env, tmp_path, tmp_path / "echo.log")
         relayed = measure(topo, "server", nbytes)     # the name resolves to the relay
         direct = measure(topo, topo.address("server"), nbytes)
         loss = {h: topo.loss_counters(h) for h in ("server", "worker-0")}
         tbf = topo.tbf_counters("worker-0")
         relay_log = topo.relay_stats()
     with multihost.Topology(["server", "worker-0"], subnet=1) as plain:
-        start_echo(plain, tmp_path / "echo-plain.log")
+        start_echo(plain, port, env, tmp_path, tmp_path / "echo-plain.log")
         reference = measure(plain, "server", nbytes)
     print(f"\nshaped ({SHAPED.describe()}): through the relay {relayed['rtt_median_ms']:.1f} ms "
           f"a round trip, {relayed['bulk_mbit_s']:.1f} Mbit/s; direct "
@@ -202,12 +204,7 @@ def test_the_packet_delay_holds_tcps_own_round_trip(tmp_path):
     log = tmp_path / "echo.log"
     with multihost.Topology(["server", "worker-0"], shaping=PACKETS,
                             relay_log=tmp_path / "delay.log") as topo:
-        echo = topo.spawn("server", [*PROBE, "echo", "--port", str(port), "--max-seconds",
-                                     "100"], env, tmp_path, log)
-        deadline = time.monotonic() + 20
-        while "listening" not in (log.read_text() if log.exists() else ""):
-            assert echo.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        start_echo(topo, port, env, tmp_path, log)
         probes = []
         for to in ("server", topo.address("server")):
             r = topo.run("worker-0", [*PROBE, "probe", "--to", to, "--port", str(port),
