@@ -33,6 +33,8 @@ from asgd.core.layout import ParameterLayout
 from asgd.core.optim import make_optimizer, outer_config
 
 POOL_SIZE = 4          # snapshot buffers kept per wire dtype
+FUSED_ADAM = {"Adam": getattr(torch, "_fused_adam_", None),
+              "AdamW": getattr(torch, "_fused_adamw_", None)}
 
 
 class SnapshotPool:
@@ -145,6 +147,7 @@ class ParameterStore:
         self._lent: list = []          # trackers of zero-copy replies from the live buffer
         self._spare: list = []         # [array, trackers]: former live buffers, reused when free
         self.moves = 0                 # copies on write (the live buffer was still being sent)
+        self._fast = True              # torch's fused Adam kernel called directly (_fused_adam)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, cfg: Config,
@@ -253,8 +256,11 @@ class ParameterStore:
         opt = self.optimizer
         group = opt.param_groups[0]
         p = self.flat.data
-        ps = [p[a:b] for a, b, _ in grads]
-        gs = [g for _, _, g in grads]
+        if len(grads) == 1 and grads[0][0] == 0 and grads[0][1] == self.numel:
+            ps, gs = [p], [grads[0][2]]           # the common case: no slicing
+        else:
+            ps = [p[a:b] for a, b, _ in grads]
+            gs = [g for _, _, g in grads]
         name = type(opt).__name__
         fused = bool(group.get("fused"))
         if name == "SGD":
@@ -279,9 +285,12 @@ class ParameterStore:
             from torch.optim.adam import adam
             from torch.optim.adamw import adamw
 
+            step = st["step"]
+            kernel = FUSED_ADAM.get(name) if fused and self._fast else None
+            if kernel is not None:
+                return self._fused_adam(kernel, group, st, ps, gs, grads, lr)
             # one step counter per piece, each advanced once by the kernel: the state's own
             # for the first, copies for the rest
-            step = st["step"]
             steps = [step] + [step.clone() for _ in grads[1:]]
             (adam if name == "Adam" else adamw)(
                 ps, gs, [st["exp_avg"][a:b] for a, b, _ in grads],
@@ -292,6 +301,31 @@ class ParameterStore:
                 maximize=group["maximize"])
             return True
         return False
+
+    def _fused_adam(self, kernel, group, st, ps, gs, grads, lr: float) -> bool:
+        """torch's fused Adam (AdamW) kernel called directly: what ``torch.optim.adam``
+        calls, without its grouping of the tensors by device and dtype, its foreach step
+        increment and its argument checks (each a dispatch: together three times the
+        kernel's own time for a small model). The pieces share the state's step counter,
+        advanced once: the kernel only reads it."""
+        step = st["step"]
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        if len(ps) == 1 and ps[0].numel() == self.numel:
+            ms, vs = [m], [v]
+        else:
+            ms = [m[a:b] for a, b, _ in grads]
+            vs = [v[a:b] for a, b, _ in grads]
+        step += 1
+        try:
+            kernel(ps, gs, ms, vs, [], [step] * len(ps), amsgrad=False, lr=lr,
+                   beta1=group["betas"][0], beta2=group["betas"][1],
+                   weight_decay=group["weight_decay"], eps=group["eps"],
+                   maximize=group["maximize"], grad_scale=None, found_inf=None)
+        except (TypeError, RuntimeError):    # another torch's signature: its own way from now
+            step -= 1
+            self._fast = False
+            return self._direct(grads, lr)
+        return True
 
     # ------------------------------------------------------------------------------------------
     # optimizer state, for checkpoints (tensors and plain scalars only: nothing pickled)
