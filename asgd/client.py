@@ -23,8 +23,12 @@ and a reply whose id is not the request's is discarded).
 from __future__ import annotations
 
 import itertools
+import logging
+import select
+import socket
 import time
 
+import msgpack
 import numpy as np
 import zmq
 
@@ -33,6 +37,9 @@ from asgd.core.flat import bf16_to_f32, chunk_ranges
 
 
 ZERO_COPY_BYTES = 1 << 20   # requests at least this large go without a copy
+LOCAL_DATAGRAM = 1 << 16    # the largest reply taken on the local socket (a header)
+
+log = logging.getLogger("asgd.client")
 
 
 class ServerError(Exception):
@@ -56,8 +63,13 @@ class Client:
 
     def __init__(self, endpoint: str, worker: str, timeout_s: float = 10.0,
                  context: zmq.Context | None = None, curve: auth.ClientKeys | None = None,
-                 spin_us: float = 0.0):
+                 spin_us: float = 0.0, local: bool = True):
         self.endpoint, self.worker, self.timeout_s = endpoint, worker, timeout_s
+        # the server's local socket, for shared-memory requests (server/local.py): used
+        # when the server offers one at hello and ``local``
+        self.use_local = local
+        self.local: socket.socket | None = None
+        self._local_ids: set = set()
         self.curve = curve or auth.default_client_keys()
         # wait for a reply by polling for up to this long before sleeping in the kernel: a
         # reply that comes within it is taken without a wake-up (worker.spin_us)
@@ -85,14 +97,105 @@ class Client:
 
     def reconnect(self):
         """A new socket (a new routing identity, the same keys); replies owed to the old
-        one are lost."""
+        one are lost. The local socket is closed: the next hello offers a new one."""
+        self._close_local()
         self.sock.close(0)
         self._connect()
 
     def close(self):
+        self._close_local()
         if self.sock is not None:
             self.sock.close(0)
             self.sock = None
+
+    # ------------------------------------------------------------------------------------------
+    # the local socket (same host: shared-memory requests without ZeroMQ)
+
+    def _open_local(self, offer: dict) -> None:
+        """Connect to the server's local socket and prove to be this worker with the token
+        of its hello. Where that fails (another network namespace, an old server) the
+        requests go over ZeroMQ as before."""
+        self._close_local()
+        name, token = offer.get("socket"), offer.get("token")
+        if not (self.use_local and isinstance(name, str) and isinstance(token, str)):
+            return
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            s.settimeout(min(self.timeout_s, 5.0))
+            s.connect("\0" + name)
+            s.send(msgpack.packb({"worker": self.worker, "token": token}))
+            answer = msgpack.unpackb(s.recv(LOCAL_DATAGRAM), raw=False)
+            if not (isinstance(answer, dict) and answer.get("ok")):
+                raise OSError(f"refused: {answer}")
+            s.setblocking(False)
+        except (OSError, ValueError, msgpack.UnpackException) as e:
+            s.close()
+            log.info("the server's local socket cannot be used (%s): ZeroMQ carries "
+                     "everything", e)
+            return
+        self.local = s
+
+    def _close_local(self) -> None:
+        if self.local is not None:
+            self.local.close()
+            self.local = None
+        self._local_ids.clear()
+
+    def _send_local(self, rid: int, op: str, header: bytes) -> int:
+        try:
+            try:
+                self.local.send(header)
+            except BlockingIOError:      # the server is not reading: wait, bounded
+                if not select.select([], [self.local], [], self.timeout_s)[1]:
+                    raise ServerTimeout(f"could not send {op} to the local socket within "
+                                        f"{self.timeout_s:g} s") from None
+                self.local.send(header)
+        except OSError as e:             # the server is gone (ServerTimeout: say hello again)
+            self._close_local()
+            raise ServerTimeout(f"the server's local socket: {e}") from None
+        self.bytes_sent += len(header)
+        self._sent_ops[rid] = op
+        self._local_ids.add(rid)
+        return rid
+
+    def _wait_local(self, rid: int, op: str, timeout_s: float | None = None) -> dict:
+        """The reply to ``rid`` on the local socket: polled for ``spin_s``, then waited for
+        in ``select`` up to the timeout."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        sock = self.local
+        spin_end = time.perf_counter() + self.spin_s
+        try:
+            while True:
+                try:
+                    data = sock.recv(LOCAL_DATAGRAM)
+                except BlockingIOError:
+                    if time.perf_counter() < spin_end:
+                        continue
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not select.select([sock], [], [], left)[0]:
+                        raise ServerTimeout(f"no reply to {op} from {self.endpoint} within "
+                                            f"{timeout_s:g} s (local socket)") from None
+                    continue
+                except OSError as e:
+                    data, why = b"", e
+                else:
+                    why = "closed"
+                if not data:            # the server closed it: it stopped or restarted
+                    self._close_local()
+                    raise ServerTimeout(f"the server's local socket: {why}")
+                self.bytes_received += len(data)
+                head, _ = protocol.decode([data])
+                if head.get("id") is None and not head.get("ok"):
+                    raise ServerError(head.get("error", "internal"), head.get("message", ""))
+                if head.get("id") != rid:      # a late reply to an earlier request
+                    continue
+                if not head.get("ok"):
+                    raise ServerError(head.get("error", "internal"), head.get("message", ""))
+                return head
+        finally:
+            self._sent_ops.pop(rid, None)
+            self._local_ids.discard(rid)
 
     def __enter__(self):
         return self
@@ -220,6 +323,8 @@ class Client:
         if self.segment is not None:
             self._shm_ids.add(rid)
         header = protocol.request_header("pull", rid, self.worker, **fields)
+        if self.local is not None and self.segment is not None:
+            return self._send_local(rid, "pull", protocol.pack_header(header))
         return self._send(rid, "pull", [protocol.pack_header(header)])
 
     def send_push_pull_flat(self, version: int, grad: np.ndarray | None = None, *,
@@ -237,6 +342,8 @@ class Client:
             header = protocol.request_header(op, rid, self.worker, version=version, shm=slot,
                                              **extra)
             self._shm_ids.add(rid)
+            if self.local is not None:
+                return self._send_local(rid, op, protocol.pack_header(header))
             return self._send(rid, op, [protocol.pack_header(header)])
         fields = {"version": version, "flat": True, **extra}
         if op == "push_pull":
@@ -272,7 +379,14 @@ class Client:
         op = self._sent_ops.get(rid, "push_pull")
         small = self.segment is not None and rid in self._shm_ids
         self._shm_ids.discard(rid)
-        head, tensors = self._wait(rid, op, timeout_s, copy=small)
+        if rid in self._local_ids:
+            if self.local is None:       # closed since: the reply is lost with it
+                self._local_ids.discard(rid)
+                raise ServerTimeout(f"the server's local socket closed before the reply "
+                                    f"to {op}")
+            head, tensors = self._wait_local(rid, op, timeout_s), []
+        else:
+            head, tensors = self._wait(rid, op, timeout_s, copy=small)
         if op in ("pull", "push_pull") and out is not None:
             self._weights_into(head, tensors, out)
         return head
@@ -303,6 +417,12 @@ class Client:
             self.segment = shm if answer.get("ok") else None
             self.shm_refused = "" if answer.get("ok") else str(answer.get("reason",
                                                                            "not supported"))
+            if self.segment is not None:
+                self._open_local(answer)
+            else:
+                self._close_local()
+        else:
+            self._close_local()
         return head, tensors
 
     def pull(self) -> tuple[int, list[protocol.Tensor]]:
@@ -343,14 +463,16 @@ def _as_tensor(a):
 # several shards
 
 def connect_client(endpoints, worker: str, timeout_s: float = 10.0, context=None,
-                   curve: auth.ClientKeys | None = None, spin_us: float = 0.0):
+                   curve: auth.ClientKeys | None = None, spin_us: float = 0.0,
+                   local: bool = True):
     """A ``Client`` for one endpoint, a ``ShardedClient`` for several (a list, or one string
-    of comma-separated endpoints)."""
+    of comma-separated endpoints). ``local``: use a server's local socket when it offers
+    one (shared-memory requests without ZeroMQ)."""
     if isinstance(endpoints, str):
         endpoints = [e.strip() for e in endpoints.split(",") if e.strip()]
     if len(endpoints) == 1:
-        return Client(endpoints[0], worker, timeout_s, context, curve, spin_us)
-    return ShardedClient(endpoints, worker, timeout_s, context, curve, spin_us)
+        return Client(endpoints[0], worker, timeout_s, context, curve, spin_us, local)
+    return ShardedClient(endpoints, worker, timeout_s, context, curve, spin_us, local)
 
 
 class ShardedClient:
@@ -367,11 +489,11 @@ class ShardedClient:
 
     def __init__(self, endpoints: list[str], worker: str, timeout_s: float = 10.0,
                  context: zmq.Context | None = None, curve: auth.ClientKeys | None = None,
-                 spin_us: float = 0.0):
+                 spin_us: float = 0.0, local: bool = True):
         if len(set(endpoints)) != len(endpoints):
             raise ValueError(f"the same endpoint twice among {endpoints}")
         # every shard has the same allow-list and key pair: one set of client keys for all
-        self.clients = [Client(e, worker, timeout_s, context, curve, spin_us)
+        self.clients = [Client(e, worker, timeout_s, context, curve, spin_us, local)
                         for e in endpoints]
         self.endpoint = ",".join(endpoints)
         self.worker = worker

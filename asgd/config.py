@@ -104,6 +104,10 @@ class ServerConfig:
     # client just answered came back that fast last time: a client waiting on the server in
     # a loop then costs no wake-up, and workers that compute between pushes no spinning.
     spin_us: float = 500.0
+    # Workers on this host (their shared-memory segment mapped) send their shared-memory
+    # requests over a unix socket instead of ZeroMQ: no I/O threads between the two
+    # processes (server/local.py). false: everything over ZeroMQ.
+    local: bool = True
     # Sharded parameter server: the flat parameters split into this many balanced contiguous
     # ranges, each served by its own process (`asgd server --shard I`) with its own version;
     # workers talk to every shard at once. `asgd launch` starts them all.

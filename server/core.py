@@ -135,6 +135,7 @@ class ServerCore:
         self.shm_bytes_in = self.shm_bytes_out = 0   # tensors moved through shared memory
         self.check = FiniteCheck()
         self.segments: dict[str, Segment] = {}
+        self.local = None        # the server's LocalSockets (server.local), or None
         self._ops = {"hello": self._hello, "pull": self._pull, "push": self._push,
                      "push_pull": self._push, "stats": self._stats, "bye": self._bye}
         assert set(self._ops) == set(protocol.OPS)
@@ -146,11 +147,13 @@ class ServerCore:
 
     # ------------------------------------------------------------------------------------------
 
-    def handle(self, identity: bytes, frames) -> list[tuple[bytes, list]]:
+    def handle(self, identity: bytes, frames, local: str | None = None
+               ) -> list[tuple[bytes, list]]:
         """The replies to send now, as (identity, frames) pairs, for one request from
         ``identity``: usually its own; none when a policy holds it (ssp, sync); and any held
-        replies this request released. Never raises."""
-        out = self.reply_frames(identity, frames)
+        replies this request released. ``local``: the request came over the local socket of
+        this worker (server.local). Never raises."""
+        out = self.reply_frames(identity, frames, local)
         replies = [] if out is DEFER else [(identity, out)]
         return replies + self.tick()
 
@@ -165,13 +168,15 @@ class ServerCore:
             out.append((p.identity, self._answer(p.request_id, p.op, p.reply, None, p.form)))
         return out
 
-    def reply_frames(self, identity: bytes, frames) -> list | None:
+    def reply_frames(self, identity: bytes, frames, local: str | None = None) -> list | None:
         """Reply frames for one request's frames, or DEFER. Never raises."""
         request_id = None
         self.bytes_in += sum(protocol.frame_nbytes(f) for f in frames)
         try:
             req = protocol.check_request(frames, self.max_bytes)
             request_id = req.id
+            if local is not None:
+                self._check_local(req, local)
             self.requests[req.op] += 1
             # a record exists only for a worker that said hello; observers (the launcher's
             # monitor, evaluation pulls) and strangers leave none
@@ -196,6 +201,19 @@ class ServerCore:
             out = protocol.error_frames(request_id, "internal", repr(e))
         self.bytes_out += sum(protocol.frame_nbytes(f) for f in out)
         return out
+
+    @staticmethod
+    def _check_local(req: Request, worker: str) -> None:
+        """A request over a local socket: from the worker that connection proved to be, and
+        one answered by a header alone (shared-memory pushes and pulls, stats, bye)."""
+        if req.worker != worker:
+            raise ProtocolError("unauthorized", f"this local connection is worker "
+                                f"{worker[:64]!r}'s, not {req.worker[:64]!r}'s", req.id)
+        if req.op in ("push", "push_pull", "pull") and req.get("shm") is None or \
+                req.op == "hello":
+            raise ProtocolError("bad_request", f"{req.op} without shared memory goes over "
+                                "ZeroMQ: the local socket carries only requests answered by "
+                                "a header alone", req.id)
 
     def _reply_form(self, req: Request) -> ReplyForm:
         shm = req.get("shm")
@@ -317,6 +335,8 @@ class ServerCore:
     def _forget(self, name: str) -> None:
         self.workers.pop(name, None)
         self.control.bye(name)
+        if self.local is not None:
+            self.local.forget(name)
         seg = self.segments.pop(name, None)
         if seg is not None:
             seg.close()
@@ -335,7 +355,8 @@ class ServerCore:
                                                      self.store.layout.numel)
         except (SegmentError, OSError, ValueError) as e:
             return {"ok": False, "reason": str(e)}
-        return {"ok": True}
+        # on this host: the shared-memory requests may also skip ZeroMQ (server.local)
+        return {"ok": True, **(self.local.offer(req.worker) if self.local is not None else {})}
 
     def _pull(self, req: Request, worker, identity: bytes):
         return {"version": self.store.version}, None
@@ -486,6 +507,8 @@ class ServerCore:
 
     def _bye(self, req: Request, worker, identity: bytes):
         self.control.bye(req.worker)
+        if self.local is not None:
+            self.local.tokens.pop(req.worker, None)   # its connection closes from its side
         seg = self.segments.pop(req.worker, None)
         if seg is not None:
             seg.close()

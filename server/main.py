@@ -29,6 +29,7 @@ from asgd.launch.processes import write_address
 from asgd.metrics import MetricsWriter
 from server.checkpoint import resume_store, save_store
 from server.core import ServerCore
+from server.local import PREFIX as LOCAL_PREFIX, LocalSockets
 from server.store import ParameterStore
 
 log = logging.getLogger("asgd.server")
@@ -147,8 +148,14 @@ class Server:
         self._last_checkpoint_t = time.monotonic()
         self._next_status = time.monotonic() + 1.0
         self._status_at = (time.monotonic(), self.store.version)
+        self.local = None                # LocalSockets: this host's workers without ZeroMQ
+        if cfg.server.local:
+            try:
+                self.local = self.core.local = LocalSockets()
+            except OSError as e:         # no unix sockets here: ZeroMQ carries everything
+                log.info("no local socket (%s): every request goes over ZeroMQ", e)
         self.spin_s = cfg.server.spin_us * 1e-6
-        self._spin_next = False
+        self._spin_next = None           # the identity to poll for after a reply (_spin)
         self._replied: dict[bytes, float] = {}    # identity -> when it was last answered
 
     def extend_budget(self, updates: int) -> None:
@@ -163,13 +170,22 @@ class Server:
     def serve(self, max_seconds: float | None = None) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        local = self.local
+        if local is not None:
+            poller.register(local.listener, zmq.POLLIN)
+            local.unregister = poller.unregister
+            listener = local.listener.fileno()
+            conns = {}                       # connection's file descriptor -> its identity
+            # (zmq.Poller reports sockets that are not ZeroMQ's by their descriptor)
         every = self.cfg.server.stats_every_s
         next_stats = time.monotonic() + every
         deadline = time.monotonic() + max_seconds if max_seconds else None
         while not self.stopping:
             if deadline and time.monotonic() > deadline:
                 break
-            if self._spin() or poller.poll(POLL_MS):
+            spun = self._spin()
+            events = () if spun else poller.poll(POLL_MS)
+            if spun is True or any(s is self.sock for s, _ in events):
                 sock = self.sock
                 for _ in range(MAX_BATCH):   # a message is waiting: poll said so, or EVENTS
                     try:
@@ -179,6 +195,24 @@ class Server:
                     self._serve(identity, request, user)
                     if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         break
+            elif spun:                       # a local request taken while polling
+                self._serve_local(*spun)
+            for s, _ in events:
+                if s is self.sock:
+                    continue
+                if s == listener:
+                    for ident, conn in local.accept():
+                        conns[conn.fileno()] = ident
+                        poller.register(conn, zmq.POLLIN)
+                    continue
+                ident = conns.get(s)
+                for _ in range(MAX_BATCH):
+                    data = local.recv(ident) if ident in local.conns else b""
+                    if not data:             # nothing more waiting, or it closed
+                        break
+                    self._serve_local(ident, data)
+                if ident not in local.conns:
+                    conns.pop(s, None)
             for identity, reply in self.core.tick():
                 self._send(identity, reply)
             now = time.monotonic()
@@ -192,25 +226,44 @@ class Server:
             if ce and moved >= ce or ces and moved and now - self._last_checkpoint_t >= ces:
                 self.checkpoint()
 
-    def _spin(self) -> bool:
-        """Whether a request came while polling for up to server.spin_us. The loop polls
-        only after answering a client that came back that fast last time (its request
+    def _spin(self):
+        """What came while polling for up to server.spin_us: True for a ZeroMQ request,
+        (identity, datagram) for one on that client's local socket, else False. The loop
+        polls only after answering a client that came back that fast last time (its request
         arrived within spin_us of our reply before it): one waiting on us in a loop costs
         no wake-up of the server, while workers that compute between pushes, and idle
         times, leave it asleep in ``poll`` (no CPU)."""
-        if self._spin_next:
-            self._spin_next = False
-            sock = self.sock
-            end = time.perf_counter() + self.spin_s
+        ident = self._spin_next
+        if ident is None:
+            return False
+        self._spin_next = None
+        end = time.perf_counter() + self.spin_s
+        if ident.startswith(LOCAL_PREFIX) and self.local is not None:
+            recv = self.local.recv
             while time.perf_counter() < end:
-                if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    return True
+                data = recv(ident)
+                if data is not None:
+                    return (ident, data) if data else False
+            return False
+        sock = self.sock
+        while time.perf_counter() < end:
+            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return True
         return False
 
     def _turnaround(self, identity: bytes, arrived: float) -> None:
         """Note whether ``identity`` came back within spin_us of our last reply to it."""
         last = self._replied.get(identity)
-        self._spin_next = last is not None and arrived - last <= self.spin_s
+        self._spin_next = identity if last is not None and arrived - last <= self.spin_s \
+            else None
+
+    def _serve_local(self, ident: bytes, data: bytes) -> None:
+        """One datagram of a local connection: its greeting, or a request of its worker."""
+        worker = self.local.owner.get(ident)
+        if worker is None:
+            self.local.greet(ident, data)
+            return
+        self._serve(ident, [data], local=worker)
 
     def _recv(self) -> tuple[bytes, list, str | None]:
         """One request: the routing identity and the header as bytes (small: copying is
@@ -234,12 +287,14 @@ class Server:
                 frames.append(sock.recv(copy=False))
         return identity, frames, user
 
-    def _serve(self, identity: bytes, request: list, user: str | None = None) -> None:
+    def _serve(self, identity: bytes, request: list, user: str | None = None,
+               local: str | None = None) -> None:
         if self.spin_s:
             self._turnaround(identity, time.perf_counter())
-        if self.authenticator is not None and not self._authorized(identity, request, user):
+        if local is None and self.authenticator is not None and \
+                not self._authorized(identity, request, user):
             return
-        for peer, reply in self.core.handle(identity, request):
+        for peer, reply in self.core.handle(identity, request, local):
             self._send(peer, reply)
         if self.spin_s:
             if len(self._replied) >= MAX_REPLIED:   # bounded: strangers come and go
@@ -273,6 +328,10 @@ class Server:
     def _send(self, identity: bytes, reply: list) -> None:
         """One reply. Frames from the snapshot pool (zmq.Frame) go without a copy; the rest
         are small or already copies, and a plain send is cheaper for them than a Frame."""
+        if identity.startswith(LOCAL_PREFIX) and self.local is not None:
+            # only requests answered by a header alone come this way (ServerCore._check_local)
+            self.local.send(identity, bytes(reply[0]))
+            return
         sock = self.sock
         try:
             if len(reply) == 1:          # a header alone (shared memory, errors, stats)
@@ -325,6 +384,8 @@ class Server:
         finally:
             self._record_stats()
             self.metrics.close()
+            if self.local is not None:
+                self.local.close_all()
             self.sock.close(0)
             if self.authenticator is not None:
                 self.authenticator.stop()
