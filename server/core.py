@@ -560,6 +560,7 @@ class ServerCore:
             "bytes_out": self.bytes_out,
             "shm_bytes_in": self.shm_bytes_in,
             "shm_bytes_out": self.shm_bytes_out,
+            "local": self.local.stats() if self.local is not None else None,
             "shard": {"index": self.shard[0], "count": self.shard[1], "start": self.lo,
                       "stop": self.hi},
             "uptime_s": round(now - self.started, 3),

@@ -49,12 +49,14 @@ class LocalSockets:
         self.tokens: dict[str, str] = {}               # worker -> the token of its last hello
         self.conns: dict[bytes, socket.socket] = {}    # identity -> connection
         self.owner: dict[bytes, str] = {}              # identity -> worker, once it proved it
-        self.refused = 0
+        self.refused = 0           # connections refused (no token, too many)
+        self.requests = 0          # requests taken over local connections
         self.unregister = None     # called with a connection before it is closed (the poller)
         self._ids = itertools.count(1)
 
-    def fileno(self) -> int:
-        return self.listener.fileno()
+    def stats(self) -> dict:
+        return {"connections": len(self.conns), "workers": len(self.owner),
+                "requests": self.requests, "refused": self.refused}
 
     def offer(self, worker: str) -> dict:
         """What a worker that said hello with a mapped segment is told: where to connect and

@@ -263,6 +263,7 @@ class Server:
         if worker is None:
             self.local.greet(ident, data)
             return
+        self.local.requests += 1
         self._serve(ident, [data], local=worker)
 
     def _recv(self) -> tuple[bytes, list, str | None]:

@@ -1,0 +1,165 @@
+"""The local socket (server/local.py) against a real server process: a worker on the server's
+host sends its shared-memory requests over a unix socket instead of ZeroMQ; a connection
+speaks only for the worker whose hello gave it its token, only in requests answered by a
+header alone; strangers, wrong workers, malformed and oversized datagrams are refused and
+the server keeps serving; ``server.local: false`` keeps everything on ZeroMQ; a server that
+dies is noticed at once, not after the reply timeout."""
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import msgpack
+import numpy as np
+import pytest
+
+from asgd.client import ServerError, ServerTimeout
+from asgd.core import protocol
+from asgd.core.shm import Segment
+
+SGD = {"optimizer": {"name": "sgd", "lr": 1.0},
+       "schedule": {"kind": "constant", "warmup": 0}}
+
+
+@pytest.fixture
+def server(start_server, make_config, tmp_path):
+    def start(**server_section):
+        return start_server(make_config(**SGD, server=server_section),
+                            bind=f"ipc://{tmp_path}/s.sock")
+    return start
+
+
+@pytest.fixture
+def segment_client(clients):
+    """(client, segment, numel): a client that said hello with a segment the server took."""
+    made = []
+
+    def make(endpoint: str, worker: str = "t0", timeout_s: float | None = None):
+        c = clients(endpoint, worker) if timeout_s is None else \
+            clients(endpoint, worker, timeout_s=timeout_s)
+        _, tensors = c.hello()
+        numel = sum(t.array.size for t in tensors)
+        seg = Segment.create(numel)
+        made.append(seg)
+        c.hello(rank=0, shm=seg)
+        assert c.segment is seg, c.shm_refused
+        seg.unlink()
+        return c, seg, numel
+
+    yield make
+    for seg in made:
+        seg.close()
+
+
+def connect(name: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.settimeout(10)
+    s.connect("\0" + name)
+    return s
+
+
+def ask(s: socket.socket, header: dict | bytes) -> dict:
+    s.send(header if isinstance(header, bytes) else protocol.pack_header(header))
+    return protocol.decode_header(s.recv(1 << 16))
+
+
+def test_shared_memory_requests_skip_zeromq(server, segment_client):
+    srv = server()
+    c, seg, numel = segment_client(srv.endpoint)
+    assert c.local is not None
+    before = c.stats()["local"]
+    out = np.empty(numel, np.float32)
+    version = c.pull_flat(out)
+    w0 = out.copy()
+    g = np.linspace(-1, 1, numel, dtype=np.float32)
+    seg.grad(0)[:] = g
+    for i in range(5):
+        reply = c.push_pull_flat(version, None, out, slot=0)
+        assert (reply["version"], reply["applied"]) == (version + 1, True)
+        version = reply["version"]
+    assert np.allclose(out, w0 - 5 * g, atol=1e-5)
+    after = c.stats()["local"]
+    # the pull and the five pushes came over the local socket (stats itself over ZeroMQ)
+    assert after["requests"] - before["requests"] == 6
+    assert after["workers"] == 1
+    # a non-finite gradient is refused over it as over ZeroMQ, and changes nothing
+    seg.grad(1)[:] = g
+    seg.grad(1)[7] = np.inf
+    with pytest.raises(ServerError) as e:
+        c.push_pull_flat(version, None, out, slot=1)
+    assert e.value.code == "bad_tensor"
+    assert c.pull_flat(out) == version
+
+
+def test_the_local_socket_speaks_only_for_its_worker(server, segment_client):
+    srv = server()
+    c, _, numel = segment_client(srv.endpoint, "w0")
+    seg = Segment.create(numel)
+    try:
+        head, _ = c.request("hello", shm=str(seg.path))   # a second hello: a new token
+        seg.unlink()
+        offer = head["shm"]
+        name, token = offer["socket"], offer["token"]
+        _speak_for(c, seg, name, token)
+    finally:
+        seg.close()
+
+
+def _speak_for(c, seg, name: str, token: str) -> None:
+    # strangers: a wrong token, no token, not msgpack at all
+    for greeting in (msgpack.packb({"worker": "w0", "token": "0" * 32}),
+                     msgpack.packb({"worker": "w0"}), b"\xc1 not msgpack"):
+        s = connect(name)
+        s.send(greeting)
+        answer = msgpack.unpackb(s.recv(4096))
+        assert answer["ok"] is False and answer["error"] == "unauthorized"
+        assert s.recv(4096) == b""                  # and closed
+        s.close()
+    s = connect(name)
+    s.send(msgpack.packb({"worker": "w0", "token": token}))
+    assert msgpack.unpackb(s.recv(4096)) == {"ok": True}
+    version = c.stats()["version"]
+    # as another worker: unauthorized; without shared memory, or a hello: bad_request
+    r = ask(s, protocol.request_header("push_pull", 1, "w1", version=version, shm=0))
+    assert (r["ok"], r["error"]) == (False, "unauthorized")
+    for op, fields in (("pull", {"flat": True}), ("hello", {}),
+                       ("push_pull", {"version": version, "flat": True})):
+        r = ask(s, protocol.request_header(op, 2, "w0", **fields))
+        assert (r["ok"], r["error"]) == (False, "bad_request"), (op, r)
+    r = ask(s, b"\x93garbage")
+    assert r["ok"] is False
+    seg.grad(0)[:] = 0.5
+    r = ask(s, protocol.request_header("push_pull", 3, "w0", version=version, shm=0))
+    assert r["ok"] and r["version"] == version + 1
+    # a datagram over the limit closes the connection; the server goes on
+    s.send(b"x" * 70_000)
+    assert s.recv(4096) == b""
+    s.close()
+    stats = c.stats()
+    assert stats["version"] == version + 1
+    assert stats["local"]["refused"] >= 3
+
+
+def test_server_local_false_keeps_everything_on_zeromq(server, segment_client):
+    srv = server(local=False)
+    c, seg, numel = segment_client(srv.endpoint)
+    assert c.local is None
+    out = np.empty(numel, np.float32)
+    version = c.pull_flat(out)
+    seg.grad(0)[:] = 1.0
+    assert c.push_pull_flat(version, None, out, slot=0)["version"] == version + 1
+    assert c.stats()["local"] is None
+
+
+def test_a_server_that_dies_is_noticed_at_once(server, segment_client):
+    srv = server()
+    c, seg, numel = segment_client(srv.endpoint, timeout_s=30)
+    out = np.empty(numel, np.float32)
+    version = c.pull_flat(out)
+    srv.stop(signal.SIGKILL)
+    t = time.monotonic()
+    with pytest.raises(ServerTimeout):
+        c.push_pull_flat(version, None, out, slot=0)
+    assert time.monotonic() - t < 5          # the socket closed: no 30 s timeout
+    assert c.local is None                   # the next requests go over ZeroMQ
