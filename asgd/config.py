@@ -104,6 +104,10 @@ class ServerConfig:
     # client just answered came back that fast last time: a client waiting on the server in
     # a loop then costs no wake-up, and workers that compute between pushes no spinning.
     spin_us: float = 500.0
+    # ... and this long instead while the host has a core to spare for the server (the
+    # workers on it, by shared memory, are fewer than its cores): a worker's step then finds
+    # the server awake, its caches warm, instead of waking it. 0: only spin_us.
+    spin_spare_us: float = 5000.0
     # Workers on this host (their shared-memory segment mapped) send their shared-memory
     # requests over a unix socket instead of ZeroMQ: no I/O threads between the two
     # processes (server/local.py). false: everything over ZeroMQ.
@@ -373,6 +377,7 @@ def validate(cfg: Config) -> None:
     need(sv.stats_every_s > 0, "server.stats_every_s", "must be > 0")
     need(sv.threads >= 1, "server.threads", "must be >= 1")
     need(0 <= sv.spin_us <= 100_000, "server.spin_us", "must be in [0, 100000]")
+    need(0 <= sv.spin_spare_us <= 100_000, "server.spin_spare_us", "must be in [0, 100000]")
     need(1 <= sv.shards <= 64, "server.shards", f"must be in [1, 64], got {sv.shards}")
     need(sv.max_workers >= 1, "server.max_workers", "must be >= 1")
     need(w.batch_size >= 1, "worker.batch_size", "must be >= 1")

@@ -15,6 +15,7 @@ version, and keeps its checkpoint in ``<checkpoint dir>/shard-I``.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -38,6 +39,14 @@ POLL_MS = 100
 STATUS_EVERY_S = 5.0   # a status line in the log this often, when anything changed
 MAX_BATCH = 256   # requests handled per wake-up before periodic work gets a turn
 MAX_REPLIED = 1024  # clients whose last reply time is kept (server.spin_us)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def build_store(cfg: Config, shard: int = 0) -> ParameterStore:
@@ -155,6 +164,8 @@ class Server:
             except OSError as e:         # no unix sockets here: ZeroMQ carries everything
                 log.info("no local socket (%s): every request goes over ZeroMQ", e)
         self.spin_s = cfg.server.spin_us * 1e-6
+        self.spare_spin_s = max(self.spin_s, cfg.server.spin_spare_us * 1e-6)
+        self.cores = usable_cores()
         self._spin_next = None           # the identity to poll for after a reply (_spin)
         self._replied: dict[bytes, float] = {}    # identity -> when it was last answered
 
@@ -237,7 +248,7 @@ class Server:
         if ident is None:
             return False
         self._spin_next = None
-        end = time.perf_counter() + self.spin_s
+        end = time.perf_counter() + self._spin_window()
         if ident.startswith(LOCAL_PREFIX) and self.local is not None:
             recv = self.local.recv
             while time.perf_counter() < end:
@@ -251,11 +262,22 @@ class Server:
                 return True
         return False
 
+    def _spin_window(self) -> float:
+        """How long to poll after a reply: server.spin_spare_us while this host has a core to
+        spare for the server (its workers, by their shared-memory segments, and the server
+        fewer than or as many as its cores): the core is idle anyway, and a server awake when
+        the next push comes answers it sooner than one woken from sleep, its caches warm.
+        Otherwise server.spin_us: the workers need every core."""
+        local = len(self.core.segments)
+        if local and local + 1 <= self.cores:
+            return self.spare_spin_s
+        return self.spin_s
+
     def _turnaround(self, identity: bytes, arrived: float) -> None:
-        """Note whether ``identity`` came back within spin_us of our last reply to it."""
+        """Note whether ``identity`` came back within the spin window of our last reply."""
         last = self._replied.get(identity)
-        self._spin_next = identity if last is not None and arrived - last <= self.spin_s \
-            else None
+        self._spin_next = identity if last is not None and \
+            arrived - last <= self._spin_window() else None
 
     def _serve_local(self, ident: bytes, data: bytes) -> None:
         """One datagram of a local connection: its greeting, or a request of its worker."""
@@ -290,14 +312,14 @@ class Server:
 
     def _serve(self, identity: bytes, request: list, user: str | None = None,
                local: str | None = None) -> None:
-        if self.spin_s:
+        if self.spare_spin_s:
             self._turnaround(identity, time.perf_counter())
         if local is None and self.authenticator is not None and \
                 not self._authorized(identity, request, user):
             return
         for peer, reply in self.core.handle(identity, request, local):
             self._send(peer, reply)
-        if self.spin_s:
+        if self.spare_spin_s:
             if len(self._replied) >= MAX_REPLIED:   # bounded: strangers come and go
                 self._replied.clear()
             self._replied[identity] = time.perf_counter()

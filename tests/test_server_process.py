@@ -2,7 +2,9 @@
 nothing, SIGTERM writing the checkpoint and --resume picking it up bitwise."""
 from __future__ import annotations
 
+import os
 import signal
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -227,3 +229,48 @@ def test_a_spinning_server_serves_a_looping_client_and_goes_back_to_sleep(
     time.sleep(1.0)
     assert cpu_s() - before < 0.3, "the server kept spinning while nobody asked"
     assert c.stats()["version"] == version      # and it still answers
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a core to spare")
+def test_with_a_core_to_spare_the_server_stays_awake_between_a_workers_steps(
+        start_server, make_config, clients, tmp_path):
+    """server.spin_spare_us: with one worker on this host (its segment mapped) and a core
+    to spare, the server polls between that worker's pushes, 2 ms of "compute" apart, instead
+    of sleeping (most of a core while the worker pushes); with spin_spare_us 0 it sleeps
+    between them; either way it is asleep once the worker stops."""
+    import time
+
+    from asgd.core.shm import Segment
+
+    def cpu_s(pid) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    used = {}
+    for spare in (5000, 0):
+        server = start_server(make_config(server={"spin_spare_us": spare}),
+                              bind=f"ipc://{tmp_path}/s{spare}.sock")
+        c = clients(server.endpoint, f"w{spare}")
+        _, tensors = c.hello()
+        numel = sum(t.array.size for t in tensors)
+        seg = Segment.create(numel)
+        try:
+            info, _ = c.hello(rank=0, shm=seg)
+            assert c.segment is seg, c.shm_refused
+            seg.grad(0)[:] = 1e-4
+            version = info["version"]
+            before, t0 = cpu_s(server.popen.pid), time.monotonic()
+            for _ in range(150):
+                end = time.perf_counter() + 0.002          # a step's compute
+                while time.perf_counter() < end:
+                    pass
+                version = c.push_pull_flat(version, None, seg.weights, slot=0)["version"]
+            used[spare] = (cpu_s(server.popen.pid) - before) / (time.monotonic() - t0)
+            time.sleep(0.2)
+            before = cpu_s(server.popen.pid)
+            time.sleep(1.0)
+            assert cpu_s(server.popen.pid) - before < 0.3, f"spinning while idle ({spare})"
+            c.bye()
+        finally:
+            seg.close()
+    assert used[5000] > 0.6 and used[0] < 0.5, used
