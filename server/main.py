@@ -39,6 +39,7 @@ POLL_MS = 100
 STATUS_EVERY_S = 5.0   # a status line in the log this often, when anything changed
 MAX_BATCH = 256   # requests handled per wake-up before periodic work gets a turn
 MAX_REPLIED = 1024  # clients whose last reply time is kept (server.spin_us)
+SPIN_POLL_S = 50e-6   # while spinning for one client, every source is polled this often
 
 
 def usable_cores() -> int:
@@ -194,9 +195,13 @@ class Server:
         while not self.stopping:
             if deadline and time.monotonic() > deadline:
                 break
-            spun = self._spin()
-            events = () if spun else poller.poll(POLL_MS)
-            if spun is True or any(s is self.sock for s, _ in events):
+            spun = self._spin(poller)
+            if isinstance(spun, tuple):      # a local request taken while polling
+                self._serve_local(*spun)
+                events = poller.poll(0)      # and whatever else came meanwhile
+            else:
+                events = spun or poller.poll(POLL_MS)
+            if any(s is self.sock for s, _ in events):
                 sock = self.sock
                 for _ in range(MAX_BATCH):   # a message is waiting: poll said so, or EVENTS
                     try:
@@ -206,8 +211,6 @@ class Server:
                     self._serve(identity, request, user)
                     if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         break
-            elif spun:                       # a local request taken while polling
-                self._serve_local(*spun)
             for s, _ in events:
                 if s is self.sock:
                     continue
@@ -237,30 +240,37 @@ class Server:
             if ce and moved >= ce or ces and moved and now - self._last_checkpoint_t >= ces:
                 self.checkpoint()
 
-    def _spin(self):
-        """What came while polling for up to server.spin_us: True for a ZeroMQ request,
-        (identity, datagram) for one on that client's local socket, else False. The loop
-        polls only after answering a client that came back that fast last time (its request
-        arrived within spin_us of our reply before it): one waiting on us in a loop costs
-        no wake-up of the server, while workers that compute between pushes, and idle
-        times, leave it asleep in ``poll`` (no CPU)."""
+    def _spin(self, poller: zmq.Poller):
+        """What came while polling for up to the spin window (``_spin_window``): the
+        poller's events, or (identity, datagram) of the local client polled for, or None.
+        The loop polls only after answering a client that came back that fast last time (its
+        request arrived within the window of our reply before it): one waiting on us in a
+        loop costs no wake-up of the server, while workers that compute between pushes, and
+        idle times, leave it asleep in ``poll`` (no CPU). Every source is polled, so the
+        client that made the server spin is not served before the others."""
         ident = self._spin_next
         if ident is None:
-            return False
+            return None
         self._spin_next = None
         end = time.perf_counter() + self._spin_window()
-        if ident.startswith(LOCAL_PREFIX) and self.local is not None:
-            recv = self.local.recv
-            while time.perf_counter() < end:
+        recv = self.local.recv if ident.startswith(LOCAL_PREFIX) and self.local else None
+        sock = self.sock
+        others = 0.0                 # when to look at every source next
+        while True:
+            now = time.perf_counter()
+            if now >= end:
+                return None
+            if recv is not None:
                 data = recv(ident)
                 if data is not None:
-                    return (ident, data) if data else False
-            return False
-        sock = self.sock
-        while time.perf_counter() < end:
-            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                return True
-        return False
+                    return (ident, data) if data else None
+            elif sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return [(sock, zmq.POLLIN)]
+            if now >= others:        # the others, every SPIN_POLL_S: a zmq_poll costs more
+                others = now + SPIN_POLL_S
+                events = poller.poll(0)
+                if events:
+                    return events
 
     def _spin_window(self) -> float:
         """How long to poll after a reply: server.spin_spare_us while this host has a core to

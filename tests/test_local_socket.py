@@ -163,3 +163,39 @@ def test_a_server_that_dies_is_noticed_at_once(server, segment_client):
         c.push_pull_flat(version, None, out, slot=0)
     assert time.monotonic() - t < 5          # the socket closed: no 30 s timeout
     assert c.local is None                   # the next requests go over ZeroMQ
+
+
+def test_a_local_client_in_a_loop_does_not_starve_the_others(server, segment_client, clients):
+    """The server polls for a client that comes straight back (server.spin_us, and
+    spin_spare_us with a core to spare), but looks at every other source while it does: a
+    ZeroMQ client is answered as promptly while a local one pushes in a loop."""
+    import threading
+
+    srv = server(spin_spare_us=20_000)
+    c, seg, numel = segment_client(srv.endpoint, "looping")
+    seg.grad(0)[:] = 1e-6
+    stop = threading.Event()
+    done = []
+
+    def loop():
+        version = c.stats()["version"]
+        while not stop.is_set():
+            version = c.push_pull_flat(version, None, seg.weights, slot=0)["version"]
+            done.append(version)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        other = clients(srv.endpoint, "other")
+        other.hello()
+        out = np.empty(numel, np.float32)
+        waits = []
+        for _ in range(40):
+            t0 = time.monotonic()
+            other.pull_flat(out)
+            waits.append(time.monotonic() - t0)
+    finally:
+        stop.set()
+        t.join(timeout=30)
+    assert len(done) > 40                       # the local client did loop meanwhile
+    assert float(np.median(waits)) < 0.01, waits
