@@ -198,4 +198,4 @@ def test_a_local_client_in_a_loop_does_not_starve_the_others(server, segment_cli
         stop.set()
         t.join(timeout=30)
     assert len(done) > 40                       # the local client did loop meanwhile
-    assert float(np.median(waits)) < 0.01, waits
+    assert float(np.median(waits)) < 0.05, waits

@@ -236,8 +236,8 @@ def test_with_a_core_to_spare_the_server_stays_awake_between_a_workers_steps(
         start_server, make_config, clients, tmp_path):
     """server.spin_spare_us: with one worker on this host (its segment mapped) and a core
     to spare, the server polls between that worker's pushes, 2 ms of "compute" apart, instead
-    of sleeping (most of a core while the worker pushes); with spin_spare_us 0 it sleeps
-    between them; either way it is asleep once the worker stops."""
+    of sleeping (several times the CPU of a server that sleeps between them, with
+    spin_spare_us 0); either way it is asleep once the worker stops."""
     import time
 
     from asgd.core.shm import Segment
@@ -273,4 +273,6 @@ def test_with_a_core_to_spare_the_server_stays_awake_between_a_workers_steps(
             c.bye()
         finally:
             seg.close()
-    assert used[5000] > 0.6 and used[0] < 0.5, used
+    # awake between the pushes it uses much more of a core than asleep (relative: the CPU
+    # it gets depends on what else runs on the machine)
+    assert used[5000] > max(0.3, 2 * used[0]), used
