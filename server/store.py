@@ -146,6 +146,10 @@ class ParameterStore:
         self.pool = SnapshotPool(lambda: self.flat.detach())
         self._lent: list = []          # trackers of zero-copy replies from the live buffer
         self._spare: list = []         # [array, trackers]: former live buffers, reused when free
+        # the array under the live weights, kept as itself: a buffer taken back as a spare
+        # must be that array, not a view of a tensor over it (views over views would pile up
+        # one wrapper per copy on write, and with them the server's memory)
+        self._live = self.flat.data.numpy()
         self.moves = 0                 # copies on write (the live buffer was still being sent)
         self._fast = True              # torch's fused Adam kernel called directly (_fused_adam)
 
@@ -184,7 +188,7 @@ class ParameterStore:
         """The live weights (float32) for a zero-copy reply, and the list to which the caller
         appends the trackers of the frames it sends from them. The weights are not copied:
         the next change moves them to another buffer first if ZeroMQ still holds these."""
-        return self.flat.data.numpy(), self._lent
+        return self._live, self._lent
 
     def _own(self) -> None:
         """Before the weights change: if a reply still reads the live buffer, go on in
@@ -193,7 +197,7 @@ class ParameterStore:
         lent[:] = [t for t in lent if not t.done]
         if not lent:
             return
-        live = self.flat.data.numpy()
+        live = self._live
         spare = next((e for e in self._spare if all(t.done for t in e[1])), None)
         if spare is not None:
             self._spare.remove(spare)
@@ -205,6 +209,7 @@ class ParameterStore:
             self._spare.append([live, lent])
         self._lent = []
         self.flat.data = torch.from_numpy(new)
+        self._live = new
         if self.views is not None:
             self.views = self.layout.views(self.flat.data)
         self.moves += 1
