@@ -103,10 +103,11 @@ class ServerConfig:
     # After a reply, poll for the next request this long before sleeping, but only when the
     # client just answered came back that fast last time: a client waiting on the server in
     # a loop then costs no wake-up, and workers that compute between pushes no spinning.
+    # A shard of several without a core to spare does not poll at all (Server._spin_window).
     spin_us: float = 500.0
     # ... and this long instead while the host has a core to spare for the server (the
-    # workers on it, by shared memory, are fewer than its cores): a worker's step then finds
-    # the server awake, its caches warm, instead of waking it. 0: only spin_us.
+    # workers on it, by shared memory, and the shards, no more than its cores): a worker's
+    # step then finds the server awake, its caches warm, instead of waking it. 0: only spin_us.
     spin_spare_us: float = 5000.0
     # Workers on this host (their shared-memory segment mapped) send their shared-memory
     # requests over a unix socket instead of ZeroMQ: no I/O threads between the two

@@ -167,6 +167,7 @@ class Server:
         self.spin_s = cfg.server.spin_us * 1e-6
         self.spare_spin_s = max(self.spin_s, cfg.server.spin_spare_us * 1e-6)
         self.cores = usable_cores()
+        self.shards = cfg.server.shards
         self._spin_next = None           # the identity to poll for after a reply (_spin)
         self._replied: dict[bytes, float] = {}    # identity -> when it was last answered
 
@@ -275,13 +276,16 @@ class Server:
     def _spin_window(self) -> float:
         """How long to poll after a reply: server.spin_spare_us while this host has a core to
         spare for the server (its workers, by their shared-memory segments, and the server
-        fewer than or as many as its cores): the core is idle anyway, and a server awake when
-        the next push comes answers it sooner than one woken from sleep, its caches warm.
-        Otherwise server.spin_us: the workers need every core."""
+        fewer than or as many as its cores; with ``server.shards`` every shard counted as on
+        this host): the core is idle anyway, and a server awake when the next push comes
+        answers it sooner than one woken from sleep, its caches warm. Otherwise
+        server.spin_us: the workers need every core. A shard without a core to spare does not
+        spin at all: its clients come back only once every shard has answered, so a shard
+        polling for them holds the core that a sibling still needs to finish its range."""
         local = len(self.core.segments)
-        if local and local + 1 <= self.cores:
+        if local and local + self.shards <= self.cores:
             return self.spare_spin_s
-        return self.spin_s
+        return self.spin_s if self.shards == 1 else 0.0
 
     def _turnaround(self, identity: bytes, arrived: float) -> None:
         """Note whether ``identity`` came back within the spin window of our last reply."""

@@ -63,6 +63,10 @@ def test_transport_through_two_shards_and_two_clients(processes, transport):
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["shards"] == 2 and out["workers"] == 2 and out["round_trips_per_s"] > 0
+    # the cores the two shards kept busy while measured (from /proc): they served, and no
+    # more than the two of them can use
+    cores = out["asgd"]["cpu_cores"]
+    assert 0 < cores["server"] <= 2.2 and cores["clients"] >= 0, cores
     wire = out["asgd"]["wire_bytes_per_round_trip"]
     if transport == "shm":          # two headers each way: one per shard
         assert wire < 2000, wire

@@ -237,7 +237,9 @@ def test_with_a_core_to_spare_the_server_stays_awake_between_a_workers_steps(
     """server.spin_spare_us: with one worker on this host (its segment mapped) and a core
     to spare, the server polls between that worker's pushes, 2 ms of "compute" apart, instead
     of sleeping (several times the CPU of a server that sleeps between them, with
-    spin_spare_us 0); either way it is asleep once the worker stops."""
+    spin_spare_us 0); either way it is asleep once the worker stops. A shard of a server
+    whose shards and local workers outnumber the cores does not spin at all: its clients
+    come back only once every shard has answered."""
     import time
 
     from asgd.core.shm import Segment
@@ -246,13 +248,17 @@ def test_with_a_core_to_spare_the_server_stays_awake_between_a_workers_steps(
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    shards = len(os.sched_getaffinity(0))     # one local worker more than the cores
     used = {}
-    for spare in (5000, 0):
-        server = start_server(make_config(server={"spin_spare_us": spare}),
-                              bind=f"ipc://{tmp_path}/s{spare}.sock")
-        c = clients(server.endpoint, f"w{spare}")
+    for case, spare, extra in (("spare", 5000, {}), ("asleep", 0, {}),
+                               ("shard", 5000, {"shards": shards})):
+        server = start_server(make_config(server={"spin_spare_us": spare, **extra}),
+                              *(["--shard", "0"] if extra else []),
+                              bind=f"ipc://{tmp_path}/{case}.sock")
+        c = clients(server.endpoint, f"w-{case}")
         _, tensors = c.hello()
-        numel = sum(t.array.size for t in tensors)
+        if not extra:       # a shard's hello carries its range: the segment holds the model
+            numel = sum(t.array.size for t in tensors)
         seg = Segment.create(numel)
         try:
             info, _ = c.hello(rank=0, shm=seg)
@@ -265,14 +271,15 @@ def test_with_a_core_to_spare_the_server_stays_awake_between_a_workers_steps(
                 while time.perf_counter() < end:
                     pass
                 version = c.push_pull_flat(version, None, seg.weights, slot=0)["version"]
-            used[spare] = (cpu_s(server.popen.pid) - before) / (time.monotonic() - t0)
+            used[case] = (cpu_s(server.popen.pid) - before) / (time.monotonic() - t0)
             time.sleep(0.2)
             before = cpu_s(server.popen.pid)
             time.sleep(1.0)
-            assert cpu_s(server.popen.pid) - before < 0.3, f"spinning while idle ({spare})"
+            assert cpu_s(server.popen.pid) - before < 0.3, f"spinning while idle ({case})"
             c.bye()
         finally:
             seg.close()
     # awake between the pushes it uses much more of a core than asleep (relative: the CPU
     # it gets depends on what else runs on the machine)
-    assert used[5000] > max(0.3, 2 * used[0]), used
+    assert used["spare"] > max(0.3, 2 * used["asleep"]), used
+    assert used["spare"] > max(0.3, 2 * used["shard"]), used

@@ -124,6 +124,12 @@ def summarize(runs: list[dict]) -> dict:
                             for k in ("server", "clients")},
             "all_round_trips_per_s": [r[system]["round_trips_per_s"] for r in runs],
         }
+    for system in ("asgd", "asgd_curve"):     # cores busy while measured, where /proc tells
+        if system in first and "cpu_cores" in first[system]:
+            out[system]["cpu_cores"] = {
+                k: (statistics.median(v) if (v := [r[system]["cpu_cores"][k] for r in runs
+                                                    if r[system]["cpu_cores"][k] is not None])
+                    else None) for k in ("server", "clients")}
     if "wire_bytes_per_round_trip" in first["asgd"]:
         out["asgd"]["wire_bytes_per_round_trip"] = first["asgd"]["wire_bytes_per_round_trip"]
     a = out["asgd"]["round_trips_per_s"]

@@ -16,7 +16,9 @@ server's. In the same run, the reference: ``raw_echo`` of the same
 bytes over the same socket kind (what the wire allows), and with ``--vs torch-rpc`` the
 parameter server a PyTorch user writes with ``torch.distributed.rpc``. The last line printed is
 one JSON object: round trips/s, GB/s (both directions), latency percentiles, peak RSS of every
-process, ``ratio_vs_raw`` and ``ratio_vs_torch_rpc`` (asgd's round trips/s over the
+process, the cores asgd's servers and clients kept busy while measured (``cpu_cores``: the
+servers' CPU seconds over client 0's measured window, each client's over its own; Linux),
+``ratio_vs_raw`` and ``ratio_vs_torch_rpc`` (asgd's round trips/s over the
 reference's: above 1, asgd is faster).
 """
 from __future__ import annotations
@@ -33,6 +35,21 @@ import numpy as np
 
 WARMUP = 5
 SPIN_ENV = "ASGD_BENCH_SPIN_US"     # how a benchmark client learns its spin
+PIDS_ENV = "ASGD_BENCH_SERVER_PIDS"     # the server processes whose CPU client 0 reads
+
+
+def cpu_seconds(pids: list[int]) -> float | None:
+    """User plus system CPU seconds the processes ``pids`` have used (Linux's /proc), or None
+    where that cannot be read."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])      # utime, stime
+        return total / tick
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def vector_model(input_shape, num_classes, params: int = 1000):
@@ -112,6 +129,10 @@ def client_main(endpoint: str, numel: int, transport: str, encoding: str, second
 
     for _ in range(WARMUP):
         version = one()
+    server_pids = [int(p) for p in os.environ.get(PIDS_ENV, "").split(",") if p] if rank == 0 \
+        else []
+    server_cpu = cpu_seconds(server_pids) if server_pids else None
+    cpu = time.process_time()
     latencies = []
     started = time.perf_counter()
     end = started + seconds
@@ -122,13 +143,17 @@ def client_main(endpoint: str, numel: int, transport: str, encoding: str, second
         if t >= end:
             break
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu
+    if server_cpu is not None:
+        after = cpu_seconds(server_pids)
+        server_cpu = after - server_cpu if after is not None else None
     client.close()
     if seg is not None:
         seg.close()
     Path(out_path).write_text(json.dumps({
         "round_trips": len(latencies), "elapsed_s": elapsed, "latencies": latencies,
         "peak_rss_mb": peak_rss_mb(), "bytes_sent": client.bytes_sent,
-        "bytes_received": client.bytes_received}))
+        "bytes_received": client.bytes_received, "cpu_s": cpu, "server_cpu_s": server_cpu}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +216,9 @@ def run_asgd(numel: int, transport: str = "tcp", workers: int = 1, seconds: floa
             clients = [spawn(f"client{r}", ["-m", "asgd.bench.transport", "client", endpoint,
                                             str(numel), transport, encoding, str(seconds),
                                             str(outs[r]), str(r), keys],
-                                  tmp / f"client{r}.log", child_env(**{SPIN_ENV: str(spin_us)}))
+                                  tmp / f"client{r}.log", child_env(**{
+                                      SPIN_ENV: str(spin_us),
+                                      PIDS_ENV: ",".join(str(p.popen.pid) for p in servers)}))
                        for r in range(workers)]
             codes = wait_all(clients, seconds * 4 + 120)
             bad = [(c, rc) for c, rc in zip(clients, codes) if rc != 0]
@@ -207,12 +234,18 @@ def run_asgd(numel: int, transport: str = "tcp", workers: int = 1, seconds: floa
     rts = sum(r["round_trips"] for r in results)
     lat = [x for r in results for x in r["latencies"]]
     wire = sum(r["bytes_sent"] + r["bytes_received"] for r in results)
+    # cores kept busy while measured: the servers' over client 0's window, each client's own
+    server_cpu = results[0].get("server_cpu_s")
+    cores = {"server": round(server_cpu / results[0]["elapsed_s"], 3)
+             if server_cpu is not None else None,
+             "clients": round(sum(r["cpu_s"] / r["elapsed_s"] for r in results), 3)}
     return {"round_trips_per_s": round(rts / elapsed, 2),
             "gb_per_s": round(rts * 8 * numel / elapsed / 1e9, 3),
             "wire_bytes_per_round_trip": int(wire / max(rts + WARMUP * workers, 1)),
             "latency_ms": percentiles(lat),
             "peak_rss_mb": {"server": server_rss,
                             "clients": max(r["peak_rss_mb"] for r in results)},
+            "cpu_cores": cores,
             "workers": workers, "shards": shards, "numel": numel, "transport": transport,
             "encoding": encoding, "curve": curve}
 
