@@ -135,6 +135,28 @@ def test_max_staleness_drops_with_weights_unchanged():
     assert (s["updates_applied"], s["updates_dropped"]) == (4, 2)
 
 
+def test_staleness_policies_apply_to_pseudo_gradients_with_the_outer_rate():
+    """worker.local_steps > 1: a push is a pseudo-gradient, stepped with the outer optimizer's
+    rate times the staleness policy's scale (``scale``: 1 / max(1, staleness)), and dropped
+    past the bound as any push is. Plain outer SGD, so each step is lr * scale * g."""
+    core = make_core(optimizer={"name": "adam", "lr": 0.01}, worker={"local_steps": 4},
+                     server={"policy": "scale+max_staleness", "max_staleness": 2,
+                             "outer_lr": 0.5, "outer_momentum": 0.0, "outer_nesterov": False})
+    assert type(core.store.optimizer).__name__ == "SGD"     # the outer rule, not the inner Adam
+    flat = lambda: core.store.flat.detach().numpy().copy()  # noqa: E731
+    for staleness, scale in ((0, 1.0), (1, 1.0), (2, 0.5)):
+        before = flat()
+        grads = grads_for(core, staleness)
+        head, _ = send(core, "push", grads, version=0)       # based on the first weights
+        assert (head["applied"], head["staleness"]) == (True, staleness)
+        g = np.concatenate([a.reshape(-1) for _, a in grads])
+        np.testing.assert_allclose(flat(), before - 0.5 * scale * g, rtol=0, atol=1e-6)
+    before = state_bytes(core)
+    head, _ = send(core, "push", grads_for(core, 7), version=0)   # staleness 3 > 2
+    assert (head["applied"], head["staleness"]) == (False, 3)
+    assert state_bytes(core) == before
+
+
 # ----------------------------------------------------------------------------------------------
 # bad requests: the right code, nothing changed
 
