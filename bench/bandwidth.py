@@ -56,9 +56,13 @@ def measure(procs: int, kb: int, seconds: float) -> float:
     ps = [ctx.Process(target=_work, args=(kb, seconds, start, out)) for _ in range(procs)]
     for p in ps:
         p.start()
-    rates = [out.get(timeout=seconds + 120) for _ in ps]
-    for p in ps:
-        p.join(timeout=30)
+    try:
+        rates = [out.get(timeout=seconds + 120) for _ in ps]
+    finally:
+        for p in ps:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
     return sum(rates)
 
 
@@ -68,6 +72,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    if args.kb < 1 or not 0 < args.seconds <= 600 or args.repeats < 1:
+        ap.error("--kb must be >= 1, --seconds in (0, 600], --repeats >= 1")
     sizes = {"memory": args.kb, "cache": 256}
     figures = {k: {"one": [], "two": [], "ratio": []} for k in sizes}
     for r in range(args.repeats):
@@ -90,6 +96,7 @@ def main() -> None:
             "ratio_two_vs_one": round(statistics.median(f["ratio"]), 3),
         }
     print(json.dumps(out))
+
 
 if __name__ == "__main__":
     main()
