@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import typing
 from pathlib import Path
 
 import click
@@ -109,24 +108,22 @@ def test_docs_cli_documents_nothing_that_is_gone():
 
 def config_keys(cls=None, prefix: str = "") -> dict[str, object]:
     """Every dotted key of the configuration with its default, nested sections flattened
-    (``data.augment.shift``)."""
+    (``data.augment.shift``): a field whose default is a dataclass is a section."""
     from asgd.config import Config
 
-    cls = cls or Config
-    hints = typing.get_type_hints(cls)
     out = {}
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(cls or Config):
         key = prefix + f.name
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            out.update(config_keys(tp, key + "."))
-            continue
         if f.default is not dataclasses.MISSING:
-            out[key] = f.default
+            default = f.default
         elif f.default_factory is not dataclasses.MISSING:
-            out[key] = f.default_factory()
-        else:                                   # no default: documented as such
-            out[key] = dataclasses.MISSING
+            default = f.default_factory()
+        else:                                   # no default: documented with an empty cell
+            default = dataclasses.MISSING
+        if dataclasses.is_dataclass(default):
+            out.update(config_keys(type(default), key + "."))
+        else:
+            out[key] = default
     return out
 
 
