@@ -64,13 +64,11 @@ def test_a_user_model_in_the_current_folder_trains_and_evaluates(processes, tmp_
 ])
 def test_a_bad_import_path_fails_before_anything_starts(processes, tmp_path, name, message):
     (tmp_path / "mymodel.py").write_text(USER_MODEL)
-    started = time.monotonic()
     result = launch(processes, tmp_path, "--set", f"model.name={name}", timeout=60)
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.count("Error:") == 1
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
-    assert time.monotonic() - started < 30        # no training happened first
 
 
 def test_switching_the_model_takes_one_set(processes, tmp_path, mnist1d_cached):

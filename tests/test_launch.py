@@ -24,7 +24,8 @@ def test_launch_trains_mnist1d_with_two_workers(processes, tmp_path, mnist1d_cac
     out = tmp_path / "runs"
     result = processes.run(["-m", "asgd.cli", "launch", "--config", str(DEFAULT_CONFIG),
                             "--set", f"run.out_dir={out}",
-                            "--set", f"run.max_updates={MAX_UPDATES}", "--quiet"],
+                            "--set", f"run.max_updates={MAX_UPDATES}",
+                            "--set", "run.max_seconds=0", "--quiet"],
                            timeout=80, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     printed = json.loads(result.stdout)
@@ -45,7 +46,8 @@ def test_launch_trains_mnist1d_with_two_workers(processes, tmp_path, mnist1d_cac
 
     cfg = load_config(run_dir / "config.yaml")
     assert cfg == load_config(DEFAULT_CONFIG, [f"run.out_dir={out}",
-                                               f"run.max_updates={MAX_UPDATES}"])
+                                               f"run.max_updates={MAX_UPDATES}",
+                                               "run.max_seconds=0"])
 
     records = read_metrics(run_dir / "metrics.jsonl")
     assert all(isinstance(r["t"], (int, float)) and "kind" in r for r in records)

@@ -26,7 +26,7 @@ def test_ssp_no_worker_runs_more_than_slack_ahead(start_server, make_config, pro
     slack = 2
     config = make_config(server={"policy": "ssp", "ssp_slack": slack, "stats_every_s": 0.5},
                          worker={"batch_size": 50, "slow_factor": 4.0, "slow_ranks": [0]},
-                         run={"workers": 3, "max_updates": 300, "max_seconds": 90})
+                         run={"workers": 3, "max_updates": 300, "max_seconds": 600})
     server = start_server(config)
     workers = spawn_workers(processes, config, server.endpoint, server.run_dir, tmp_path, 3)
     for w in workers:
