@@ -34,7 +34,7 @@ def test_local_steps_experiment_gives_every_h_the_same_samples(processes, tmp_pa
     out, samples = tmp_path / "exp", 6000
     result = processes.run(
         ["-m", "asgd.cli", "experiment", "local-steps", "--workers", "2", "--local-steps",
-         "1,4", "--samples", str(samples), "--target-accuracy", "0.3", "--max-seconds", "60",
+         "1,4", "--samples", str(samples), "--target-accuracy", "0.3", "--max-seconds", "600",
          "--out", str(out), "--quiet", "--set", "model.args.channels=8",
          "--set", "optimizer.lr=0.01"], timeout=240)
     assert result.returncode == 0, result.stderr
@@ -58,7 +58,7 @@ def test_straggler_experiment_runs_every_kind_and_writes_its_results(processes, 
     result = processes.run(
         ["-m", "asgd.cli", "experiment", "straggler", "--workers", "2", "--slow-factor", "2",
          "--policies", "none,sync", "--vs", "ddp", "--samples", str(samples),
-         "--target-accuracy", "0.3", "--max-seconds", "60", "--out", str(out), "--quiet",
+         "--target-accuracy", "0.3", "--max-seconds", "600", "--out", str(out), "--quiet",
          "--set", "model.args.channels=8", "--set", "optimizer.lr=0.01"], timeout=240)
     assert result.returncode == 0, result.stderr
     records = json.loads((out / "results.json").read_text())
