@@ -175,6 +175,8 @@ def test_resume_without_a_checkpoint_says_so(processes, make_config, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # a cluster started by hand: progress, and going on
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_status_lines_and_extending_a_finished_run(start_server, make_config, processes,
                                                    tmp_path, clients):
     # a budget in seconds, so the first status lines (after 2 s) come however fast the steps
@@ -182,7 +184,7 @@ def test_status_lines_and_extending_a_finished_run(start_server, make_config, pr
     run_dir = tmp_path / "run"
     server = start_server(config, run_dir=run_dir)
     worker = processes.run(["-m", "worker", "--config", str(config), "--server",
-                            server.endpoint], timeout=90)
+                            server.endpoint], timeout=240)
     assert worker.returncode == 0, worker.stderr
     assert "step " in worker.stderr and "samples/s" in worker.stderr    # periodic status
     reached = clients(server.endpoint, "observer").stats()["version"]
@@ -191,7 +193,7 @@ def test_status_lines_and_extending_a_finished_run(start_server, make_config, pr
     # the same config again would do 0 steps; --extend trains 100 more
     server2 = start_server(config, "--extend", "100", run_dir=run_dir, resume=True)
     again = processes.run(["-m", "worker", "--config", str(config), "--server",
-                           server2.endpoint, "--quiet"], timeout=90)
+                           server2.endpoint, "--quiet"], timeout=240)
     assert again.returncode == 0, again.stderr
     assert "step " not in again.stderr                                   # --quiet
     stats = clients(server2.endpoint, "observer").stats()
