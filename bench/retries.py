@@ -3,8 +3,12 @@ share of their pushes are sent a second time with the same sequence number, as a
 when a reply is late; every acknowledged push must count exactly once in the version.
 
     python bench/retries.py [--clients 32] [--seconds 60] [--resend 0.05] [--params 1000]
+    python bench/retries.py --clients 6 --pushes 40 --seconds 120     # a bound on work
 
-Each client is a thread with its own socket (the protocol's client library). The server runs
+
+With ``--pushes N`` each client stops after N acknowledged pushes (``--seconds`` is then only
+the bound on the run): the counts no longer depend on how fast the machine is. Each client is
+a thread with its own socket (the protocol's client library). The server runs
 SGD with no staleness policy, so every push is applied: at the end its version must equal the
 number of distinct pushes acknowledged, and its count of repeats the number resent. Prints a
 final JSON line with both, and the server's memory at the start and the end.
@@ -28,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 from flood import rss_mb, start_server  # noqa: E402
 
 
-def run(clients: int, seconds: float, resend: float, params: int, seed: int = 0) -> dict:
+def run(clients: int, seconds: float, resend: float, params: int, seed: int = 0,
+        pushes: int = 0) -> dict:
     from asgd.client import Client
     from asgd.launch.processes import stop
 
@@ -51,7 +56,7 @@ def run(clients: int, seconds: float, resend: float, params: int, seed: int = 0)
                         c.hello(rank=k)
                         seq = rng.getrandbits(40) << 20
                         version = 0
-                        while time.monotonic() < end:
+                        while time.monotonic() < end and not (pushes and acked[k] >= pushes):
                             seq += 1
                             head = c.push_pull_flat(version, grad, out, seq=seq)
                             acked[k] += 1
@@ -91,8 +96,10 @@ def main() -> None:
     ap.add_argument("--resend", type=float, default=0.05)
     ap.add_argument("--params", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pushes", type=int, default=0,
+                    help="stop each client after this many acknowledged pushes (0: no limit)")
     a = ap.parse_args()
-    print(json.dumps(run(a.clients, a.seconds, a.resend, a.params, a.seed)))
+    print(json.dumps(run(a.clients, a.seconds, a.resend, a.params, a.seed, a.pushes)))
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ default run, and what the encodings, local steps and overlap win back.
     sudo python bench/shaped.py --delay-in packets --only shaped,h32-overlap-fp16
 
 Each run is docker-compose.yml's services (a server and two workers) in network namespaces of
-their own (tests/multihost.py, ``run_compose``), then ``asgd eval`` of the server's
+their own (asgd.bench.compose, ``run_compose``), then ``asgd eval`` of the server's
 checkpoint. ``unshaped`` is the reference: the default run across the namespaces' bridge. The
 others run over the shaped network (by default 50 ms each way through the harness's delay
 relay, 2% of the packets arriving at each host dropped, 100 Mbit/s on both ends of every
 host's link), with the overrides of their setting given to every service. ``--delay-in
-packets`` holds every packet instead of the byte stream (tests/multihost.py: TCP's own round
+packets`` holds every packet instead of the byte stream (asgd.bench.netns: TCP's own round
 trip, and with it its loss recovery, then includes the delay). Every repeat runs
 every setting once, the reference first, so each shaped run's time is compared with the
 reference measured in the same repeat (``ratio``: its time over the reference's).
@@ -40,7 +40,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests import multihost  # noqa: E402
+from asgd.bench.compose import run_compose  # noqa: E402
+from asgd.bench.netns import Shaping, shaping_available  # noqa: E402
 
 H8 = ["worker.local_steps=8", "run.max_updates=375"]        # the same 300,000 samples
 H16 = ["worker.local_steps=16", "run.max_updates=188"]
@@ -73,7 +74,7 @@ RUN_TIMEOUT_S = 420.0
 
 def one_run(work: Path, env: dict, shaping, overrides: list[str]) -> dict:
     t = time.monotonic()
-    run = multihost.run_compose(work, env, shaping=shaping, overrides=overrides,
+    run = run_compose(work, env, shaping=shaping, overrides=overrides,
                                 timeout_s=RUN_TIMEOUT_S)
     server = run.server or {}
     out = {"test_accuracy": run.test_accuracy, "train_s": round(run.train_s, 2),
@@ -106,7 +107,7 @@ def main() -> int:
     ap.add_argument("--uncapped", action="store_true",
                     help="also the default run over the shaped network without run.max_seconds")
     args = ap.parse_args()
-    why = multihost.shaping_available(packets=args.delay_in == "packets")
+    why = shaping_available(packets=args.delay_in == "packets")
     if why:
         print(json.dumps({"error": why}))
         return 1
@@ -118,7 +119,7 @@ def main() -> int:
             ap.error(f"unknown settings {sorted(unknown)}; known: "
                      f"{', '.join(s[0] for s in settings)}")
         settings = [s for s in settings if s[0] in names]
-    shaping = multihost.Shaping(rate_mbit=args.rate_mbit, loss=args.loss,
+    shaping = Shaping(rate_mbit=args.rate_mbit, loss=args.loss,
                                 delay_ms=args.delay_ms, delay_in=args.delay_in)
     cache = os.environ.get("ASGD_CACHE") or str(Path.home() / ".cache" / "asgd")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",

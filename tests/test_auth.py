@@ -152,7 +152,7 @@ def test_unknown_keys_get_nothing_and_change_nothing(curve, tmp_path):
                     c.push(0, gradients(specs, 1))
                 else:
                     c.hello()
-            assert time.monotonic() - t0 < NO_REPLY_S + 5
+            assert time.monotonic() - t0 < NO_REPLY_S + 30      # gave up, did not hang
 
     assert w0.pull()[0] == version == 0
     assert flat(w0.pull()[1]) == before
@@ -226,7 +226,7 @@ def test_non_loopback_bind_without_auth_warns(start_server, make_config, tmp_pat
 def test_a_worker_with_curve_keys_trains_against_a_curve_server(tmp_path, start_server,
                                                                 make_config, processes):
     root = make_keys(tmp_path / "keys")
-    config = make_config(run={"workers": 1, "max_updates": 20, "max_seconds": 60},
+    config = make_config(run={"workers": 1, "max_updates": 20, "max_seconds": 600},
                          server=curve_server(root))
     server = start_server(config)
     keyset = ["--set", f"worker.secret_key_file={root}/workers/{{id}}.key_secret",

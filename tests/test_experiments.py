@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from asgd.experiments.measures import time_to_target
 from asgd.experiments.report import summary_table
 from asgd.experiments.spec import RunSpec
@@ -29,14 +31,16 @@ def test_run_names_say_what_varies():
     assert RunSpec("none", 2, local_steps=4).name == "none-w2-h4-r0"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_local_steps_experiment_gives_every_h_the_same_samples(processes, tmp_path,
                                                                mnist1d_cached):
     out, samples = tmp_path / "exp", 6000
     result = processes.run(
         ["-m", "asgd.cli", "experiment", "local-steps", "--workers", "2", "--local-steps",
-         "1,4", "--samples", str(samples), "--target-accuracy", "0.3", "--max-seconds", "60",
+         "1,4", "--samples", str(samples), "--target-accuracy", "0.3", "--max-seconds", "600",
          "--out", str(out), "--quiet", "--set", "model.args.channels=8",
-         "--set", "optimizer.lr=0.01"], timeout=240)
+         "--set", "optimizer.lr=0.01"], timeout=500)
     assert result.returncode == 0, result.stderr
     records = json.loads((out / "results.json").read_text())
     by = {r["local_steps"]: r for r in records}
@@ -50,6 +54,8 @@ def test_local_steps_experiment_gives_every_h_the_same_samples(processes, tmp_pa
     assert "| none | 2 | 4 |" in text and "H=4 against H=1" in text
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_straggler_experiment_runs_every_kind_and_writes_its_results(processes, tmp_path,
                                                                      mnist1d_cached):
     # enough samples and learning rate that sync's few updates leave chance accuracy behind
@@ -58,8 +64,8 @@ def test_straggler_experiment_runs_every_kind_and_writes_its_results(processes, 
     result = processes.run(
         ["-m", "asgd.cli", "experiment", "straggler", "--workers", "2", "--slow-factor", "2",
          "--policies", "none,sync", "--vs", "ddp", "--samples", str(samples),
-         "--target-accuracy", "0.3", "--max-seconds", "60", "--out", str(out), "--quiet",
-         "--set", "model.args.channels=8", "--set", "optimizer.lr=0.01"], timeout=240)
+         "--target-accuracy", "0.3", "--max-seconds", "600", "--out", str(out), "--quiet",
+         "--set", "model.args.channels=8", "--set", "optimizer.lr=0.01"], timeout=500)
     assert result.returncode == 0, result.stderr
     records = json.loads((out / "results.json").read_text())
     assert [(r["policy"], r["workers"], r["slow_factor"]) for r in records] == \

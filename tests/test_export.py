@@ -33,15 +33,27 @@ def train_run(run_dir: Path, model: dict, steps: int) -> Path:
     return conftest.train_run(run_dir, cfg, steps)
 
 
+class Runs(dict):
+    """name -> run directory, each model trained once on first use (the LSTM's run is the
+    longer: only the slow tests ask for it)."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, name: str) -> Path:
+        torch.set_num_threads(1)
+        model, steps = MODELS[name]
+        self[name] = run = train_run(self.root / name, model, steps)
+        return run
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, mnist1d_cached):
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("export-runs")
-    return {name: train_run(root / name, model, steps)
-            for name, (model, steps) in MODELS.items()}
+    return Runs(tmp_path_factory.mktemp("export-runs"))
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", ["mlp", pytest.param("lstm", marks=pytest.mark.slow)])
 def test_int8_is_3x_smaller_and_loses_at_most_a_point(runs, name, tmp_path):
     run = runs[name]
     fp32 = export_run(run, tmp_path / "fp32.asgd")

@@ -130,6 +130,7 @@ def malformed(rng: random.Random, numel: int) -> list[bytes]:
     return [msgpack.packb(h)]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_ten_thousand_malformed_requests_change_nothing(start_server, make_config, clients):
     server = start_server(make_config(optimizer={"name": "adam", "lr": 0.01}))

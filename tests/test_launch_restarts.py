@@ -25,9 +25,9 @@ from tests.conftest import REPO
 
 BUDGET = 600               # run.max_updates
 KILL_AT = 200              # the version at which a process is killed
-RUN_TIMEOUT_S = 100.0
+RUN_TIMEOUT_S = 300.0
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
 def children(pid: int) -> list[tuple[int, list[str]]]:
@@ -167,7 +167,7 @@ def test_a_killed_server_is_restarted_from_its_checkpoint(make_config, child_env
     config = make_config(run={"max_updates": BUDGET, "out_dir": str(tmp_path / "runs"),
                               "name": "sv"},
                          server={"checkpoint_every": 100},
-                         worker={"request_timeout_s": 3.0, "reconnect_timeout_s": 30.0})
+                         worker={"request_timeout_s": 3.0, "reconnect_timeout_s": 120.0})
     run_dir = tmp_path / "runs" / "sv"
     rc, out, err, killed = launch_and_kill(child_env, tmp_path, ["--config", str(config)],
                                            "server", run_dir)
@@ -207,7 +207,7 @@ def test_a_killed_shard_that_cannot_have_its_port_back_moves_and_workers_follow(
     config = make_config(run={"max_updates": BUDGET, "out_dir": str(tmp_path / "runs"),
                               "name": "moved"},
                          server={"checkpoint_every": 100, "shards": 2},
-                         worker={"request_timeout_s": 3.0, "reconnect_timeout_s": 30.0})
+                         worker={"request_timeout_s": 3.0, "reconnect_timeout_s": 120.0})
     run_dir = tmp_path / "runs" / "moved"
     squatter = socket.socket()
     old = {}
@@ -215,7 +215,7 @@ def test_a_killed_shard_that_cannot_have_its_port_back_moves_and_workers_follow(
     def take_the_port():
         old["endpoint"] = (run_dir / "server-1.addr").read_text().strip()
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        deadline = time.monotonic() + 2.0      # the killed process's socket closes soon
+        deadline = time.monotonic() + 20.0     # the killed process's socket closes soon
         while True:                            # (the restart takes seconds: python, torch)
             try:
                 squatter.bind(("127.0.0.1", int(old["endpoint"].rsplit(":", 1)[1])))
@@ -289,7 +289,7 @@ def test_launch_resume_without_a_checkpoint_fails_and_changes_nothing(make_confi
     (run_dir / "config.yaml").write_text(Path(config).read_text())
     result = subprocess.run([sys.executable, "-m", "asgd.cli", "launch", "--resume",
                              str(run_dir)], cwd=REPO, env=child_env, capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=240)
     assert result.returncode == 1
     assert "nothing to resume" in result.stderr and "no checkpoint" in result.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]

@@ -88,7 +88,7 @@ def test_launch_trains_the_2d_cnn_on_digits(processes, tmp_path):
         ["-m", "asgd.cli", "launch", "--quiet", "--set", f"run.out_dir={tmp_path}",
          "--set", "run.name=digits", "--set", "data.name=digits", "--set", "model.name=cnn2d",
          "--set", "model.args={channels: 8}", "--set", "run.max_updates=400",
-         "--set", "schedule.total=400"], timeout=150)
+         "--set", "schedule.total=400", "--set", "run.max_seconds=0"], timeout=150)
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "digits" / "summary.json").read_text())
     assert summary["status"] == "ok"

@@ -174,12 +174,14 @@ def test_fp16_autocast_on_cuda_with_the_scaler():
 # bf16 trains a cluster on the CPU
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_bf16_trains_two_workers_on_the_cpu(processes, tmp_path, mnist1d_cached):
     out = tmp_path / "runs"
     result = processes.run(["-m", "asgd.cli", "launch", "--config", str(DEFAULT_CONFIG),
                             "--set", f"run.out_dir={out}", "--set", "worker.precision=bf16",
                             "--set", "run.max_updates=1500", "--set", "run.eval_every_s=0",
-                            "--quiet"], timeout=80, cwd=tmp_path)
+                            "--set", "run.max_seconds=0", "--quiet"], timeout=540, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads(result.stdout)
     assert summary["status"] == "ok" and summary["updates_applied"] >= 1500

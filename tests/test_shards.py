@@ -231,7 +231,7 @@ def test_a_worker_given_one_shard_of_two_stops_with_a_clear_error(cluster, make_
                          ids=["shared-memory", "tcp-fp16"])
 def test_launch_with_two_shards_trains(processes, make_config, tmp_path, extra):
     cfg = make_config(server={"shards": 2, "policy": "scale", "max_staleness": 3},
-                      run={"max_updates": 600, "max_seconds": 60, "eval_every_s": 0,
+                      run={"max_updates": 600, "max_seconds": 600, "eval_every_s": 0,
                            "out_dir": str(tmp_path / "runs"), "name": "sharded"})
     r = processes.run(["-m", "asgd.cli", "launch", "--config", str(cfg), "--quiet", *extra],
                       timeout=240)

@@ -26,7 +26,7 @@ def test_ssp_no_worker_runs_more_than_slack_ahead(start_server, make_config, pro
     slack = 2
     config = make_config(server={"policy": "ssp", "ssp_slack": slack, "stats_every_s": 0.5},
                          worker={"batch_size": 50, "slow_factor": 4.0, "slow_ranks": [0]},
-                         run={"workers": 3, "max_updates": 300, "max_seconds": 90})
+                         run={"workers": 3, "max_updates": 300, "max_seconds": 600})
     server = start_server(config)
     workers = spawn_workers(processes, config, server.endpoint, server.run_dir, tmp_path, 3)
     for w in workers:
@@ -62,7 +62,7 @@ def test_ssp_no_worker_runs_more_than_slack_ahead(start_server, make_config, pro
 def test_a_killed_worker_does_not_stall_the_others(policy, start_server, make_config,
                                                    processes, clients, tmp_path):
     config = make_config(server={"policy": policy, "ssp_slack": 1, "worker_timeout_s": 1.5},
-                         run={"workers": 2, "max_updates": 0, "max_seconds": 80})
+                         run={"workers": 2, "max_updates": 0, "max_seconds": 600})  # stopped below
     server = start_server(config)
     w0, w1 = spawn_workers(processes, config, server.endpoint, server.run_dir, tmp_path, 2)
     monitor = clients(server.endpoint, worker="monitor")
@@ -85,7 +85,7 @@ def test_a_killed_worker_does_not_stall_the_others(policy, start_server, make_co
     w1.send_signal(signal.SIGKILL)
     w1.wait(timeout=10)
     killed_at = monitor.stats()["version"]
-    version_reaches(killed_at + 30, 30)      # w0 goes on once w1 stops counting
+    version_reaches(killed_at + 30, 60)      # w0 goes on once w1 stops counting
     assert w0.poll() is None
     w0.send_signal(signal.SIGTERM)
     assert w0.wait(timeout=30) == 0

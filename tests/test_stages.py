@@ -340,14 +340,16 @@ def test_stages_on_cuda_and_cpu_with_non_blocking_copies():
 # the acceptance run
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_two_workers_with_two_stages_four_microbatches_and_bf16_train_the_default_run(
         processes, tmp_path, mnist1d_cached):
     out = tmp_path / "runs"
     result = processes.run(["-m", "asgd.cli", "launch", "--config", str(DEFAULT_CONFIG),
                             "--set", f"run.out_dir={out}", "--set", "worker.devices=[cpu, cpu]",
                             "--set", "worker.microbatches=4", "--set", "worker.precision=bf16",
-                            "--set", "run.eval_every_s=0", "--quiet"],
-                           timeout=110, cwd=tmp_path)
+                            "--set", "run.eval_every_s=0", "--set", "run.max_seconds=0",
+                            "--quiet"], timeout=540, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads(result.stdout)
     assert summary["status"] == "ok" and summary["workers"] == 2

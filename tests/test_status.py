@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 from conftest import gradients
 
@@ -68,13 +67,12 @@ def _free_port() -> int:
 
 
 def test_status_of_a_dead_address_is_exit_1_in_time(processes):
-    t = time.monotonic()
     res = processes.run(["-m", "asgd.cli", "status", "--server", f"127.0.0.1:{_free_port()}",
                          "--timeout", "1"], timeout=30)
     assert res.returncode == 1
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("Error:") and "no reply" in err[0], res.stderr
-    assert time.monotonic() - t < 20          # the 1 s timeout, plus the interpreter's start
+    assert "within 1 s" in err[0], err        # its --timeout, not the default 5 s
     bad = processes.run(["-m", "asgd.cli", "status", "--server", "nowhere"], timeout=30)
     assert bad.returncode == 2 and "no port" in bad.stderr
 

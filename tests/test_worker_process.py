@@ -19,7 +19,7 @@ def test_two_workers_push_until_the_budget(start_server, make_config, processes,
                                            tmp_path):
     """The version equals the number of acknowledged pushes, and each worker's steps show up
     in the server's per-worker counts."""
-    config = make_config(run={"workers": 2, "max_updates": 60, "max_seconds": 60},
+    config = make_config(run={"workers": 2, "max_updates": 60, "max_seconds": 600},
                          worker={"log_every": 5})
     server = start_server(config)
     run_dir = tmp_path / "run"
