@@ -36,3 +36,56 @@ def test_a_misspelt_yaml_key_gets_a_did_you_mean(tmp_path):
     with pytest.raises(ConfigError) as e:     # nothing close: no guess
         load_config(path)
     assert "did you mean" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# help texts, the experiments' summary, the export's file names
+
+def test_the_help_names_every_experiment(processes):
+    from asgd.experiments.cli import experiment
+
+    top = processes.run(["-m", "asgd.cli", "--help"], timeout=60)
+    sub = processes.run(["-m", "asgd.cli", "experiment", "--help"], timeout=60)
+    assert top.returncode == 0 and sub.returncode == 0
+    line = next(x for x in top.stdout.splitlines() if x.strip().startswith("experiment "))
+    intro = sub.stdout.split("Options:")[0]
+    assert set(experiment.commands) >= {"staleness", "straggler", "throughput", "local-steps",
+                                        "report"}
+    for name in experiment.commands:
+        assert name in line, top.stdout
+        assert name in " ".join(intro.split()), sub.stdout
+    assert "..." not in line                     # whole, not cut to the column
+
+
+def test_the_summary_prints_staleness_maxima_as_integers(tmp_path):
+    from asgd.config import Config
+    from asgd.experiments.report import summary_table
+    from asgd.experiments.spec import Experiment
+
+    records = [{"policy": "none", "workers": 2, "local_steps": 1, "slow_factor": 1.0,
+                "delay_s": 0.0, "status": "ok", "test_accuracy": acc, "samples_per_s": 9000.0,
+                "updates_per_s": 90.0, "staleness_mean": 1.25, "staleness_max": m,
+                "bytes_moved": 2_000_000} for acc, m in ((0.9, 5), (0.91, 7), (0.92, 6))]
+    table = summary_table(Experiment("staleness", Config(), [], tmp_path, 1000, 0.9, 60),
+                          records)
+    row = next(x for x in table.splitlines() if x.startswith("| none"))
+    assert "| 6 (5–7) |" in row and "5.000" not in row, row
+    assert "| 1.250 (1.250–1.250) |" in row              # means keep their decimals
+
+
+def test_export_report_writes_the_other_precision_under_its_own_name(processes, tmp_path,
+                                                                     mnist1d_cached):
+    from asgd.config import from_dict
+    from tests import conftest
+
+    run = conftest.train_run(tmp_path / "run", from_dict(
+        {"model": {"name": "mlp", "args": {"hidden": [16]}},
+         "run": {"max_updates": 20, "workers": 1}}), 20)
+    r = processes.run(["-m", "asgd.cli", "export", str(run), "--int8", "--report",
+                       "--repeats", "1"], timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in run.glob("*.asgd")) == ["model-fp32.asgd", "model-int8.asgd"]
+    r = processes.run(["-m", "asgd.cli", "export", str(run), "--out", str(tmp_path / "m.asgd"),
+                       "--report", "--repeats", "1"], timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m-int8.asgd").exists()
