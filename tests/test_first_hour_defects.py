@@ -89,3 +89,24 @@ def test_export_report_writes_the_other_precision_under_its_own_name(processes, 
                        "--report", "--repeats", "1"], timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m-int8.asgd").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# a server started by hand says when its budget is spent
+
+def test_a_server_started_by_hand_says_once_that_its_budget_is_spent(start_server, make_config,
+                                                                      processes):
+    import time
+
+    config = make_config(run={"workers": 1, "max_updates": 30})
+    server = start_server(config)
+    worker = processes.run(["-m", "worker", "--config", str(config), "--server",
+                            server.endpoint, "--quiet"], timeout=120)
+    assert worker.returncode == 0, worker.stderr
+    deadline = time.monotonic() + 30          # its status comes every few seconds
+    while "budget spent" not in server.log():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.2)
+    assert server.stop() == 0
+    (line,) = [x for x in server.log().splitlines() if "budget spent" in x]
+    assert "reached run.max_updates 30" in line
