@@ -110,3 +110,106 @@ def test_a_server_started_by_hand_says_once_that_its_budget_is_spent(start_serve
     assert server.stop() == 0
     (line,) = [x for x in server.log().splitlines() if "budget spent" in x]
     assert "reached run.max_updates 30" in line
+
+
+# ----------------------------------------------------------------------------------------------
+# the live display
+
+def test_the_progress_bar_is_text_not_markup():
+    import io
+    import time
+
+    from rich.console import Console
+
+    from asgd.config import Config
+    from asgd.launch.display import Display, Monitor
+
+    display = Display(Config(), quiet=True)
+    display.console = Console(file=io.StringIO(), width=100, force_terminal=True,
+                              color_system=None)
+    mon = Monitor(Config(), time.time())
+    mon.updates = 1500
+    display.console.print(display.render(mon))
+    out = display.console.file.getvalue()
+    assert "[###############---------------]  updates 1500/3000" in out, out
+
+
+def test_samples_per_s_counts_local_steps_and_updates_stop_at_the_budget():
+    import time
+
+    from asgd.config import Config
+    from asgd.launch.display import Monitor
+
+    cfg = Config().replace(**{"worker.local_steps": 4, "worker.batch_size": 50,
+                              "run.max_updates": 3000})
+    mon = Monitor(cfg, time.time())
+    for pushes in (10, 30):
+        mon.update_stats({"version": 3001, "staleness_mean": 0.0,
+                          "workers": {"w0": {"pushes": pushes}}})
+        time.sleep(0.05)
+    (t0, p0), (t1, p1) = mon._first, mon._last
+    assert mon.samples_per_s == pytest.approx((p1 - p0) * 200 / (t1 - t0))
+    mon.finish_training()
+    assert mon.samples_per_s == pytest.approx(20 * 50 * 4 / (t1 - t0))
+    assert mon.line().startswith("updates 3000/3000")
+
+
+def run_on_a_terminal(args, env, cwd, timeout_s: float) -> tuple[int, str]:
+    """Run a command with stdout and stderr on a pseudo-terminal (as a user's shell would);
+    its exit code and everything it wrote. Bounded by ``timeout_s``."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import time
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                            env=dict(env, TERM="xterm", COLUMNS="120", LINES="40"), cwd=cwd,
+                            start_new_session=True)
+    os.close(slave)
+    out = bytearray()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:          # the terminal closed: every writer is gone
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        assert proc.poll() is not None or proc.wait(timeout=10) is not None, \
+            out.decode(errors="replace")[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=10)
+        os.close(master)
+    return proc.returncode, out.decode(errors="replace")
+
+
+def test_a_launch_on_a_terminal_keeps_its_bar_and_counts_local_steps(child_env, tmp_path,
+                                                                      mnist1d_cached):
+    import json
+    import re
+    import sys
+
+    code, out = run_on_a_terminal(
+        [sys.executable, "-m", "asgd.cli", "launch", "--set", f"run.out_dir={tmp_path}",
+         "--set", "model.args={channels: 8}", "--set", "worker.batch_size=50",
+         "--set", "worker.local_steps=8", "--set", "run.max_updates=100",
+         "--set", "run.eval_every_s=0"], child_env, tmp_path, timeout_s=240)
+    assert code == 0, out[-3000:]
+    assert re.search(r"\[#+-*\]  updates \d+/100", out), out[-3000:]     # the bar, drawn
+    shown = [int(n) for n in re.findall(r"updates (\d+)/100", out)]
+    assert shown and max(shown) == 100, shown                             # never 101/100
+    summary = json.loads(out[out.index("{"):out.index("}") + 1])
+    live = int(re.findall(r"([\d,]+) samples/s", out)[-1].replace(",", ""))
+    # the display's rate and the summary's measure the same training over slightly
+    # different windows; without the local steps the display was 8x lower
+    assert 1 / 3 < live / summary["samples_per_s"] < 3, (live, summary, out[-2000:])
