@@ -213,3 +213,121 @@ def test_a_launch_on_a_terminal_keeps_its_bar_and_counts_local_steps(child_env, 
     # the display's rate and the summary's measure the same training over slightly
     # different windows; without the local steps the display was 8x lower
     assert 1 / 3 < live / summary["samples_per_s"] < 3, (live, summary, out[-2000:])
+
+
+# ----------------------------------------------------------------------------------------------
+# data sets and models the built-in loop cannot train: refused before anything starts
+
+USER_DATA = '''
+import numpy as np
+import torch.nn as nn
+
+rng = np.random.default_rng(0)
+X, XT = rng.normal(size=(200, 8)), rng.normal(size=(50, 8))
+
+
+def classes():
+    return {"x_train": X, "y_train": rng.integers(0, 3, 200), "x_test": XT,
+            "y_test": rng.integers(0, 3, 50)}
+
+
+def regression():          # targets in [0, 1): trained as classes before, "accuracy 1.0"
+    return {"x_train": X, "y_train": rng.random(200), "x_test": XT, "y_test": rng.random(50)}
+
+
+def negative():
+    return {"x_train": X, "y_train": rng.integers(-1, 3, 200), "x_test": XT,
+            "y_test": rng.integers(0, 3, 50)}
+
+
+def too_many():            # a label past num_classes
+    return dict(classes(), num_classes=2)
+
+
+def mse():
+    return dict(classes(), loss="mse")
+
+
+def unknown_key():
+    return dict(classes(), task="regression")
+
+
+def one_output(input_shape, num_classes):   # a regression head: one output, not one per class
+    return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0], 1))
+'''
+
+CANNOT = [
+    ("userdata:regression", [], "y_train holds 200 values that are not whole numbers"),
+    ("userdata:negative", [], "y_train holds negative labels (e.g. -1)"),
+    ("userdata:too_many", [], "holds label 2 but num_classes is 2"),
+    ("userdata:mse", [], "asks for loss 'mse'"),
+    ("userdata:classes", ["--set", "model.name=userdata:one_output"],
+     "gives (2, 1) for a batch of 2 inputs, not (2, 3)"),
+]
+
+
+@pytest.mark.parametrize("data, extra, message", CANNOT, ids=[c[0] for c in CANNOT])
+def test_what_the_builtin_loop_cannot_train_is_refused_before_the_start(processes, tmp_path,
+                                                                       data, extra, message):
+    (tmp_path / "userdata.py").write_text(USER_DATA)
+    result = processes.run(["-m", "asgd.cli", "launch", "--quiet", "--set",
+                            f"run.out_dir={tmp_path / 'runs'}", "--set", f"data.name={data}",
+                            "--set", "model.name=mlp", *extra], timeout=120)
+    assert result.returncode != 0
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("Error:"), err
+    assert message in err, err
+    assert "asgd.Optimizer" in err and "asgd launch --workers 2 train.py" in err, err
+    assert "docs/library.md" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_dict_with_a_key_asgd_does_not_know_is_refused(processes, tmp_path):
+    (tmp_path / "userdata.py").write_text(USER_DATA)
+    result = processes.run(["-m", "asgd.cli", "launch", "--quiet", "--set",
+                            f"run.out_dir={tmp_path / 'runs'}", "--set",
+                            "data.name=userdata:unknown_key", "--set", "model.name=mlp"],
+                           timeout=120)
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
+    assert "with keys asgd does not know: task" in result.stderr, result.stderr
+    assert "docs/data.md" in result.stderr
+
+
+def test_a_worker_and_a_server_refuse_it_at_their_start(processes, tmp_path, make_config):
+    (tmp_path / "userdata.py").write_text(USER_DATA)
+    config = make_config(data={"name": "userdata:regression"}, model={"name": "mlp",
+                                                                      "args": {}})
+    worker = processes.run(["-m", "asgd.cli", "worker", "--config", str(config), "--server",
+                            "tcp://127.0.0.1:9", "--rank", "0"], timeout=120)
+    assert worker.returncode == 2
+    assert "not whole numbers" in worker.stderr and "asgd.Optimizer" in worker.stderr
+    assert "Traceback" not in worker.stderr and "waiting for the server" not in worker.stderr
+    server = processes.run(["-m", "asgd.cli", "server", "--config", str(config), "--bind",
+                            "tcp://127.0.0.1:0"], timeout=120)
+    assert server.returncode == 1
+    assert "not whole numbers" in server.stderr and "Traceback" not in server.stderr
+
+
+def test_the_contract_takes_what_it_can_train():
+    import numpy as np
+    import torch
+
+    from asgd.tasks.contract import check_arrays
+
+    x = np.zeros((4, 3), dtype=np.float64)
+    for y in (np.array([0, 1, 2, 1]), np.array([0.0, 1.0, 2.0, 1.0]),   # whole floats: labels
+              torch.tensor([0, 1, 2, 1]), [0, 1, 2, 1], np.array([0, 1, 1, 0], dtype=np.uint8)):
+        xs, ys, xt, yt, k = check_arrays("d", x, y, x, y)
+        assert ys.dtype == torch.int64 and xs.dtype == torch.float32 and k == int(ys.max()) + 1
+    assert check_arrays("d", x, [0, 1, 0, 1], x, [0, 1, 0, 1], num_classes=10)[4] == 10
+    for bad, message in (([0, 1, 2], "not one label per sample"),
+                         ([["a"]] * 4, "not one label per sample"),
+                         (["a", "b", "c", "d"], "not integer class labels"),
+                         ([0.0, float("nan"), 1.0, 1.0], "not whole numbers"),
+                         ([0, 0, 0, 0], "a classifier needs 2")):
+        with pytest.raises(ValueError, match=message):
+            check_arrays("d", x, bad, x, bad)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        check_arrays("d", x + np.nan, [0, 1, 0, 1], x, [0, 1, 0, 1])
+    with pytest.raises(ValueError, match="x_test's"):
+        check_arrays("d", x, [0, 1, 0, 1], np.zeros((4, 2)), [0, 1, 0, 1])

@@ -3,8 +3,10 @@ a final evaluation, and the run directory.
 
     summary = launch(load_config("configs/default.yaml"))      # what `asgd launch` does
 
-Before anything starts, the model and data set named by the config are imported and checked
-(a bad import path or argument fails here, and no run directory is left behind). The server
+Before anything starts, the model and data set named by the config are imported and checked:
+a bad import path or argument, or a data set and model the built-in loop cannot train
+(asgd.tasks.contract: labels that are not integers in [0, K), another loss, outputs that are
+not one per class) fail here with one line, and no run directory is left behind. The server
 and the workers then run as subprocesses (``python -m server``, ``python -m worker``), never
 imported here, so CUDA is never initialised in this process. The run directory
 (``runs/<name>/``) gets config.yaml, metrics.jsonl, summary.json, checkpoint/ and logs/.
@@ -116,12 +118,29 @@ def prepare_task(cfg: Config):
         raise LaunchError(str(e)) from None
 
 
+def check_before_start(cfg: Config):
+    """The task (what the built-in loop can train: asgd.tasks.contract), a one-line
+    LaunchError; returns the task (with a user's data set, loaded to check its labels)."""
+    import torch
+
+    from asgd.tasks.task import check_task
+
+    torch.set_num_threads(1)
+    try:
+        return check_task(cfg)
+    except (ValueError, TypeError) as e:
+        raise LaunchError(str(e)) from None
+
+
 def launch(cfg: Config, quiet: bool = False) -> dict:
     """Run a whole cluster on this machine; returns the summary (also in summary.json)."""
     check_imports(cfg)
+    task = check_before_start(cfg)
     run_dir = make_run_dir(cfg)
     try:
-        return Launch(cfg, run_dir, quiet).run()
+        run = Launch(cfg, run_dir, quiet)
+        run.task = task if task.dataset is not None else None   # a user's data: loaded once
+        return run.run()
     except LaunchError:
         shutil.rmtree(run_dir, ignore_errors=True)    # nothing ran: leave nothing behind
         raise
@@ -133,6 +152,7 @@ def resume_launch(run_dir, overrides=(), quiet: bool = False) -> dict:
     checkpoint, workers as usual, in the same run directory: metrics.jsonl is appended to,
     logs too, and a new summary.json is written (the previous one kept as summary-K.json)."""
     cfg, run_dir = resume_config(run_dir, overrides)
+    check_before_start(cfg)
     return Launch(cfg, run_dir, quiet, resume=True).run()
 
 
@@ -252,7 +272,8 @@ class Launch:
         old_term = signal.signal(signal.SIGTERM, sigterm)
         try:
             try:
-                self.task = prepare_task(cfg)
+                if self.task is None:       # else checked and kept before the start
+                    self.task = prepare_task(cfg)
                 self.guard = DivergenceGuard(self.task.num_classes, cfg.schedule.warmup,
                                              cfg.run.max_updates)
                 self.endpoints = [wait_for_address(f, p, STARTUP_TIMEOUT_S)
