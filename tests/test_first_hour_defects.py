@@ -5,6 +5,7 @@ and a server's spent budget."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from asgd.config import ConfigError, load_config
 
@@ -331,3 +332,35 @@ def test_the_contract_takes_what_it_can_train():
         check_arrays("d", x + np.nan, [0, 1, 0, 1], x, [0, 1, 0, 1])
     with pytest.raises(ValueError, match="x_test's"):
         check_arrays("d", x, [0, 1, 0, 1], np.zeros((4, 2)), [0, 1, 0, 1])
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA asked for where there is none
+
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+@no_cuda
+@pytest.mark.parametrize("setting", ["worker.device=cuda", "worker.device=cuda:1",
+                                     "worker.devices=[cpu, cuda:0]"])
+def test_cuda_where_there_is_none_is_one_line_and_no_run_directory(processes, tmp_path,
+                                                                   setting):
+    result = processes.run(["-m", "asgd.cli", "launch", "--quiet", "--set",
+                            f"run.out_dir={tmp_path / 'runs'}", "--set", setting], timeout=120)
+    assert result.returncode != 0
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "CUDA is not available" in err, err
+    assert setting.split("=")[0] in err and "worker.device=cpu" in err
+    assert not (tmp_path / "runs").exists()
+
+
+@no_cuda
+def test_the_launchers_checks_leave_cuda_uninitialised():
+    from asgd.config import Config
+    from asgd.launch.launcher import LaunchError, check_before_start
+
+    check_before_start(Config())
+    with pytest.raises(LaunchError, match="CUDA is not available"):
+        check_before_start(Config().replace(**{"worker.device": "cuda:{local_rank}"}))
+    assert not torch.cuda.is_initialized()      # forked children could not use it otherwise
+

@@ -3,12 +3,13 @@ a final evaluation, and the run directory.
 
     summary = launch(load_config("configs/default.yaml"))      # what `asgd launch` does
 
-Before anything starts, the model and data set named by the config are imported and checked:
-a bad import path or argument, or a data set and model the built-in loop cannot train
-(asgd.tasks.contract: labels that are not integers in [0, K), another loss, outputs that are
-not one per class) fail here with one line, and no run directory is left behind. The server
-and the workers then run as subprocesses (``python -m server``, ``python -m worker``), never
-imported here, so CUDA is never initialised in this process. The run directory
+Before anything starts, the model and data set named by the config are imported and checked,
+and so are the devices: a bad import path or argument, CUDA asked for where there is none, or
+a data set and model the built-in loop cannot train (asgd.tasks.contract: labels that are not
+integers in [0, K), another loss, outputs that are not one per class) fail here with one line,
+and no run directory is left behind (CUDA is only asked whether it is there, never
+initialised here). The server and the workers then run as subprocesses (``python -m server``,
+``python -m worker``), never imported here. The run directory
 (``runs/<name>/``) gets config.yaml, metrics.jsonl, summary.json, checkpoint/ and logs/.
 
 A process that dies is reported with the tail of its log and started again, up to
@@ -119,14 +120,16 @@ def prepare_task(cfg: Config):
 
 
 def check_before_start(cfg: Config):
-    """The task (what the built-in loop can train: asgd.tasks.contract), a one-line
-    LaunchError; returns the task (with a user's data set, loaded to check its labels)."""
+    """The devices (CUDA asked for where there is none) and the task (what the built-in loop
+    can train: asgd.tasks.contract), each a one-line LaunchError; returns the task (with a
+    user's data set, loaded to check its labels)."""
     import torch
 
-    from asgd.tasks.task import check_task
+    from asgd.tasks.task import check_devices, check_task
 
     torch.set_num_threads(1)
     try:
+        check_devices(cfg)
         return check_task(cfg)
     except (ValueError, TypeError) as e:
         raise LaunchError(str(e)) from None
