@@ -364,3 +364,24 @@ def test_the_launchers_checks_leave_cuda_uninitialised():
         check_before_start(Config().replace(**{"worker.device": "cuda:{local_rank}"}))
     assert not torch.cuda.is_initialized()      # forked children could not use it otherwise
 
+
+# ----------------------------------------------------------------------------------------------
+# a worker that cannot train is not restarted
+
+def test_a_worker_that_exits_2_ends_the_launch_failed_with_its_message(processes, tmp_path,
+                                                                       mnist1d_cached):
+    import json
+
+    processes.env = dict(processes.env, ASGD_FAULT="bogus")   # the worker refuses it: exit 2
+    result = processes.run(["-m", "asgd.cli", "launch", "--quiet", "--set",
+                            f"run.out_dir={tmp_path / 'runs'}", "--set", "run.name=r",
+                            "--set", "model.args={channels: 8}"], timeout=180)
+    assert result.returncode == 1, result.stderr
+    summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["restarts"] == [], summary
+    assert summary["diverged"] == [], summary               # untrained, not "at chance"
+    assert summary["failures"], summary
+    for failure in summary["failures"]:
+        assert "cannot train (exit 2, not restarted)" in failure, failure
+        assert "ASGD_FAULT='bogus': expected exit:STEP" in failure, failure
+    assert "ASGD_FAULT='bogus'" in result.stderr and "restarting" not in result.stderr

@@ -20,9 +20,11 @@ start) on a new port, announced in its address file, where the workers find it a
 death and restart is said in the display and recorded in metrics.jsonl (``worker_died``,
 ``worker_restarted``, ``server_died``, ``server_restarted``) and summary.json (``deaths``,
 ``restarts``); the run still ends ``ok`` when the server reaches its budget, and ``failed`` when
-the restarts run out or a server cannot be started again. A run that diverges (see
-``asgd.launch.guard``) is stopped, reported at once and ends ``diverged``. Ctrl-C stops
-everything, and the weights reached so far are still evaluated, whatever became of stdout.
+the restarts run out or a server cannot be started again. A worker that exits 2 ("the
+configuration cannot train") is not restarted: the run stops and ends ``failed`` with its
+message. A run that diverges (see ``asgd.launch.guard``) is stopped, reported at once and ends
+``diverged``. Ctrl-C stops everything, and the weights reached so far are still evaluated,
+whatever became of stdout.
 
     summary = resume_launch("runs/x")          # `asgd launch --resume runs/x`: go on with a run
 """
@@ -35,6 +37,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from rich.markup import escape
+
 from asgd.config import Config, ConfigError, load_config, save_config
 from asgd.launch.display import Display, Monitor
 from asgd.launch.guard import DivergenceGuard
@@ -44,6 +48,7 @@ from asgd.metrics import MetricsWriter
 STARTUP_TIMEOUT_S = 60.0
 STOP_GRACE_S = 20.0
 POLL_S = 0.5
+WORKER_CANNOT_TRAIN_EXIT = 2  # worker/main.py: the configuration cannot train (no restart)
 WORKER_DIVERGED_EXIT = 4     # worker/train.py: its loss stayed non-finite
 FAULT_ENV = "ASGD_FAULT"     # worker/train.py's crash switch: not passed to a restarted worker
 
@@ -216,6 +221,7 @@ class Launch:
         self.deaths: list[dict] = []
         self.restarts: list[dict] = []
         self.interrupted = False
+        self.stop_now = False       # a worker cannot train: the run ends failed
         self.evals = 0
         self.final_stats: dict | None = None
         shards = cfg.server.shards
@@ -325,7 +331,7 @@ class Launch:
                 next_eval = time.monotonic() + every
                 self._evaluate_live()
             self.display.update(mon)
-            if self.diverged:
+            if self.diverged or self.stop_now:
                 return
             if all(p.poll() is not None for p in self.workers):
                 return
@@ -389,6 +395,9 @@ class Launch:
             self._judge(f"{p.name}: its training loss stayed non-finite")
             return
         rec = self._death("worker", rank, p)
+        if p.returncode == WORKER_CANNOT_TRAIN_EXIT:
+            self._cannot_train(p)
+            return
         if not self._restart_left():
             self._out_of_restarts(p, rec)
             return
@@ -398,6 +407,18 @@ class Launch:
             f"[red]{p.name} died[/red] ({self._exit_text(p, rec)}):\n{p.tail()}\n"
             f"[yellow]restarting {p.name}[/yellow] (restart {len(self.restarts)} of "
             f"{self.cfg.run.max_restarts} in this run)", always=True)
+
+    def _cannot_train(self, p: Proc) -> None:
+        """A worker exited 2, "the configuration cannot train": a restart would meet the same
+        (three restarts, then untrained weights reported as a divergence), so the run stops
+        here and fails with the worker's own message (its last error line)."""
+        errors = [line.split(" ERROR ", 1)[1] for line in p.tail(50).splitlines()
+                  if " ERROR " in line]
+        why = errors[-1] if errors else (p.tail(1) or "no message in its log")
+        self.failures.append(f"{p.name} cannot train (exit 2, not restarted): {why}")
+        self.stop_now = True
+        self.display.message(f"[red]{p.name} cannot train[/red] (exit 2, not restarted):\n"
+                             f"{escape(p.tail())}", always=True)
 
     def _server_died(self, shard: int) -> bool:
         """A server (shard) died: start it again with --resume from its checkpoint (from the
@@ -541,7 +562,7 @@ class Launch:
             summary.update(test_accuracy=acc, test_loss=loss)
             self.metrics.write("eval", version=ckpt.version, accuracy=acc, loss=loss, final=True)
             self.mon.accuracy = acc
-            if not self.interrupted:
+            if not self.interrupted and not self.stop_now:   # untrained: not a divergence
                 self._judge(self.guard.final(acc))
         except (OSError, ValueError) as e:
             failures.append(f"final evaluation failed: {e}")
