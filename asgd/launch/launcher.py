@@ -125,9 +125,16 @@ def prepare_task(cfg: Config):
 
 
 def check_before_start(cfg: Config):
-    """The devices (CUDA asked for where there is none) and the task (what the built-in loop
-    can train: asgd.tasks.contract), each a one-line LaunchError; returns the task (with a
-    user's data set, loaded to check its labels)."""
+    """The devices (CUDA asked for where there is none) and a user's model or data set (what
+    the built-in loop can train: asgd.tasks.contract), each a one-line LaunchError; returns
+    the task when it was built (with a user's data set, loaded to check its labels), else
+    None. Built-in models and data sets on the CPU hold the contract by construction: torch
+    is not even imported for them, so the processes start at once."""
+    from asgd.tasks.contract import cuda_names
+
+    user_code = ":" in cfg.model.name or ":" in cfg.data.name
+    if not user_code and not cuda_names(cfg):
+        return None
     import torch
 
     from asgd.tasks.task import check_devices, check_task
@@ -135,7 +142,7 @@ def check_before_start(cfg: Config):
     torch.set_num_threads(1)
     try:
         check_devices(cfg)
-        return check_task(cfg)
+        return check_task(cfg) if user_code else None
     except (ValueError, TypeError) as e:
         raise LaunchError(str(e)) from None
 
@@ -147,7 +154,7 @@ def launch(cfg: Config, quiet: bool = False) -> dict:
     run_dir = make_run_dir(cfg)
     try:
         run = Launch(cfg, run_dir, quiet)
-        run.task = task if task.dataset is not None else None   # a user's data: loaded once
+        run.task = task if task is not None and task.dataset is not None else None  # once
         return run.run()
     except LaunchError:
         shutil.rmtree(run_dir, ignore_errors=True)    # nothing ran: leave nothing behind

@@ -4,6 +4,7 @@
     x, y, x_test, y_test, k = check_arrays("mydata:make", x, y, x_test, y_test)
     splits = returned_splits("mydata:make", factory())    # a dict a data factory returned
     check_outputs(model, "mymodel:make", x[:2], k)       # one logit per class
+    cuda_names(cfg)                                      # the CUDA devices a config asks for
 
 The built-in loop (worker/train.py) trains a classifier with cross-entropy: inputs of one
 shape, finite; labels whole numbers in [0, K); a model that maps a batch of B inputs to
@@ -11,12 +12,12 @@ shape, finite; labels whole numbers in [0, K); a model that maps a batch of B in
 cross-entropy, a model whose outputs are not one per class) would train to something
 meaningless or crash a worker, so it is refused here with one line that says what is wrong
 and where to go instead: ``asgd.Optimizer`` in a training script of one's own
-(docs/library.md), which takes any model, data and loss.
+(docs/library.md), which takes any model, data and loss. Torch is imported only by the
+checks that need it: ``cuda_names`` tells without it whether there is anything to check.
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 OWN_LOOP = ("to train anything else, use asgd.Optimizer in your own training script, run by "
             "`asgd launch --workers 2 train.py` (docs/library.md)")
@@ -53,6 +54,8 @@ def returned_splits(name: str, ds) -> tuple:
 
 
 def _numpy(a) -> np.ndarray:
+    import torch
+
     if isinstance(a, torch.Tensor):
         return a.detach().cpu().numpy()
     return np.asarray(a)
@@ -97,6 +100,8 @@ def check_arrays(name: str, x, y, xt, yt, num_classes=None, loss=None) -> tuple:
     (numpy, torch, lists), or ValueError: inputs non-empty, of one shape, finite; labels
     whole numbers in [0, K), K = ``num_classes`` or the largest label + 1, at least 2;
     ``loss`` None or cross_entropy."""
+    import torch
+
     if loss not in (None, *LOSSES):
         raise cannot_train(f"data set {name!r} asks for loss {loss!r}, which the built-in "
                            "training loop does not have")
@@ -120,9 +125,11 @@ def check_arrays(name: str, x, y, xt, yt, num_classes=None, loss=None) -> tuple:
     return x, torch.as_tensor(y), xt, torch.as_tensor(yt), k
 
 
-def check_outputs(model: torch.nn.Module, name: str, x: torch.Tensor, num_classes: int) -> None:
+def check_outputs(model: "torch.nn.Module", name: str, x: torch.Tensor, num_classes: int) -> None:
     """ValueError unless ``model`` maps the batch ``x`` to (len(x), num_classes) logits. Run
     without gradients in eval mode (no running statistics move), then back in its mode."""
+    import torch
+
     training = model.training
     model.eval()
     try:
@@ -138,3 +145,12 @@ def check_outputs(model: torch.nn.Module, name: str, x: torch.Tensor, num_classe
     if got != want:
         raise cannot_train(f"model {name!r} gives {got} for a batch of {len(x)} inputs, not "
                            f"{want}: one logit per class of the data set's {num_classes}")
+
+
+def cuda_names(cfg) -> list[tuple[str, str]]:
+    """(key, device) of every CUDA device the workers are asked to run on (worker.device,
+    worker.devices): cuda, cuda:N, N, with {local_rank} for N. Needs no torch."""
+    asked = [("worker.device", cfg.worker.device)] + \
+        [("worker.devices", d) for d in (cfg.worker.devices or [])]
+    return [(k, d) for k, d in asked if isinstance(d, str) and
+            (d.startswith("cuda") or d.replace("{local_rank}", "0").isdigit())]

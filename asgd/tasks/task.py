@@ -19,7 +19,7 @@ from torch import nn
 
 from asgd.config import Config
 from asgd.core.layout import ParameterLayout
-from asgd.tasks.contract import check_outputs
+from asgd.tasks.contract import check_outputs, cuda_names
 from asgd.tasks.data import DATASETS, Dataset, dataset_factory, dataset_shape, load_dataset
 from asgd.tasks.models import build_model, model_factory
 
@@ -57,15 +57,6 @@ def check_task(cfg: Config) -> Task:
     model_factory(cfg.model.name)
     dataset_factory(cfg.data.name)
     return build_task(cfg, data=cfg.data.name not in DATASETS)
-
-
-def cuda_names(cfg: Config) -> list[tuple[str, str]]:
-    """(key, device) of every CUDA device the workers are asked to run on (worker.device,
-    worker.devices): cuda, cuda:N, N, with {local_rank} for N."""
-    asked = [("worker.device", cfg.worker.device)] + \
-        [("worker.devices", d) for d in (cfg.worker.devices or [])]
-    return [(k, d) for k, d in asked if isinstance(d, str) and
-            (d.startswith("cuda") or d.replace("{local_rank}", "0").isdigit())]
 
 
 def check_devices(cfg: Config) -> None:
