@@ -385,3 +385,19 @@ def test_a_worker_that_exits_2_ends_the_launch_failed_with_its_message(processes
         assert "cannot train (exit 2, not restarted)" in failure, failure
         assert "ASGD_FAULT='bogus': expected exit:STEP" in failure, failure
     assert "ASGD_FAULT='bogus'" in result.stderr and "restarting" not in result.stderr
+
+
+def test_the_data_factory_in_docs_data_md_holds_the_contract(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    from asgd.tasks.task import check_task
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    (tmp_path / "mydata.py").write_text(re.findall(r"```python\n(.*?)```", text, re.S)[0])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    task = check_task(load_config(None, ["data.name=mydata:make", "data.args={n: 2000}",
+                                         "model.name=mlp"]))
+    assert task.num_classes == 4 and tuple(task.dataset.x_train.shape) == (1600, 20)
+    assert "asgd launch --workers 2 train.py" in text and "(library.md)" in text
