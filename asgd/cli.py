@@ -332,7 +332,7 @@ def export_cmd(run_dir, int8, out, checkpoint, report, batch_size, repeats):
         from asgd.tasks.export import compare
 
         torch.set_num_threads(1)
-        other = path.with_name(f"{path.stem}-{'fp32' if int8 else 'int8'}{path.suffix}")
+        other = path.with_name(other_precision_name(path.name, int8))
         other = export_run(run_dir, other, int8=not int8, checkpoint_dir=checkpoint)
         ckpt = load_checkpoint(Path(checkpoint) if checkpoint else Path(run_dir) / "checkpoint")
         cfg = from_dict(ckpt.config)
@@ -342,6 +342,16 @@ def export_cmd(run_dir, int8, out, checkpoint, report, batch_size, repeats):
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e))
     echo(json.dumps(result, indent=2, allow_nan=False))
+
+
+def other_precision_name(name: str, int8: bool) -> str:
+    """The file ``asgd export --report`` writes beside ``name`` for the other precision:
+    model-int8.asgd -> model-fp32.asgd (and back), m.asgd -> m-fp32.asgd."""
+    from pathlib import PurePath
+
+    stem, suffix = PurePath(name).stem, PurePath(name).suffix
+    mine, other = ("int8", "fp32") if int8 else ("fp32", "int8")
+    return f"{stem.removesuffix(f'-{mine}')}-{other}{suffix}"
 
 
 @cli.command("predict")

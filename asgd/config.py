@@ -13,6 +13,7 @@ error that names the key (``ConfigError``). Values in overrides are parsed as YA
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,6 +269,7 @@ def _build(cls, data: Any, prefix: str):
         where = f" in {prefix}" if prefix else ""
         raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''}{where}: "
                           + ", ".join(f"{prefix}.{k}" if prefix else k for k in unknown)
+                          + did_you_mean(unknown, names, prefix)
                           + f" (known: {', '.join(sorted(names))})")
     kwargs = {}
     for k, v in data.items():
@@ -278,6 +280,16 @@ def _build(cls, data: Any, prefix: str):
         else:
             kwargs[k] = _check(key, v, tp)
     return cls(**kwargs)
+
+
+def did_you_mean(unknown, known, prefix: str = "", rest: str = "") -> str:
+    """"; did you mean optimizer.lr?" for the known keys closest to the misspelt ones (""
+    when none is close); ``prefix`` and ``rest`` are the key's parts before and after."""
+    close = []
+    for k in unknown:
+        for m in difflib.get_close_matches(str(k), [str(n) for n in known], n=1, cutoff=0.6):
+            close.append(".".join(p for p in (prefix, m, rest) if p))
+    return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 def from_dict(data: dict | None) -> Config:
@@ -305,10 +317,15 @@ def apply_overrides(cfg: Config, overrides, parsed: bool = False) -> Config:
         node = data
         for i, part in enumerate(parts[:-1]):
             if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"unknown key: {'.'.join(parts[:i + 1])} (in override {key})")
+                hint = did_you_mean([part], node, ".".join(parts[:i]),
+                                    ".".join(parts[i + 1:])) if isinstance(node, dict) else ""
+                raise ConfigError(f"unknown key: {'.'.join(parts[:i + 1])} (in override "
+                                  f"{key}){hint}")
             node = node[part]
         if not isinstance(node, dict) or (parts[-1] not in node and len(parts) < 3):
-            raise ConfigError(f"unknown key: {key}")
+            hint = did_you_mean(parts[-1:], node, ".".join(parts[:-1])) \
+                if isinstance(node, dict) else ""
+            raise ConfigError(f"unknown key: {key}{hint}")
         node[parts[-1]] = value
     return from_dict(data)
 

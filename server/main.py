@@ -396,6 +396,12 @@ class Server:
                  len(s["workers"]), s["staleness_mean"], s["staleness_max"],
                  s["updates_dropped"])
         self._status_at = (now, version)
+        budget = self.cfg.run.max_updates      # said once (again after --extend moved it)
+        if budget and version >= budget and getattr(self, "_budget_said", None) != budget:
+            self._budget_said = budget
+            log.info("budget spent: version %d reached run.max_updates %d; the workers stop "
+                     "here (Ctrl-C or SIGTERM writes the checkpoint and stops the server)",
+                     version, budget)
 
     def _record_stats(self) -> None:
         s = self.core.stats()

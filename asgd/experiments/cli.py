@@ -140,7 +140,7 @@ def _experiment_command(kind: str):
 
 @click.group()
 def experiment():
-    """Run the staleness, straggler and throughput experiments."""
+    """Run an experiment, or redraw one's report."""
 
 
 for _kind in EXPERIMENT_DEFAULTS:
@@ -160,3 +160,14 @@ def experiment_report(out, target_accuracy):
     except (OSError, ValueError, KeyError) as e:
         raise click.ClickException(f"cannot report {out}: {e}")
     click.echo(text)
+
+
+def _name_the_commands(group: click.Group, report: click.Command) -> None:
+    """The group's help names every command it has (``asgd --help`` shows the short form), so
+    a new experiment cannot be left out of it."""
+    names = ", ".join(n for n in group.commands if n != report.name)
+    group.short_help = f"Run {names}; {report.name}."
+    group.help = f"Run an experiment ({names}), or redraw one's {report.name}."
+
+
+_name_the_commands(experiment, experiment_report)

@@ -34,7 +34,12 @@ def _spread(values: list) -> str:
     if not vals:
         return "-"
     med = statistics.median(vals)
-    fmt = (lambda v: f"{v:.3f}") if med < 10 else (lambda v: f"{v:,.0f}")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in vals):   # counts: 5, not 5.000
+        fmt = (lambda v: f"{int(v):,}" if float(v).is_integer() else f"{v:,.1f}")
+    elif med < 10:
+        fmt = (lambda v: f"{v:.3f}")
+    else:
+        fmt = (lambda v: f"{v:,.0f}")
     if len(vals) == 1:
         return fmt(med)
     return f"{fmt(med)} ({fmt(min(vals))}–{fmt(max(vals))})"

@@ -49,6 +49,11 @@ class Monitor:
         self._metrics_pos = pos
 
     @property
+    def samples_per_push(self) -> int:
+        """A push carries worker.local_steps steps of worker.batch_size samples each."""
+        return self.cfg.worker.batch_size * self.cfg.worker.local_steps
+
+    @property
     def training(self) -> bool:
         return self.trained_s is None
 
@@ -67,7 +72,7 @@ class Monitor:
             self._first = (now, pushes)
         t_prev, p_prev = self._last
         if t_prev and now > t_prev:
-            rate = (pushes - p_prev) * self.cfg.worker.batch_size / (now - t_prev)
+            rate = (pushes - p_prev) * self.samples_per_push / (now - t_prev)
             self.samples_per_s = rate if not self.samples_per_s else \
                 0.5 * self.samples_per_s + 0.5 * rate
         self._last = (now, pushes)
@@ -99,7 +104,7 @@ class Monitor:
             return
         self.trained_s = time.time() - self.t0
         if self._first is not None and self._last[0] > self._first[0]:
-            self.samples_per_s = ((self._last[1] - self._first[1]) * self.cfg.worker.batch_size
+            self.samples_per_s = ((self._last[1] - self._first[1]) * self.samples_per_push
                                   / (self._last[0] - self._first[0]))
 
     @property
@@ -109,7 +114,10 @@ class Monitor:
     def fields(self) -> list[str]:
         """The display's fields, most important first."""
         total = self.cfg.run.max_updates
-        upd = f"updates {self.updates}/{total}" if total else f"updates {self.updates}"
+        # pushes in flight when the budget is reached are still applied (3001/3000): the
+        # budget is what was asked for, and what the display shows at most
+        upd = f"updates {min(self.updates, total)}/{total}" if total else \
+            f"updates {self.updates}"
         out = [upd]
         if self.accuracy is not None:
             out.append(f"acc {self.accuracy:.3f}")
@@ -174,13 +182,17 @@ class Display:
             self.broken = True
             silence(sys.stderr)
 
-    def render(self, mon: Monitor) -> str:
+    def render(self, mon: Monitor):
+        """The live line as rich Text: plain characters, never markup (``[###---]`` would
+        be read as a markup tag and vanish)."""
+        from rich.text import Text
+
         width = self.console.width
         text = mon.line(width)
         room = width - len(text) - 2
         if self.total and room >= 12:
             text = progress_bar(mon.updates, self.total, min(room, 32)) + "  " + text
-        return text
+        return Text(text)
 
     def update(self, mon: Monitor) -> None:
         if self.live:

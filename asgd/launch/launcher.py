@@ -3,10 +3,13 @@ a final evaluation, and the run directory.
 
     summary = launch(load_config("configs/default.yaml"))      # what `asgd launch` does
 
-Before anything starts, the model and data set named by the config are imported and checked
-(a bad import path or argument fails here, and no run directory is left behind). The server
-and the workers then run as subprocesses (``python -m server``, ``python -m worker``), never
-imported here, so CUDA is never initialised in this process. The run directory
+Before anything starts, the model and data set named by the config are imported and checked,
+and so are the devices: a bad import path or argument, CUDA asked for where there is none, or
+a data set and model the built-in loop cannot train (asgd.tasks.contract: labels that are not
+integers in [0, K), another loss, outputs that are not one per class) fail here with one line,
+and no run directory is left behind (CUDA is only asked whether it is there, never
+initialised here). The server and the workers then run as subprocesses (``python -m server``,
+``python -m worker``), never imported here. The run directory
 (``runs/<name>/``) gets config.yaml, metrics.jsonl, summary.json, checkpoint/ and logs/.
 
 A process that dies is reported with the tail of its log and started again, up to
@@ -17,9 +20,11 @@ start) on a new port, announced in its address file, where the workers find it a
 death and restart is said in the display and recorded in metrics.jsonl (``worker_died``,
 ``worker_restarted``, ``server_died``, ``server_restarted``) and summary.json (``deaths``,
 ``restarts``); the run still ends ``ok`` when the server reaches its budget, and ``failed`` when
-the restarts run out or a server cannot be started again. A run that diverges (see
-``asgd.launch.guard``) is stopped, reported at once and ends ``diverged``. Ctrl-C stops
-everything, and the weights reached so far are still evaluated, whatever became of stdout.
+the restarts run out or a server cannot be started again. A worker that exits 2 ("the
+configuration cannot train") is not restarted: the run stops and ends ``failed`` with its
+message. A run that diverges (see ``asgd.launch.guard``) is stopped, reported at once and ends
+``diverged``. Ctrl-C stops everything, and the weights reached so far are still evaluated,
+whatever became of stdout.
 
     summary = resume_launch("runs/x")          # `asgd launch --resume runs/x`: go on with a run
 """
@@ -32,6 +37,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from rich.markup import escape
+
 from asgd.config import Config, ConfigError, load_config, save_config
 from asgd.launch.display import Display, Monitor
 from asgd.launch.guard import DivergenceGuard
@@ -41,6 +48,7 @@ from asgd.metrics import MetricsWriter
 STARTUP_TIMEOUT_S = 60.0
 STOP_GRACE_S = 20.0
 POLL_S = 0.5
+WORKER_CANNOT_TRAIN_EXIT = 2  # worker/main.py: the configuration cannot train (no restart)
 WORKER_DIVERGED_EXIT = 4     # worker/train.py: its loss stayed non-finite
 FAULT_ENV = "ASGD_FAULT"     # worker/train.py's crash switch: not passed to a restarted worker
 
@@ -116,12 +124,38 @@ def prepare_task(cfg: Config):
         raise LaunchError(str(e)) from None
 
 
+def check_before_start(cfg: Config):
+    """The devices (CUDA asked for where there is none) and a user's model or data set (what
+    the built-in loop can train: asgd.tasks.contract), each a one-line LaunchError; returns
+    the task when it was built (with a user's data set, loaded to check its labels), else
+    None. Built-in models and data sets on the CPU hold the contract by construction: torch
+    is not even imported for them, so the processes start at once."""
+    from asgd.tasks.contract import cuda_names
+
+    user_code = ":" in cfg.model.name or ":" in cfg.data.name
+    if not user_code and not cuda_names(cfg):
+        return None
+    import torch
+
+    from asgd.tasks.task import check_devices, check_task
+
+    torch.set_num_threads(1)
+    try:
+        check_devices(cfg)
+        return check_task(cfg) if user_code else None
+    except (ValueError, TypeError) as e:
+        raise LaunchError(str(e)) from None
+
+
 def launch(cfg: Config, quiet: bool = False) -> dict:
     """Run a whole cluster on this machine; returns the summary (also in summary.json)."""
     check_imports(cfg)
+    task = check_before_start(cfg)
     run_dir = make_run_dir(cfg)
     try:
-        return Launch(cfg, run_dir, quiet).run()
+        run = Launch(cfg, run_dir, quiet)
+        run.task = task if task is not None and task.dataset is not None else None  # once
+        return run.run()
     except LaunchError:
         shutil.rmtree(run_dir, ignore_errors=True)    # nothing ran: leave nothing behind
         raise
@@ -133,6 +167,7 @@ def resume_launch(run_dir, overrides=(), quiet: bool = False) -> dict:
     checkpoint, workers as usual, in the same run directory: metrics.jsonl is appended to,
     logs too, and a new summary.json is written (the previous one kept as summary-K.json)."""
     cfg, run_dir = resume_config(run_dir, overrides)
+    check_before_start(cfg)
     return Launch(cfg, run_dir, quiet, resume=True).run()
 
 
@@ -193,6 +228,7 @@ class Launch:
         self.deaths: list[dict] = []
         self.restarts: list[dict] = []
         self.interrupted = False
+        self.stop_now = False       # a worker cannot train: the run ends failed
         self.evals = 0
         self.final_stats: dict | None = None
         shards = cfg.server.shards
@@ -252,7 +288,8 @@ class Launch:
         old_term = signal.signal(signal.SIGTERM, sigterm)
         try:
             try:
-                self.task = prepare_task(cfg)
+                if self.task is None:       # else checked and kept before the start
+                    self.task = prepare_task(cfg)
                 self.guard = DivergenceGuard(self.task.num_classes, cfg.schedule.warmup,
                                              cfg.run.max_updates)
                 self.endpoints = [wait_for_address(f, p, STARTUP_TIMEOUT_S)
@@ -301,7 +338,7 @@ class Launch:
                 next_eval = time.monotonic() + every
                 self._evaluate_live()
             self.display.update(mon)
-            if self.diverged:
+            if self.diverged or self.stop_now:
                 return
             if all(p.poll() is not None for p in self.workers):
                 return
@@ -365,6 +402,9 @@ class Launch:
             self._judge(f"{p.name}: its training loss stayed non-finite")
             return
         rec = self._death("worker", rank, p)
+        if p.returncode == WORKER_CANNOT_TRAIN_EXIT:
+            self._cannot_train(p)
+            return
         if not self._restart_left():
             self._out_of_restarts(p, rec)
             return
@@ -374,6 +414,18 @@ class Launch:
             f"[red]{p.name} died[/red] ({self._exit_text(p, rec)}):\n{p.tail()}\n"
             f"[yellow]restarting {p.name}[/yellow] (restart {len(self.restarts)} of "
             f"{self.cfg.run.max_restarts} in this run)", always=True)
+
+    def _cannot_train(self, p: Proc) -> None:
+        """A worker exited 2, "the configuration cannot train": a restart would meet the same
+        (three restarts, then untrained weights reported as a divergence), so the run stops
+        here and fails with the worker's own message (its last error line)."""
+        errors = [line.split(" ERROR ", 1)[1] for line in p.tail(50).splitlines()
+                  if " ERROR " in line]
+        why = errors[-1] if errors else (p.tail(1) or "no message in its log")
+        self.failures.append(f"{p.name} cannot train (exit 2, not restarted): {why}")
+        self.stop_now = True
+        self.display.message(f"[red]{p.name} cannot train[/red] (exit 2, not restarted):\n"
+                             f"{escape(p.tail())}", always=True)
 
     def _server_died(self, shard: int) -> bool:
         """A server (shard) died: start it again with --resume from its checkpoint (from the
@@ -517,7 +569,7 @@ class Launch:
             summary.update(test_accuracy=acc, test_loss=loss)
             self.metrics.write("eval", version=ckpt.version, accuracy=acc, loss=loss, final=True)
             self.mon.accuracy = acc
-            if not self.interrupted:
+            if not self.interrupted and not self.stop_now:   # untrained: not a divergence
                 self._judge(self.guard.final(acc))
         except (OSError, ValueError) as e:
             failures.append(f"final evaluation failed: {e}")

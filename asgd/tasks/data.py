@@ -8,7 +8,10 @@ Data sets: ``mnist1d`` (generated offline by the mnist1d package with its defaul
 4,000 training and 1,000 test samples; cached as .npz), ``digits`` (scikit-learn's 8x8 digits,
 a fixed 80/20 split), ``synthetic`` (a learnable random teacher of configurable size, for
 throughput work) and any ``package.module:factory`` returning a Dataset or a dict with
-x_train, y_train, x_test, y_test.
+x_train, y_train, x_test, y_test (and optionally num_classes, loss). What the built-in loop
+trains is a classifier: inputs of one shape, labels whole numbers in [0, K); anything else
+(regression targets, negative labels, another loss) is refused with one line that points to
+a training script of one's own (docs/data.md has the contract).
 
 Sharding: worker ``rank`` of ``world`` owns a disjoint slice of one seeded permutation of the
 training split; together the shards cover it. Each epoch reshuffles the shard with the seed.
@@ -27,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from asgd.tasks.contract import check_arrays, returned_splits
 from asgd.tasks.imports import check_arguments, import_object
 
 
@@ -50,11 +54,9 @@ def _cache_dir(cache_dir: str) -> Path:
     return root
 
 
-def _from_arrays(name, x, y, xt, yt, num_classes=None) -> Dataset:
-    x, xt = (torch.as_tensor(np.asarray(a), dtype=torch.float32) for a in (x, xt))
-    y, yt = (torch.as_tensor(np.asarray(a), dtype=torch.int64) for a in (y, yt))
-    k = int(num_classes or int(max(y.max(), yt.max())) + 1)
-    return Dataset(name, x.contiguous(), y, xt.contiguous(), yt, k)
+def _from_arrays(name, x, y, xt, yt, num_classes=None, loss=None) -> Dataset:
+    """A Dataset from array-likes, checked against the contract (asgd.tasks.contract)."""
+    return Dataset(name, *check_arrays(name, x, y, xt, yt, num_classes, loss))
 
 
 MNIST1D_LENGTH = 40     # mnist1d's default final_seq_length: the signals' length
@@ -157,12 +159,12 @@ def load_dataset(data_cfg, seed: int = 0) -> Dataset:
     kwargs = _builtin_kwargs(data_cfg, seed) if builtin else dict(data_cfg.args)
     check_arguments(factory, kwargs, f"data set {data_cfg.name!r}", "data.args")
     ds = factory(cache_dir=data_cfg.cache_dir, **kwargs) if builtin else factory(**kwargs)
-    if isinstance(ds, dict):
-        ds = _from_arrays(data_cfg.name, ds["x_train"], ds["y_train"], ds["x_test"],
-                          ds["y_test"], ds.get("num_classes"))
-    if not isinstance(ds, Dataset):
-        raise ValueError(f"data set {data_cfg.name!r} returned {type(ds).__name__}")
-    return ds
+    if builtin:
+        return ds
+    if isinstance(ds, Dataset):
+        ds = {"x_train": ds.x_train, "y_train": ds.y_train, "x_test": ds.x_test,
+              "y_test": ds.y_test, "num_classes": ds.num_classes}
+    return _from_arrays(data_cfg.name, *returned_splits(data_cfg.name, ds))
 
 
 def dataset_shape(data_cfg, seed: int = 0) -> tuple[tuple, int]:

@@ -2,7 +2,8 @@
 
     task = build_task(cfg)                 # data set, model (seeded), layout
     task = build_task(cfg, data=False)     # the model only (the server): no data is loaded
-    check_task(cfg)                        # imports and arguments, before any process starts
+    check_task(cfg)     # imports, arguments, labels and outputs, before any process starts
+    check_devices(cfg)  # CUDA asked for where there is none: one line
 
 The model is initialised from ``run.seed`` in every process, then from ``model.init_from``
 when set, so the server's initial weights and every worker's first model agree; the server's
@@ -18,7 +19,8 @@ from torch import nn
 
 from asgd.config import Config
 from asgd.core.layout import ParameterLayout
-from asgd.tasks.data import Dataset, dataset_factory, dataset_shape, load_dataset
+from asgd.tasks.contract import check_outputs, cuda_names
+from asgd.tasks.data import DATASETS, Dataset, dataset_factory, dataset_shape, load_dataset
 from asgd.tasks.models import build_model, model_factory
 
 
@@ -41,15 +43,41 @@ def build_task(cfg: Config, data: bool = True) -> Task:
         ds = None
         shape, classes = dataset_shape(cfg.data, seed=cfg.run.seed)
     model = build_model(cfg.model, shape, classes, seed=cfg.run.seed)
+    # one logit per class, or the built-in loop cannot train it (asgd.tasks.contract)
+    sample = ds.x_train[:2] if ds is not None else torch.zeros(2, *shape)
+    check_outputs(model, cfg.model.name, sample, classes)
     return Task(model, ParameterLayout.from_model(model), tuple(shape), classes, ds)
 
 
-def check_task(cfg: Config) -> None:
-    """ValueError unless the model and data set named by ``cfg`` import and take their
-    arguments: what a launch checks before it starts any process."""
+def check_task(cfg: Config) -> Task:
+    """The task, or ValueError unless the model and data set named by ``cfg`` import, take
+    their arguments and are what the built-in loop can train (asgd.tasks.contract): what a
+    launch checks before it starts any process. A user's data set is loaded to check its
+    labels (the task returned holds it); a built-in one is not (its labels are known)."""
     model_factory(cfg.model.name)
     dataset_factory(cfg.data.name)
-    build_task(cfg, data=False)
+    return build_task(cfg, data=cfg.data.name not in DATASETS)
+
+
+def check_devices(cfg: Config) -> None:
+    """ValueError, one line, when the workers are asked to run on CUDA that this machine does
+    not have (none at all, or not that index). Only asks torch whether CUDA is there and how
+    many devices it has: CUDA is never initialised in this process."""
+    asked = cuda_names(cfg)
+    if not asked:
+        return
+    key, name = asked[0]
+    if not torch.cuda.is_available():
+        build = "" if torch.version.cuda else ", a CPU-only build"
+        raise ValueError(f"{key} asks for {name!r} but CUDA is not available on this machine "
+                         f"(torch {torch.__version__}{build}); use worker.device=cpu, or auto "
+                         "(CUDA where there is one)")
+    count = torch.cuda.device_count()
+    for key, name in asked:
+        index = name.split(":")[-1] if ":" in name else name if name.isdigit() else "0"
+        if index.isdigit() and int(index) >= count:    # {local_rank} wraps around: always ok
+            raise ValueError(f"{key} asks for {name!r} but this machine has {count} CUDA "
+                             f"device{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})")
 
 
 def resolve_device(name: str) -> torch.device:
