@@ -34,7 +34,8 @@ import torch
 import zmq
 
 from asgd.core import protocol
-from asgd.core.flat import FiniteCheck, bf16_to_f32, chunk_ranges, copy_checked
+from asgd.core import encoding as enc
+from asgd.core.flat import FiniteCheck, chunk_ranges, copy_checked
 from asgd.core.protocol import ProtocolError, Request
 from asgd.core.shm import Segment, SegmentError
 from server.staleness import Pending, StalenessControl
@@ -47,7 +48,6 @@ REPLY_MEMORY = 64            # answered pushes remembered per worker, by sequenc
 STATS_WORKERS = 64           # workers listed by name in stats (the most recently heard)
 HISTOGRAM_BUCKETS = 1000     # staleness counted exactly up to this; above, in one bucket
 HELD = "held"                # a remembered push whose reply a policy still holds
-WIRE_DTYPES = {"none": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def _readonly_tensor(a: np.ndarray) -> torch.Tensor:
@@ -224,7 +224,7 @@ class ServerCore:
                                     "segment (say hello with 'shm' first)", req.id)
             return ReplyForm(segment=seg)
         if req.get("flat"):
-            return ReplyForm(True, WIRE_DTYPES[req.get("weights") or "none"])
+            return ReplyForm(True, enc.REGISTRY[req.get("weights") or "none"].wire_dtype)
         self._need_whole(req)
         return PER_TENSOR
 
@@ -411,8 +411,6 @@ class ServerCore:
 
     def _flat_grad(self, req: Request) -> torch.Tensor:
         """A flat push's chunks, decoded into the store's gradient buffer and checked."""
-        from asgd.core import encoding as enc
-
         numel, out = self.store.numel, self.store.grad.numpy()
         name = req.get("encoding") or "none"
 
@@ -424,8 +422,9 @@ class ServerCore:
             if t.array.ndim != 1:
                 bad(f"chunk {t.name!r} must be 1-D")
             groups.setdefault(t.name, []).append(t)
-        if name in ("none", "fp16", "bf16"):
-            want = WIRE_DTYPES[name]
+        form = enc.REGISTRY[name]
+        if form.wire_dtype is not None:      # a conversion of each value: chunk by chunk
+            want = form.wire_dtype
             chunks = groups.pop("grad", [])
             if groups or any(t.dtype != want for t in chunks):
                 bad(f"expected only 'grad' chunks of {want}")
@@ -442,14 +441,10 @@ class ServerCore:
                     return _readonly_tensor(chunks[0].array)
                 return FlatChunks([_readonly_tensor(t.array) for t in chunks])
             pos = 0
-            for t in chunks:
+            for t in chunks:     # each chunk widened and checked while it is in cache
                 n = t.array.size
-                if t.dtype == "bfloat16":
-                    bf16_to_f32(t.array, out[pos:pos + n])
-                    ok = self.check(out[pos:pos + n])
-                else:
-                    ok = copy_checked(out[pos:pos + n], t.array, self.check)
-                if not ok:
+                form.widen(t.array, out[pos:pos + n])
+                if not self.check(out[pos:pos + n]):
                     bad("the gradient has non-finite values")
                 pos += n
             return self.store.grad

@@ -26,6 +26,8 @@ from typing import Any, Iterable, Sequence
 import msgpack
 import numpy as np
 
+from asgd.core import encoding
+
 PROTOCOL_VERSION = 1
 
 ERROR_CODES = (
@@ -80,8 +82,8 @@ REQUEST_FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
 }
 OPS = tuple(REQUEST_FIELDS)
 TENSOR_OPS = ("push", "push_pull")
-ENCODINGS = ("none", "fp16", "bf16", "int8", "topk")   # gradient encodings of a flat push
-WEIGHT_ENCODINGS = ("none", "fp16", "bf16")             # of flat weights in a reply
+# gradient encodings of a flat push, and of flat weights in a reply: asgd.core.encoding's
+ENCODINGS, WEIGHT_ENCODINGS = encoding.ENCODINGS, encoding.WEIGHT_ENCODINGS
 MAX_SHM_PATH = 4096
 
 
