@@ -411,7 +411,7 @@ def test_a_push_sent_again_is_answered_from_memory_and_applied_once():
 
 
 def test_sequence_numbers_are_per_worker_and_remembered_for_a_bounded_window():
-    from server.core import REPLY_MEMORY
+    from server.workers import REPLY_MEMORY
 
     core = make_core(optimizer={"name": "sgd", "lr": 0.01})
     for w in ("a", "b"):

@@ -86,6 +86,14 @@ TENSOR_OPS = ("push", "push_pull")
 ENCODINGS, WEIGHT_ENCODINGS = encoding.ENCODINGS, encoding.WEIGHT_ENCODINGS
 MAX_SHM_PATH = 4096
 
+# The local socket (server.local): a worker on the server's host that said hello with a mapped
+# segment is offered, in the hello's "shm" reply, a unix SOCK_SEQPACKET socket and a token.
+# The connection's first datagram is the greeting {"worker", "token"}, answered {"ok": true}
+# (or an error reply, and the connection closes); after it every datagram is one request
+# header, and one reply header comes back. No datagram is larger than MAX_LOCAL_DATAGRAM.
+LOCAL_GREETING_FIELDS = {"worker": str, "token": str}
+MAX_LOCAL_DATAGRAM = 1 << 16     # a shared-memory request or reply is ~100 bytes
+
 
 class ProtocolError(Exception):
     """A message that cannot be accepted; ``code`` is one of ERROR_CODES. ``request_id`` is
@@ -253,6 +261,22 @@ def decode(frames: Sequence, max_bytes: int | None = None) -> tuple[dict, list[T
                                 f"{spec['shape']} cannot be held: {e}") from None
         tensors.append(Tensor(spec["name"], spec["dtype"], array))
     return header, tensors
+
+
+def local_greeting(worker: str, token: str) -> bytes:
+    """The first datagram on a local connection: the worker and its hello's token."""
+    return pack_header({"worker": worker, "token": token})
+
+
+def check_local_greeting(data: bytes) -> tuple[str, str]:
+    """(worker, token) of a local connection's greeting; ProtocolError if it is not one."""
+    if len(data) > MAX_LOCAL_DATAGRAM:
+        raise ProtocolError("too_large", f"greeting of {len(data)} bytes")
+    h = decode_header(data)
+    for name, tp in LOCAL_GREETING_FIELDS.items():
+        if not isinstance(h.get(name), tp) or not h[name]:
+            raise ProtocolError("bad_request", f"the greeting needs '{name}', a string")
+    return h["worker"], h["token"]
 
 
 def error_reply(request_id, code: str, message: str) -> dict:
