@@ -497,7 +497,6 @@ REGISTRY: dict[str, Encoding] = {e.name: e for e in (
 ENCODINGS = tuple(REGISTRY)                     # every name: gradients travel in any
 assert tuple(_DECODERS) == ENCODINGS
 WEIGHT_ENCODINGS = tuple(n for n, e in REGISTRY.items() if e.weights)
-WIRE_DTYPES = {n: e.wire_dtype for n, e in REGISTRY.items() if e.wire_dtype is not None}
 
 
 def get(name: str, weights: bool = False) -> Encoding:

@@ -1,4 +1,4 @@
-"""The flat form of parameters and gradients on the wire: chunks, finiteness, conversions.
+"""The flat form of parameters and gradients on the wire: chunks, shards, finiteness.
 
     ranges = chunk_ranges(numel, 4)                       # [start, end) of each 4 MiB frame
     start, stop = shard_range(numel, index, count)        # a server shard's contiguous range

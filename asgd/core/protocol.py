@@ -283,11 +283,6 @@ def error_reply(request_id, code: str, message: str) -> dict:
     return {"ok": False, "id": request_id, "error": code, "message": message}
 
 
-def error_frames(request_id, code: str, message: str) -> list:
-    """The one-frame error reply."""
-    return [pack_header(error_reply(request_id, code, message))]
-
-
 # ----------------------------------------------------------------------------------------------
 # requests: the schema both sides follow
 
