@@ -120,7 +120,8 @@ class LocalPeers:
         if req.worker != worker:
             raise ProtocolError("unauthorized", f"this local connection is worker "
                                 f"{worker[:64]!r}'s, not {req.worker[:64]!r}'s", req.id)
-        if req.op in ("push", "push_pull", "pull") and req.get("shm") is None or \
+        shm = req.get("shm")        # a slot (0 is one), or true for a pull
+        if req.op in ("push", "push_pull", "pull") and (shm is None or shm is False) or \
                 req.op == "hello":
             raise ProtocolError("bad_request", f"{req.op} without shared memory goes over "
                                 "ZeroMQ: the local socket carries only requests answered by "

@@ -344,6 +344,7 @@ class Server:
         if self.local.is_local(identity):
             # only requests answered by a header alone come this way (LocalPeers.check)
             self.local.send(identity, reply[0])
+            reply.sent = True
             return
         sock = self.sock
         try:
