@@ -155,9 +155,9 @@ class WorkerConfig:
                                   # pushing the pseudo-gradient (pulled - now); 1 is A-SGD
     shared_memory: str = "auto"   # auto | on | off
     overlap: bool = False         # compute step k+1 while step k's push travels (+1 staleness)
-    encoding: str = "none"        # gradient: none | fp16 | bf16 | int8 | topk (error feedback)
+    encoding: str = "none"        # gradient: asgd.core.encoding.ENCODINGS (lossy: error feedback)
     topk_ratio: float = 0.01      # topk: the share of values sent
-    weights_encoding: str = "none"   # weights back from the server: none | fp16 | bf16
+    weights_encoding: str = "none"   # weights back: asgd.core.encoding.WEIGHT_ENCODINGS
     max_steps: int = 0            # per-worker step budget (0 = none)
     # Straggler simulation, for experiments: each step of a slowed rank (gradient and
     # exchange) takes slow_factor times as long (by sleeping), plus delay_s seconds.
@@ -411,7 +411,7 @@ def validate(cfg: Config) -> None:
     need(w.max_steps >= 0, "worker.max_steps", "must be >= 0")
     need(w.shared_memory in ("auto", "on", "off"), "worker.shared_memory",
          f"must be auto, on or off, got {w.shared_memory!r}")
-    from asgd.core.protocol import ENCODINGS, WEIGHT_ENCODINGS
+    from asgd.core.encoding import ENCODINGS, WEIGHT_ENCODINGS
     need(w.encoding in ENCODINGS, "worker.encoding",
          f"{w.encoding!r} is not one of {', '.join(ENCODINGS)}")
     need(w.weights_encoding in WEIGHT_ENCODINGS, "worker.weights_encoding",

@@ -1,8 +1,12 @@
-"""The server's request handling, without sockets: frames in, reply frames out.
+"""The server's request handling, without sockets: frames in, what to send out.
 
-    core = ServerCore(store, cfg)
-    for identity, frames in core.handle(identity, request_frames): send(identity, frames)
-    for identity, frames in core.tick(): send(identity, frames)     # replies time released
+    core = ServerCore(store, cfg, local=LocalPeers(numel))   # local: this host's workers
+    for identity, reply in core.handle(identity, request_frames): send(identity, reply)
+    for identity, reply in core.tick(): send(identity, reply)     # replies time released
+
+A reply (``server.reply.Reply``) is its frames: the header, packed, and the payload buffers,
+with what the sender must track (buffers the store lent); the loop (``server.main``) makes the
+ZeroMQ frames.
 
 Every request is validated in full before anything changes: the schema by
 ``asgd.core.protocol.check_request`` (header, version, op, fields, frames), then what depends
@@ -26,94 +30,34 @@ import logging
 import resource
 import time
 import traceback
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import Callable
 
 import numpy as np
 import torch
-import zmq
 
+from asgd.core import encoding as enc
 from asgd.core import protocol
-from asgd.core.flat import FiniteCheck, bf16_to_f32, chunk_ranges, copy_checked
+from asgd.core.flat import FiniteCheck, copy_checked
 from asgd.core.protocol import ProtocolError, Request
-from asgd.core.shm import Segment, SegmentError
+from server.local import LocalPeers
+from server.reply import PER_TENSOR, Reply, ReplyForm, weights_reply
 from server.staleness import Pending, StalenessControl
 from server.store import FlatChunks, ParameterStore
+from server.workers import WorkerStats, bucket
 
-ZERO_COPY_BYTES = 1 << 20    # float32 replies at least this large are sent from the live
-                             # weights without a copy (ParameterStore.lend)
-MAX_SEGMENTS = 1024          # shared-memory segments mapped at once (one per worker)
-REPLY_MEMORY = 64            # answered pushes remembered per worker, by sequence number
 STATS_WORKERS = 64           # workers listed by name in stats (the most recently heard)
-HISTOGRAM_BUCKETS = 1000     # staleness counted exactly up to this; above, in one bucket
 HELD = "held"                # a remembered push whose reply a policy still holds
-WIRE_DTYPES = {"none": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def _readonly_tensor(a: np.ndarray) -> torch.Tensor:
-    """A tensor over a received frame (read-only memory: nothing here writes to it)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(a)
-
-
-class ReplyForm:
-    """How one reply carries the weights: per parameter, flat in a wire dtype, or written
-    into the worker's shared-memory segment."""
-    __slots__ = ("flat", "dtype", "segment")
-
-    def __init__(self, flat: bool = False, dtype: str = "float32", segment=None):
-        self.flat, self.dtype, self.segment = flat, dtype, segment
-
-
-PER_TENSOR = ReplyForm()
 
 log = logging.getLogger("asgd.server")
 
 DEFER = None     # what an op returns when its reply is held back
 
 
-def bucket(staleness: int) -> int:
-    """The staleness histogram's key: exact up to HISTOGRAM_BUCKETS, that bucket above."""
-    return min(staleness, HISTOGRAM_BUCKETS)
-
-
-class WorkerStats:
-    """One worker's record, made when it says hello (and only then: a request under an
-    unknown name leaves nothing behind). ``replies``: its last REPLY_MEMORY pushes' replies by
-    sequence number, for answering a push sent again without applying it twice."""
-    __slots__ = ("pushes", "applied", "dropped", "repeats", "last_seen", "rank", "staleness",
-                 "replies")
-
-    def __init__(self):
-        self.pushes = self.applied = self.dropped = self.repeats = 0
-        self.last_seen = 0.0
-        self.rank = None
-        self.staleness = Counter()
-        self.replies: OrderedDict = OrderedDict()
-
-    def remember(self, seq: int, reply) -> None:
-        self.replies[seq] = reply
-        self.replies.move_to_end(seq)
-        while len(self.replies) > REPLY_MEMORY:
-            self.replies.popitem(last=False)
-
-    def to_dict(self, now: float, timeout_s: float) -> dict:
-        ago = now - self.last_seen if self.last_seen else None
-        return {
-            "rank": self.rank, "pushes": self.pushes, "applied": self.applied,
-            "dropped": self.dropped, "repeats": self.repeats,
-            "last_seen_ago_s": round(ago, 3) if ago is not None else None,
-            "alive": ago is not None and ago <= timeout_s,
-            "staleness_histogram": {str(k): v for k, v in sorted(self.staleness.items())},
-        }
-
-
 class ServerCore:
     def __init__(self, store: ParameterStore, cfg, shard: tuple[int, int] = (0, 1),
-                 metrics=None, clock: Callable[[], float] = time.monotonic):
+                 metrics=None, clock: Callable[[], float] = time.monotonic,
+                 local: LocalPeers | None = None):
         self.store, self.cfg, self.shard = store, cfg, shard
         # a shard of several holds a range of the flat parameters: it speaks the flat form only
         self.lo, self.hi = store.span
@@ -134,8 +78,8 @@ class ServerCore:
         self.bytes_in = self.bytes_out = 0
         self.shm_bytes_in = self.shm_bytes_out = 0   # tensors moved through shared memory
         self.check = FiniteCheck()
-        self.segments: dict[str, Segment] = {}
-        self.local = None        # the server's LocalSockets (server.local), or None
+        # this host's workers: their segments and the local socket (server.local)
+        self.local = local if local is not None else LocalPeers(store.layout.numel, False)
         self._ops = {"hello": self._hello, "pull": self._pull, "push": self._push,
                      "push_pull": self._push, "stats": self._stats, "bye": self._bye}
         assert set(self._ops) == set(protocol.OPS)
@@ -168,15 +112,15 @@ class ServerCore:
             out.append((p.identity, self._answer(p.request_id, p.op, p.reply, None, p.form)))
         return out
 
-    def reply_frames(self, identity: bytes, frames, local: str | None = None) -> list | None:
-        """Reply frames for one request's frames, or DEFER. Never raises."""
+    def reply_frames(self, identity: bytes, frames, local: str | None = None) -> Reply | None:
+        """The reply to one request's frames, or DEFER. Never raises."""
         request_id = None
         self.bytes_in += sum(protocol.frame_nbytes(f) for f in frames)
         try:
             req = protocol.check_request(frames, self.max_bytes)
             request_id = req.id
             if local is not None:
-                self._check_local(req, local)
+                self.local.check(req, local)
             self.requests[req.op] += 1
             # a record exists only for a worker that said hello; observers (the launcher's
             # monitor, evaluation pulls) and strangers leave none
@@ -194,37 +138,20 @@ class ServerCore:
             return self._answer(req.id, req.op, fields, tensors, form)
         except ProtocolError as e:
             self.errors[e.code] += 1
-            out = protocol.error_frames(e.request_id, e.code, e.message)
+            out = Reply(protocol.error_reply(e.request_id, e.code, e.message))
         except Exception as e:  # a bug of ours: report it, keep serving
             log.error("internal error: %s\n%s", e, traceback.format_exc())
             self.errors["internal"] += 1
-            out = protocol.error_frames(request_id, "internal", repr(e))
-        self.bytes_out += sum(protocol.frame_nbytes(f) for f in out)
+            out = Reply(protocol.error_reply(request_id, "internal", repr(e)))
+        self.bytes_out += out.nbytes
         return out
-
-    @staticmethod
-    def _check_local(req: Request, worker: str) -> None:
-        """A request over a local socket: from the worker that connection proved to be, and
-        one answered by a header alone (shared-memory pushes and pulls, stats, bye)."""
-        if req.worker != worker:
-            raise ProtocolError("unauthorized", f"this local connection is worker "
-                                f"{worker[:64]!r}'s, not {req.worker[:64]!r}'s", req.id)
-        if req.op in ("push", "push_pull", "pull") and req.get("shm") is None or \
-                req.op == "hello":
-            raise ProtocolError("bad_request", f"{req.op} without shared memory goes over "
-                                "ZeroMQ: the local socket carries only requests answered by "
-                                "a header alone", req.id)
 
     def _reply_form(self, req: Request) -> ReplyForm:
         shm = req.get("shm")
         if shm is not None and shm is not False:     # pull: true; push_pull: a slot, maybe 0
-            seg = self.segments.get(req.worker)
-            if seg is None:
-                raise ProtocolError("bad_request", f"worker {req.worker!r} has no shared-memory "
-                                    "segment (say hello with 'shm' first)", req.id)
-            return ReplyForm(segment=seg)
+            return ReplyForm(segment=self.local.segment(req.worker, req.id))
         if req.get("flat"):
-            return ReplyForm(True, WIRE_DTYPES[req.get("weights") or "none"])
+            return ReplyForm(True, enc.REGISTRY[req.get("weights") or "none"].wire_dtype)
         self._need_whole(req)
         return PER_TENSOR
 
@@ -236,66 +163,26 @@ class ServerCore:
                                 "flat form ('flat': true) or shared memory", req.id)
 
     def _answer(self, request_id: int, op: str, fields: dict, tensors=None,
-                form: ReplyForm = PER_TENSOR) -> list:
-        """The frames of a successful reply; pull's and push_pull's carry the current
-        weights in the form asked for."""
+                form: ReplyForm = PER_TENSOR) -> Reply:
+        """A successful reply; pull's and push_pull's carry the current weights in the form
+        asked for (server.reply)."""
         store = self.store
+        header = {"ok": True, "id": request_id, **fields}
         if op in ("hello", "pull", "push_pull"):
-            fields = dict(fields, version=store.version)
-            tensors = None
+            header["version"] = store.version
             form = form or PER_TENSOR
             if form.segment is not None:
                 if form.segment.weights is None:   # closed by a later hello or a bye
-                    return protocol.error_frames(request_id, "bad_request",
-                                                 "the shared-memory segment was replaced")
+                    return Reply(protocol.error_reply(request_id, "bad_request",
+                                                      "the shared-memory segment was replaced"))
                 np.copyto(form.segment.weights[self.lo:self.hi], store.weights.numpy())
                 self.shm_bytes_out += store.numel * 4
-                fields["shm"] = True
-                return self._frames({"ok": True, "id": request_id, **fields}, [], [])
-            nbytes = store.numel * protocol.DTYPES[form.dtype].itemsize
-            if form.flat:
-                fields["flat"] = True
-                if form.dtype != "float32":
-                    buf, trackers = store.pool.take(store.version, form.dtype)
-                elif nbytes >= ZERO_COPY_BYTES:
-                    buf, trackers = store.lend()
-                else:
-                    buf, trackers = store.weights.numpy(), None
-                specs, parts = [], []
-                for a, b in chunk_ranges(store.numel, buf.itemsize):
-                    specs.append({"name": "weights", "dtype": form.dtype, "shape": [b - a]})
-                    parts.append(buf[a:b])
-                return self._frames({"ok": True, "id": request_id, **fields, "tensors": specs},
-                                    parts, trackers)
-            # per parameter: a frame each, from a pool buffer or a copy (never the live weights)
-            if nbytes >= ZERO_COPY_BYTES:
-                buf, trackers = store.lend()
-            else:
-                buf, trackers = store.weights.numpy(), None
-            views = store.layout.named_views(torch.from_numpy(buf))
-            header = {"ok": True, "id": request_id, **fields,
-                      "tensors": [{"name": n, "dtype": "float32", "shape": list(t.shape)}
-                                  for n, t in views]}
-            return self._frames(header, [t.numpy().reshape(-1) for _, t in views], trackers)
-        frames = protocol.encode({"ok": True, "id": request_id, **fields}, tensors or [])
-        self.bytes_out += sum(protocol.frame_nbytes(f) for f in frames)
-        return frames
-
-    def _frames(self, header: dict, parts: list, trackers) -> list:
-        """Header and payload frames. With ``trackers`` (the live weights lent by the store,
-        or a snapshot-pool buffer) the parts go without copying and their trackers tell the
-        store when ZeroMQ is done; without, each is copied now, once, into a ZeroMQ message
-        (the live weights change with the next push)."""
-        frames = [protocol.pack_header(header)]
-        for part in parts:
-            if trackers is None:
-                frames.append(zmq.Frame(part, copy=True))
-            else:
-                f = zmq.Frame(part, track=True)
-                trackers.append(f.tracker)
-                frames.append(f)
-        self.bytes_out += sum(protocol.frame_nbytes(f) for f in frames)
-        return frames
+                header["shm"] = True
+            out = weights_reply(store, header, form)
+        else:                    # the ops' other replies are a header alone
+            out = Reply(header)
+        self.bytes_out += out.nbytes
+        return out
 
     # ------------------------------------------------------------------------------------------
     # ops: (request, worker stats, identity) -> (reply fields, reply tensors) or DEFER
@@ -304,7 +191,7 @@ class ServerCore:
         if worker is None:
             worker = self._new_worker(req.worker)
         worker.rank = req.get("rank")
-        shm = self._attach(req) if req.get("shm") else None
+        shm = self.local.attach(req.worker, req.header["shm"]) if req.get("shm") else None
         self.control.hello(req.worker)
         # "tensors" is the model's parameter list; its frames are the current weights, so the
         # header describes its frames as every message's does and a new worker needs no pull.
@@ -335,28 +222,7 @@ class ServerCore:
     def _forget(self, name: str) -> None:
         self.workers.pop(name, None)
         self.control.bye(name)
-        if self.local is not None:
-            self.local.forget(name)
-        seg = self.segments.pop(name, None)
-        if seg is not None:
-            seg.close()
-
-    def _attach(self, req: Request) -> dict:
-        """Map the worker's shared-memory segment; whether it worked, and why not (a worker
-        on another host cannot share memory with us, and then uses frames)."""
-        old = self.segments.pop(req.worker, None)
-        if old is not None:
-            old.close()
-        if len(self.segments) >= MAX_SEGMENTS:
-            return {"ok": False, "reason": f"{MAX_SEGMENTS} segments are mapped already"}
-        try:
-            # the segment holds the whole model; a shard reads and writes its own range
-            self.segments[req.worker] = Segment.open(req.header["shm"],
-                                                     self.store.layout.numel)
-        except (SegmentError, OSError, ValueError) as e:
-            return {"ok": False, "reason": str(e)}
-        # on this host: the shared-memory requests may also skip ZeroMQ (server.local)
-        return {"ok": True, **(self.local.offer(req.worker) if self.local is not None else {})}
+        self.local.forget(name)
 
     def _pull(self, req: Request, worker, identity: bytes):
         return {"version": self.store.version}, None
@@ -395,10 +261,7 @@ class ServerCore:
         return base, self.store.grad
 
     def _shm_grad(self, req: Request) -> torch.Tensor:
-        seg = self.segments.get(req.worker)
-        if seg is None or seg.weights is None:
-            raise ProtocolError("bad_request", f"worker {req.worker!r} has no shared-memory "
-                                "segment (say hello with 'shm' first)", req.id)
+        seg = self.local.segment(req.worker, req.id)
         slot = req.header["shm"]
         if slot >= seg.slots:
             raise ProtocolError("bad_request", f"gradient slot {slot} is not in [0, "
@@ -411,8 +274,6 @@ class ServerCore:
 
     def _flat_grad(self, req: Request) -> torch.Tensor:
         """A flat push's chunks, decoded into the store's gradient buffer and checked."""
-        from asgd.core import encoding as enc
-
         numel, out = self.store.numel, self.store.grad.numpy()
         name = req.get("encoding") or "none"
 
@@ -424,8 +285,9 @@ class ServerCore:
             if t.array.ndim != 1:
                 bad(f"chunk {t.name!r} must be 1-D")
             groups.setdefault(t.name, []).append(t)
-        if name in ("none", "fp16", "bf16"):
-            want = WIRE_DTYPES[name]
+        form = enc.REGISTRY[name]
+        if form.wire_dtype is not None:      # a conversion of each value: chunk by chunk
+            want = form.wire_dtype
             chunks = groups.pop("grad", [])
             if groups or any(t.dtype != want for t in chunks):
                 bad(f"expected only 'grad' chunks of {want}")
@@ -439,17 +301,13 @@ class ServerCore:
                     if not self.check(t.array):
                         bad("the gradient has non-finite values")
                 if len(chunks) == 1:
-                    return _readonly_tensor(chunks[0].array)
-                return FlatChunks([_readonly_tensor(t.array) for t in chunks])
+                    return chunks[0].to_torch()
+                return FlatChunks([t.to_torch() for t in chunks])
             pos = 0
-            for t in chunks:
+            for t in chunks:     # each chunk widened and checked while it is in cache
                 n = t.array.size
-                if t.dtype == "bfloat16":
-                    bf16_to_f32(t.array, out[pos:pos + n])
-                    ok = self.check(out[pos:pos + n])
-                else:
-                    ok = copy_checked(out[pos:pos + n], t.array, self.check)
-                if not ok:
+                form.widen(t.array, out[pos:pos + n])
+                if not self.check(out[pos:pos + n]):
                     bad("the gradient has non-finite values")
                 pos += n
             return self.store.grad
@@ -507,11 +365,7 @@ class ServerCore:
 
     def _bye(self, req: Request, worker, identity: bytes):
         self.control.bye(req.worker)
-        if self.local is not None:
-            self.local.tokens.pop(req.worker, None)   # its connection closes from its side
-        seg = self.segments.pop(req.worker, None)
-        if seg is not None:
-            seg.close()
+        self.local.bye(req.worker)
         return {"version": self.store.version}, None
 
     def _stats(self, req: Request, worker, identity: bytes):
@@ -560,7 +414,7 @@ class ServerCore:
             "bytes_out": self.bytes_out,
             "shm_bytes_in": self.shm_bytes_in,
             "shm_bytes_out": self.shm_bytes_out,
-            "local": self.local.stats() if self.local is not None else None,
+            "local": self.local.stats(),
             "shard": {"index": self.shard[0], "count": self.shard[1], "start": self.lo,
                       "stop": self.hi},
             "uptime_s": round(now - self.started, 3),

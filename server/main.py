@@ -30,7 +30,8 @@ from asgd.launch.processes import write_address
 from asgd.metrics import MetricsWriter
 from server.checkpoint import resume_store, save_store
 from server.core import ServerCore
-from server.local import PREFIX as LOCAL_PREFIX, LocalSockets
+from server.local import LocalPeers
+from server.reply import Reply
 from server.store import ParameterStore
 
 log = logging.getLogger("asgd.server")
@@ -143,11 +144,15 @@ class Server:
             log.info("resumed from %s at version %d", self.checkpoint_dir, self.store.version)
         self.metrics = MetricsWriter(run_dir / "metrics.jsonl" if run_dir else None,
                                      buffered=True)
-        self.core = ServerCore(self.store, cfg, (shard, cfg.server.shards), metrics=self.metrics)
+        # this host's workers: shared memory, and the local socket unless server.local is off
+        self.local = LocalPeers(self.store.layout.numel, socket=cfg.server.local)
+        self.core = ServerCore(self.store, cfg, (shard, cfg.server.shards), metrics=self.metrics,
+                               local=self.local)
         self.ctx = zmq.Context()
         try:
             self.sock, self.authenticator = open_socket(self.ctx, bind, self.store, cfg)
         except BaseException:
+            self.local.close_all()
             self.ctx.term()
             raise
         self.unauthorized = 0         # requests whose worker is not their key's (CURVE)
@@ -158,12 +163,6 @@ class Server:
         self._last_checkpoint_t = time.monotonic()
         self._next_status = time.monotonic() + 1.0
         self._status_at = (time.monotonic(), self.store.version)
-        self.local = None                # LocalSockets: this host's workers without ZeroMQ
-        if cfg.server.local:
-            try:
-                self.local = self.core.local = LocalSockets()
-            except OSError as e:         # no unix sockets here: ZeroMQ carries everything
-                log.info("no local socket (%s): every request goes over ZeroMQ", e)
         self.spin_s = cfg.server.spin_us * 1e-6
         self.spare_spin_s = max(self.spin_s, cfg.server.spin_spare_us * 1e-6)
         self.cores = usable_cores()
@@ -181,15 +180,10 @@ class Server:
         self.stopping = True
 
     def serve(self, max_seconds: float | None = None) -> None:
+        """The loop: requests from the ROUTER and the local socket, replies, periodic work."""
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        local = self.local
-        if local is not None:
-            poller.register(local.listener, zmq.POLLIN)
-            local.unregister = poller.unregister
-            listener = local.listener.fileno()
-            conns = {}                       # connection's file descriptor -> its identity
-            # (zmq.Poller reports sockets that are not ZeroMQ's by their descriptor)
+        self.local.watch(poller)
         every = self.cfg.server.stats_every_s
         next_stats = time.monotonic() + every
         deadline = time.monotonic() + max_seconds if max_seconds else None
@@ -198,7 +192,7 @@ class Server:
                 break
             spun = self._spin(poller)
             if isinstance(spun, tuple):      # a local request taken while polling
-                self._serve_local(*spun)
+                self._serve(*spun)
                 events = poller.poll(0)      # and whatever else came meanwhile
             else:
                 events = spun or poller.poll(POLL_MS)
@@ -212,22 +206,10 @@ class Server:
                     self._serve(identity, request, user)
                     if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         break
-            for s, _ in events:
-                if s is self.sock:
-                    continue
-                if s == listener:
-                    for ident, conn in local.accept():
-                        conns[conn.fileno()] = ident
-                        poller.register(conn, zmq.POLLIN)
-                    continue
-                ident = conns.get(s)
-                for _ in range(MAX_BATCH):
-                    data = local.recv(ident) if ident in local.conns else b""
-                    if not data:             # nothing more waiting, or it closed
-                        break
-                    self._serve_local(ident, data)
-                if ident not in local.conns:
-                    conns.pop(s, None)
+            for s, _ in events:              # the local socket's, by descriptor
+                if s is not self.sock:
+                    for ident, worker, data in self.local.readable(s):
+                        self._serve(ident, [data], local=worker)
             for identity, reply in self.core.tick():
                 self._send(identity, reply)
             now = time.monotonic()
@@ -243,7 +225,8 @@ class Server:
 
     def _spin(self, poller: zmq.Poller):
         """What came while polling for up to the spin window (``_spin_window``): the
-        poller's events, or (identity, datagram) of the local client polled for, or None.
+        poller's events, or ``_serve``'s arguments for a request of the local client polled
+        for, or None.
         The loop polls only after answering a client that came back that fast last time (its
         request arrived within the window of our reply before it): one waiting on us in a
         loop costs no wake-up of the server, while workers that compute between pushes, and
@@ -254,7 +237,7 @@ class Server:
             return None
         self._spin_next = None
         end = time.perf_counter() + self._spin_window()
-        recv = self.local.recv if ident.startswith(LOCAL_PREFIX) and self.local else None
+        recv = self.local.recv if self.local.is_local(ident) else None
         sock = self.sock
         others = 0.0                 # when to look at every source next
         while True:
@@ -263,8 +246,9 @@ class Server:
                 return None
             if recv is not None:
                 data = recv(ident)
-                if data is not None:
-                    return (ident, data) if data else None
+                if data is not None:         # a request (or a greeting: answered), or closed
+                    worker = self.local.request(ident, data) if data else None
+                    return (ident, [data], None, worker) if worker else None
             elif sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return [(sock, zmq.POLLIN)]
             if now >= others:        # the others, every SPIN_POLL_S: a zmq_poll costs more
@@ -282,7 +266,7 @@ class Server:
         server.spin_us: the workers need every core. A shard without a core to spare does not
         spin at all: its clients come back only once every shard has answered, so a shard
         polling for them holds the core that a sibling still needs to finish its range."""
-        local = len(self.core.segments)
+        local = len(self.local)
         if local and local + self.shards <= self.cores:
             return self.spare_spin_s
         return self.spin_s if self.shards == 1 else 0.0
@@ -292,15 +276,6 @@ class Server:
         last = self._replied.get(identity)
         self._spin_next = identity if last is not None and \
             arrived - last <= self._spin_window() else None
-
-    def _serve_local(self, ident: bytes, data: bytes) -> None:
-        """One datagram of a local connection: its greeting, or a request of its worker."""
-        worker = self.local.owner.get(ident)
-        if worker is None:
-            self.local.greet(ident, data)
-            return
-        self.local.requests += 1
-        self._serve(ident, [data], local=worker)
 
     def _recv(self) -> tuple[bytes, list, str | None]:
         """One request: the routing identity and the header as bytes (small: copying is
@@ -357,30 +332,36 @@ class Server:
             self._unauthorized_logged.add((user, worker))
             log.warning("unauthorized: a request as worker %r from a key allowed as %r",
                         worker[:64], user)
-        self._send(identity, protocol.error_frames(
+        self._send(identity, Reply(protocol.error_reply(
             rid, "unauthorized", f"worker {worker[:64]!r} is not the id of the key this "
-            f"connection authenticated with ({user or 'none'})"))
+            f"connection authenticated with ({user or 'none'})")))
         return False
 
-    def _send(self, identity: bytes, reply: list) -> None:
-        """One reply. Frames from the snapshot pool (zmq.Frame) go without a copy; the rest
-        are small or already copies, and a plain send is cheaper for them than a Frame."""
-        if identity.startswith(LOCAL_PREFIX) and self.local is not None:
-            # only requests answered by a header alone come this way (ServerCore._check_local)
-            self.local.send(identity, bytes(reply[0]))
+    def _send(self, identity: bytes, reply: Reply) -> None:
+        """One reply. Buffers the store lent go as tracked frames, without a copy, and their
+        trackers go with the reply into the store's list (server.reply); the rest are copied
+        once into ZeroMQ messages, cheaper than a frame each for small ones."""
+        if self.local.is_local(identity):
+            # only requests answered by a header alone come this way (LocalPeers.check)
+            self.local.send(identity, reply[0])
+            reply.sent = True
             return
         sock = self.sock
         try:
-            if len(reply) == 1:          # a header alone (shared memory, errors, stats)
-                sock.send_multipart([identity, reply[0]])
-                return
-            sock.send(identity, zmq.SNDMORE)
-            last = len(reply) - 1
-            for i, part in enumerate(reply):
-                sock.send(part, 0 if i == last else zmq.SNDMORE,
-                          copy=not isinstance(part, zmq.Frame))
+            last = len(reply) - 1        # 0: a header alone (shared memory, errors, stats)
+            sock.send_multipart([identity, reply[0]], zmq.SNDMORE if last else 0)
+            for i in range(1, len(reply)):
+                flags = 0 if i == last else zmq.SNDMORE
+                if reply.copy:
+                    sock.send(reply[i], flags)
+                else:
+                    frame = zmq.Frame(reply[i], track=True)
+                    reply.trackers.append(frame.tracker)
+                    sock.send(frame, flags, copy=False)
         except zmq.ZMQError as e:  # the peer is gone: nothing to do
             log.warning("reply not sent: %s", e)
+        finally:
+            reply.sent = True    # what it lent is the store's again once ZeroMQ let go
 
     def _status(self, now: float) -> None:
         """version, updates/s, workers seen, staleness: one line, only when it changed."""
@@ -427,8 +408,7 @@ class Server:
         finally:
             self._record_stats()
             self.metrics.close()
-            if self.local is not None:
-                self.local.close_all()
+            self.local.close_all()
             self.sock.close(0)
             if self.authenticator is not None:
                 self.authenticator.stop()

@@ -253,19 +253,9 @@ class StalenessControl:
             self.people.leave(worker)
             self.log("leave", worker=worker, version=self.store.version)
 
-    def _flat(self, grads):
-        """The gradient as one flat tensor (as given), or ``FlatChunks`` (as given: the
-        store steps over them), or arrays in layout order copied into the store's gradient
-        buffer."""
-        if isinstance(grads, (torch.Tensor, FlatChunks)):
-            return grads
-        self.store.load_grad(grads)
-        return self.store.grad
-
     def push(self, p: Pending, base: int, grads) -> Outcome:
-        """One validated push (a flat float32 tensor, or arrays in layout order) computed
-        from version ``base``. When
-        the outcome is ``deferred`` the reply waits in this object until ``release`` returns
+        """One validated push (a flat float32 tensor, or ``FlatChunks``: the frames it came
+        in) computed from version ``base``. When the outcome is ``deferred`` the reply waits in this object until ``release`` returns
         it; ``p.reply`` then holds the reply fields."""
         now = self.clock()
         if self.sync is not None:
@@ -291,7 +281,7 @@ class StalenessControl:
         decision = decide(self.policy, staleness, self.cfg.server.max_staleness)
         if not decision.apply:
             return Outcome(False, staleness, store.version, 0.0, decision.reason)
-        grad = self._flat(grads)
+        grad = grads
         if self.dc is not None:
             if isinstance(grad, FlatChunks):  # compensation needs it whole, and rewrites it:
                 grad = grad.copy_into(store.grad)   # never the sender's memory
@@ -312,17 +302,16 @@ class StalenessControl:
         people = self.sync.people
         people.seen(p.worker, now)
         staleness = self.store.staleness_of(base)
+        # every gradient joins the round, whatever the bound (policies.decide says so too)
         held = people.waiting.get(p.worker)
         if held is not None:
             # the worker re-sent after reconnecting: answer the new request, keep the gradient
             held.identity, held.request_id, held.op = p.identity, p.request_id, p.op
             return Outcome(True, staleness, self.store.version, deferred=True, repeat=True)
-        if isinstance(grads, torch.Tensor):
-            self.sync.grad_sum.add_(grads)
-        elif isinstance(grads, FlatChunks):
+        if isinstance(grads, FlatChunks):
             grads.add_into(self.sync.grad_sum)
         else:
-            self.store.add_grad(grads, self.sync.grad_sum)
+            self.sync.grad_sum.add_(grads)
         p.reply, p.since = {"staleness": staleness, "applied": True}, now
         self.sync.add(p)
         self.log("push", worker=p.worker, staleness=staleness, applied=True,
@@ -352,9 +341,3 @@ class StalenessControl:
                 p.reply["version"] = self.store.version
                 out.append(p)
         return out
-
-    def loaded(self) -> None:
-        """The store's weights were replaced (a resume): forget kept versions."""
-        if self.dc is not None:
-            self.dc.forget()
-            self.dc.remember(self.store.weights, self.store.version)

@@ -1,7 +1,7 @@
 """The parameter store: every weight in one flat buffer, the optimizer beside it, a version.
 
     store = ParameterStore.from_model(model, cfg)
-    store.load_grad(arrays)            # a gradient, arrays in layout order, into store.grad
+    store.grad.copy_(flat)             # a gradient into the store's buffer (server.core)
     store.step(lr)                     # one optimizer step; version += 1
     store.step(lr, grad=flat_tensor)   # ... or with a gradient held elsewhere (shared memory)
     buf, trackers = store.lend()       # the live weights, for a zero-copy reply
@@ -28,7 +28,8 @@ import torch
 import numpy as np
 
 from asgd.config import Config
-from asgd.core.flat import f32_to_bf16
+from asgd.core.encoding import by_wire_dtype
+from asgd.core.protocol import DTYPES
 from asgd.core.layout import ParameterLayout
 from asgd.core.optim import make_optimizer, outer_config
 
@@ -50,7 +51,6 @@ class SnapshotPool:
         self._weights = weights        # the live flat weights, or a callable returning them
         self.size = size
         self.entries: dict[str, list[list]] = {}   # dtype -> [[version, array, trackers]]
-        self.fills = 0
 
     def _free(self, entry) -> bool:
         trackers = entry[2]
@@ -64,14 +64,11 @@ class SnapshotPool:
                 return e[1], e[2]
         entry = next((e for e in entries if self._free(e)), None)
         if entry is None:
-            np_dtype = {"float32": np.float32, "float16": np.float16,
-                        "bfloat16": np.uint16}[dtype]
-            entry = [version, np.empty(self.weights.numel(), dtype=np_dtype), []]
+            entry = [version, np.empty(self.weights.numel(), dtype=DTYPES[dtype]), []]
             if len(entries) < self.size:
                 entries.append(entry)
         self._fill(entry[1], dtype)
         entry[0] = version
-        self.fills += 1
         return entry[1], entry[2]
 
     @property
@@ -79,11 +76,8 @@ class SnapshotPool:
         return self._weights() if callable(self._weights) else self._weights
 
     def _fill(self, out: np.ndarray, dtype: str) -> None:
-        src = self.weights.detach().numpy()
-        if dtype == "bfloat16":
-            f32_to_bf16(src, out)
-        else:
-            np.copyto(out, src, casting="unsafe")   # float16 saturates to inf past 65504
+        # the registry's weights form: float16 and bfloat16 saturate at their largest value
+        by_wire_dtype(dtype).narrow(self.weights.detach().numpy(), out)
 
     def invalidate(self) -> None:
         for entries in self.entries.values():
@@ -140,7 +134,6 @@ class ParameterStore:
         self.flat = torch.nn.Parameter(init.clone())
         self.flat.grad = torch.zeros_like(self.flat)
         self.views = layout.views(self.flat.data) if self.whole else None
-        self.grad_np = self.flat.grad.numpy()
         self.optimizer = make_optimizer(outer_config(cfg), [self.flat], fused=True)
         self.version = version
         self.pool = SnapshotPool(lambda: self.flat.detach())
@@ -216,17 +209,6 @@ class ParameterStore:
 
     def staleness_of(self, base_version: int) -> int:
         return self.version - base_version
-
-    def load_grad(self, grads) -> None:
-        """Copy a gradient (arrays in layout order) into ``grad``."""
-        for (a, b), g in zip(self.layout.spans(), grads):
-            self.grad_np[a:b] = g.reshape(-1)
-
-    def add_grad(self, grads, into: torch.Tensor) -> None:
-        """Add a gradient (arrays in layout order) to a flat accumulator."""
-        acc = into.numpy()
-        for (a, b), g in zip(self.layout.spans(), grads):
-            acc[a:b] += g.reshape(-1)
 
     def step(self, lr: float, grad=None) -> None:
         """One optimizer step with the gradient in ``grad`` (a flat float32 tensor: a

@@ -270,8 +270,16 @@ _controls: dict = {}
 
 def apply_push(store, grads, base_version: int):
     """Apply one gradient to ``store`` as the server's asynchronous path does (its policy,
-    then an optimizer step); one StalenessControl per store."""
+    then an optimizer step); one StalenessControl per store. ``grads``: the flat gradient,
+    or arrays in layout order (concatenated here, as a per-parameter push is by the core)."""
+    import numpy as np
+    import torch
+
     from server.staleness import StalenessControl
+
+    if not isinstance(grads, torch.Tensor):
+        grads = torch.from_numpy(np.concatenate([np.asarray(g, np.float32).reshape(-1)
+                                                 for g in grads]))
 
     control = _controls.get(id(store))
     if control is None or control.store is not store:

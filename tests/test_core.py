@@ -411,7 +411,7 @@ def test_a_push_sent_again_is_answered_from_memory_and_applied_once():
 
 
 def test_sequence_numbers_are_per_worker_and_remembered_for_a_bounded_window():
-    from server.core import REPLY_MEMORY
+    from server.workers import REPLY_MEMORY
 
     core = make_core(optimizer={"name": "sgd", "lr": 0.01})
     for w in ("a", "b"):
@@ -473,3 +473,23 @@ def test_stats_stay_small_with_many_workers():
     head, _ = send(core, "stats", worker="launcher")
     assert len(head["workers"]) == STATS_WORKERS and head["workers_known"] == 3000
     assert len(protocol.pack_header(head)) < 64 * 1024
+
+
+def test_a_reply_keeps_the_weights_it_was_made_with_until_it_is_sent():
+    """A reply reads the live weights without a copy (server.reply): a step that comes before
+    the loop has sent it (a held round released in the same turn) moves the weights to another
+    buffer first; once it is sent, steps go on in place."""
+    core = make_core()
+    core.handle(IDENTITY, request_frames("hello")[1])[0][1].sent = True
+    (peer, reply), = core.handle(IDENTITY, request_frames("pull")[1])
+    assert not reply.done                        # made, not sent: the store waits for it
+    before = [bytes(memoryview(p)) for p in reply[1:]]
+    head, _ = send(core, "push", grads_for(core, 0), version=core.store.version)
+    assert head["applied"] and core.store.moves >= 1
+    assert [bytes(memoryview(p)) for p in reply[1:]] == before      # not the new weights
+    for peer, r in core.handle(IDENTITY, request_frames("pull")[1]):
+        r.sent = True                            # what the loop does once it sent it
+    reply.sent = True
+    moves = core.store.moves
+    send(core, "push", grads_for(core, 1), version=core.store.version)
+    assert core.store.moves == moves             # nothing unsent reads the weights: in place

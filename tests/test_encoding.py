@@ -480,3 +480,25 @@ def test_a_bad_output_buffer_is_the_callers_bug():
         with pytest.raises(ValueError, match="writable 1-D contiguous float32") as caught:
             decode(meta, arrays, out)
         assert not isinstance(caught.value, EncodingError)
+
+
+def test_the_registry_names_every_encoding_once_for_protocol_config_and_cli():
+    """asgd.core.encoding.REGISTRY is the one list: the protocol's names are its, each
+    16-bit weights form narrows and widens as its gradient form decodes."""
+    from asgd.core import encoding, protocol
+
+    assert protocol.ENCODINGS == encoding.ENCODINGS == tuple(encoding.REGISTRY)
+    assert protocol.WEIGHT_ENCODINGS == encoding.WEIGHT_ENCODINGS == ("none", "fp16", "bf16")
+    x = torch.tensor([0.5, -1e6, 3.0, 7e4], dtype=torch.float32)
+    for name in encoding.WEIGHT_ENCODINGS:
+        e = encoding.get(name, weights=True)
+        wire = np.empty(4, protocol.DTYPES[e.wire_dtype])
+        e.narrow(x.numpy(), wire)
+        meta, arrays = e.encode(x)
+        assert np.array_equal(wire, arrays[0])             # one encoder: gradient and weights
+        back = np.empty(4, np.float32)
+        e.widen(wire, back)
+        assert np.all(np.isfinite(back))                   # 16-bit forms saturate
+        assert e.nbytes(4) == e.bytes_per_value * 4
+    with pytest.raises(ValueError, match="int8"):
+        encoding.get("int8", weights=True)

@@ -34,8 +34,8 @@ def make_control(**overrides) -> StalenessControl:
 
 
 def grads(values):
-    t = torch.as_tensor(values, dtype=torch.float32)
-    return [t[:4].numpy(), t[4:].numpy()]
+    """The flat gradient a push hands the control (the core's checked copy)."""
+    return torch.as_tensor(values, dtype=torch.float32).clone()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,7 +278,11 @@ def test_ssp_worker_coming_back_starts_at_the_slowest_live_clock():
 
 
 def test_sync_takes_every_gradient_whatever_the_bound():
-    """The default bound (3) must not make --set server.policy=sync an error: sync ignores it."""
+    """The default bound (3) must not make --set server.policy=sync an error: sync ignores it
+    (asgd.core.policies.decide), however stale a push is."""
+    from asgd.core.policies import decide
+
+    assert decide("sync", 10**6, max_staleness=0).apply
     clock = FakeClock()
     store, core = make_core("sync", clock, **{"server.max_staleness": 0})
     for w in ("a", "b"):

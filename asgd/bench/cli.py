@@ -13,6 +13,8 @@ import sys
 
 import click
 
+from asgd.core.encoding import ENCODINGS
+
 
 def parse_count(text: str) -> int:
     """18000, 18K, 1M, 10m, 2.5M -> an int."""
@@ -41,7 +43,7 @@ def bench():
               help="Client processes pushing at once.")
 @click.option("--shards", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Server shards (server.shards), each a range of the parameters.")
-@click.option("--encoding", type=click.Choice(["none", "fp16", "bf16", "int8", "topk"]),
+@click.option("--encoding", type=click.Choice(ENCODINGS),
               default="none", show_default=True, help="Gradient encoding (tcp, ipc).")
 @click.option("--seconds", type=click.FloatRange(0.2, 600), default=3.0, show_default=True,
               help="Measured time per repeat and per system.")

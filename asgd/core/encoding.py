@@ -9,7 +9,13 @@ preallocated float32 buffer. No sockets here, and nothing is pickled.
     encoded_nbytes("topk", numel, topk_ratio=0.01)   # the payload size, without encoding
 
     ef = ErrorFeedback(numel)                        # the worker's residual for lossy encodings
-    meta, arrays = ef.encode("topk", grad, topk_ratio=0.01)
+    meta, arrays = encode("topk", grad, feedback=ef, topk_ratio=0.01)
+
+    e = get("fp16")                                  # the registry (REGISTRY): name -> Encoding
+    e.wire_dtype, e.bytes_per_value, e.lossy         # "float16", 2, True
+    e.encode(grad, feedback=ef); e.decode(meta, arrays, out)   # the gradient form
+    e.narrow(weights_f32, out_f16); e.widen(chunk_f16, out_f32) # the weights form, and chunks
+    get("fp16", weights=True); WEIGHT_ENCODINGS      # what flat weights may come back in
 
 The encodings (``ENCODINGS``):
 
@@ -32,12 +38,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
-
-ENCODINGS = ("none", "fp16", "bf16", "int8", "topk")
 
 F32 = np.dtype("<f4")
 F16 = np.dtype("<f2")
@@ -107,10 +111,20 @@ def _check_args(name: str, topk_ratio: float, block: int) -> None:
 # ----------------------------------------------------------------------------------------------
 # encoding
 
-def encode(name: str, flat: torch.Tensor, *, topk_ratio: float = 0.01,
-           block: int = 256) -> tuple[dict, list[np.ndarray]]:
+def encode(name: str, flat: torch.Tensor, *, feedback: "ErrorFeedback | None" = None,
+           topk_ratio: float = 0.01, block: int = 256) -> tuple[dict, list[np.ndarray]]:
     """``meta`` (msgpack-able: the encoding, numel and what decoding needs) and the arrays,
-    contiguous, one frame each. ``none`` returns a view of ``flat``; the others new arrays."""
+    contiguous, one frame each. ``none`` returns a view of ``flat``; the others new arrays.
+    With ``feedback`` (the sender's ``ErrorFeedback``) ``flat`` plus its residual is encoded,
+    and what the encoding lost becomes the new residual."""
+    if feedback is not None:
+        return feedback.encode(name, flat, topk_ratio=topk_ratio, block=block)
+    return _encode(name, flat, topk_ratio=topk_ratio, block=block)
+
+
+def _encode(name: str, flat: torch.Tensor, *, topk_ratio: float = 0.01,
+            block: int = 256) -> tuple[dict, list[np.ndarray]]:
+    import torch
     _check_args(name, topk_ratio, block)
     if not isinstance(flat, torch.Tensor) or flat.dtype != torch.float32 or flat.dim() != 1 \
             or flat.device.type != "cpu" or not flat.is_contiguous():
@@ -135,6 +149,7 @@ def encode(name: str, flat: torch.Tensor, *, topk_ratio: float = 0.01,
 
 
 def _describe_tensor(t) -> str:
+    import torch
     if not isinstance(t, torch.Tensor):
         return type(t).__name__
     layout = "contiguous" if t.is_contiguous() else "strided"
@@ -143,18 +158,31 @@ def _describe_tensor(t) -> str:
 
 
 def _half_words(flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``flat`` in a 16-bit float type (round to nearest even), finite values saturating at
-    the type's largest instead of overflowing to inf; inf and NaN stay what they are."""
-    half = flat.to(dtype)
+    """``flat`` in a new tensor of a 16-bit float type (``_narrow_into``)."""
+    import torch
+
+    half = torch.empty(flat.shape, dtype=dtype)
+    _narrow_into(flat, half)
+    return half
+
+
+def _narrow_into(flat: torch.Tensor, half: torch.Tensor) -> None:
+    """``flat`` into ``half`` (a 16-bit float type, round to nearest even), finite values
+    saturating at the type's largest instead of overflowing to inf; inf and NaN stay what
+    they are."""
+    import torch
+
+    half.copy_(flat)
     if half.numel():
         lo, hi = torch.aminmax(half)          # one pass, no mask: overflow is rare
         if torch.isinf(lo) or torch.isinf(hi):
             overflow = torch.isinf(half) & torch.isfinite(flat)
-            half[overflow] = torch.finfo(dtype).max * torch.sign(flat[overflow]).to(dtype)
-    return half
+            half[overflow] = torch.finfo(half.dtype).max * \
+                torch.sign(flat[overflow]).to(half.dtype)
 
 
 def _encode_int8(flat: torch.Tensor, block: int) -> list[np.ndarray]:
+    import torch
     numel = flat.numel()
     nblocks = _ceil_div(numel, block)
     scales = torch.empty(nblocks, dtype=torch.float32)
@@ -171,6 +199,7 @@ def _encode_int8(flat: torch.Tensor, block: int) -> list[np.ndarray]:
 
 def _quantize(x: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor) -> None:
     """Rows of ``x`` to absmax-scaled int8 codes; ``scales`` gets absmax / 127 per row."""
+    import torch
     lo, hi = torch.aminmax(x, dim=1)          # no |x| temporary; NaN propagates into the scale
     torch.div(torch.maximum(hi, -lo), INT8_MAX_CODE, out=scales)
     # A zero block (or one so small that absmax / 127 underflows) has scale 0 and codes 0:
@@ -182,6 +211,7 @@ def _quantize(x: torch.Tensor, scales: torch.Tensor, codes: torch.Tensor) -> Non
 
 
 def _encode_topk(flat: torch.Tensor, k: int) -> list[np.ndarray]:
+    import torch
     # torch.topk's partial selection is much faster than a full sort; only the k winners are
     # then sorted, so the receiver can check the indices in one pass (strictly increasing).
     _, idx = torch.topk(flat.abs(), k, sorted=False)
@@ -245,6 +275,7 @@ def _check_finite(name: str, label: str, values: np.ndarray) -> None:
 
 def _as_torch(array: np.ndarray) -> torch.Tensor:
     """A torch view of a (possibly read-only) array that is only read from."""
+    import torch
     with warnings.catch_warnings():           # received frames are read-only
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(array)
@@ -258,16 +289,48 @@ def _decode_none(meta: dict, arrays: Sequence, out: np.ndarray) -> None:
 
 def _decode_fp16(meta: dict, arrays: Sequence, out: np.ndarray) -> None:
     (values,) = _arrays("fp16", arrays, [("values", F16, out.size)])
-    # torch widens float16 several times faster than numpy, and also without a temporary.
-    torch.from_numpy(out).copy_(_as_torch(values))
+    _widen_fp16(values, out)
     _check_finite("fp16", "values", out)
 
 
 def _decode_bf16(meta: dict, arrays: Sequence, out: np.ndarray) -> None:
     (words,) = _arrays("bf16", arrays, [("words", BF16_WORDS, out.size)])
-    # A bfloat16 is the top half of a float32, which torch widens in one pass.
-    torch.from_numpy(out).copy_(_as_torch(words.view(np.int16)).view(torch.bfloat16))
+    _widen_bf16(words, out)
     _check_finite("bf16", "values", out)
+
+
+def _widen_none(values: np.ndarray, out: np.ndarray) -> None:
+    np.copyto(out, values.reshape(-1))
+
+
+def _widen_fp16(values: np.ndarray, out: np.ndarray) -> None:
+    # torch widens float16 several times faster than numpy, and also without a temporary.
+    import torch
+
+    torch.from_numpy(out).copy_(_as_torch(values.reshape(-1)))
+
+
+def _widen_bf16(words: np.ndarray, out: np.ndarray) -> None:
+    # A bfloat16 is the top half of a float32, which torch widens in one pass.
+    import torch
+
+    torch.from_numpy(out).copy_(_as_torch(words.reshape(-1).view(np.int16)).view(torch.bfloat16))
+
+
+def _narrow_none(src: np.ndarray, out: np.ndarray) -> None:
+    np.copyto(out, src)
+
+
+def _narrow_fp16(src: np.ndarray, out: np.ndarray) -> None:
+    import torch
+
+    _narrow_into(torch.from_numpy(src), torch.from_numpy(out))
+
+
+def _narrow_bf16(src: np.ndarray, out: np.ndarray) -> None:
+    import torch
+
+    _narrow_into(torch.from_numpy(src), torch.from_numpy(out.view(np.int16)).view(torch.bfloat16))
 
 
 def _decode_int8(meta: dict, arrays: Sequence, out: np.ndarray) -> None:
@@ -323,11 +386,11 @@ _DECODERS = {
     "int8": _decode_int8,
     "topk": _decode_topk,
 }
-assert tuple(_DECODERS) == ENCODINGS
 
 
 def decode_into_tensor(meta: dict, arrays: Sequence[np.ndarray], out: torch.Tensor) -> None:
     """``decode`` into a contiguous float32 CPU tensor (the flat weights), any shape."""
+    import torch
     if not (isinstance(out, torch.Tensor) and out.dtype == torch.float32
             and out.device.type == "cpu" and out.is_contiguous()):
         raise ValueError("decode_into_tensor needs a contiguous float32 CPU tensor, got "
@@ -351,6 +414,7 @@ class ErrorFeedback:
     """
 
     def __init__(self, numel: int):
+        import torch
         self.numel = int(numel)
         self.residual = torch.zeros(self.numel, dtype=torch.float32)
         self._corrected = torch.empty(self.numel, dtype=torch.float32)
@@ -366,6 +430,7 @@ class ErrorFeedback:
         """Encode ``grad`` + residual and keep what the encoding lost as the new residual.
         ``grad`` is not modified. An encoding that would not decode (a non-finite gradient)
         raises EncodingError and leaves the residual as it was."""
+        import torch
         if not (isinstance(grad, torch.Tensor) and grad.dtype == torch.float32
                 and grad.device.type == "cpu" and grad.numel() == self.numel):
             raise ValueError(f"a float32 CPU gradient of {self.numel} values expected, got "
@@ -373,14 +438,86 @@ class ErrorFeedback:
         grad = grad.detach().reshape(-1)
         if name == "none":
             if not self._pending:
-                return encode(name, grad, topk_ratio=topk_ratio, block=block)
+                return _encode(name, grad, topk_ratio=topk_ratio, block=block)
             # Lossless: hand over what is still owed, then nothing is.
             torch.add(grad, self.residual, out=self._corrected)
             self.reset()
-            return encode(name, self._corrected)
+            return _encode(name, self._corrected)
         torch.add(grad, self.residual, out=self._corrected)
-        meta, arrays = encode(name, self._corrected, topk_ratio=topk_ratio, block=block)
+        meta, arrays = _encode(name, self._corrected, topk_ratio=topk_ratio, block=block)
         decode(meta, arrays, self._decoded.numpy())
         torch.sub(self._corrected, self._decoded, out=self.residual)
         self._pending = True
         return meta, arrays
+
+
+# ----------------------------------------------------------------------------------------------
+# the registry: every name, what it puts on the wire, how to make it and read it back
+
+@dataclass(frozen=True)
+class Encoding:
+    """One wire encoding. ``wire_dtype``: the dtype of its one array when it is a plain
+    conversion of each value (none, fp16, bf16; also the form of flat weights in a reply),
+    else None (int8, topk: several arrays, ``encode`` and ``decode`` only). ``bytes_per_value``:
+    its payload per value, at the default block (int8) and ratio (topk); ``nbytes`` is exact.
+    ``lossy``: a sender keeps an error-feedback residual for it. ``weights``: flat weights may
+    come back in it."""
+    name: str
+    wire_dtype: str | None
+    bytes_per_value: float
+    lossy: bool
+    weights: bool
+    narrow: Callable[[np.ndarray, np.ndarray], None] | None = None
+    widen: Callable[[np.ndarray, np.ndarray], None] | None = None
+
+    def nbytes(self, numel: int, **settings) -> int:
+        """The payload bytes of ``numel`` values (settings: topk_ratio, block)."""
+        return encoded_nbytes(self.name, numel, **settings)
+
+    def encode(self, flat, *, feedback: "ErrorFeedback | None" = None,
+               **settings) -> tuple[dict, list[np.ndarray]]:
+        """The gradient form: ``encode`` (with ``feedback``'s residual where given)."""
+        return encode(self.name, flat, feedback=feedback, **settings)
+
+    def decode(self, meta: dict, arrays: Sequence[np.ndarray], out: np.ndarray) -> None:
+        """The gradient form, back: ``decode`` (``meta`` without its name is enough)."""
+        decode({**meta, "encoding": self.name}, arrays, out)
+
+
+REGISTRY: dict[str, Encoding] = {e.name: e for e in (
+    Encoding("none", "float32", 4, lossy=False, weights=True, narrow=_narrow_none,
+             widen=_widen_none),
+    Encoding("fp16", "float16", 2, lossy=True, weights=True, narrow=_narrow_fp16,
+             widen=_widen_fp16),
+    Encoding("bf16", "bfloat16", 2, lossy=True, weights=True, narrow=_narrow_bf16,
+             widen=_widen_bf16),
+    Encoding("int8", None, 1 + 4 / 256, lossy=True, weights=False),
+    Encoding("topk", None, 0.01 * 8, lossy=True, weights=False),
+)}
+ENCODINGS = tuple(REGISTRY)                     # every name: gradients travel in any
+assert tuple(_DECODERS) == ENCODINGS
+WEIGHT_ENCODINGS = tuple(n for n, e in REGISTRY.items() if e.weights)
+
+
+def get(name: str, weights: bool = False) -> Encoding:
+    """The encoding called ``name`` (with ``weights``: one that flat weights may come back
+    in); ValueError naming the known ones otherwise."""
+    known = WEIGHT_ENCODINGS if weights else ENCODINGS
+    if name not in known:
+        what = "weights encoding" if weights else "encoding"
+        raise ValueError(f"unknown {what} {name!r} (known: {', '.join(known)})")
+    return REGISTRY[name]
+
+
+def by_wire_dtype(dtype: str) -> Encoding:
+    """The plain conversion whose array is of wire dtype ``dtype`` (float32, float16,
+    bfloat16)."""
+    for e in REGISTRY.values():
+        if e.wire_dtype == dtype:
+            return e
+    raise ValueError(f"no encoding travels as {dtype!r}")
+
+
+# the 16-bit conversions under the names the flat form has always used
+bf16_to_f32 = _widen_bf16
+f32_to_bf16 = _narrow_bf16

@@ -1,4 +1,4 @@
-"""The flat form of parameters and gradients on the wire: chunks, finiteness, conversions.
+"""The flat form of parameters and gradients on the wire: chunks, shards, finiteness.
 
     ranges = chunk_ranges(numel, 4)                       # [start, end) of each 4 MiB frame
     start, stop = shard_range(numel, index, count)        # a server shard's contiguous range
@@ -102,15 +102,6 @@ def copy_checked(dst: np.ndarray, src: np.ndarray, check: FiniteCheck) -> bool:
     return True
 
 
-def bf16_to_f32(words: np.ndarray, out: np.ndarray) -> None:
-    """bfloat16 (as uint16 words) into float32: the words are the top half of the float."""
-    out_u = out.view(np.uint32)
-    np.left_shift(words, 16, out=out_u, dtype=np.uint32)
-
-
-def f32_to_bf16(src: np.ndarray, out: np.ndarray) -> None:
-    """float32 into bfloat16 words, rounded to nearest even (as torch's conversion)."""
-    import torch
-
-    torch.from_numpy(out.view(np.int16)).copy_(
-        torch.from_numpy(src).to(torch.bfloat16).view(torch.int16))
+# The 16-bit weight conversions are asgd.core.encoding's (REGISTRY["bf16"].widen / .narrow);
+# these names stay for the code that still imports them from here.
+from asgd.core.encoding import bf16_to_f32, f32_to_bf16  # noqa: E402,F401

@@ -59,10 +59,14 @@ def scale_factor(staleness: int) -> float:
 
 def decide(policy: str | frozenset, staleness: int, max_staleness: Optional[int] = None
            ) -> Decision:
-    """Whether a push of this staleness is applied, and the factor on its learning rate."""
+    """Whether a push of this staleness is applied, and the factor on its learning rate.
+    ``sync`` takes every gradient and ignores the bound: a round's mean is one update, each
+    worker's gradient in it computed from the round's version (server.staleness)."""
     names = parse_policy(policy) if isinstance(policy, str) else policy
     if staleness < 0:
         raise ValueError(f"staleness must be >= 0, got {staleness}")
+    if "sync" in names:
+        return Decision(True, 1.0)
     if max_staleness is not None and staleness > max_staleness:
         return Decision(False, 0.0, f"staleness {staleness} > max_staleness {max_staleness}")
     if "scale" in names:

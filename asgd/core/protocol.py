@@ -26,6 +26,8 @@ from typing import Any, Iterable, Sequence
 import msgpack
 import numpy as np
 
+from asgd.core import encoding
+
 PROTOCOL_VERSION = 1
 
 ERROR_CODES = (
@@ -80,9 +82,17 @@ REQUEST_FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
 }
 OPS = tuple(REQUEST_FIELDS)
 TENSOR_OPS = ("push", "push_pull")
-ENCODINGS = ("none", "fp16", "bf16", "int8", "topk")   # gradient encodings of a flat push
-WEIGHT_ENCODINGS = ("none", "fp16", "bf16")             # of flat weights in a reply
+# gradient encodings of a flat push, and of flat weights in a reply: asgd.core.encoding's
+ENCODINGS, WEIGHT_ENCODINGS = encoding.ENCODINGS, encoding.WEIGHT_ENCODINGS
 MAX_SHM_PATH = 4096
+
+# The local socket (server.local): a worker on the server's host that said hello with a mapped
+# segment is offered, in the hello's "shm" reply, a unix SOCK_SEQPACKET socket and a token.
+# The connection's first datagram is the greeting {"worker", "token"}, answered {"ok": true}
+# (or an error reply, and the connection closes); after it every datagram is one request
+# header, and one reply header comes back. No datagram is larger than MAX_LOCAL_DATAGRAM.
+LOCAL_GREETING_FIELDS = {"worker": str, "token": str}
+MAX_LOCAL_DATAGRAM = 1 << 16     # a shared-memory request or reply is ~100 bytes
 
 
 class ProtocolError(Exception):
@@ -253,13 +263,24 @@ def decode(frames: Sequence, max_bytes: int | None = None) -> tuple[dict, list[T
     return header, tensors
 
 
+def local_greeting(worker: str, token: str) -> bytes:
+    """The first datagram on a local connection: the worker and its hello's token."""
+    return pack_header({"worker": worker, "token": token})
+
+
+def check_local_greeting(data: bytes) -> tuple[str, str]:
+    """(worker, token) of a local connection's greeting; ProtocolError if it is not one."""
+    if len(data) > MAX_LOCAL_DATAGRAM:
+        raise ProtocolError("too_large", f"greeting of {len(data)} bytes")
+    h = decode_header(data)
+    for name, tp in LOCAL_GREETING_FIELDS.items():
+        if not isinstance(h.get(name), tp) or not h[name]:
+            raise ProtocolError("bad_request", f"the greeting needs '{name}', a string")
+    return h["worker"], h["token"]
+
+
 def error_reply(request_id, code: str, message: str) -> dict:
     return {"ok": False, "id": request_id, "error": code, "message": message}
-
-
-def error_frames(request_id, code: str, message: str) -> list:
-    """The one-frame error reply."""
-    return [pack_header(error_reply(request_id, code, message))]
 
 
 # ----------------------------------------------------------------------------------------------
