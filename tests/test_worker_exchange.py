@@ -1,4 +1,4 @@
-"""The worker's side of the data path (worker.exchange) against a real server: flat gradient
+"""The worker's side of the data path (asgd.client.exchange) against a real server: flat gradient
 buffers that autograd fills in place, shared memory or frames, the staged (GPU) code path run
 on the CPU, overlap with one more step of staleness, and encodings with error feedback."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from asgd.config import load_config
 from asgd.tasks.task import build_task
-from worker.exchange import Exchange
+from asgd.client.exchange import Exchange
 
 SGD = {"optimizer": {"name": "sgd", "lr": 0.1},
        "schedule": {"kind": "constant", "warmup": 0}}
@@ -226,7 +226,7 @@ def test_a_model_in_parts_exchanges_like_a_whole_one(start_server, make_config, 
     """The buffers of a model split over devices (one part per stage's run of parameters),
     run on the CPU: gradients and weights are those of the whole model, and the local-steps
     delta is taken part by part."""
-    from worker.exchange import Spread
+    from asgd.client.buffers import Spread
 
     config = make_config(**SGD)
     server = start_server(config, bind=f"ipc://{tmp_path}/s.sock")

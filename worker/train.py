@@ -5,7 +5,7 @@
 No barrier and no waiting on other workers: each step computes the gradient on the weights of
 version v and sends it with v; the reply carries the weights after the server applied it (and
 whatever other workers pushed meanwhile). The gradient and the weights move as flat buffers
-(``worker.exchange``): through shared memory when the server is on this host, else as chunks
+(``asgd.client.exchange``): through shared memory when the server is on this host, else as chunks
 on the wire; with ``worker.overlap`` the exchange runs while the next step computes. When the
 server goes away the worker reconnects with bounded exponential back-off, and gives up with a
 clear message after ``worker.reconnect_timeout_s``; the gradient in flight at that moment is
@@ -29,7 +29,7 @@ from asgd.experiments.straggler import Straggler
 from asgd.metrics import MetricsWriter
 from asgd.tasks.data import ShardLoader
 from asgd.tasks.task import build_task
-from worker.exchange import Exchange
+from asgd.client.exchange import Exchange
 from worker.precision import LossScaler
 from worker.stages import build_pipeline, resolve_device as _resolve_device
 
