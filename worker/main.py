@@ -25,7 +25,7 @@ def run(cfg: Config, endpoint: str | None, rank: int, worker_id: str | None = No
                         format="%(asctime)s worker %(levelname)s %(message)s")
     log = logging.getLogger("asgd.worker")
     if server_file is not None:
-        from asgd.launch.processes import read_address
+        from asgd.core.endpoint import read_address
 
         budget = cfg.worker.reconnect_timeout_s
 

@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from asgd.client import ServerError, ServerTimeout, connect_client
+from asgd.client.exchange import Exchange
 from asgd.config import Config
+from asgd.core.endpoint import read_addresses
 from asgd.core.layout import ParameterLayout
 from asgd.experiments.straggler import Straggler
 from asgd.metrics import MetricsWriter
 from asgd.tasks.data import ShardLoader
 from asgd.tasks.task import build_task
-from asgd.client.exchange import Exchange
 from worker.precision import LossScaler
 from worker.stages import build_pipeline, resolve_device as _resolve_device
 
@@ -60,38 +61,18 @@ def fault_exit_step(rank: int, spec: str | None = None) -> int | None:
     return step if ranks is None or rank in ranks else None
 
 
-def read_server_files(files) -> list[str] | None:
-    """The endpoints announced in the server's address files, each read once (no waiting);
-    None while one of them is missing or empty (a restarted server not listening yet)."""
-    out = []
-    for f in files:
-        try:
-            text = open(f).read().strip()
-        except OSError:
-            return None
-        if not text:
-            return None
-        out.append(text)
-    return out
-
-
 def follow_server_files(worker) -> bool:
     """A worker started from address files (``--server-file``, as asgd launch starts it) reads
     them again when the server stops answering: a server that the launcher restarted listens
-    on a new port. If the endpoints changed, the worker gets a new client for them (handed
-    to its exchange as well: both speak through the same one) and the old one is closed.
-    True when it switched."""
+    on a new port. If the endpoints changed, the client moves there (the exchange speaks
+    through the same one) and the next request is a hello. True when it moved."""
     files = getattr(worker.stop, "server_files", None)   # set by worker.main
     if not files:
         return False
-    endpoints = read_server_files(files)
+    endpoints = read_addresses(files)
     if endpoints is None or ",".join(endpoints) == worker.client.endpoint:
         return False
-    old = worker.client
-    worker.client = worker.ex.client = connect_client(endpoints, worker.id,
-                                                      spin_us=worker.cfg.worker.spin_us,
-                                                      timeout_s=old.timeout_s)
-    old.close()
+    worker.client.reconnect(endpoints if len(endpoints) > 1 else endpoints[0])
     log.warning("%s: the server now listens at %s (read from %s)", worker.id,
                 worker.client.endpoint, ", ".join(map(str, files)))
     return True
@@ -195,7 +176,6 @@ class Worker:
 
             self.inner_cfg = inner_config(cfg)
             self.inner = make_optimizer(cfg, self.params, fused=True)   # 3x faster on a CPU
-            self.anchor = self.ex.weights.clone()   # a tensor, or per stage's device
         self.straggler = Straggler.for_rank(cfg.worker, rank)
         self.crash_at = fault_exit_step(rank)
         self.max_updates = cfg.run.max_updates       # the server's, once it has said hello
@@ -258,9 +238,9 @@ class Worker:
         loaded. A hello again (``what`` is not "hello") is logged and recorded
         (``worker_rejoined``), saying when the server's version went back (a server restarted
         from a checkpoint): the worker trains on from the server's weights."""
-        def hello(segment):
-            return self._with_retry(what, lambda t: self.client.hello(
-                rank=self.rank, timeout_s=t, shm=segment))
+        def hello():
+            return self._with_retry(what, lambda t: self.client.hello(rank=self.rank,
+                                                                     timeout_s=t))
 
         before = self.ex.version
         try:
@@ -330,7 +310,7 @@ class Worker:
             return loss, n, grad
         from asgd.core.optim import scheduled_lr
 
-        self.anchor.copy_(self.ex.weights)
+        self.ex.start_local()
         first = self.version * self.local_steps
         total = 0
         for i in range(self.local_steps):
@@ -339,7 +319,7 @@ class Worker:
             loss, n = self.compute_gradient()
             self.inner.step()
             total += n
-        return loss, total, self.ex.delta(self.anchor)
+        return loss, total, self.ex.delta()
 
     def run(self) -> WorkerResult:
         cfg = self.cfg

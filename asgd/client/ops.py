@@ -9,6 +9,11 @@ worker, the launcher's monitor, benchmarks and users' own tools all speak the pr
     reply, weights = client.push_pull(version, grads)
     client.stats()
 
+Same host: ``share_memory(numel)`` makes the client offer a shared-memory segment at every
+hello (``asgd.client.samehost``: the one owner of the segment, the local socket and why a
+server refused them); the flat form then moves only headers. ``hello`` takes extra header
+fields and tensor frames as they are, for additions to the protocol.
+
 A sharded server (``server.shards`` > 1) is several such servers, each holding a contiguous
 range of the flat parameters: ``ShardedClient`` talks to all of them at once with the same
 flat-form calls (``connect_client`` picks the right class for one endpoint or several).
@@ -24,32 +29,20 @@ from __future__ import annotations
 
 import itertools
 import logging
-import select
-import socket
 import time
 
-import msgpack
 import numpy as np
 import zmq
 
+from asgd.client.common import Push, ServerError, ServerTimeout, check_reply  # noqa: F401
+from asgd.client.samehost import LocalGone, SameHost
 from asgd.core import auth, protocol
 from asgd.core.flat import bf16_to_f32, chunk_ranges
 
 
 ZERO_COPY_BYTES = 1 << 20   # requests at least this large go without a copy
-LOCAL_DATAGRAM = 1 << 16    # the largest reply taken on the local socket (a header)
 
 log = logging.getLogger("asgd.client")
-
-
-class ServerError(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(f"server answered {code}: {message}")
-        self.code, self.message = code, message
-
-
-class ServerTimeout(Exception):
-    pass
 
 
 _CURVE_HINT = (" (CURVE: a server that refuses this key, or whose public key is not "
@@ -63,12 +56,12 @@ class Client:
 
     def __init__(self, endpoint: str, worker: str, timeout_s: float = 10.0,
                  context: zmq.Context | None = None, curve: auth.ClientKeys | None = None,
-                 spin_us: float = 0.0, local: bool = True):
+                 spin_us: float = 0.0, local: bool = True, link: SameHost | None = None):
         self.endpoint, self.worker, self.timeout_s = endpoint, worker, timeout_s
-        # the server's local socket, for shared-memory requests (server/local.py): used
-        # when the server offers one at hello and ``local``
-        self.use_local = local
-        self.local: socket.socket | None = None
+        # the same-host link (segment, local socket): this client's own, or its sharded
+        # client's, shared by every shard (``local``: use a server's local socket)
+        self._own_link = link is None
+        self.link = SameHost(local) if link is None else link
         self._local_ids: set = set()
         self.curve = curve or auth.default_client_keys()
         # wait for a reply by polling for up to this long before sleeping in the kernel: a
@@ -78,9 +71,9 @@ class Client:
         self._ids = itertools.count(1)
         self.sock = None
         self.bytes_sent = self.bytes_received = 0
-        self.segment = None           # the shared-memory segment the server accepted
         self.span = None              # a shard's [start, stop) of the model's flat values
-        self.shm_refused = ""         # why the server did not take one
+        self.shard_count, self.shard_index = 1, 0     # the server's, said at hello
+        self.version = 0              # of the weights last loaded (hello, pull, push_pull)
         self._sent_ops = {}           # request id -> op, for replies taken later (finish)
         self._shm_ids = set()         # ... of those, the ones answered by a header alone
         self._connect()
@@ -95,104 +88,77 @@ class Client:
             self.curve.apply(self.sock)
         self.sock.connect(self.endpoint)
 
-    def reconnect(self):
+    def reconnect(self, endpoint: str | None = None):
         """A new socket (a new routing identity, the same keys); replies owed to the old
-        one are lost. The local socket is closed: the next hello offers a new one."""
+        one are lost. The local socket is closed: the next hello offers a new one.
+        ``endpoint``: the server moved there (a restart on a new port): the next request
+        must be a hello."""
         self._close_local()
         self.sock.close(0)
+        if endpoint is not None and endpoint != self.endpoint:
+            self.endpoint = endpoint
+            self.span, self.shard_count = None, 1
         self._connect()
 
     def close(self):
         self._close_local()
+        if self._own_link:
+            self.link.close()
         if self.sock is not None:
             self.sock.close(0)
             self.sock = None
 
     # ------------------------------------------------------------------------------------------
-    # the local socket (same host: shared-memory requests without ZeroMQ)
+    # the same host: shared memory, the local socket
 
-    def _open_local(self, offer: dict) -> None:
-        """Connect to the server's local socket and prove to be this worker with the token
-        of its hello. Where that fails (another network namespace, an old server) the
-        requests go over ZeroMQ as before."""
-        self._close_local()
-        name, token = offer.get("socket"), offer.get("token")
-        if not (self.use_local and isinstance(name, str) and isinstance(token, str)):
-            return
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            s.settimeout(min(self.timeout_s, 5.0))
-            s.connect("\0" + name)
-            s.send(msgpack.packb({"worker": self.worker, "token": token}))
-            answer = msgpack.unpackb(s.recv(LOCAL_DATAGRAM), raw=False)
-            if not (isinstance(answer, dict) and answer.get("ok")):
-                raise OSError(f"refused: {answer}")
-            s.setblocking(False)
-        except (OSError, ValueError, msgpack.UnpackException) as e:
-            s.close()
-            log.info("the server's local socket cannot be used (%s): ZeroMQ carries "
-                     "everything", e)
-            return
-        self.local = s
+    def share_memory(self, numel: int, mode: str = "auto"):
+        """Offer a shared-memory segment of ``numel`` values at every hello (``mode``: on,
+        off, or auto: when the server is on this host); the segment, made now (or None)."""
+        return self.link.share(numel, mode, self.endpoint)
+
+    def memory(self):
+        """Where a push's gradient goes and the weights come back: the segment while it is
+        offered or taken, None for frames."""
+        return self.link.memory()
+
+    @property
+    def segment(self):
+        """The segment the server took, or None."""
+        return self.link.segment()
+
+    @property
+    def shm_refused(self) -> str:
+        """Why the server did not take the segment the last hello offered."""
+        return self.link.refused
+
+    @property
+    def transport(self) -> str:
+        return "shm" if self.link.active else "frames"
 
     def _close_local(self) -> None:
-        if self.local is not None:
-            self.local.close()
-            self.local = None
+        self.link.close_local(self.endpoint)
         self._local_ids.clear()
 
-    def _send_local(self, rid: int, op: str, header: bytes) -> int:
+    def _send_local(self, local, rid: int, op: str, header: bytes) -> int:
         try:
-            try:
-                self.local.send(header)
-            except BlockingIOError:      # the server is not reading: wait, bounded
-                if not select.select([], [self.local], [], self.timeout_s)[1]:
-                    raise ServerTimeout(f"could not send {op} to the local socket within "
-                                        f"{self.timeout_s:g} s") from None
-                self.local.send(header)
-        except OSError as e:             # the server is gone (ServerTimeout: say hello again)
+            local.send(header, op, self.timeout_s)
+        except LocalGone:                # the server is gone (ServerTimeout: say hello again)
             self._close_local()
-            raise ServerTimeout(f"the server's local socket: {e}") from None
+            raise
         self.bytes_sent += len(header)
         self._sent_ops[rid] = op
         self._local_ids.add(rid)
         return rid
 
-    def _wait_local(self, rid: int, op: str, timeout_s: float | None = None) -> dict:
-        """The reply to ``rid`` on the local socket: polled for ``spin_s``, then waited for
-        in ``select`` up to the timeout."""
+    def _wait_local(self, local, rid: int, op: str, timeout_s: float | None = None) -> dict:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout_s
-        sock = self.local
-        spin_end = time.perf_counter() + self.spin_s
         try:
-            while True:
-                try:
-                    data = sock.recv(LOCAL_DATAGRAM)
-                except BlockingIOError:
-                    if time.perf_counter() < spin_end:
-                        continue
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not select.select([sock], [], [], left)[0]:
-                        raise ServerTimeout(f"no reply to {op} from {self.endpoint} within "
-                                            f"{timeout_s:g} s (local socket)") from None
-                    continue
-                except OSError as e:
-                    data, why = b"", e
-                else:
-                    why = "closed"
-                if not data:            # the server closed it: it stopped or restarted
-                    self._close_local()
-                    raise ServerTimeout(f"the server's local socket: {why}")
-                self.bytes_received += len(data)
-                head, _ = protocol.decode([data])
-                if head.get("id") is None and not head.get("ok"):
-                    raise ServerError(head.get("error", "internal"), head.get("message", ""))
-                if head.get("id") != rid:      # a late reply to an earlier request
-                    continue
-                if not head.get("ok"):
-                    raise ServerError(head.get("error", "internal"), head.get("message", ""))
-                return head
+            head, nbytes = local.wait(rid, op, timeout_s, self.spin_s, self.endpoint)
+            self.bytes_received += nbytes
+            return head
+        except LocalGone:
+            self._close_local()
+            raise
         finally:
             self._sent_ops.pop(rid, None)
             self._local_ids.discard(rid)
@@ -248,16 +214,11 @@ class Client:
                 self.bytes_received += sum(len(f) for f in reply) if copy else \
                     sum(f.buffer.nbytes for f in reply)
                 head, out = protocol.decode(reply)
-                if head.get("id") is None and not head.get("ok"):
-                    # an error the server could not tie to an id: ours is the only one waiting
-                    raise ServerError(head.get("error", "internal"), head.get("message", ""))
-                if head.get("id") != rid:   # a late reply to an earlier request
+                if not check_reply(head, rid):   # a late reply to an earlier request
                     ms = int((deadline - time.monotonic()) * 1000) + 1
                     if ms <= 1:
                         raise zmq.Again()
                     continue
-                if not head.get("ok"):
-                    raise ServerError(head.get("error", "internal"), head.get("message", ""))
                 return head, out
         except zmq.Again:
             raise ServerTimeout(f"no reply to {op} from {self.endpoint} within "
@@ -280,14 +241,14 @@ class Client:
     # ------------------------------------------------------------------------------------------
     # the flat form
 
-
     def _weights_into(self, head: dict, tensors, out: np.ndarray) -> None:
         """The reply's weights (flat chunks, or the shared-memory segment) into ``out``."""
         if head.get("shm"):
-            if self.segment is None or self.segment.weights is None:
+            seg = self.link.segment()
+            if seg is None or seg.weights is None:
                 raise ServerError("bad_request", "the server answered through a shared-memory "
                                   "segment this client no longer has; say hello again")
-            w = self.segment.weights
+            w = seg.weights
             src = w if self.span is None else w[self.span[0]:self.span[1]]
             if src.ctypes.data != out.ctypes.data:   # ``out`` may be the segment's own area
                 np.copyto(out, src)
@@ -318,14 +279,35 @@ class Client:
         """Ask for the weights in the flat form (or in the segment) without waiting; the
         request id for ``finish``."""
         rid = next(self._ids)
-        fields = {"shm": True} if self.segment is not None else {"flat": True,
-                                                                  "weights": weights}
-        if self.segment is not None:
+        shm = self.link.active
+        fields = {"shm": True} if shm else {"flat": True, "weights": weights}
+        if shm:
             self._shm_ids.add(rid)
         header = protocol.request_header("pull", rid, self.worker, **fields)
-        if self.local is not None and self.segment is not None:
-            return self._send_local(rid, "pull", protocol.pack_header(header))
+        local = self.link.local(self.endpoint)
+        if local is not None:
+            return self._send_local(local, rid, "pull", protocol.pack_header(header))
         return self._send(rid, "pull", [protocol.pack_header(header)])
+
+    def send_push(self, push: Push) -> int:
+        """Send ``push`` without waiting (again, if its reply was late); the request id for
+        ``finish``."""
+        return self.send_push_pull_flat(
+            push.version, push.grad, slot=push.slot, weights=push.weights, op=push.op,
+            encoded=None if push.encoded is None else push.encoded[0], seq=push.seq)
+
+    def parts(self, numel: int) -> list[tuple[int, int]]:
+        """The ranges of a flat vector of ``numel`` values that go to each server, in order:
+        here the whole. RuntimeError when the server said it is one shard of several."""
+        if self.shard_count > 1:
+            raise RuntimeError(f"the server at {self.endpoint} is shard {self.shard_index} "
+                               f"of {self.shard_count}: give every shard's endpoint "
+                               "(--server A,B,...)")
+        return [(0, numel)]
+
+    def base(self) -> int:
+        """What a push says it was computed on: the version of the weights last loaded."""
+        return self.version
 
     def send_push_pull_flat(self, version: int, grad: np.ndarray | None = None, *,
                             slot: int | None = None, encoding: str = "none",
@@ -342,8 +324,9 @@ class Client:
             header = protocol.request_header(op, rid, self.worker, version=version, shm=slot,
                                              **extra)
             self._shm_ids.add(rid)
-            if self.local is not None:
-                return self._send_local(rid, op, protocol.pack_header(header))
+            local = self.link.local(self.endpoint)
+            if local is not None:
+                return self._send_local(local, rid, op, protocol.pack_header(header))
             return self._send(rid, op, [protocol.pack_header(header)])
         fields = {"version": version, "flat": True, **extra}
         if op == "push_pull":
@@ -377,18 +360,21 @@ class Client:
                timeout_s: float | None = None) -> dict:
         """Wait for the reply to request ``rid``; the weights it carries go into ``out``."""
         op = self._sent_ops.get(rid, "push_pull")
-        small = self.segment is not None and rid in self._shm_ids
+        small = rid in self._shm_ids and self.link.active
         self._shm_ids.discard(rid)
         if rid in self._local_ids:
-            if self.local is None:       # closed since: the reply is lost with it
+            local = self.link.local(self.endpoint)
+            if local is None:            # closed since: the reply is lost with it
                 self._local_ids.discard(rid)
                 raise ServerTimeout(f"the server's local socket closed before the reply "
                                     f"to {op}")
-            head, tensors = self._wait_local(rid, op, timeout_s), []
+            head, tensors = self._wait_local(local, rid, op, timeout_s), []
         else:
             head, tensors = self._wait(rid, op, timeout_s, copy=small)
-        if op in ("pull", "push_pull") and out is not None:
-            self._weights_into(head, tensors, out)
+        if op in ("pull", "push_pull"):
+            if out is not None:
+                self._weights_into(head, tensors, out)
+            self.version = head.get("version", self.version)
         return head
 
     def push_pull_flat(self, version: int, grad: np.ndarray | None, out: np.ndarray,
@@ -400,30 +386,32 @@ class Client:
     def push_flat(self, version: int, grad: np.ndarray | None, **kw) -> dict:
         return self.finish(self.send_push_pull_flat(version, grad, op="push", **kw))
 
-    def hello(self, rank: int | None = None, timeout_s: float | None = None,
-              shm=None) -> tuple[dict, list[protocol.Tensor]]:
+    def hello(self, rank: int | None = None, timeout_s: float | None = None, shm=None,
+              tensors=(), **fields) -> tuple[dict, list[protocol.Tensor]]:
         """The server's version, parameter list (``tensors``), shard and settings, with the
-        current weights. ``shm``: a Segment (asgd.core.shm) to offer; ``self.segment`` is
-        it if the server mapped it (same host), else None and ``shm_refused`` says why."""
-        fields = {} if rank is None else {"rank": rank}
-        if shm is not None:
-            fields["shm"] = str(shm.path)
-        head, tensors = self.request("hello", timeout_s=timeout_s, **fields)
+        current weights. Offers the shared-memory segment (``share_memory``, or ``shm``: a
+        caller's own Segment); ``transport`` then says whether the server mapped it (same
+        host) and ``shm_refused`` why not. ``tensors`` and ``fields``: further frames and
+        header fields, as they are (protocol additions)."""
+        if rank is not None:
+            fields["rank"] = rank
+        if self._own_link:
+            self.link.begin()
+        seg = self.link.offer(shm)
+        if seg is not None:
+            fields["shm"] = str(seg.path)
+        self._close_local()
+        head, frames = self.request("hello", tensors, timeout_s=timeout_s, **fields)
         shard = head.get("shard") or {}
+        self.shard_count, self.shard_index = shard.get("count", 1), shard.get("index")
         self.span = (shard["start"], shard["stop"]) \
-            if shard.get("count", 1) > 1 and "start" in shard else None
-        if shm is not None:
-            answer = head.get("shm") or {}
-            self.segment = shm if answer.get("ok") else None
-            self.shm_refused = "" if answer.get("ok") else str(answer.get("reason",
-                                                                           "not supported"))
-            if self.segment is not None:
-                self._open_local(answer)
-            else:
-                self._close_local()
-        else:
-            self._close_local()
-        return head, tensors
+            if self.shard_count > 1 and "start" in shard else None
+        self.version = head.get("version", 0)
+        self.link.answered(self.endpoint, self.worker,
+                           None if seg is None else head.get("shm") or {}, self.timeout_s)
+        if self._own_link:
+            self.link.settle()
+        return head, frames
 
     def pull(self) -> tuple[int, list[protocol.Tensor]]:
         head, tensors = self.request("pull")

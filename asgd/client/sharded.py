@@ -13,8 +13,10 @@ import time
 import numpy as np
 import zmq
 
+from asgd.client.common import Push, ServerError, ServerTimeout
+from asgd.client.ops import Client
+from asgd.client.samehost import SameHost
 from asgd.core import auth, protocol
-from asgd.client.ops import Client, ServerError, ServerTimeout
 
 
 def connect_client(endpoints, worker: str, timeout_s: float = 10.0, context=None,
@@ -47,16 +49,16 @@ class ShardedClient:
                  spin_us: float = 0.0, local: bool = True):
         if len(set(endpoints)) != len(endpoints):
             raise ValueError(f"the same endpoint twice among {endpoints}")
-        # every shard has the same allow-list and key pair: one set of client keys for all
-        self.clients = [Client(e, worker, timeout_s, context, curve, spin_us, local)
+        # every shard has the same allow-list and key pair: one set of client keys for all;
+        # one same-host link: every shard maps the one segment
+        self.link = SameHost(local)
+        self.clients = [Client(e, worker, timeout_s, context, curve, spin_us, link=self.link)
                         for e in endpoints]
         self.endpoint = ",".join(endpoints)
         self.worker = worker
         self.ranges: list[tuple[int, int]] | None = None
         self.numel = None
         self.versions: list[int] | None = None
-        self.shm_refused = ""
-        self._segment = None
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[str, list[int]]] = {}
 
@@ -71,15 +73,35 @@ class ShardedClient:
         for c in self.clients:
             c.timeout_s = value
 
+    def share_memory(self, numel: int, mode: str = "auto"):
+        """As ``Client.share_memory``: one segment, which every shard maps."""
+        return self.link.share(numel, mode, self.endpoint)
+
+    def memory(self):
+        return self.link.memory()
+
     @property
     def segment(self):
-        return self._segment
+        return self.link.segment()
 
-    @segment.setter
-    def segment(self, seg) -> None:
-        self._segment = seg
-        for c in self.clients:
-            c.segment = seg
+    @property
+    def shm_refused(self) -> str:
+        return self.link.refused
+
+    @property
+    def transport(self) -> str:
+        return "shm" if self.link.active else "frames"
+
+    def parts(self, numel: int) -> list[tuple[int, int]]:
+        """Each shard's range of the flat vector, in shard order."""
+        self._learn()
+        if self.numel != numel:
+            raise RuntimeError(f"the shards hold {self.numel} values, this model {numel}")
+        return list(self.ranges)
+
+    def base(self) -> list[int]:
+        """What a push says it was computed on: each shard's version of its range."""
+        return list(self.versions)
 
     @property
     def bytes_sent(self) -> int:
@@ -89,13 +111,22 @@ class ShardedClient:
     def bytes_received(self) -> int:
         return sum(c.bytes_received for c in self.clients)
 
-    def reconnect(self):
-        for c in self.clients:
-            c.reconnect()
+    def reconnect(self, endpoints=None):
+        """New sockets; ``endpoints`` (a list, or comma-separated): the shards moved there
+        (restarted on new ports), in the same number; the next request must be a hello."""
+        if isinstance(endpoints, str):
+            endpoints = [e.strip() for e in endpoints.split(",") if e.strip()]
+        if endpoints is not None and len(endpoints) != len(self.clients):
+            raise ValueError(f"{len(endpoints)} endpoints for {len(self.clients)} shards")
+        for i, c in enumerate(self.clients):
+            c.reconnect(None if endpoints is None else endpoints[i])
+        if endpoints is not None and ",".join(endpoints) != self.endpoint:
+            self.endpoint, self.ranges, self.numel = ",".join(endpoints), None, None
 
     def close(self):
         for c in self.clients:
             c.close()
+        self.link.close()
 
     def __enter__(self):
         return self
@@ -166,23 +197,21 @@ class ShardedClient:
             head["applied"] = all(h.get("applied", False) for h in heads)
         return head
 
-    def hello(self, rank: int | None = None, timeout_s: float | None = None,
-              shm=None) -> tuple[dict, list[protocol.Tensor]]:
+    def hello(self, rank: int | None = None, timeout_s: float | None = None, shm=None,
+              tensors=(), **fields) -> tuple[dict, list[protocol.Tensor]]:
         """Hello to every shard (offering each the same segment: each reads and writes only
         its own range of it). The merged answer has ``tensors``: the model's parameter list,
         ``flat``: true, ``shards``: each shard's ``shard`` map; the weights come back as flat
         chunks in order (every shard's range, concatenated)."""
-        answers = [c.hello(rank, timeout_s, shm) for c in self.clients]
+        self.link.begin()
+        answers = [c.hello(rank, timeout_s, shm, tensors, **fields) for c in self.clients]
+        self.link.settle()
         by_endpoint = {c.endpoint: w for c, (_, w) in zip(self.clients, answers)}
         heads = self._order([h for h, _ in answers])
         weights = [t for c in self.clients for t in by_endpoint[c.endpoint]]
         params = [h.get("params") for h in heads]
         if any(p != params[0] for p in params):
             raise ServerError("bad_request", "the shards serve different models")
-        if shm is not None:
-            refused = [c.shm_refused for c in self.clients if c.segment is None]
-            self.segment = shm if not refused else None
-            self.shm_refused = refused[0] if refused else ""
         info = self._merge(0, heads)
         info.update(tensors=params[0] or [], flat=True,
                     shards=[h.get("shard") for h in heads])
@@ -211,6 +240,12 @@ class ShardedClient:
         token = next(self._ids)
         self._pending[token] = (op, rids)
         return token
+
+    def send_push(self, push: Push) -> int:
+        """As ``Client.send_push``: ``push.encoded`` holds one encoding per shard's range."""
+        return self.send_push_pull_flat(push.version, push.grad, slot=push.slot,
+                                        weights=push.weights, encoded=push.encoded,
+                                        op=push.op, seq=push.seq)
 
     def finish(self, token: int, out: np.ndarray | None = None,
                timeout_s: float | None = None) -> dict:
