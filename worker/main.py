@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 
 from asgd.config import Config
-from worker.train import Diverged, ServerGone, WorkerError, run_worker
+from worker.faults import Diverged, ServerGone, WorkerError
+from worker.train import run_worker
 
 
 def run(cfg: Config, endpoint: str | None, rank: int, worker_id: str | None = None,

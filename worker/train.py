@@ -27,39 +27,17 @@ from asgd.client.exchange import Exchange
 from asgd.config import Config
 from asgd.core.endpoint import read_addresses
 from asgd.core.layout import ParameterLayout
-from asgd.experiments.straggler import Straggler
+from asgd.tasks.straggler import Straggler
 from asgd.metrics import MetricsWriter
 from asgd.tasks.data import ShardLoader
 from asgd.tasks.task import build_task
+from worker.faults import (FAULT_ENV, FAULT_EXIT_CODE, Diverged, ServerGone,
+                           WorkerError, fault_exit_step)
 from worker.precision import LossScaler
-from worker.stages import build_pipeline, resolve_device as _resolve_device
+from asgd.tasks.devices import resolve_device as _resolve_device
+from worker.stages import build_pipeline
 
 log = logging.getLogger("asgd.worker")
-
-# A fault switch for tests of what happens when a worker dies: ASGD_FAULT="exit:STEP" makes
-# every worker, and "exit:STEP:R1,R2" the listed ranks, exit at once with FAULT_EXIT_CODE after
-# STEP training steps, as a crash would (no bye, no final record).
-FAULT_ENV = "ASGD_FAULT"
-FAULT_EXIT_CODE = 5
-
-
-def fault_exit_step(rank: int, spec: str | None = None) -> int | None:
-    """The step after which this rank is to crash, from $ASGD_FAULT; None for no fault."""
-    spec = os.environ.get(FAULT_ENV, "") if spec is None else spec
-    if not spec:
-        return None
-    parts = spec.split(":")
-    if parts[0] != "exit" or len(parts) not in (2, 3):
-        raise WorkerError(f"{FAULT_ENV}={spec!r}: expected exit:STEP or exit:STEP:RANKS")
-    try:
-        step = int(parts[1])
-        ranks = [int(r) for r in parts[2].split(",")] if len(parts) == 3 else None
-    except ValueError:
-        raise WorkerError(f"{FAULT_ENV}={spec!r}: STEP and RANKS must be integers") from None
-    if step < 1:
-        raise WorkerError(f"{FAULT_ENV}={spec!r}: STEP must be >= 1")
-    return step if ranks is None or rank in ranks else None
-
 
 def follow_server_files(worker) -> bool:
     """A worker started from address files (``--server-file``, as asgd launch starts it) reads
@@ -76,18 +54,6 @@ def follow_server_files(worker) -> bool:
     log.warning("%s: the server now listens at %s (read from %s)", worker.id,
                 worker.client.endpoint, ", ".join(map(str, files)))
     return True
-
-
-class WorkerError(Exception):
-    """A condition the worker cannot train through (exit code 2)."""
-
-
-class ServerGone(WorkerError):
-    """The server did not come back within the reconnect budget (exit code 3)."""
-
-
-class Diverged(WorkerError):
-    """The training loss stayed NaN or Inf (exit code 4)."""
 
 
 STATUS_EVERY_S = 5.0       # a status line in the log, and a waiting note, this often

@@ -34,8 +34,8 @@ import time
 import numpy as np
 import zmq
 
-from asgd.client.common import Push, ServerError, ServerTimeout, check_reply  # noqa: F401
-from asgd.client.samehost import LocalGone, SameHost
+from asgd.client.common import Push, ServerError, ServerTimeout, check_reply
+from asgd.client.samehost import LinkFace, LocalGone, SameHost
 from asgd.core import auth, protocol
 from asgd.core.flat import bf16_to_f32, chunk_ranges
 
@@ -49,7 +49,7 @@ _CURVE_HINT = (" (CURVE: a server that refuses this key, or whose public key is 
                "worker.server_key, never answers)")
 
 
-class Client:
+class Client(LinkFace):
     """``curve``: CURVE keys (``asgd.core.auth.ClientKeys``) for a server with
     ``server.auth: curve``; by default the process's (``auth.use_client_keys``, which
     ``asgd worker`` sets from worker.secret_key_file and worker.server_key), else none."""
@@ -110,30 +110,6 @@ class Client:
 
     # ------------------------------------------------------------------------------------------
     # the same host: shared memory, the local socket
-
-    def share_memory(self, numel: int, mode: str = "auto"):
-        """Offer a shared-memory segment of ``numel`` values at every hello (``mode``: on,
-        off, or auto: when the server is on this host); the segment, made now (or None)."""
-        return self.link.share(numel, mode, self.endpoint)
-
-    def memory(self):
-        """Where a push's gradient goes and the weights come back: the segment while it is
-        offered or taken, None for frames."""
-        return self.link.memory()
-
-    @property
-    def segment(self):
-        """The segment the server took, or None."""
-        return self.link.segment()
-
-    @property
-    def shm_refused(self) -> str:
-        """Why the server did not take the segment the last hello offered."""
-        return self.link.refused
-
-    @property
-    def transport(self) -> str:
-        return "shm" if self.link.active else "frames"
 
     def _close_local(self) -> None:
         self.link.close_local(self.endpoint)

@@ -147,6 +147,9 @@ class SameHost:
         self._segment, self._owned = seg, seg is not None
 
     def _drop(self) -> None:
+        """Let the segment go (closed if it was made here) and the local sockets with it."""
+        for endpoint in list(self._sockets):
+            self.close_local(endpoint)
         if self._owned and self._segment is not None:
             self._segment.close()
         self._segment, self._owned, self._active = None, False, False
@@ -161,11 +164,13 @@ class SameHost:
             self._replace()           # refused before, or taken before: offer a fresh one
 
     def offer(self, segment: Segment | None = None) -> Segment | None:
-        """The segment a hello names: ``segment`` (a caller's own, kept until it offers
-        another), else this link's."""
+        """The segment a hello names: ``segment`` (a caller's own: offered by the hello that
+        names it only), else this link's."""
         if segment is not None and segment is not self._segment:
             self._drop()
             self._segment, self._owned = segment, False
+        elif segment is None and not self._owned and self._segment is not None:
+            self._drop()              # a caller's, named by an earlier hello: not this one
         return self._segment
 
     def answered(self, endpoint: str, worker: str, answer: dict | None,
@@ -202,7 +207,7 @@ class SameHost:
                 self._segment.unlink()
             return
         for endpoint in list(self._sockets):
-            self.close_local(endpoint)
+            self.close_local(endpoint)      # (taken by some shards only)
         if self.mode == "on":
             raise RuntimeError("the server did not take the shared-memory segment "
                                f"(worker.shared_memory: on): {self.refused}")
@@ -235,6 +240,37 @@ class SameHost:
             s.close()
 
     def close(self) -> None:
-        for endpoint in list(self._sockets):
-            self.close_local(endpoint)
         self._drop()
+
+
+class LinkFace:
+    """What a client (one server's, or every shard's) offers of its same-host link: its
+    ``link`` (a SameHost) and ``endpoint`` are the client's own."""
+
+    link: SameHost
+    endpoint: str
+
+    def share_memory(self, numel: int, mode: str = "auto"):
+        """Offer a shared-memory segment of ``numel`` values at every hello (``mode``: on,
+        off, or auto: when the server is on this host; every shard maps the one segment);
+        the segment, made now (or None)."""
+        return self.link.share(numel, mode, self.endpoint)
+
+    def memory(self):
+        """Where a push's gradient goes and the weights come back: the segment while it is
+        offered or taken, None for frames."""
+        return self.link.memory()
+
+    @property
+    def segment(self):
+        """The segment the server took, or None."""
+        return self.link.segment()
+
+    @property
+    def shm_refused(self) -> str:
+        """Why the server did not take the segment the last hello offered."""
+        return self.link.refused
+
+    @property
+    def transport(self) -> str:
+        return "shm" if self.link.active else "frames"

@@ -15,7 +15,7 @@ import zmq
 
 from asgd.client.common import Push, ServerError, ServerTimeout
 from asgd.client.ops import Client
-from asgd.client.samehost import SameHost
+from asgd.client.samehost import LinkFace, SameHost
 from asgd.core import auth, protocol
 
 
@@ -32,7 +32,7 @@ def connect_client(endpoints, worker: str, timeout_s: float = 10.0, context=None
     return ShardedClient(endpoints, worker, timeout_s, context, curve, spin_us, local)
 
 
-class ShardedClient:
+class ShardedClient(LinkFace):
     """The shards of one sharded server, spoken to as one: each flat-form request goes to
     every shard at once (its range of the gradient, the weights of its range back into the
     same range of ``out``), and the replies are awaited together.
@@ -72,25 +72,6 @@ class ShardedClient:
     def timeout_s(self, value: float) -> None:
         for c in self.clients:
             c.timeout_s = value
-
-    def share_memory(self, numel: int, mode: str = "auto"):
-        """As ``Client.share_memory``: one segment, which every shard maps."""
-        return self.link.share(numel, mode, self.endpoint)
-
-    def memory(self):
-        return self.link.memory()
-
-    @property
-    def segment(self):
-        return self.link.segment()
-
-    @property
-    def shm_refused(self) -> str:
-        return self.link.refused
-
-    @property
-    def transport(self) -> str:
-        return "shm" if self.link.active else "frames"
 
     def parts(self, numel: int) -> list[tuple[int, int]]:
         """Each shard's range of the flat vector, in shard order."""

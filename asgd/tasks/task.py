@@ -50,12 +50,3 @@ def check_task(cfg: Config) -> None:
     model_factory(cfg.model.name)
     dataset_factory(cfg.data.name)
     build_task(cfg, data=False)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA where there is one, else the CPU; ValueError for CUDA without one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available here")
-    return torch.device(name)
