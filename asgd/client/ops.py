@@ -111,6 +111,11 @@ class Client(LinkFace):
     # ------------------------------------------------------------------------------------------
     # the same host: shared memory, the local socket
 
+    @property
+    def local(self):
+        """The server's local socket this client's shared-memory requests take, or None."""
+        return self.link.local(self.endpoint)
+
     def _close_local(self) -> None:
         self.link.close_local(self.endpoint)
         self._local_ids.clear()
