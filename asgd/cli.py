@@ -328,13 +328,14 @@ def export_cmd(run_dir, int8, out, checkpoint, report, batch_size, repeats):
 
         from asgd.config import from_dict
         from asgd.core.checkpoint import load_checkpoint
+        from asgd.rundir import checkpoint_dir
         from asgd.tasks.data import load_dataset
         from asgd.tasks.export import compare
 
         torch.set_num_threads(1)
         other = path.with_name(other_precision_name(path.name, int8))
         other = export_run(run_dir, other, int8=not int8, checkpoint_dir=checkpoint)
-        ckpt = load_checkpoint(Path(checkpoint) if checkpoint else Path(run_dir) / "checkpoint")
+        ckpt = load_checkpoint(checkpoint_dir(run_dir, checkpoint))
         cfg = from_dict(ckpt.config)
         ds = load_dataset(cfg.data, seed=cfg.run.seed)
         fp32, q8 = (other, path) if int8 else (path, other)

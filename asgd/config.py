@@ -148,7 +148,7 @@ class WorkerConfig:
     spin_us: float = 200.0        # poll for a reply this long before sleeping (no wake-up)
     push_retries: int = 2         # a push whose reply is late is sent again this many times
                                   # (same sequence number: applied once) before a new hello
-    # The data path (worker.exchange): shared memory with a server on the same host (auto: for
+    # The data path (asgd.client.exchange): shared memory with a server on the same host (auto: for
     # loopback and ipc endpoints), overlap of the exchange with the next step's compute, and
     # the wire encodings of gradients and weights across machines.
     local_steps: int = 1          # steps with the worker's own optimizer (cfg.optimizer) before

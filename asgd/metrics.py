@@ -2,6 +2,7 @@
 
     m = MetricsWriter("runs/x/metrics.jsonl")        # t0 from $ASGD_T0 (set by the launcher)
     m.write("worker_step", worker="w0", step=10, loss=0.41)
+    tail = MetricsTail("runs/x/metrics.jsonl")       # tail.read(): the records added since
 
 Each record is written with a single ``write`` on a file opened in append mode, so lines from
 several processes interleave whole. ``t`` is seconds since the run started. A ``buffered``
@@ -70,16 +71,35 @@ class MetricsWriter:
             self._fd = None
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """All whole records of a metrics file (a torn last line is skipped)."""
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-    except FileNotFoundError:
-        pass
-    return out
+class MetricsTail:
+    """Follows a metrics file from byte ``start`` on: each ``read()`` returns the whole
+    records added since the last (a line still being written waits for the next read; a line
+    that is not a JSON object is skipped). ``pos``: the byte read up to."""
+
+    def __init__(self, path: str | Path, start: int = 0):
+        self.path, self.pos = Path(path), start
+
+    def read(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                chunk = f.read()
+        except OSError:
+            return []
+        end = chunk.rfind(b"\n") + 1
+        self.pos += end
+        out = []
+        for line in chunk[:end].splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
+
+
+def read_metrics(path: str | Path, start: int = 0) -> list[dict]:
+    """All whole records of a metrics file from byte ``start`` on (a torn last line is
+    skipped)."""
+    return MetricsTail(path, start).read()

@@ -27,13 +27,14 @@ TensorFlow's writer does.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
 import struct
 import time
 from pathlib import Path
+
+from asgd.metrics import MetricsTail
 
 # ----------------------------------------------------------------------------------------------
 # CRC-32C (Castagnoli), masked as TFRecord wants it
@@ -262,26 +263,12 @@ class MetricsToTensorBoard:
 
     def __init__(self, cfg, run_dir: str | Path, t0: float, start: int = 0):
         self.cfg, self.t0 = cfg, t0
-        self.metrics_path = Path(run_dir) / "metrics.jsonl"
         self.writer = EventWriter(Path(run_dir) / "tensorboard")
-        self._pos = start
+        self.tail = MetricsTail(Path(run_dir) / "metrics.jsonl", start)
 
     def update(self) -> None:
-        try:
-            with open(self.metrics_path, "rb") as f:
-                f.seek(self._pos)
-                chunk = f.read()
-        except OSError:
-            return
-        end = chunk.rfind(b"\n") + 1
-        self._pos += end
-        for line in chunk[:end].splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                self.record(rec)
+        for rec in self.tail.read():
+            self.record(rec)
 
     def record(self, rec: dict) -> None:
         kind, wall = rec.get("kind"), self.t0 + float(rec.get("t") or 0.0)

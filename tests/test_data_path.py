@@ -11,7 +11,7 @@ from asgd.client import ServerError
 from asgd.core import encoding as enc
 from asgd.core import protocol
 from asgd.core.shm import Segment
-from worker.exchange import is_local
+from asgd.core.endpoint import is_local
 
 SGD = {"optimizer": {"name": "sgd", "lr": 1.0},
        "schedule": {"kind": "constant", "warmup": 0}}

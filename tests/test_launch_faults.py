@@ -15,7 +15,7 @@ from asgd.core.checkpoint import load_checkpoint
 from asgd.launch import processes as proclib
 from asgd.metrics import read_metrics
 from tests.conftest import REPO
-from worker.train import FAULT_ENV, FAULT_EXIT_CODE, WorkerError, fault_exit_step
+from worker.faults import FAULT_ENV, FAULT_EXIT_CODE, WorkerError, fault_exit_step
 
 
 FAULT_STEP = 20

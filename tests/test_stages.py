@@ -15,6 +15,7 @@ from torch import nn
 
 from asgd.config import ConfigError, load_config
 from asgd.tasks.models import build_model
+from asgd.tasks import devices, layers as lay
 from worker import stages as st
 
 torch.set_num_threads(1)
@@ -115,7 +116,7 @@ def test_explicit_split_points_cut_there():
 @pytest.mark.parametrize("split", ["params", "time"])
 def test_balanced_splits_are_valid(split):
     model = build_model(load_config(None, ["model.name=cnn1d"]).model, (40,), 10)
-    layers = st.model_layers(model, batch((40,))[0][:2])
+    layers = lay.model_layers(model, batch((40,))[0][:2])
     x, y = batch((40,))
     ref = whole(model, x, y)
     pipe, loss, grad = piped(model, x, y, devices=["cpu"] * 3, split=split)
@@ -124,7 +125,7 @@ def test_balanced_splits_are_valid(split):
     assert sum(len(s.layers) for s in pipe.stages) == len(layers)
     assert_same((loss, grad), ref)
     if split == "params":   # no other cut has a smaller largest stage
-        costs = st.parameter_costs(layers)
+        costs = lay.parameter_costs(layers)
         best = min(max(sum(costs[a:b]) for a, b in zip((0, i, j), (i, j, len(costs))))
                    for i, j in itertools.combinations(range(1, len(costs)), 2))
         assert max(s.parameters for s in pipe.stages) == best
@@ -136,7 +137,7 @@ def test_balance_is_optimal_against_every_cut():
         n = int(torch.randint(2, 9, (1,), generator=g))
         costs = torch.randint(0, 20, (n,), generator=g).tolist()
         for k in range(1, min(n, 4) + 1):
-            points = st.balance(costs, k)
+            points = lay.balance(costs, k)
             bounds = [0, *points, n]
             assert len(points) == k - 1 and all(a < b for a, b in zip(bounds, bounds[1:]))
             got = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
@@ -164,8 +165,8 @@ def test_split_points_out_of_range_are_a_config_error():
         st.build_pipeline(worker_cfg(devices=["cpu", "cpu"], split=[9]), model, 0, example=x)
     # the same check before any process starts, from the config alone (cnn1d: 9 layers)
     with pytest.raises(ConfigError, match="worker.split: split points \\[9\\] out of range"):
-        st.check_split(load_config(None, ["worker.devices=[cpu, cpu]", "worker.split=[9]"]))
-    st.check_split(load_config(None, ["worker.devices=[cpu, cpu]", "worker.split=[8]"]))
+        lay.check_split(load_config(None, ["worker.devices=[cpu, cpu]", "worker.split=[9]"]))
+    lay.check_split(load_config(None, ["worker.devices=[cpu, cpu]", "worker.split=[8]"]))
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -229,12 +230,12 @@ def test_stage_layers_lets_any_model_split():
 def test_device_templates_use_the_local_rank():
     if torch.cuda.is_available():
         pytest.skip("the CPU's naming: no CUDA devices visible")
-    assert st.local_rank(5) == 5
-    assert st.device_name("cuda:{local_rank}", 3) == "cuda:3"
-    assert st.device_name("{local_rank}", 2) == "cuda:2"
-    assert st.resolve_device("auto", 7) == torch.device("cpu")
+    assert devices.local_rank(5) == 5
+    assert devices.device_name("cuda:{local_rank}", 3) == "cuda:3"
+    assert devices.device_name("{local_rank}", 2) == "cuda:2"
+    assert devices.resolve_device("auto", 7) == torch.device("cpu")
     with pytest.raises(ValueError, match="CUDA is not available"):
-        st.resolve_device("cuda:{local_rank}", 1)
+        devices.resolve_device("cuda:{local_rank}", 1)
     cfg = load_config(None, ["worker.device=cuda:{local_rank}",
                              "worker.devices=['cuda:{local_rank}', cpu]"])   # quoted: YAML
     assert cfg.worker.devices == ["cuda:{local_rank}", "cpu"]
@@ -243,7 +244,7 @@ def test_device_templates_use_the_local_rank():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_device_templates_on_cuda():
     count = torch.cuda.device_count()
-    assert st.resolve_device("cuda:{local_rank}", count + 1) == torch.device(f"cuda:{1 % count}")
+    assert devices.resolve_device("cuda:{local_rank}", count + 1) == torch.device(f"cuda:{1 % count}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -293,7 +293,7 @@ def test_sync_takes_every_gradient_whatever_the_bound():
 
 
 def test_straggler_stretches_compute_and_the_fastest_recent_exchange():
-    from asgd.experiments.straggler import Straggler
+    from asgd.tasks.straggler import Straggler
 
     s = Straggler(slow_factor=4.0, delay_s=0.5)
     assert s.extra_s(0.1, exchange_s=0.02) == pytest.approx(3 * 0.12 + 0.5)

@@ -1,4 +1,4 @@
-"""The worker's side of the data path (worker.exchange) against a real server: flat gradient
+"""The worker's side of the data path (asgd.client.exchange) against a real server: flat gradient
 buffers that autograd fills in place, shared memory or frames, the staged (GPU) code path run
 on the CPU, overlap with one more step of staleness, and encodings with error feedback."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from asgd.config import load_config
 from asgd.tasks.task import build_task
-from worker.exchange import Exchange
+from asgd.client.exchange import Exchange
 
 SGD = {"optimizer": {"name": "sgd", "lr": 0.1},
        "schedule": {"kind": "constant", "warmup": 0}}
@@ -40,7 +40,7 @@ def test_steps_push_autograds_gradient_and_load_the_servers_weights(
                   shared_memory=shared_memory, overlap=overlap, staged=staged)
     observer = clients(server.endpoint, "observer")
     try:
-        ex.connect(lambda seg: client.hello(rank=0, shm=seg))
+        ex.connect(lambda: client.hello(rank=0))
         assert ex.transport == ("shm" if shared_memory == "on" else "frames")
         if shared_memory == "on":      # mapped by both: its name is gone from /dev/shm
             assert ex.segment.unlinked and not ex.segment.path.exists()
@@ -62,7 +62,7 @@ def test_steps_push_autograds_gradient_and_load_the_servers_weights(
                        for p in task.model.parameters())
         if shared_memory == "on":      # a hello again (a restarted server) offers a new one
             old = ex.segment.path
-            ex.connect(lambda seg: client.hello(rank=0, shm=seg))
+            ex.connect(lambda: client.hello(rank=0))
             assert ex.transport == "shm" and ex.segment.path != old
             if direct:                 # ... and the parameters moved into the new one
                 assert task.model.parameters().__next__().data_ptr() == \
@@ -94,7 +94,7 @@ def test_topk_with_error_feedback_sends_a_fraction_and_loses_nothing(
     ex = Exchange(task.model, task.layout, client, torch.device("cpu"), encoding="topk",
                   encoding_args={"topk_ratio": 0.05}, shared_memory="off")
     try:
-        ex.connect(lambda seg: client.hello(rank=0, shm=seg))
+        ex.connect(lambda: client.hello(rank=0))
         assert ex.transport == "frames"
         g = torch.linspace(-1, 1, task.layout.numel)
         start = torch.cat([p.detach().reshape(-1) for p in task.model.parameters()]).clone()
@@ -105,7 +105,7 @@ def test_topk_with_error_feedback_sends_a_fraction_and_loses_nothing(
         assert per_push < task.layout.numel * 4 * 0.12, per_push
         moved = start - torch.cat([p.detach().reshape(-1) for p in task.model.parameters()])
         # what was applied plus what is still owed adds up to every gradient sent (lr 0.1)
-        owed = ex.feedback.residual
+        owed = ex.feedback[0].residual
         assert torch.allclose(moved / 0.1 + owed, 30 * g, atol=1e-3)
     finally:
         ex.close()
@@ -194,7 +194,7 @@ def test_a_push_whose_reply_is_late_is_sent_again_and_applied_once(
                   shared_memory=shared_memory, retries=3)
     observer = clients(server.endpoint, "observer")
     try:
-        ex.connect(lambda seg: client.hello(rank=0, shm=seg))
+        ex.connect(lambda: client.hello(rank=0))
         x, y = task.dataset.x_train[:32], task.dataset.y_train[:32]
         ex.zero_grad()
         F.cross_entropy(task.model(x), y).backward()
@@ -226,7 +226,7 @@ def test_a_model_in_parts_exchanges_like_a_whole_one(start_server, make_config, 
     """The buffers of a model split over devices (one part per stage's run of parameters),
     run on the CPU: gradients and weights are those of the whole model, and the local-steps
     delta is taken part by part."""
-    from worker.exchange import Spread
+    from asgd.client.buffers import Spread
 
     config = make_config(**SGD)
     server = start_server(config, bind=f"ipc://{tmp_path}/s.sock")
@@ -238,7 +238,7 @@ def test_a_model_in_parts_exchanges_like_a_whole_one(start_server, make_config, 
     observer = clients(server.endpoint, "observer")
     try:
         assert isinstance(ex.weights, Spread) and len(ex.weights.parts) == 3
-        ex.connect(lambda seg: client.hello(rank=0, shm=seg))
+        ex.connect(lambda: client.hello(rank=0))
         x, y = task.dataset.x_train[:32], task.dataset.y_train[:32]
         for _ in range(3):
             expected = reference_gradient(task.model, x, y)

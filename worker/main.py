@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 
 from asgd.config import Config
-from worker.train import Diverged, ServerGone, WorkerError, run_worker
+from worker.faults import Diverged, ServerGone, WorkerError
+from worker.train import run_worker
 
 
 def run(cfg: Config, endpoint: str | None, rank: int, worker_id: str | None = None,
@@ -25,7 +26,7 @@ def run(cfg: Config, endpoint: str | None, rank: int, worker_id: str | None = No
                         format="%(asctime)s worker %(levelname)s %(message)s")
     log = logging.getLogger("asgd.worker")
     if server_file is not None:
-        from asgd.launch.processes import read_address
+        from asgd.core.endpoint import read_address
 
         budget = cfg.worker.reconnect_timeout_s
 

@@ -5,7 +5,7 @@
 No barrier and no waiting on other workers: each step computes the gradient on the weights of
 version v and sends it with v; the reply carries the weights after the server applied it (and
 whatever other workers pushed meanwhile). The gradient and the weights move as flat buffers
-(``worker.exchange``): through shared memory when the server is on this host, else as chunks
+(``asgd.client.exchange``): through shared memory when the server is on this host, else as chunks
 on the wire; with ``worker.overlap`` the exchange runs while the next step computes. When the
 server goes away the worker reconnects with bounded exponential back-off, and gives up with a
 clear message after ``worker.reconnect_timeout_s``; the gradient in flight at that moment is
@@ -23,90 +23,37 @@ import torch
 import torch.nn.functional as F
 
 from asgd.client import ServerError, ServerTimeout, connect_client
+from asgd.client.exchange import Exchange
 from asgd.config import Config
+from asgd.core.endpoint import read_addresses
 from asgd.core.layout import ParameterLayout
-from asgd.experiments.straggler import Straggler
+from asgd.tasks.straggler import Straggler
 from asgd.metrics import MetricsWriter
 from asgd.tasks.data import ShardLoader
 from asgd.tasks.task import build_task
-from worker.exchange import Exchange
+from worker.faults import (FAULT_ENV, FAULT_EXIT_CODE, Diverged, ServerGone,
+                           WorkerError, fault_exit_step)
 from worker.precision import LossScaler
-from worker.stages import build_pipeline, resolve_device as _resolve_device
+from asgd.tasks.devices import resolve_device as _resolve_device
+from worker.stages import build_pipeline
 
 log = logging.getLogger("asgd.worker")
-
-# A fault switch for tests of what happens when a worker dies: ASGD_FAULT="exit:STEP" makes
-# every worker, and "exit:STEP:R1,R2" the listed ranks, exit at once with FAULT_EXIT_CODE after
-# STEP training steps, as a crash would (no bye, no final record).
-FAULT_ENV = "ASGD_FAULT"
-FAULT_EXIT_CODE = 5
-
-
-def fault_exit_step(rank: int, spec: str | None = None) -> int | None:
-    """The step after which this rank is to crash, from $ASGD_FAULT; None for no fault."""
-    spec = os.environ.get(FAULT_ENV, "") if spec is None else spec
-    if not spec:
-        return None
-    parts = spec.split(":")
-    if parts[0] != "exit" or len(parts) not in (2, 3):
-        raise WorkerError(f"{FAULT_ENV}={spec!r}: expected exit:STEP or exit:STEP:RANKS")
-    try:
-        step = int(parts[1])
-        ranks = [int(r) for r in parts[2].split(",")] if len(parts) == 3 else None
-    except ValueError:
-        raise WorkerError(f"{FAULT_ENV}={spec!r}: STEP and RANKS must be integers") from None
-    if step < 1:
-        raise WorkerError(f"{FAULT_ENV}={spec!r}: STEP must be >= 1")
-    return step if ranks is None or rank in ranks else None
-
-
-def read_server_files(files) -> list[str] | None:
-    """The endpoints announced in the server's address files, each read once (no waiting);
-    None while one of them is missing or empty (a restarted server not listening yet)."""
-    out = []
-    for f in files:
-        try:
-            text = open(f).read().strip()
-        except OSError:
-            return None
-        if not text:
-            return None
-        out.append(text)
-    return out
-
 
 def follow_server_files(worker) -> bool:
     """A worker started from address files (``--server-file``, as asgd launch starts it) reads
     them again when the server stops answering: a server that the launcher restarted listens
-    on a new port. If the endpoints changed, the worker gets a new client for them (handed
-    to its exchange as well: both speak through the same one) and the old one is closed.
-    True when it switched."""
+    on a new port. If the endpoints changed, the client moves there (the exchange speaks
+    through the same one) and the next request is a hello. True when it moved."""
     files = getattr(worker.stop, "server_files", None)   # set by worker.main
     if not files:
         return False
-    endpoints = read_server_files(files)
+    endpoints = read_addresses(files)
     if endpoints is None or ",".join(endpoints) == worker.client.endpoint:
         return False
-    old = worker.client
-    worker.client = worker.ex.client = connect_client(endpoints, worker.id,
-                                                      spin_us=worker.cfg.worker.spin_us,
-                                                      timeout_s=old.timeout_s)
-    old.close()
+    worker.client.reconnect(endpoints if len(endpoints) > 1 else endpoints[0])
     log.warning("%s: the server now listens at %s (read from %s)", worker.id,
                 worker.client.endpoint, ", ".join(map(str, files)))
     return True
-
-
-class WorkerError(Exception):
-    """A condition the worker cannot train through (exit code 2)."""
-
-
-class ServerGone(WorkerError):
-    """The server did not come back within the reconnect budget (exit code 3)."""
-
-
-class Diverged(WorkerError):
-    """The training loss stayed NaN or Inf (exit code 4)."""
 
 
 STATUS_EVERY_S = 5.0       # a status line in the log, and a waiting note, this often
@@ -195,7 +142,6 @@ class Worker:
 
             self.inner_cfg = inner_config(cfg)
             self.inner = make_optimizer(cfg, self.params, fused=True)   # 3x faster on a CPU
-            self.anchor = self.ex.weights.clone()   # a tensor, or per stage's device
         self.straggler = Straggler.for_rank(cfg.worker, rank)
         self.crash_at = fault_exit_step(rank)
         self.max_updates = cfg.run.max_updates       # the server's, once it has said hello
@@ -258,9 +204,9 @@ class Worker:
         loaded. A hello again (``what`` is not "hello") is logged and recorded
         (``worker_rejoined``), saying when the server's version went back (a server restarted
         from a checkpoint): the worker trains on from the server's weights."""
-        def hello(segment):
-            return self._with_retry(what, lambda t: self.client.hello(
-                rank=self.rank, timeout_s=t, shm=segment))
+        def hello():
+            return self._with_retry(what, lambda t: self.client.hello(rank=self.rank,
+                                                                     timeout_s=t))
 
         before = self.ex.version
         try:
@@ -330,7 +276,7 @@ class Worker:
             return loss, n, grad
         from asgd.core.optim import scheduled_lr
 
-        self.anchor.copy_(self.ex.weights)
+        self.ex.start_local()
         first = self.version * self.local_steps
         total = 0
         for i in range(self.local_steps):
@@ -339,7 +285,7 @@ class Worker:
             loss, n = self.compute_gradient()
             self.inner.step()
             total += n
-        return loss, total, self.ex.delta(self.anchor)
+        return loss, total, self.ex.delta()
 
     def run(self) -> WorkerResult:
         cfg = self.cfg

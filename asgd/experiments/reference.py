@@ -69,14 +69,15 @@ def train_local(cfg: Config, run_dir: Path, rank: int = 0, world: int = 1,
 
     from asgd.core.layout import trainable_parameters
     from asgd.core.optim import make_optimizer, scheduled_lr
-    from asgd.experiments.straggler import Straggler
+    from asgd.tasks.straggler import Straggler
     from asgd.metrics import MetricsWriter
     from asgd.tasks.data import ShardLoader
     from asgd.tasks.evaluate import evaluate
-    from asgd.tasks.task import build_task, resolve_device
+    from asgd.tasks.devices import resolve_device
+    from asgd.tasks.task import build_task
 
     torch.set_num_threads(cfg.worker.threads)
-    device = resolve_device(cfg.worker.device)
+    device = resolve_device(cfg.worker.device, rank)
     metrics = MetricsWriter(run_dir / "metrics.jsonl")
     task = build_task(cfg)
     ds, model = task.dataset, task.model.to(device)

@@ -44,6 +44,7 @@ from asgd.launch.display import Display, Monitor
 from asgd.launch.guard import DivergenceGuard
 from asgd.launch.processes import Proc, ProcessError, child_env, spawn, stop, wait_for_address
 from asgd.metrics import MetricsWriter
+from asgd.rundir import checkpoint_dirs
 
 STARTUP_TIMEOUT_S = 60.0
 STOP_GRACE_S = 20.0
@@ -66,14 +67,6 @@ def make_run_dir(cfg: Config) -> Path:
         k += 1
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     return run_dir
-
-
-def checkpoint_dirs(cfg: Config, run_dir: Path) -> list[Path]:
-    """Where each server (each shard) of the run keeps its checkpoint (as server/main.py)."""
-    base = Path(cfg.server.checkpoint_dir or run_dir / "checkpoint")
-    if cfg.server.shards == 1:
-        return [base]
-    return [base / f"shard-{i}" for i in range(cfg.server.shards)]
 
 
 def checkpoint_state(directory: Path) -> tuple[int | None, str]:
@@ -102,7 +95,7 @@ def check_imports(cfg: Config) -> None:
             except (ValueError, TypeError) as e:
                 raise LaunchError(str(e)) from None
     if cfg.worker.devices and len(cfg.worker.devices) > 1:   # a split the model cannot take
-        from worker.stages import check_split
+        from asgd.tasks.layers import check_split
 
         try:
             check_split(cfg)

@@ -16,7 +16,7 @@ The workers are placed in one placement group, a bundle per worker: ``worker.res
 default one GPU for a CUDA worker (Ray gives the actor that GPU as its ``cuda:0``) and one CPU
 otherwise. The servers take ``server.resources`` (by default none). A server binds its node's
 address; a worker on the same node as its server moves tensors through shared memory, as in a
-local launch (``worker.exchange.is_local``), and one elsewhere uses tcp.
+local launch (``asgd.core.endpoint.is_local``), and one elsewhere uses tcp.
 
 This process stays the launcher of a local launch (``asgd.launch.launcher.Launch``): the same
 run directory, display, live evaluation, divergence guard and summary. It sees each actor's

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from asgd.core.endpoint import read_address, write_address  # noqa: F401  (their home)
+
 
 class ProcessError(RuntimeError):
     pass
@@ -75,30 +77,6 @@ def spawn(name: str, args: list[str], log_path: Path | None, env: dict | None = 
         if log_path is not None:
             out.close()
     return Proc(name, popen, Path(log_path) if log_path is not None else None)
-
-
-def write_address(path: Path, endpoint: str) -> None:
-    """Announce an endpoint: written to a temporary file and renamed, never seen half-written."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(endpoint + "\n")
-    os.replace(tmp, path)
-
-
-def read_address(path: Path, timeout_s: float, stop=lambda: False) -> str | None:
-    """The endpoint announced in ``path`` once it is there (a process started alongside the
-    one that announces it), or None after ``timeout_s`` or once ``stop()`` is true."""
-    path = Path(path)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not stop():
-        try:
-            text = path.read_text().strip()
-        except FileNotFoundError:
-            text = ""
-        if text:
-            return text
-        time.sleep(0.02)
-    return None
 
 
 def wait_for_address(path: Path, proc: Proc, timeout_s: float = 60.0) -> str:

@@ -39,11 +39,12 @@ def evaluate_checkpoint(run_dir, checkpoint_dir=None) -> dict:
     """Evaluate a run directory's checkpoint with the run's own config (on the CPU). The
     loss is None when it is not finite (JSON has no NaN)."""
     from asgd.config import from_dict
+    from asgd import rundir
     from asgd.core.checkpoint import load_checkpoint
     from asgd.tasks.task import build_task
 
     run_dir = Path(run_dir)
-    ckpt = load_checkpoint(Path(checkpoint_dir) if checkpoint_dir else run_dir / "checkpoint")
+    ckpt = load_checkpoint(rundir.checkpoint_dir(run_dir, checkpoint_dir))
     cfg = from_dict(ckpt.config)
     task = build_task(cfg)
     ckpt.layout.check_same(task.layout, "checkpoint's", "configured model's")

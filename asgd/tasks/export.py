@@ -49,11 +49,12 @@ def trained_model(run_dir, checkpoint_dir=None):
     """(model, cfg, checkpoint) of a run: its model rebuilt from the checkpoint's config
     (``init_from`` and ``freeze`` included) with the checkpoint's weights, in eval mode."""
     from asgd.config import from_dict
+    from asgd import rundir
     from asgd.core.checkpoint import load_checkpoint
     from asgd.tasks.task import build_task
 
     run_dir = Path(run_dir)
-    ckpt = load_checkpoint(Path(checkpoint_dir) if checkpoint_dir else run_dir / "checkpoint")
+    ckpt = load_checkpoint(rundir.checkpoint_dir(run_dir, checkpoint_dir))
     cfg = from_dict(ckpt.config)
     task = build_task(cfg, data=False)
     ckpt.layout.check_same(task.layout, "checkpoint's", "configured model's")

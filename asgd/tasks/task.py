@@ -79,11 +79,3 @@ def check_devices(cfg: Config) -> None:
             raise ValueError(f"{key} asks for {name!r} but this machine has {count} CUDA "
                              f"device{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})")
 
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA where there is one, else the CPU; ValueError for CUDA without one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for but CUDA is not available here")
-    return torch.device(name)

@@ -1,19 +1,34 @@
-"""The worker's side of the data path: its model in flat buffers, and the exchange with the
-server.
+"""The client's side of the data path: a model in flat buffers and its exchange with the
+server, for the built-in worker and for a user's own training script alike.
 
-    ex = Exchange(model, layout, client, device, shared_memory="auto", overlap=False)
-    ex.connect(rank)                      # hello (offering a shared-memory segment), weights in
-    ex.zero_grad(); loss.backward()       # gradients land in the flat gradient buffer
-    reply = ex.exchange()                 # push it, take the weights after it (or, with
-                                          # overlap, those of the previous push)
+    client = connect_client(endpoint, "w0")       # one server, or every shard of one
+    ex = Exchange(model, layout, client, device, shared_memory="auto", overlap=False,
+                  encoding="none", retries=2)     # the parameters now view flat buffers
+    info = ex.connect()                           # hello (offering shared memory), weights in
+    ex.zero_grad(); loss.backward()               # gradients land in the flat gradient buffer
+    grad = ex.gradient()                          # it, flat on the host
+    if ex.finite(grad):
+        reply = ex.exchange(grad)                 # push it, take the weights after it (or,
+                                                  # with overlap, those of the previous push)
+    ex.start_local(); ...; grad = ex.delta()      # local steps: the distance travelled
+    ex.drain(); client.bye(); ex.close(); client.close()
+
+``model`` is a module or its trainable parameters in ``layout``'s order; ``layout`` defaults
+to the module's. ``connect(hello, check)``: ``hello()`` says hello (default
+``client.hello()``; pass one that adds fields or retries), ``check(info)`` may refuse the
+server's answer before anything is loaded. ``version``: of the weights loaded;
+``transport``: "shm" or "frames". A reply that does not come in time is sent again
+(``retries``; ``on_timeout()`` runs first, by default ``client.reconnect()``); a server that
+moved (``client.endpoint`` changed) raises ServerTimeout: say hello again (``connect``).
 
 The model's parameters are views into one flat weights tensor and their ``.grad`` views into
 one of two flat gradient buffers, so nothing is gathered or scattered per parameter: the
 gradient leaves in one piece and the weights arrive in one copy.
 
-* Same host: the gradient buffers are the slots of the worker's shared-memory segment
-  (asgd.core.shm), so autograd writes the gradient where the server reads it; only a header
-  crosses ZeroMQ, and the weights come back in the segment (one copy out).
+* Same host: the gradient buffers are the slots of the client's shared-memory segment
+  (``client.share_memory``; asgd.client.samehost owns it), so autograd writes the gradient
+  where the server reads it; only a header crosses, and the weights come back in the
+  segment (one copy out).
 * Across machines: the gradient goes as flat chunks without a copy (optionally encoded:
   fp16, bf16, int8, top-k with error feedback), the weights come back as chunks copied once
   into the weights buffer.
@@ -31,132 +46,48 @@ gradient leaves in one piece and the weights arrive in one copy.
   the same number; the server applies it once and answers a repeat from memory.
 * A sharded server (``asgd.client.ShardedClient``): every shard reads its range of the same
   gradient buffer (or segment) and writes its range of the weights; each push carries every
-  shard the version of its range that the gradient was computed on. Encodings are applied
-  per shard's range (top-k and error feedback per range).
+  shard the version of its range that the gradient was computed on (``client.base()``).
+  Encodings are applied per shard's range (``client.parts``: top-k and error feedback per
+  range).
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import secrets
-import socket
 
-import numpy as np
 import torch
 
-from asgd.client import ServerTimeout
+from asgd.client.buffers import Spread, device_runs
+from asgd.client.common import Push, ServerTimeout
 from asgd.core.flat import FiniteCheck
-from asgd.core.shm import Segment
 
 log = logging.getLogger("asgd.worker")
 
 
-class Spread:
-    """One flat vector held in parts: each a contiguous range ``[lo, hi)`` of it on its own
-    device (the parameters of one stage of a split model view their part). What the exchange
-    does to a flat device buffer, done part by part."""
-
-    def __init__(self, parts: list[tuple[torch.device, int, int]]):
-        self.parts = [(lo, hi, torch.zeros(hi - lo, device=d)) for d, lo, hi in parts]
-        self.numel = parts[-1][2] if parts else 0
-        self.cuda = sorted({t.device for _, _, t in self.parts if t.device.type == "cuda"},
-                           key=str)
-
-    def views(self, layout) -> list[torch.Tensor]:
-        out = []
-        for spec, (a, b) in zip(layout.specs, layout.spans()):
-            lo, hi, t = next(p for p in self.parts if p[0] <= a and b <= p[1])
-            out.append(t[a - lo:b - lo].view(spec.shape))
-        return out
-
-    def zero_(self) -> "Spread":
-        for _, _, t in self.parts:
-            t.zero_()
-        return self
-
-    def copy_(self, src, non_blocking: bool = False) -> "Spread":
-        """From a host flat tensor, or from another Spread of the same parts."""
-        for k, (lo, hi, t) in enumerate(self.parts):
-            t.copy_(src.parts[k][2] if isinstance(src, Spread) else src[lo:hi],
-                    non_blocking=non_blocking)
-        return self
-
-    def copy_to(self, host: torch.Tensor) -> None:
-        """Into a host flat tensor; every device done when this returns."""
-        for lo, hi, t in self.parts:
-            host[lo:hi].copy_(t, non_blocking=True)
-        for d in self.cuda:
-            torch.cuda.synchronize(d)
-
-    def clone(self) -> "Spread":
-        out = Spread([(t.device, lo, hi) for lo, hi, t in self.parts])
-        return out.copy_(self)
-
-    def set_difference(self, a: "Spread", b: "Spread") -> "Spread":
-        """self = a - b, part by part."""
-        for (_, _, t), (_, _, x), (_, _, y) in zip(self.parts, a.parts, b.parts):
-            torch.sub(x, y, out=t)
-        return self
-
-
-def device_runs(params, layout, counts: list[int] | None = None
-                ) -> list[tuple[torch.device, int, int]]:
-    """The parts of a Spread: maximal runs of consecutive parameters on one device (or, with
-    ``counts``, runs of that many parameters each), as (device, lo, hi) flat ranges."""
-    spans = layout.spans()
-    cuts = []
-    if counts:
-        k = 0
-        for n in counts[:-1]:
-            k += n
-            cuts.append(k)
-    else:
-        cuts = [i for i in range(1, len(params)) if params[i].device != params[i - 1].device]
-    edges = [0, *cuts, len(params)]
-    return [(params[i].device, spans[i][0], spans[j - 1][1])
-            for i, j in zip(edges, edges[1:]) if j > i]
-
-
-def is_local(endpoint: str) -> bool:
-    """An endpoint on this machine for certain: a unix socket, a loopback address, or an
-    address of one of this machine's interfaces (every one of a comma-separated list of
-    shards' endpoints). Host names other than localhost are not looked up."""
-    if "," in endpoint:
-        return all(is_local(e.strip()) for e in endpoint.split(","))
-    if endpoint.startswith(("ipc://", "inproc://")):
-        return True
-    host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "::1") or host.startswith("127.") or own_address(host)
-
-
-def own_address(host: str) -> bool:
-    """True when ``host`` is a literal IP address of this machine's (in this network
-    namespace): a socket can be bound to it only then."""
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
-        return False
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        try:
-            s.bind((host, 0))
-        except OSError:
-            return False
-    return True
-
-
 class Exchange:
-    def __init__(self, model: torch.nn.Module, layout, client, device: torch.device,
+    """A model's flat buffers and their exchange through ``client`` (see the module)."""
+
+    def __init__(self, model, layout, client, device: torch.device,
                  shared_memory: str = "auto", overlap: bool = False, encoding: str = "none",
                  encoding_args: dict | None = None, weights_encoding: str = "none",
                  staged: bool | None = None, retries: int = 2,
                  parts: list[int] | None = None):
+        if layout is None:
+            from asgd.core.layout import ParameterLayout
+
+            layout = ParameterLayout.from_model(model)
         self.model, self.layout, self.client = model, layout, client
         self.device = device
         self.numel = layout.numel
         self.overlap = overlap
         self.encoding, self.encoding_args = encoding, dict(encoding_args or {})
         self.weights_encoding = weights_encoding
-        self.params = layout.parameters(model)   # trainable ones: model.freeze stays off
+        if isinstance(model, torch.nn.Module):   # trainable ones: model.freeze stays off
+            self.params = layout.parameters(model)
+        else:
+            self.params = list(model)
+            if [tuple(p.shape) for p in self.params] != [s.shape for s in layout.specs]:
+                raise ValueError("the parameters do not match the layout's shapes")
         cuda = device.type == "cuda"
         # staged: device buffers apart from the host's, one copy each way a step (on a GPU;
         # on the CPU only when asked, which runs the GPU's code path for tests)
@@ -164,10 +95,7 @@ class Exchange:
         self.staged = (cuda or multi) if staged is None else staged or cuda or multi
         self.cuda = cuda or any(p.device.type == "cuda" for p in self.params)
         cuda = self.cuda
-        self.shared_memory = shared_memory
-        self.want_segment = shared_memory == "on" or (shared_memory == "auto" and
-                                                      is_local(client.endpoint))
-        self.segment = None
+        self.segment = None          # the segment the buffers are bound to (the client's)
         self._own_weights = self._host(self.numel, cuda)
         self.host_weights = self._own_weights
         self._frame_grads = None
@@ -188,16 +116,13 @@ class Exchange:
             for p, v in zip(self.params, self._views_w):
                 v.copy_(p.detach().reshape(-1).view_as(v))
                 p.data = v
-        self._bind_gradients(self._new_segment())
+        self._bind_gradients(client.share_memory(self.numel, shared_memory))
         self.check = FiniteCheck()
-        self.sharded = hasattr(client, "clients")
-        self.feedback = None         # error feedback of an encoding (one per shard's range)
-        if encoding not in ("none",) and not self.sharded:
-            from asgd.core.encoding import ErrorFeedback
-
-            self.feedback = ErrorFeedback(self.numel)
+        self.ranges: list[tuple[int, int]] | None = None    # each server's range (connect)
+        self.feedback = None         # error feedback of an encoding (one per server's range)
+        self.anchor = None           # local steps: the weights they started from
         self.version = 0
-        self.in_flight = None        # (request id, how to send it again)
+        self.in_flight: tuple[int, Push] | None = None      # (request id, the push)
         self.retries = retries
         self.on_timeout = None       # what to do before a resend (default: a fresh socket)
         self.seq = secrets.randbits(40) << 20      # this process's pushes: seq, seq + 1, ...
@@ -210,23 +135,11 @@ class Exchange:
     def _host(numel: int, pinned: bool) -> torch.Tensor:
         return torch.zeros(numel, pin_memory=pinned)
 
-    def _new_segment(self) -> Segment | None:
-        """A fresh shared-memory segment to offer, when this worker wants one."""
-        if not self.want_segment:
-            return None
-        try:
-            return Segment.create(self.numel, slots=2)
-        except OSError as e:
-            if self.shared_memory == "on":
-                raise
-            log.info("no shared-memory segment (%s): sending frames", e)
-            return None
-
-    def _bind_gradients(self, segment: Segment | None) -> None:
+    def _bind_gradients(self, segment) -> None:
         """The host gradient buffers: the segment's two slots, or plain (pinned on CUDA)
         memory for frames; without staging they are also the buffers autograd writes. Then
-        the weights' place (``_bind_weights``); then the old segment is let go."""
-        old, self.segment = self.segment, segment
+        the weights' place (``_bind_weights``). The segment is the client's (it closes it)."""
+        self.segment = segment
         if segment is None:
             if self._frame_grads is None:
                 self._frame_grads = [self._host(self.numel, self.cuda) for _ in range(2)]
@@ -240,8 +153,6 @@ class Exchange:
             self.grads = self.host_grads
             self._views_g = [self.layout.views(g) for g in self.grads]
         self._bind_weights()
-        if old is not None and old is not segment:
-            old.close()
 
     def _bind_weights(self) -> None:
         """Where the host weights live. With a segment, no staging and no overlap, in the
@@ -267,39 +178,25 @@ class Exchange:
 
     @property
     def transport(self) -> str:
-        return "shm" if self.client.segment is not None else "frames"
+        return self.client.transport
 
-    def connect(self, hello, check=None) -> dict:
-        """``hello(shm)`` says hello (with the segment to offer); ``check(info)`` may refuse
-        the server's answer before anything is loaded; then the weights it carries are loaded.
-        The shared-memory path is used if the server took the segment."""
-        if self.want_segment and (self.segment is None or self.segment.unlinked):
-            # a hello again (a restarted server): the last segment's name is gone, offer anew
-            self.client.segment = None
-            self._bind_gradients(self._new_segment())
-        info, weights = hello(self.segment)
-        shard = info.get("shard") or {}
-        if not self.sharded and shard.get("count", 1) > 1:
-            raise RuntimeError(f"the server at {self.client.endpoint} is shard "
-                               f"{shard.get('index')} of {shard.get('count')}: give every "
-                               "shard's endpoint (--server A,B,...)")
+    def connect(self, hello=None, check=None) -> dict:
+        """``hello()`` says hello (default ``client.hello()``: the client offers its segment);
+        ``check(info)`` may refuse the server's answer before anything is loaded; then the
+        buffers move to where the server left them (the segment it took, or frames' memory)
+        and the weights the hello carries are loaded."""
+        info, weights = (hello or self.client.hello)()
+        self.ranges = self.client.parts(self.numel)   # a lone shard of several: RuntimeError
         if check is not None:
             check(info)
-        if self.sharded and self.encoding != "none" and self.feedback is None:
+        if self.encoding != "none" and (self.feedback is None or len(self.feedback) !=
+                                        len(self.ranges)):
             from asgd.core.encoding import ErrorFeedback
 
-            self.feedback = [ErrorFeedback(hi - lo) for lo, hi in self.client.ranges]
-        if self.segment is not None and self.client.segment is None:
-            if self.shared_memory == "on":
-                raise RuntimeError("the server did not take the shared-memory segment "
-                                   f"(worker.shared_memory: on): {self.client.shm_refused}")
-            log.info("the server cannot share memory with this worker (%s): sending frames",
-                     self.client.shm_refused)
-            self._bind_gradients(None)
-        elif self.segment is not None:
-            # the server has it mapped: remove its name now, so that nothing is left in
-            # /dev/shm whatever becomes of this process
-            self.segment.unlink()
+            self.feedback = [ErrorFeedback(hi - lo) for lo, hi in self.ranges]
+        memory = self.client.memory()
+        if memory is not self.segment:
+            self._bind_gradients(memory)
         self.in_flight = None
         if info.get("flat"):
             self.load_flat(info["version"], weights)
@@ -328,11 +225,6 @@ class Exchange:
         if self.weights is not self.host_weights:
             self.weights.copy_(self.host_weights, non_blocking=True)
         self.version = version
-
-    def base(self):
-        """What a push says it was computed on: the version of the weights loaded (each
-        shard's, for a sharded server)."""
-        return list(self.client.versions) if self.sharded else self.version
 
     def _free(self) -> torch.Tensor:
         """The device gradient buffer not in flight."""
@@ -370,9 +262,17 @@ class Exchange:
                 v.copy_(p.grad)
         return self._to_host(self._free())
 
-    def delta(self, anchor: torch.Tensor) -> torch.Tensor:
-        """``anchor - weights`` (a pseudo-gradient) in the free gradient buffer, on the
-        host."""
+    def start_local(self) -> None:
+        """Local steps begin here: ``delta()`` is the distance travelled from these weights."""
+        if self.anchor is None:
+            self.anchor = self.weights.clone()    # a tensor, or per stage's device
+        else:
+            self.anchor.copy_(self.weights)
+
+    def delta(self, anchor=None) -> torch.Tensor:
+        """``anchor - weights`` (a pseudo-gradient: the weights local steps started from,
+        ``start_local``, minus the weights now) in the free gradient buffer, on the host."""
+        anchor = self.anchor if anchor is None else anchor
         g = self._free()
         if isinstance(g, Spread):
             g.set_difference(anchor, self.weights)
@@ -387,40 +287,32 @@ class Exchange:
         """Push the gradient (computed on ``self.version``); returns the reply whose weights
         are now loaded: this push's, or with overlap the previous push's (None on the first
         step)."""
-        base = self.base()                  # the weights the gradient was computed on
+        base = self.client.base()           # the weights the gradient was computed on
         reply = self.finish() if self.overlap else None
         self.seq += 1
-        again = self._sender(host_grad, base, self.seq)
-        self.in_flight = (again(), again)
+        push = self._push(host_grad, base, self.seq)
+        self.in_flight = (self.client.send_push(push), push)
         self.slot = (self.slot + 1) % 2
         if not self.overlap:
             reply = self.finish()
         return reply
 
-    def _sender(self, host_grad: torch.Tensor, base, seq: int):
-        """A function that sends this push (and sends the very same push again when called
-        again: the encoding, and its error feedback, happen once)."""
-        c, kw, w = self.client, {"seq": seq}, self.weights_encoding
-        if c.segment is not None:
-            slot = self.slot
-            return lambda: self.client.send_push_pull_flat(base, slot=slot, **kw)
-        if self.sharded and self.feedback is not None:
-            enc = [fb.encode(self.encoding, host_grad[lo:hi], **self.encoding_args)
-                   for fb, (lo, hi) in zip(self.feedback, c.ranges)]
-            kw.update(encoded=enc)
-        elif self.feedback is not None:
-            kw.update(encoded=self.feedback.encode(self.encoding, host_grad,
-                                                   **self.encoding_args))
-        else:
-            grad = host_grad.numpy()
-            return lambda: self.client.send_push_pull_flat(base, grad, weights=w, **kw)
-        return lambda: self.client.send_push_pull_flat(base, weights=w, **kw)
+    def _push(self, host_grad: torch.Tensor, base, seq: int) -> Push:
+        """This push as it is sent (and sent again: the encoding, and its error feedback,
+        happen once)."""
+        if self.client.transport == "shm":
+            return Push(base, seq, slot=self.slot)
+        if self.feedback is not None:
+            return Push(base, seq, weights=self.weights_encoding, encoded=[
+                fb.encode(self.encoding, host_grad[lo:hi], **self.encoding_args)
+                for fb, (lo, hi) in zip(self.feedback, self.ranges)])
+        return Push(base, seq, grad=host_grad.numpy(), weights=self.weights_encoding)
 
     def finish(self) -> dict | None:
         """The reply to the push in flight, its weights loaded; None if none is in flight."""
         if self.in_flight is None:
             return None
-        rid, again = self.in_flight
+        rid, push = self.in_flight
         self.in_flight = None
         for attempt in range(self.retries + 1):
             try:
@@ -431,14 +323,14 @@ class Exchange:
                     raise
                 log.warning("no reply to a push within %g s: sending it again (%d of %d)",
                             self.client.timeout_s, attempt + 1, self.retries)
-                before = self.client
+                before = self.client.endpoint
                 (self.on_timeout or self.client.reconnect)()
-                if self.client is not before:
+                if self.client.endpoint != before:
                     # another server now (a restart on a new port): it knows neither this
                     # worker nor its segment; the worker says hello there instead
                     raise ServerTimeout(f"the server moved to {self.client.endpoint}")
                 self.resent += 1
-                rid = again()
+                rid = self.client.send_push(push)
         if self.weights is not self.host_weights:
             self.weights.copy_(self.host_weights, non_blocking=True)
         self.version = head["version"]
@@ -462,7 +354,6 @@ class Exchange:
         for p in self.params:
             p.grad = None
         if self.segment is not None:
-            self.client.segment = None
-            seg, self.segment = self.segment, None
+            self.segment = None
             self._bind_weights()        # the weights back in the worker's own memory
-            seg.close()
+            self.client.share_memory(self.numel, "off")     # the client lets it go
