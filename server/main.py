@@ -26,7 +26,7 @@ import zmq
 from asgd.config import Config
 from asgd.core import auth, protocol
 from asgd.core.checkpoint import CheckpointError
-from asgd.launch.processes import write_address
+from asgd.core.endpoint import write_address
 from asgd.metrics import MetricsWriter
 from server.checkpoint import resume_store, save_store
 from server.core import ServerCore

@@ -211,7 +211,11 @@ def test_a_push_whose_reply_is_late_is_sent_again_and_applied_once(
         assert reply["version"] == 1 and reply["applied"] is True
         stats = observer.stats()
         assert stats["version"] == 1 and stats["updates_applied"] == 1
-        assert stats["repeats"] == 1 and stats["workers"]["w0"]["pushes"] == 1
+        assert stats["workers"]["w0"]["pushes"] == 1
+        # Over ZeroMQ the first copy waits in the server's socket and is applied, the second
+        # answered from memory. Over the local socket the worker's reconnect closes that
+        # connection: the first copy goes with it unless the server read it first.
+        assert stats["repeats"] in ((1,) if shared_memory == "off" else (0, 1))
         server_w = np.empty(task.layout.numel, np.float32)
         observer.pull_flat(server_w)
         mine = torch.cat([p.detach().reshape(-1) for p in task.model.parameters()])
