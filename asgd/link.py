@@ -98,14 +98,14 @@ class Link:
                 return fn(min(attempt_s, max(0.1, give_up - time.monotonic())))
             except ServerTimeout:
                 now = time.monotonic()
+                if delay == 0.1:       # said at once, even when the budget is already spent
+                    log.warning("%s: waiting for the server at %s (%s; giving up after %g s)",
+                                self.id, self.endpoint, what, budget)
                 if now >= give_up:
                     raise ServerGone(f"worker {self.id}: gave up: no answer from the server at "
                                      f"{self.endpoint} for {budget:g} s "
                                      "(reconnect_timeout_s)") from None
-                if delay == 0.1:
-                    log.warning("%s: waiting for the server at %s (%s; giving up after %g s)",
-                                self.id, self.endpoint, what, budget)
-                elif now >= next_note:
+                if delay > 0.1 and now >= next_note:
                     next_note = now + STATUS_EVERY_S
                     log.warning("%s: still waiting for the server at %s: %.0f s of %g s",
                                 self.id, self.endpoint, now - started, budget)
