@@ -166,3 +166,18 @@ def test_load_by_name_and_by_position(tmp_path):
         asgd.load(tmp_path / "run", other)
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         asgd.load(tmp_path, other)
+
+
+def test_a_launched_script_takes_the_data_path_keys_of_the_run_config(tmp_path, monkeypatch):
+    """$ASGD_CONFIG (asgd launch SCRIPT) gives the worker.* keys their defaults; a keyword
+    still wins, and the config's optimizer and schedule are not sent (they are the
+    server's own)."""
+    path = tmp_path / "config.yaml"
+    path.write_text("worker:\n  encoding: fp16\n  overlap: true\nschedule:\n  kind: step\n")
+    monkeypatch.setenv("ASGD_CONFIG", str(path))
+    r = resolve({"optimizer": "sgd", "overlap": False})
+    assert (r.cfg.worker.encoding, r.cfg.worker.overlap) == ("fp16", False)
+    assert "schedule" not in r.settings
+    path.write_text("worker:\n  encoding: zip\n")
+    with pytest.raises(ValueError, match="ASGD_CONFIG=.*worker.encoding"):
+        resolve({})
