@@ -26,8 +26,9 @@ Design choices (docs/library.md): the server owns the clock and, in A-SGD mode, 
 rate and its schedule (``schedule=``, ``warmup=``, ``max_updates=`` or the server's config): a
 torch learning-rate scheduler attached to this optimizer is refused at the next step with a
 message saying so, where it would silently do nothing. In local-steps mode ``param_groups``
-are the inner optimizer's, so a scheduler on either one drives the inner rate. After a push
-the parameters' gradients are zero (they view the exchange's next gradient buffer).
+are the inner optimizer's, so a scheduler on either one drives the inner rate. The gradients
+stay after a step, as torch's, except where their buffer is still needed (overlap: in flight;
+local steps: the pseudo-gradient was written there): then they are zero.
 """
 from __future__ import annotations
 
@@ -312,7 +313,8 @@ class Optimizer(torch.optim.Optimizer):
                 self._nonfinite()
                 return loss
             self._push(grad)
-            self.link.ex.zero_grad()
+            if self.link.ex.overlap:     # the buffer the gradients view is in flight
+                self.link.ex.zero_grad()
         self._count_step()
         self._shown_lr = self._show_lr()
         return loss
