@@ -154,6 +154,15 @@ class ServerCore:
         self.lo, self.hi = self.store.span
         self.control = StalenessControl(self.store, cfg, self.clock, self._log)
 
+    def refuse(self, frames, request_id, code: str, message: str) -> list:
+        """The error reply to a request refused before it reached ``reply_frames`` (CURVE's
+        ``unauthorized``), counted as every request received and every error reply is."""
+        self.bytes_in += sum(protocol.frame_nbytes(f) for f in frames)
+        self.errors[code] += 1
+        out = protocol.error_frames(request_id, code, message)
+        self.bytes_out += sum(protocol.frame_nbytes(f) for f in out)
+        return out
+
     # ------------------------------------------------------------------------------------------
 
     def handle(self, identity: bytes, frames, local: str | None = None
@@ -483,7 +492,14 @@ class ServerCore:
 
     def _push(self, req: Request, worker: WorkerStats | None, identity: bytes):
         self._need_model(req)
-        seq = req.get("seq") if worker is not None else None
+        seq = req.get("seq")
+        if seq is not None and worker is None:
+            # replies are remembered in the worker's record, made by hello: without one a push
+            # sent again would be applied again, so a sequence number needs a hello first
+            raise ProtocolError("bad_request", f"push with 'seq' from worker "
+                                f"{req.worker[:64]!r}, which has not said hello (or was "
+                                "forgotten): say hello first; the server answers a push sent "
+                                "again exactly once only for a worker that said hello", req.id)
         if seq is not None and seq in worker.replies:
             return self._repeat(req, worker, identity, seq)
         base, grad = self._check_push(req)

@@ -366,9 +366,10 @@ class Server:
             self._unauthorized_logged.add((user, worker))
             log.warning("unauthorized: a request as worker %r from a key allowed as %r",
                         worker[:64], user)
-        self._send(identity, protocol.error_frames(
-            rid, "unauthorized", f"worker {worker[:64]!r} is not the id of the key this "
-            f"connection authenticated with ({user or 'none'})"))
+        # counted as every refused request is (stats: errors, bytes_in, bytes_out)
+        self._send(identity, self.core.refuse(
+            request, rid, "unauthorized", f"worker {worker[:64]!r} is not the id of the key "
+            f"this connection authenticated with ({user or 'none'})"))
         return False
 
     def _send(self, identity: bytes, reply: list) -> None:

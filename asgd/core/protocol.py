@@ -66,7 +66,8 @@ MAX_SEQ = (1 << 63) - 1          # a push's sequence number: a non-negative int6
 #            push_pull: the gradient is in the segment's slot ``shm``; pull, push_pull: the
 #            weights go into the segment, and no tensor frame travels either way
 #   seq      push, push_pull: the worker's sequence number of this push; a push sent again
-#            with the same (worker, seq) is answered from memory, never applied twice
+#            with the same (worker, seq) is answered from memory, never applied twice (only
+#            for a worker that said hello: a push with seq before hello is refused)
 #   settings hello: the settings the worker's behaviour depends on and the server owns
 #            (optimizer, schedule, max_updates, local_steps, outer); a server without a model
 #            adopts them with the model, one with a model compares them (server.adopt)
