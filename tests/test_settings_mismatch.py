@@ -41,3 +41,21 @@ def test_the_hello_reply_says_the_servers_update_rule(start_server, make_config,
     assert info["config"]["local_steps"] == 8
     assert info["config"]["outer"] == {"optimizer": "sgd", "lr": 0.3, "momentum": 0.9,
                                        "nesterov": True}
+
+
+def test_the_worker_checks_the_rule_a_server_reports_and_skips_it_where_none_is():
+    """A server that reports local_steps without comparing them (or a reply that got past the
+    server's check) is refused by the worker; an older server's reply, without the key, is
+    not checked."""
+    from types import SimpleNamespace
+
+    from asgd.core.layout import ParameterLayout
+    from worker.train import Worker, WorkerError
+
+    layout = ParameterLayout.from_specs([{"name": "w", "dtype": "float32", "shape": [2]}])
+    me = SimpleNamespace(layout=layout, id="w0", local_steps=1)
+    info = {"tensors": layout.to_specs(), "config": {"local_steps": 4}}
+    with pytest.raises(WorkerError, match="worker.local_steps is 1, the server's local_steps 4"):
+        Worker._check_layout(me, info)
+    Worker._check_layout(me, dict(info, config={"local_steps": 1}))
+    Worker._check_layout(me, dict(info, config={"max_updates": 10}))     # an older server
