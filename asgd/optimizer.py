@@ -138,7 +138,10 @@ class Optimizer(torch.optim.Optimizer):
         self._started = time.monotonic()
         self._rate = (self._started, 0)
         self.rank = api.rank() if rank is None else rank
-        self.workers = max(api.workers(), self.rank + 1)
+        self.workers = api.workers()
+        if rank is None:             # both from the environment: they must agree
+            api.check_place(self.rank, self.workers)
+        self.workers = max(self.workers, self.rank + 1)
         self.id = worker or f"w{self.rank}"
         where = run_dir if run_dir is not None else api.run_dir()
         if where:
