@@ -185,7 +185,7 @@ class Optimizer(torch.optim.Optimizer):
             raise
         self.server_cfg = server_config(self.cfg, info.get("config"))
         log.info("%s: connected to %s at version %d (%s)", self.id, self.link.endpoint,
-                 self.version, self.link.ex.transport)
+                 self.version, self.link.transport)
 
     # ------------------------------------------------------------------------------------------
     # what a script reads
@@ -215,7 +215,7 @@ class Optimizer(torch.optim.Optimizer):
 
     @property
     def transport(self) -> str:
-        return self.link.ex.transport if self.link is not None else "standalone"
+        return self.link.transport if self.link is not None else "standalone"
 
     def _show_lr(self) -> float | None:
         """A-SGD: every group's ``lr`` shows the server's rate (for code that logs it)."""
