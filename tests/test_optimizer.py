@@ -1,10 +1,11 @@
 """asgd.Optimizer against a real server process on loopback: with one worker and no staleness
 its steps are torch.optim's, number for number.
 
-Each test starts the server (tests/conftest.py) with a model named by import path, the
-optimizer's settings in its config, policy none and a constant rate without warm-up; the
-script's model is built by the same factory and the reference copy is taken after the
-optimizer connected, so both start from the server's weights.
+Each test starts the server (tests/conftest.py) without a model, policy none and a constant
+rate without warm-up: it learns the model and the optimizer's settings from the script's first
+hello. The reference copy is taken after the optimizer connected, so both start from the
+server's weights. (tests/test_optimizer_input.py also runs against a server with a model
+named by import path.)
 """
 from __future__ import annotations
 
@@ -26,11 +27,14 @@ STEPS = 50
 INPUT, CLASSES = 8, 3
 
 
-def server_config(tmp_path, optimizer: dict, **sections) -> Path:
-    """A server config: tiny_linear on 8 inputs, ``optimizer``, a constant rate, policy
-    none, one worker, no budget; ``sections`` merged in."""
-    cfg = {"model": {"name": "tests.plugins.custom:tiny_linear"},
-           "data": {"name": "synthetic", "args": {"shape": [INPUT], "num_classes": CLASSES}},
+def server_config(tmp_path, optimizer: dict, adopt: bool = True, **sections) -> Path:
+    """A server config: no model of its own (``adopt``: it learns the script's from the
+    first hello, as under asgd launch SCRIPT), else tiny_linear on 8 inputs by import path;
+    ``optimizer``, a constant rate, policy none, one worker, no budget; ``sections`` merged
+    in."""
+    cfg = {"model": {"name": "" if adopt else "tests.plugins.custom:tiny_linear"},
+           "data": {"name": ""} if adopt else
+           {"name": "synthetic", "args": {"shape": [INPUT], "num_classes": CLASSES}},
            "optimizer": optimizer,
            "schedule": {"kind": "constant", "warmup": 0},
            "server": {"policy": "none", "max_staleness": None, "checkpoint_every_s": 0},
@@ -192,9 +196,7 @@ def test_clipping_and_grad_scaler_as_with_torch(start_server, tmp_path):
 
 def test_frozen_parameters_stay_off_the_wire_and_nonfinite_is_not_pushed(
         start_server, tmp_path, caplog):
-    server = start_server(server_config(tmp_path, {"name": "sgd", "lr": 0.1},
-                                        model={"name": "tests.plugins.custom:tiny_linear",
-                                               "args": {}, "freeze": ["1.bias"]}))
+    server = start_server(server_config(tmp_path, {"name": "sgd", "lr": 0.1}))
     net = model()
     net[1].bias.requires_grad_(False)
     bias = net[1].bias.detach().clone()

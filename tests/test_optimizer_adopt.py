@@ -5,8 +5,6 @@ that asgd.load reads it back, by name or, for parameters given unnamed, by posit
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
@@ -14,11 +12,6 @@ import yaml
 import asgd
 from asgd.client import Client
 from tests.test_optimizer import assert_same, batches, model, server_weights, train
-
-pytestmark = pytest.mark.skipif(
-    not (Path(__file__).resolve().parents[1] / "server" / "adopt.py").exists(),
-    reason="the server learns its model from a hello only with server/adopt.py")
-
 
 @pytest.fixture
 def empty_server(start_server, tmp_path):

@@ -23,7 +23,6 @@ def wide_batches(n: int, seed: int = 3):
 
 def test_a_sharded_server_steps_as_one_torch_optimizer(start_server, tmp_path):
     cfg = server_config(tmp_path, {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-                        data={"args": {"shape": [WIDE], "num_classes": 3}},
                         server={"shards": 2})
     shards = [start_server(cfg, "--shard", str(i), run_dir=tmp_path / "run") for i in (1, 0)]
     net, data = tiny_linear((WIDE,), 3), wide_batches(20)

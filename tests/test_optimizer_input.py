@@ -24,7 +24,7 @@ def unchanged(endpoint: str, weights) -> None:
 
 @pytest.fixture
 def server(start_server, tmp_path):
-    s = start_server(server_config(tmp_path, {"name": "sgd", "lr": 0.1}))
+    s = start_server(server_config(tmp_path, {"name": "sgd", "lr": 0.1}, adopt=False))
     s.weights = server_weights(s.endpoint)
     return s
 
@@ -103,7 +103,7 @@ def test_a_scheduler_is_refused_with_what_to_do_instead(server):
 
 def test_log_goes_to_the_run_and_load_reads_the_final_weights(start_server, tmp_path,
                                                                 monkeypatch):
-    server = start_server(server_config(tmp_path, {"name": "adam", "lr": 0.01},
+    server = start_server(server_config(tmp_path, {"name": "adam", "lr": 0.01}, adopt=False,
                                         run={"max_updates": 6}))
     run_dir = tmp_path / "run"
     monkeypatch.setenv("ASGD_RUN_DIR", str(run_dir))
