@@ -1,0 +1,221 @@
+"""`asgd launch [options] SCRIPT [ARGS...]`: a user's script as each worker, on real processes.
+
+Each test writes a small script into its temporary folder and launches it with the real
+launcher and server on loopback: the variables the script sees, its output prefixed with its
+rank and kept one file per worker, a failing script's traceback and the summary's account of
+how each worker ended, a killed script started again, the run ending when every script has
+exited, and a script that is not there refused before anything starts. The scripts here need
+no model from the server (the launch's config names one), so they test the launch alone."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from asgd.core.checkpoint import load_checkpoint
+from asgd.launch.processes import run_to_end
+
+RUN_TIMEOUT_S = 120.0
+
+pytestmark = pytest.mark.timeout(180)
+
+# a server with a small model of its own: the scripts below never connect to it
+CONFIG = {"model": {"name": "mlp"}, "data": {"name": "synthetic"},
+          "run": {"name": "s", "max_updates": 100000, "max_seconds": 0, "eval_every_s": 0,
+                  "max_restarts": 1}}
+
+ENV_SCRIPT = """
+import json, os, sys
+names = ["ASGD_SERVER", "ASGD_RANK", "ASGD_WORKERS", "ASGD_LOCAL_RANK", "ASGD_RUN_DIR",
+         "OMP_NUM_THREADS"]
+print("seen " + json.dumps({"env": {n: os.environ.get(n) for n in names},
+                            "argv": sys.argv[1:]}))
+print("no newline at the end", end="")
+"""
+
+
+def setup(tmp_path: Path, script: str, name: str = "train.py", **run) -> Path:
+    cfg = {**CONFIG, "run": {**CONFIG["run"], **run}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / name).write_text(script)
+    return tmp_path / "runs" / "s"
+
+
+def launch(tmp_path: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return run_to_end(["-m", "asgd.cli", "launch", "--config", "c.yaml", "--quiet", *args],
+                      RUN_TIMEOUT_S, env=env, cwd=tmp_path)
+
+
+def summary_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def seen_lines(text: str) -> dict[int, dict]:
+    """The ``seen`` line of each rank in the launcher's output, by rank."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("[rank ") and "] seen " in line:
+            rank = int(line[len("[rank "):line.index("]")])
+            out[rank] = json.loads(line.split("] seen ", 1)[1])
+    return out
+
+
+def test_script_sees_its_place_and_arguments_and_its_output_is_prefixed_and_kept(
+        tmp_path, child_env):
+    run_dir = setup(tmp_path, ENV_SCRIPT)
+    env = {k: v for k, v in child_env.items() if k != "OMP_NUM_THREADS"}
+    env["ASGD_RANK"] = "7"       # a shell's own must not reach the scripts
+    res = launch(tmp_path, env, "--workers", "2", "train.py", "--workers", "5", "-x")
+    assert res.returncode == 0, res.stderr
+    summary = summary_of(run_dir)
+    assert summary["status"] == "ok"
+    server = (run_dir / "server.addr").read_text().strip()
+    cores = len(os.sched_getaffinity(0))
+    seen = seen_lines(res.stderr)
+    assert sorted(seen) == [0, 1], res.stderr
+    for rank, got in seen.items():
+        # everything after the script is the script's, asgd's own option names included
+        assert got["argv"] == ["--workers", "5", "-x"]
+        assert got["env"] == {"ASGD_SERVER": server, "ASGD_RANK": str(rank),
+                              "ASGD_WORKERS": "2", "ASGD_LOCAL_RANK": str(rank),
+                              "ASGD_RUN_DIR": str(run_dir.resolve()),
+                              "OMP_NUM_THREADS": str(max(1, cores // 2))}
+        log = (run_dir / "logs" / f"worker-{rank}.log").read_text()
+        assert log.startswith("seen ") and json.loads(log.splitlines()[0][5:]) == got
+        # a last line without a newline still reaches the output, once
+        assert res.stderr.count(f"[rank {rank}] no newline at the end") == 1
+    assert [e["exit_code"] for e in summary["worker_exits"]] == [0, 0]
+    assert summary["test_accuracy"] is None and "no model in the launcher" in \
+        summary["evaluation"]
+    assert summary["script"] == [str((tmp_path / "train.py").resolve()), "--workers", "5",
+                                 "-x"]
+
+
+def test_user_threads_are_kept(tmp_path, child_env):
+    run_dir = setup(tmp_path, ENV_SCRIPT)
+    res = launch(tmp_path, dict(child_env, OMP_NUM_THREADS="3"), "--workers", "1", "train.py")
+    assert res.returncode == 0, res.stderr
+    assert seen_lines(res.stderr)[0]["env"]["OMP_NUM_THREADS"] == "3"
+    assert summary_of(run_dir)["workers"] == 1
+
+
+FAILING_SCRIPT = """
+import os
+print("starting", flush=True)
+if os.environ["ASGD_RANK"] == "1":
+    def deep():
+        raise ValueError("the data file is missing")
+    deep()
+"""
+
+
+def test_failing_script_shows_its_traceback_and_the_summary_says_how_it_ended(
+        tmp_path, child_env):
+    run_dir = setup(tmp_path, FAILING_SCRIPT, max_restarts=1)
+    res = launch(tmp_path, child_env, "--workers", "2", "train.py")
+    assert res.returncode == 1
+    err = res.stderr
+    # the traceback, every line of it with the rank, twice: first run and its one restart
+    assert err.count("[rank 1] Traceback (most recent call last):") == 2, err
+    assert err.count("[rank 1] ValueError: the data file is missing") == 2
+    assert "[rank 0] Traceback" not in err
+    assert "worker 1 died (exit 1)" in err and "restarting worker 1" in err
+    assert "error: worker 1 died (exit 1) after all 1 restarts" in err
+    summary = summary_of(run_dir)
+    assert summary["status"] == "failed"
+    ends = {e["rank"]: e for e in summary["worker_exits"]}
+    assert ends[0]["exit_code"] == 0 and ends[0]["restarts"] == 0 and ends[0]["deaths"] == []
+    assert ends[1]["exit_code"] == 1 and ends[1]["restarts"] == 1
+    assert ends[1]["deaths"] == [1, 1]
+    # kept in the worker's own file, the restart's run appended to the first's
+    log = (run_dir / "logs" / "worker-1.log").read_text()
+    assert log.count("ValueError: the data file is missing") == 2
+    assert "Traceback" not in (run_dir / "logs" / "worker-0.log").read_text()
+
+
+KILLED_SCRIPT = """
+import os, pathlib, sys, time
+here = pathlib.Path(sys.argv[1])
+if os.environ["ASGD_RANK"] == "0" and not (here / "started").exists():
+    (here / "started").write_text("")
+    (here / "pid.tmp").write_text(str(os.getpid()))
+    os.replace(here / "pid.tmp", here / "pid")
+    time.sleep(100)                 # killed before this ends
+    sys.exit(5)
+print("rank", os.environ["ASGD_RANK"], "done", flush=True)
+"""
+
+
+def test_killed_script_is_restarted_and_the_run_ends_ok(tmp_path, child_env):
+    run_dir = setup(tmp_path, KILLED_SCRIPT, max_restarts=1)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "asgd.cli", "launch", "--config", "c.yaml", "--quiet",
+         "--workers", "2", "train.py", str(tmp_path)], cwd=tmp_path, env=child_env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (tmp_path / "pid").exists():
+            assert launcher.poll() is None and time.monotonic() < deadline, \
+                launcher.communicate()[1]
+            time.sleep(0.05)
+        os.kill(int((tmp_path / "pid").read_text()), signal.SIGKILL)
+        out, err = launcher.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait(10)
+    assert launcher.returncode == 0, err
+    assert "worker 0 died (exit -9, SIGKILL)" in err and "restarting worker 0" in err
+    assert "[rank 0] rank 0 done" in err and "[rank 1] rank 1 done" in err
+    summary = summary_of(run_dir)
+    assert summary["status"] == "ok"
+    ends = {e["rank"]: e for e in summary["worker_exits"]}
+    assert ends[0] == {**ends[0], "exit_code": 0, "restarts": 1, "deaths": [-9]}
+    assert ends[1] == {**ends[1], "exit_code": 0, "restarts": 0, "deaths": []}
+
+
+ENDING_SCRIPT = """
+import os, time
+time.sleep(0.5 * int(os.environ["ASGD_RANK"]))   # the workers end one after the other
+print("bye", flush=True)
+"""
+
+
+def test_run_ends_when_every_script_has_exited_and_the_server_checkpoints(tmp_path,
+                                                                          child_env):
+    run_dir = setup(tmp_path, ENDING_SCRIPT)
+    res = launch(tmp_path, child_env, "--workers", "3", "train.py")
+    assert res.returncode == 0, res.stderr
+    summary = summary_of(run_dir)
+    assert summary["status"] == "ok" and summary["workers"] == 3
+    assert [e["exit_code"] for e in summary["worker_exits"]] == [0, 0, 0]
+    # far from its budget of 100,000 updates: the scripts ended the run, not the server
+    assert summary["version"] == 0
+    assert load_checkpoint(run_dir / "checkpoint").version == 0
+    assert summary["checkpoint_version"] == 0
+    assert all(f"[rank {r}] bye" in res.stderr for r in range(3))
+    kinds = [json.loads(line)["kind"] for line in
+             (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "script" in kinds and "worker_died" not in kinds
+
+
+def test_missing_script_is_refused_before_anything_starts(tmp_path, child_env):
+    setup(tmp_path, "print('never')")
+    for args in (["nope.py"], ["--workers", "2", "nope.py", "--lr", "1"]):
+        res = launch(tmp_path, child_env, *args)
+        assert res.returncode == 1
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert lines == [f"Error: cannot run the script nope.py: it does not exist "
+                         f"(in {tmp_path})"], res.stderr
+        assert res.stdout == ""
+    (tmp_path / "folder").mkdir()
+    res = launch(tmp_path, child_env, "folder")
+    assert "it is a folder without __main__.py" in res.stderr and res.returncode == 1
+    assert not (tmp_path / "runs").exists()      # no run directory, no server was started
