@@ -10,7 +10,7 @@ read as bytes (a vocabulary of 256): on every machine with this Python, no downl
 10% is held out for the validation loss, which is measured on the same fixed windows every
 time. The model is a GPT (pre-norm blocks of causal self-attention and an MLP, tied input and
 output embeddings): 4 layers of width 256 make 3.2M parameters. AdamW, a linear warm-up then a
-cosine decay of the learning rate (set on the optimizer each step, as nanoGPT does).
+cosine decay of the learning rate (nanoGPT's schedule).
 """
 from __future__ import annotations
 
@@ -100,6 +100,26 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------------------------
 
 
+def with_cosine(opt, args):
+    """``opt`` with nanoGPT's schedule, set after each of its steps: a linear warm-up over
+    ``args.warmup`` steps, then a cosine decay to ``args.min_lr`` at ``args.steps``."""
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        frac = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+        return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * frac))
+
+    def after_step(opt, *_):
+        opt.steps_done = getattr(opt, "steps_done", 0) + 1
+        for group in opt.param_groups:
+            group["lr"] = lr_at(opt.steps_done)
+
+    for group in opt.param_groups:
+        group["lr"] = lr_at(0)
+    opt.register_step_post_hook(after_step)
+    return opt
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=300)
@@ -131,14 +151,8 @@ def main():
     model = GPT(T, args.layers, args.width)
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters; "
           f"{len(train):,} training bytes, {len(val):,} validation bytes")
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
-                            weight_decay=args.weight_decay)
-
-    def lr_at(step: int) -> float:           # linear warm-up, then cosine to min_lr
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        frac = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * frac))
+    opt = with_cosine(torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
+                                        weight_decay=args.weight_decay), args)
 
     @torch.no_grad()
     def val_loss() -> float:
@@ -151,8 +165,6 @@ def main():
     gen = torch.Generator().manual_seed(args.seed)
     t0, loss = time.time(), float("nan")
     for step in range(args.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
         x, y = batch(train, torch.randint(len(train) - T - 1, (args.batch_size,),
                                           generator=gen), T)             # (B, T), (B, T)
         loss = model(x, y)

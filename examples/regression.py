@@ -48,7 +48,7 @@ def diabetes(seed: int = 0):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-every", type=int, default=100)
@@ -62,14 +62,16 @@ def main():
     x, y, x_test, y_test, scale = diabetes(args.seed)
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=True,
                         drop_last=True)
-    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                          nn.Linear(64, 1))
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 64),
+                          nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-2)
 
     @torch.no_grad()
     def evaluate() -> tuple[float, float]:
         """The held-out mean squared error (in the target's units squared) and R^2."""
+        model.eval()
         err = model(x_test).squeeze(1) - y_test                            # (N,)
+        model.train()
         mse = err.pow(2).mean()
         return mse.item() * scale ** 2, 1 - (mse / y_test.var(unbiased=False)).item()
 
