@@ -8,13 +8,21 @@ augmentation; a plain PyTorch script that is also an asgd worker.
 The data ship with scikit-learn (1,797 images of 8x8 pixels, 16 grey levels; no download); a
 fixed 20% is held out. Training images are shifted by up to a pixel each way and slightly
 rescaled in brightness, a fresh draw every time the DataLoader yields them. The CNN (three 3x3
-convolution stages, batch norm, then two linear layers) has 0.63M parameters.
+convolution stages, batch norm, then two linear layers) has 0.63M parameters. Its batch-norm
+statistics are buffers, not parameters: each worker keeps its own.
+
+Five statements make the plain PyTorch script an asgd worker: ``import asgd``; ``asgd.shard``
+of the training data (this worker's part); ``asgd.Optimizer`` in place of the torch
+optimizer; ``if opt.done: break`` (the server's budget is spent); ``opt.close()``. Run alone
+(no ``$ASGD_SERVER``), asgd.Optimizer is that torch optimizer, stepping in this process, and
+``asgd.shard`` gives back all the data: the same file is the single-process reference.
 """
 from __future__ import annotations
 
 import argparse
 import time
 
+import asgd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -100,14 +108,14 @@ def main():
     torch.manual_seed(args.seed)
 
     x, y, x_test, y_test = digits(args.seed)
-    loader = DataLoader(Augmented(x, y), batch_size=args.batch_size, shuffle=True,
+    loader = DataLoader(asgd.shard(Augmented(x, y)), batch_size=args.batch_size, shuffle=True,
                         drop_last=True)
     steps = args.steps or args.epochs * len(loader)
     model = CNN()
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters; "
           f"{len(x)} training images, {len(x_test)} test images")
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                          weight_decay=5e-4)
+    opt = asgd.Optimizer(model.named_parameters(), "sgd", lr=args.lr, momentum=0.9, nesterov=True,
+                         weight_decay=5e-4)
 
     @torch.no_grad()
     def evaluate() -> tuple[float, float]:
@@ -123,12 +131,14 @@ def main():
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if opt.done: break
         if step % len(loader) == 0 and step < steps:                       # an epoch's end
             acc, val_loss = evaluate()
             print(f"epoch {step // len(loader)}: train loss {loss.item():.4f}, "
                   f"val loss {val_loss:.4f}, val accuracy {acc:.4f}", flush=True)
         if step == steps:
             break
+    opt.close()
     acc, val_loss = evaluate()
     print(f"final: {step} steps, val_loss {val_loss:.4f}, val_accuracy {acc:.4f}, "
           f"{time.time() - t0:.1f} s")

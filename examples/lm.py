@@ -11,6 +11,15 @@ read as bytes (a vocabulary of 256): on every machine with this Python, no downl
 time. The model is a GPT (pre-norm blocks of causal self-attention and an MLP, tied input and
 output embeddings): 4 layers of width 256 make 3.2M parameters. AdamW, a linear warm-up then a
 cosine decay of the learning rate (nanoGPT's schedule).
+
+Five statements make the plain PyTorch script an asgd worker: ``import asgd``; ``asgd.shard``
+of the training data (this worker's part); ``asgd.Optimizer`` in place of the torch
+optimizer; ``if opt.done: break`` (the server's budget is spent); ``opt.close()``. Run alone
+(no ``$ASGD_SERVER``), asgd.Optimizer is that torch optimizer, stepping in this process, and
+``asgd.shard`` gives back all the data: the same file is the single-process reference.
+In A-SGD the server owns the learning rate: ``schedule="cosine"`` with the warm-up, floor
+and ``max_updates`` runs on the server's clock what ``with_cosine`` (the plain version's
+schedule, kept as the reference; tests/test_examples.py checks that they agree) runs here.
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import math
 import sysconfig
 import time
 
+import asgd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -101,7 +111,7 @@ class GPT(nn.Module):
 
 
 def with_cosine(opt, args):
-    """``opt`` with nanoGPT's schedule, set after each of its steps: a linear warm-up over
+    """The plain PyTorch version's optimizer schedule: ``opt`` with nanoGPT's schedule, set after each of its steps: a linear warm-up over
     ``args.warmup`` steps, then a cosine decay to ``args.min_lr`` at ``args.steps``."""
     def lr_at(step: int) -> float:
         if step < args.warmup:
@@ -143,7 +153,7 @@ def main():
 
     tokens = stdlib_bytes(args.data_mb)
     n_val = len(tokens) // 10
-    train, val = tokens[:-n_val], tokens[-n_val:]
+    train, val = asgd.shard(tokens[:-n_val]), tokens[-n_val:]
     T = args.seq_len
     # fixed validation windows, evenly spaced over the held-out text
     val_starts = torch.linspace(0, len(val) - T - 2, args.eval_batches * args.batch_size).long()
@@ -151,8 +161,9 @@ def main():
     model = GPT(T, args.layers, args.width)
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters; "
           f"{len(train):,} training bytes, {len(val):,} validation bytes")
-    opt = with_cosine(torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
-                                        weight_decay=args.weight_decay), args)
+    opt = asgd.Optimizer(model.named_parameters(), "adamw", lr=args.lr, betas=(0.9, 0.95),
+                         weight_decay=args.weight_decay, schedule="cosine", warmup=args.warmup,
+                         min_lr=args.min_lr, max_updates=args.steps)
 
     @torch.no_grad()
     def val_loss() -> float:
@@ -172,10 +183,12 @@ def main():
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if opt.done: break
         if (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             tok_s = (step + 1) * args.batch_size * T / (time.time() - t0)
             print(f"step {step + 1}: train loss {loss.item():.4f}, val loss {val_loss():.4f}, "
                   f"{tok_s:,.0f} tokens/s", flush=True)
+    opt.close()
     print(f"final: step {args.steps}, train loss {loss.item():.4f}, "
           f"val_loss {val_loss():.4f}, {time.time() - t0:.1f} s")
 

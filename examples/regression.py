@@ -12,12 +12,19 @@ the target are standardised with the training split's mean and deviation. The mo
 MLP (10 -> 64 -> 64 -> 1) trained with Adam on the Huber (smooth L1) loss, which a few outlying
 patients sway less than the squared error; the held-out mean squared error and R^2 are
 reported in the target's own units.
+
+Five statements make the plain PyTorch script an asgd worker: ``import asgd``; ``asgd.shard``
+of the training data (this worker's part); ``asgd.Optimizer`` in place of the torch
+optimizer; ``if opt.done: break`` (the server's budget is spent); ``opt.close()``. Run alone
+(no ``$ASGD_SERVER``), asgd.Optimizer is that torch optimizer, stepping in this process, and
+``asgd.shard`` gives back all the data: the same file is the single-process reference.
 """
 from __future__ import annotations
 
 import argparse
 import time
 
+import asgd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -60,11 +67,11 @@ def main():
     torch.manual_seed(args.seed)
 
     x, y, x_test, y_test, scale = diabetes(args.seed)
-    loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=True,
+    loader = DataLoader(asgd.shard(TensorDataset(x, y)), batch_size=args.batch_size, shuffle=True,
                         drop_last=True)
     model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 64),
                           nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 1))
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=1e-2)
+    opt = asgd.Optimizer(model.named_parameters(), "adam", lr=args.lr, weight_decay=1e-2)
 
     @torch.no_grad()
     def evaluate() -> tuple[float, float]:
@@ -85,12 +92,14 @@ def main():
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if opt.done: break
         if step % args.eval_every == 0 and step < args.steps:
             mse, r2 = evaluate()
             print(f"step {step}: train loss {loss.item():.4f}, val mse {mse:.1f}, "
                   f"val r2 {r2:.3f}", flush=True)
         if step == args.steps:
             break
+    opt.close()
     mse, r2 = evaluate()
     print(f"final: {step} steps, val_mse {mse:.1f}, val_r2 {r2:.3f}, {time.time() - t0:.1f} s")
 
