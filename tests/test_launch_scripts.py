@@ -219,3 +219,146 @@ def test_missing_script_is_refused_before_anything_starts(tmp_path, child_env):
     res = launch(tmp_path, child_env, "folder")
     assert "it is a folder without __main__.py" in res.stderr and res.returncode == 1
     assert not (tmp_path / "runs").exists()      # no run directory, no server was started
+
+
+# ----------------------------------------------------------------------------------------------
+# across machines: the same script, the same variables, next to `asgd server`
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_script_config_file_is_the_launchs_default():
+    from asgd.config import load_config
+    from asgd.launch.scripts import script_config
+
+    assert load_config(REPO / "configs" / "script.yaml") == script_config(None, [])
+    cfg = script_config(None, ["run.workers=3"])
+    assert cfg.model.name == "" and cfg.run.max_updates == 0 and cfg.run.workers == 3
+
+
+def server_of(argv: list[str], env: dict):
+    """The config and bind address `asgd server ARGV` runs with in ``env``."""
+    from asgd.cli import cli
+    from asgd.config import load_config
+    from asgd.launch import env as envlib
+
+    assert argv[:2] == ["asgd", "server"]
+    params = cli.commands["server"].make_context("server", argv[2:]).params
+    overrides = envlib.with_workers(params["overrides"],
+                                    envlib.workers(params["overrides"], env, None))
+    cfg = load_config(REPO / params["config_path"], overrides)
+    return cfg, envlib.bind(params["bind"], env).value
+
+
+def check_script_workers(commands: list[list[str]], envs: list[dict], server_host: str,
+                         bind: str) -> None:
+    """Each worker runs an existing script with python, and reads from its environment the
+    rank 0..N-1, N workers and the server's address, as asgd.Optimizer will."""
+    from asgd import api
+    from asgd.launch import env as envlib
+
+    for argv in commands:
+        assert argv[0] == "python" and (REPO / argv[1]).is_file(), argv
+    ranks = sorted(api.rank(e) for e in envs)
+    assert ranks == list(range(len(envs)))
+    assert {api.workers(e) for e in envs} == {len(envs)}
+    for e in envs:
+        endpoint = envlib.server_endpoints(None, e).value
+        assert endpoint == f"tcp://{server_host}:{bind.rsplit(':', 1)[1]}"
+
+
+def test_compose_file_runs_the_script_next_to_a_server_that_learns_the_model():
+    import shlex
+    import shutil
+
+    doc = yaml.safe_load((REPO / "docker-compose.script.yml").read_text())
+    services = {k: (shlex.split(v["command"]),
+                    {e: str(x) for e, x in (v.get("environment") or {}).items()})
+                for k, v in doc["services"].items()}
+    (server_argv, server_env), = [v for k, v in services.items() if k == "server"]
+    cfg, bind = server_of(server_argv, server_env)
+    assert cfg.model.name == "" and bind == "tcp://0.0.0.0:5555"
+    workers = [v for k, v in services.items() if k != "server"]
+    check_script_workers([a for a, _ in workers], [e for _, e in workers], "server", bind)
+    assert cfg.run.workers == len(workers)
+    if shutil.which("docker-compose") is not None:        # the tool's own reading of it
+        res = subprocess.run(["docker-compose", "-f", "docker-compose.script.yml", "config",
+                              "-q"], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+
+
+def test_k8s_statefulset_runs_the_script_against_the_server_service():
+    docs = list(yaml.safe_load_all((REPO / "deploy/k8s/script/workers.yaml").read_text()))
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    svc = next(d for d in docs if d["kind"] == "Service")
+    assert svc["metadata"]["name"] == sts["spec"]["serviceName"]
+    assert sts["spec"]["selector"]["matchLabels"].items() <= \
+        sts["spec"]["template"]["metadata"]["labels"].items()
+    container, = sts["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    server = [d for d in yaml.safe_load_all((REPO / "deploy/k8s/server.yaml").read_text())
+              if d and d["kind"] == "Service"]
+    name = sts["metadata"]["name"]
+    pods = [dict(env, HOSTNAME=f"{name}-{i}") for i in range(sts["spec"]["replicas"])]
+    argv = container["command"]
+    assert container["workingDir"] == "/app"          # where the image keeps examples/
+    check_script_workers([argv] * len(pods), pods, server[0]["metadata"]["name"],
+                         "tcp://0.0.0.0:5555")
+    assert server[0]["spec"]["ports"][0]["port"] == 5555
+
+
+SRUN = """#!{python}
+import json, os, sys, time
+log = os.environ["STUB_LOG"]
+if "python" in sys.argv:    # the workers run while the server does: wait for its record
+    give_up = time.monotonic() + 30
+    while time.monotonic() < give_up and not (os.path.exists(log) and "server" in open(log).read()):
+        time.sleep(0.05)
+with open(log, "a") as f:
+    f.write(json.dumps({{"argv": sys.argv[1:], "env": {{k: v for k, v in os.environ.items()
+                        if k.startswith(("ASGD_", "OMP_"))}}}}) + "\\n")
+"""
+
+
+def run_sbatch(tmp_path: Path, ntasks: int, *args: str):
+    """deploy/slurm/script.sbatch run by bash from the repository, srun and scontrol
+    replaced by stubs that record what they were asked to start."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    for name, text in (("srun", SRUN.format(python=sys.executable)),
+                       ("scontrol", "#!/bin/sh\necho node1; echo node2; echo node3\n")):
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o700)
+    log = tmp_path / "srun.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "ASGD_"))}
+    env.update(PATH=f"{stubs}{os.pathsep}{env['PATH']}", STUB_LOG=str(log),
+               SLURM_JOB_ID="42", SLURM_NTASKS=str(ntasks), SLURM_JOB_NODELIST="node[1-3]",
+               SLURM_CPUS_PER_TASK="2", ASGD_RUN_DIR=str(tmp_path / "run"))
+    res = subprocess.run(["bash", str(REPO / "deploy/slurm/script.sbatch"), *args], cwd=REPO,
+                         env=env, text=True, capture_output=True, timeout=60)
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return res, calls
+
+
+def test_sbatch_runs_the_script_as_each_worker_next_to_the_server(tmp_path):
+    res, calls = run_sbatch(tmp_path, 4, "examples/lm.py", "--steps", "600")
+    assert res.returncode == 0, res.stderr
+    (server,), (workers,) = ([c for c in calls if ("asgd" in c["argv"]) == s]
+                             for s in (True, False))
+    argv = server["argv"][server["argv"].index("asgd"):]
+    cfg, bind = server_of(argv, server["env"])
+    assert cfg.model.name == "" and cfg.run.workers == 3
+    i = workers["argv"].index("python")
+    assert workers["argv"][:i] == ["--ntasks=3", "--exact", "--label"]
+    command = workers["argv"][i:]
+    assert command == ["python", "examples/lm.py", "--steps", "600"]
+    envs = [dict(workers["env"], SLURM_PROCID=str(r), SLURM_NTASKS="3") for r in range(3)]
+    check_script_workers([command] * 3, envs, "node1", bind)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "usage: sbatch deploy/slurm/script.sbatch SCRIPT"),
+    (("nope.py",), "cannot run the script nope.py: it does not exist")])
+def test_sbatch_refuses_a_missing_script_before_starting_anything(tmp_path, args, message):
+    res, calls = run_sbatch(tmp_path, 3, *args)
+    assert res.returncode == 2 and message in res.stderr and calls == []

@@ -34,17 +34,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from asgd.api import LOCAL_RANK, RUN_DIR
 from asgd.config import Config, ConfigError, from_dict, load_config
 from asgd.launch.display import Monitor
-from asgd.launch.env import CLUSTER_VARIABLES, RANK, SERVER, WORKERS
+from asgd.launch.env import RANK, SERVER, WORKERS
 from asgd.launch.launcher import Launch, LaunchError, checkpoint_dirs, checkpoint_state
 
-LOCAL_RANK = "ASGD_LOCAL_RANK"
-RUN_DIR = "ASGD_RUN_DIR"
 CONFIG = "ASGD_CONFIG"
 SCRIPT_VARIABLES = (SERVER, RANK, WORKERS, LOCAL_RANK, RUN_DIR, CONFIG)
-# a script run without --config: the server learns its model from the first script, has no
-# budget of its own (the scripts end the run) and the launcher evaluates nothing
+# a script run without --config (configs/script.yaml says the same): the server learns its
+# model from the first script, has no budget of its own (the scripts end the run) and the
+# launcher evaluates nothing
 SCRIPT_DEFAULTS = {"model": {"name": ""}, "data": {"name": ""},
                    "run": {"max_updates": 0, "max_seconds": 0, "eval_every_s": 0}}
 PARTIAL_MAX = 1 << 16        # a line longer than this without a newline is shown in pieces
