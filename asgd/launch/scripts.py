@@ -106,6 +106,7 @@ class OutputPump:
         self.partial: dict[int, bytes] = {}
 
     def lines(self, rank: int, path: Path, final: bool = False) -> list[str]:
+        """The complete lines since the last call (``final``: the rest too)."""
         try:
             with open(path, "rb") as f:
                 f.seek(self.pos.get(rank, 0))
@@ -160,6 +161,11 @@ class ScriptWorkers:
         self.script, self.script_args = Path(script), list(args)
         self.threads = threads_per_worker(self.cfg.run.workers)
         self.pump = OutputPump()
+        for rank in range(self.cfg.run.workers):     # a resumed run's earlier output is shown
+            try:
+                self.pump.pos[rank] = self._log_path(rank).stat().st_size
+            except OSError:
+                pass
         mon = ScriptMonitor(self.cfg, self.t0)
         mon.skip_metrics(self.metrics_start)
         self.mon = mon
@@ -225,8 +231,14 @@ class ScriptWorkers:
                           "deaths": [d.get("exit_code") for d in died],
                           "log": str(self._log_path(rank).relative_to(self.run_dir))})
         versions = [checkpoint_state(d)[0] for d in checkpoint_dirs(self.cfg, self.run_dir)]
+        logged: dict = {}      # each worker's last opt.log() record: its own final figures
+        for rec in self._records():
+            if rec.get("kind") == "worker_step" and "worker" in rec:
+                logged[rec["worker"]] = {k: v for k, v in rec.items() if k not in ("kind",
+                                                                                  "worker")}
         return {"script": [str(self.script), *self.script_args], "worker_exits": exits,
-                "checkpoint_version": versions[0] if len(versions) == 1 else versions}
+                "checkpoint_version": versions[0] if len(versions) == 1 else versions,
+                "logged": logged}
 
 
 def _escape(text: str) -> str:
