@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from pathlib import Path
 
 # The data path, imported here and nowhere else by the optimizer (it moves into the asgd.client
 # package: these two lines are the ones to re-point).
@@ -55,16 +56,18 @@ class _Named:
 
 class Link:
     def __init__(self, named, endpoint, rank: int, worker_id: str, wcfg, settings: dict,
-                 positional: bool = False):
+                 positional: bool = False, server_files=None):
         from asgd.core import auth
 
         self.rank, self.id, self.wcfg, self.settings = rank, worker_id, wcfg, settings
         self.positional = positional       # names made up: only shapes are compared
+        self.server_files = list(server_files or [])
         self.layout = ParameterLayout(TensorSpec(n, "float32", tuple(p.shape)) for n, p in named)
         try:
             keys = auth.client_keys(wcfg, worker_id)
         except auth.AuthError as e:
             raise ValueError(f"asgd.Optimizer: {e}") from None
+        self.keys = keys
         self.client = connect_client(endpoint, worker_id, timeout_s=wcfg.request_timeout_s,
                                      spin_us=wcfg.spin_us, curve=keys)
         try:
@@ -76,6 +79,9 @@ class Link:
         except BaseException:
             self.client.close()
             raise
+        # a push resent after a timeout goes to a server that moved, if the address files
+        # say so (the Exchange then says so, and the push is dropped for a hello there)
+        self.ex.on_timeout = lambda: self.follow() or self.client.reconnect()
         self.info: dict = {}
         self._resyncs = 0
 
@@ -98,20 +104,41 @@ class Link:
                 return fn(min(attempt_s, max(0.1, give_up - time.monotonic())))
             except ServerTimeout:
                 now = time.monotonic()
+                if delay == 0.1:       # said at once, even when the budget is already spent
+                    log.warning("%s: waiting for the server at %s (%s; giving up after %g s)",
+                                self.id, self.endpoint, what, budget)
                 if now >= give_up:
                     raise ServerGone(f"worker {self.id}: gave up: no answer from the server at "
                                      f"{self.endpoint} for {budget:g} s "
                                      "(reconnect_timeout_s)") from None
-                if delay == 0.1:
-                    log.warning("%s: waiting for the server at %s (%s; giving up after %g s)",
-                                self.id, self.endpoint, what, budget)
-                elif now >= next_note:
+                if delay > 0.1 and now >= next_note:
                     next_note = now + STATUS_EVERY_S
                     log.warning("%s: still waiting for the server at %s: %.0f s of %g s",
                                 self.id, self.endpoint, now - started, budget)
                 time.sleep(min(delay, max(0.0, give_up - now)))
                 delay = min(delay * 2, 2.0)
-                self.client.reconnect()
+                if not self.follow():
+                    self.client.reconnect()
+
+    def follow(self) -> bool:
+        """With address files ($ASGD_SERVER_FILE: asgd launch restarts a dead server on a
+        new port and announces it there), a server that moved gets a new client, shared with
+        the Exchange. True when it switched."""
+        found = []
+        for f in self.server_files:
+            try:
+                found.append(Path(f).read_text().strip())
+            except OSError:
+                return False
+        if not found or not all(found) or ",".join(found) == self.client.endpoint:
+            return False
+        old = self.client
+        self.client = self.ex.client = connect_client(
+            found, self.id, timeout_s=old.timeout_s, spin_us=self.wcfg.spin_us, curve=self.keys)
+        old.close()
+        log.warning("%s: the server now listens at %s (read from %s)", self.id,
+                    self.client.endpoint, ", ".join(map(str, self.server_files)))
+        return True
 
     def _say_hello(self, timeout_s: float, segment):
         kw = {}

@@ -180,10 +180,7 @@ class Optimizer(torch.optim.Optimizer):
             from asgd.metrics import MetricsWriter
 
             self._res.metrics = MetricsWriter(os.path.join(where, "metrics.jsonl"))
-        from asgd.launch import env as envlib
-
-        endpoint = envlib.server_endpoints(server, envlib.environ())
-        self.server = endpoint.value if endpoint is not None else None
+        self.server, self.server_files = api.server(server, self.cfg.worker.reconnect_timeout_s)
         self.link = None
         if self.server is None:
             self._standalone()
@@ -209,7 +206,8 @@ class Optimizer(torch.optim.Optimizer):
         from asgd.link import Link
 
         self.link = Link(self._trainable, self.server, self.rank, self.id, self.cfg.worker,
-                         self.settings, positional=self.positional)
+                         self.settings, positional=self.positional,
+                         server_files=self.server_files)
         self._res.link = self.link
         try:
             info = self.link.connect()

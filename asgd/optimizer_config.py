@@ -47,6 +47,7 @@ KEYS = {"optimizer": "optimizer.name", "lr": "optimizer.lr", "momentum": "optimi
         "max_updates": "run.max_updates", "local_steps": "worker.local_steps",
         "outer": "server.outer_optimizer", "outer_lr": "server.outer_lr",
         "outer_momentum": "server.outer_momentum", "outer_nesterov": "server.outer_nesterov"}
+LAUNCH_CONFIG = "ASGD_CONFIG"     # the run's config.yaml, given to a launched script
 SCHEDULE = ("schedule", "warmup", "total", "min_lr", "step_size", "gamma")
 OUTER = ("outer", "outer_lr", "outer_momentum", "outer_nesterov")
 # the worker's data-path settings a script may give (worker.*, as asgd worker reads them)
@@ -82,6 +83,8 @@ def resolve(given: dict, config=None, inner: bool = False) -> Resolved:
         raise TypeError(f"asgd.Optimizer got unknown keyword{'s' * (len(unknown) > 1)} "
                         f"{', '.join(unknown)}")
     base = _base(config)
+    if base is None:      # a launched script: the data-path keys of the run's config
+        given = {**launch_worker_settings(), **given}
     data = (base or Config()).to_dict()
     name = given.get("optimizer", base.optimizer.name if base else "adamw")
     if name not in TORCH_DEFAULTS:
@@ -102,6 +105,22 @@ def resolve(given: dict, config=None, inner: bool = False) -> Resolved:
     except ConfigError as e:
         raise ValueError(f"asgd.Optimizer: {_keyword_names(str(e))}") from None
     return Resolved(cfg, _settings(cfg, given, base is not None, inner))
+
+
+def launch_worker_settings(env=None) -> dict:
+    """The worker.* data-path keys of the run's config that a launcher names in
+    ``$ASGD_CONFIG`` (``asgd launch SCRIPT``), the ones ``asgd worker`` would read; its
+    optimizer and schedule are the server's, which has the same config. {} without one."""
+    import os
+
+    path = (os.environ if env is None else env).get(LAUNCH_CONFIG, "").strip()
+    if not path:
+        return {}
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        raise ValueError(f"asgd.Optimizer: {LAUNCH_CONFIG}={path}: {e}") from None
+    return {k: getattr(cfg.worker, k) for k in WORKER_KEYS}
 
 
 def _from(data: dict) -> Config:
