@@ -34,7 +34,7 @@ CONFIG = {"model": {"name": "mlp"}, "data": {"name": "synthetic"},
 ENV_SCRIPT = """
 import json, os, sys
 names = ["ASGD_SERVER", "ASGD_RANK", "ASGD_WORKERS", "ASGD_LOCAL_RANK", "ASGD_RUN_DIR",
-         "OMP_NUM_THREADS"]
+         "ASGD_CONFIG", "ASGD_SERVER_FILE", "OMP_NUM_THREADS"]
 print("seen " + json.dumps({"env": {n: os.environ.get(n) for n in names},
                             "argv": sys.argv[1:]}))
 print("no newline at the end", end="")
@@ -86,6 +86,8 @@ def test_script_sees_its_place_and_arguments_and_its_output_is_prefixed_and_kept
         assert got["env"] == {"ASGD_SERVER": server, "ASGD_RANK": str(rank),
                               "ASGD_WORKERS": "2", "ASGD_LOCAL_RANK": str(rank),
                               "ASGD_RUN_DIR": str(run_dir.resolve()),
+                              "ASGD_CONFIG": str(run_dir.resolve() / "config.yaml"),
+                              "ASGD_SERVER_FILE": str(run_dir.resolve() / "server.addr"),
                               "OMP_NUM_THREADS": str(max(1, cores // 2))}
         log = (run_dir / "logs" / f"worker-{rank}.log").read_text()
         assert log.startswith("seen ") and json.loads(log.splitlines()[0][5:]) == got
@@ -427,3 +429,19 @@ def test_scripts_on_ray(tmp_path, child_env):
     server = (run_dir / "server.addr").read_text().strip()
     assert {r: (s["env"]["ASGD_RANK"], s["env"]["ASGD_SERVER"], s["argv"])
             for r, s in seen.items()} == {0: ("0", server, ["-x"]), 1: ("1", server, ["-x"])}
+
+
+def test_resume_goes_on_with_a_script_run_in_its_run_directory(tmp_path, child_env):
+    run_dir = setup(tmp_path, ENV_SCRIPT)
+    first = launch(tmp_path, child_env, "--workers", "1", "train.py", "first")
+    assert first.returncode == 0, first.stderr
+    res = run_to_end(["-m", "asgd.cli", "launch", "--quiet", "--resume", "runs/s", "train.py",
+                      "second"], RUN_TIMEOUT_S, env=child_env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    summary = summary_of(run_dir)
+    assert summary["status"] == "ok" and summary["resumed_from"] == [0]
+    assert json.loads((run_dir / "summary-1.json").read_text())["script"][1:] == ["first"]
+    assert summary["script"][1:] == ["second"]
+    # the resumed launch shows its own script's output, not the first one's again
+    assert [s["argv"] for s in seen_lines(res.stderr).values()] == [["second"]]
+    assert (run_dir / "logs" / "worker-0.log").read_text().count("seen ") == 2

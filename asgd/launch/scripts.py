@@ -9,11 +9,12 @@ same variables a worker started by hand next to ``asgd server`` reads, docs/depl
 | variable | value |
 | --- | --- |
 | ``ASGD_SERVER`` | the server's endpoint (a sharded server's, comma-separated) |
+| ``ASGD_SERVER_FILE`` | the files the launcher announces the endpoints in (one per shard) |
 | ``ASGD_RANK`` | the worker's rank, 0 .. N-1 |
 | ``ASGD_WORKERS`` | N, the number of workers (run.workers) |
 | ``ASGD_LOCAL_RANK`` | its rank among the workers of its machine (here: its rank) |
 | ``ASGD_RUN_DIR`` | the run directory: ``opt.log()`` appends to its metrics.jsonl |
-| ``ASGD_CONFIG`` | the run's config.yaml (the worker.* keys asgd.Optimizer may read) |
+| ``ASGD_CONFIG`` | the run's config.yaml (asgd.Optimizer's defaults: its worker.* keys) |
 | ``OMP_NUM_THREADS`` | the cores over the workers, at least 1, unless it is already set |
 
 Everything else is a launch's (``asgd.launch.launcher.Launch``): the server from the config's
@@ -34,14 +35,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from asgd.api import LOCAL_RANK, RUN_DIR
+from asgd.api import LOCAL_RANK, RUN_DIR, SERVER_FILE
 from asgd.config import Config, ConfigError, from_dict, load_config
 from asgd.launch.display import Monitor
 from asgd.launch.env import RANK, SERVER, WORKERS
 from asgd.launch.launcher import Launch, LaunchError, checkpoint_dirs, checkpoint_state
 
-CONFIG = "ASGD_CONFIG"
-SCRIPT_VARIABLES = (SERVER, RANK, WORKERS, LOCAL_RANK, RUN_DIR, CONFIG)
+CONFIG = "ASGD_CONFIG"       # asgd.optimizer_config.LAUNCH_CONFIG: its data-path keys
+SCRIPT_VARIABLES = (SERVER, RANK, WORKERS, LOCAL_RANK, RUN_DIR, CONFIG, SERVER_FILE)
 # a script run without --config (configs/script.yaml says the same): the server learns its
 # model from the first script, has no budget of its own (the scripts end the run) and the
 # launcher evaluates nothing
@@ -89,9 +90,10 @@ def threads_per_worker(workers: int, environ=None) -> str:
 
 
 def script_env(rank: int, workers: int, endpoints: list[str], run_dir: Path,
-               config_file: str, threads: str) -> dict:
+               config_file: str, threads: str, addr_files=()) -> dict:
     """The variables a script worker gets (see the module's table)."""
-    return {SERVER: ",".join(endpoints), RANK: str(rank), WORKERS: str(workers),
+    return {SERVER: ",".join(endpoints), SERVER_FILE: ",".join(map(str, addr_files)),
+            RANK: str(rank), WORKERS: str(workers),
             LOCAL_RANK: str(rank), RUN_DIR: str(run_dir), CONFIG: str(config_file),
             "OMP_NUM_THREADS": threads}
 
@@ -177,7 +179,7 @@ class ScriptWorkers:
 
     def _script_env(self, rank: int) -> dict:
         return script_env(rank, self.cfg.run.workers, self.endpoints, self.run_dir,
-                          self.config_file, self.threads)
+                          self.config_file, self.threads, self.addr_files)
 
     def _log_path(self, rank: int) -> Path:
         return self.run_dir / "logs" / f"worker-{rank}.log"
@@ -297,6 +299,23 @@ def ray_script_launch(cfg: Config, run_dir: Path, script: Path, args: list[str],
     return launch
 
 
+def resume_script_config(run_dir, overrides=()) -> tuple[Config, Path]:
+    """The config of a script run to go on with (its config.yaml with ``overrides``), checked:
+    it has a checkpoint to resume from. (The launcher's resume_config, less the check that
+    the built-in workers have a model.)"""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise LaunchError(f"{run_dir} is not a run directory: it has no config.yaml")
+    try:
+        cfg = load_config(run_dir / "config.yaml", list(overrides))
+    except ConfigError as e:
+        raise LaunchError(str(e)) from None
+    for d in checkpoint_dirs(cfg, run_dir):
+        if not any(d.glob("*.asgd")):
+            raise LaunchError(f"nothing to resume in {run_dir}: no checkpoint in {d}")
+    return cfg, run_dir
+
+
 def launch_script(cfg: Config | None, script, args=(), quiet: bool = False,
                   on: str = "local", address: str | None = None, num_cpus: int | None = None,
                   resume_dir=None, overrides=()) -> dict:
@@ -307,7 +326,7 @@ def launch_script(cfg: Config | None, script, args=(), quiet: bool = False,
     resumed from its checkpoint."""
     import shutil
 
-    from asgd.launch.launcher import check_imports, make_run_dir, resume_config
+    from asgd.launch.launcher import check_imports, make_run_dir
 
     script = check_script(script)
     if on == "ray":
@@ -322,9 +341,10 @@ def launch_script(cfg: Config | None, script, args=(), quiet: bool = False,
         return ScriptLaunch(cfg, run_dir, script, list(args), quiet, resume)
 
     if resume_dir is not None:
-        cfg, run_dir = resume_config(resume_dir, overrides)
-        return make(cfg, Path(run_dir).resolve(), True).run()
-    check_imports(cfg)
+        cfg, run_dir = resume_script_config(resume_dir, overrides)
+        return make(cfg, run_dir.resolve(), True).run()
+    if cfg.model.name:          # a server with a model of its own: it must import
+        check_imports(cfg)
     run_dir = make_run_dir(cfg).resolve()
     try:
         return make(cfg, run_dir, False).run()
