@@ -445,3 +445,14 @@ def test_resume_goes_on_with_a_script_run_in_its_run_directory(tmp_path, child_e
     # the resumed launch shows its own script's output, not the first one's again
     assert [s["argv"] for s in seen_lines(res.stderr).values()] == [["second"]]
     assert (run_dir / "logs" / "worker-0.log").read_text().count("seen ") == 2
+
+
+def test_options_before_the_script_are_asgds_and_everything_after_it_the_scripts():
+    from asgd.cli import cli
+
+    ctx = cli.commands["launch"].make_context(
+        "launch", ["--workers", "2", "--set", "run.max_restarts=0", "train.py", "--help",
+                   "--workers", "3", "--set", "lr=1"])
+    assert ctx.params["workers"] == "2" and ctx.params["overrides"] == ("run.max_restarts=0",)
+    assert ctx.params["script"] == "train.py"
+    assert ctx.params["script_args"] == ("--help", "--workers", "3", "--set", "lr=1")
