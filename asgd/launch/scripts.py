@@ -25,10 +25,13 @@ directory, Ctrl-C, and ``--on ray``. The scripts start once the server listens, 
 and, line by line, to the launcher's output prefixed ``[rank R]`` above the live line (a
 failing script's traceback too). The run ends when every script has exited; the server then
 writes its checkpoint, and summary.json says how each worker ended (``worker_exits``: exit
-code, signal, restarts). There is no model in the launcher, so no held-out evaluation:
-test_accuracy and test_loss are null and ``evaluation`` says why; the scripts report their own
-metrics. Without ``--config`` a script run takes the built-in defaults with no model, no data
-set and no budget (``SCRIPT_DEFAULTS``): it ends when the scripts do.
+code, signal, restarts, the exit code of each death) and what each logged last (``logged``:
+its last ``opt.log()`` record). There is no model in the launcher, so no held-out
+evaluation: test_accuracy and test_loss are null and ``evaluation`` says why. Without
+``--config`` a script run takes the built-in defaults with no model, no data set and no
+budget (``SCRIPT_DEFAULTS``, configs/script.yaml): it ends when the scripts do.
+``asgd launch --resume RUN SCRIPT`` goes on with a script run, its server resumed from its
+checkpoint.
 """
 from __future__ import annotations
 
