@@ -1,4 +1,5 @@
-"""asgd.Optimizer's keywords as a run configuration, and the settings its hello carries.
+"""asgd.Optimizer's arguments: its keywords as a run configuration, the settings its hello
+carries, and the parameters it trains.
 
     resolved = resolve({"optimizer": "adamw", "lr": 3e-4}, config=None, inner=False)
     resolved.cfg              # a Config: optimizer, schedule, run.max_updates, worker.*
@@ -170,6 +171,62 @@ def optimizer_settings(cfg: Config) -> dict:
     o = cfg.optimizer
     return {k: (list(getattr(o, k)) if k == "betas" else getattr(o, k))
             for k in OPTIMIZER_KEYS[o.name]}
+
+
+# ----------------------------------------------------------------------------------------------
+# the parameters
+
+def _parse_params(params):
+    """[(name or None, parameter)] and the groups' extra keys, from parameters, (name,
+    parameter) pairs, or param-group dicts of either."""
+    import torch
+
+    items = list(params)
+    if not items:
+        raise ValueError("asgd.Optimizer got an empty parameter list")
+    groups = items if isinstance(items[0], dict) else [{"params": items}]
+    named, extra = [], {}
+    for g in groups:
+        if not isinstance(g, dict):
+            raise TypeError("asgd.Optimizer: give parameters or parameter groups, not both")
+        ps = g["params"]
+        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        for p in ps:
+            name, p = p if isinstance(p, tuple) else (None, p)
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"asgd.Optimizer: {type(p).__name__} is not a parameter")
+            named.append((name, p))
+        extra.update({k: v for k, v in g.items() if k not in ("params", "param_names")})
+    return named, extra
+
+
+def parameters(params, groups: bool = False):
+    """(every parameter named, the trainable ones named, whether the names are made up):
+    names from ``named_parameters()``, else ``param.<i>``, the i-th given. ValueError for
+    what the server cannot train: no trainable parameter, several devices, other dtypes
+    than float32, and (unless ``groups``: local steps) groups with settings of their own."""
+    import torch
+
+    named, extra = _parse_params(params)
+    if not groups and extra:
+        raise ValueError(f"asgd.Optimizer: parameter groups with their own settings "
+                         f"({', '.join(sorted(extra))}): the server applies one optimizer "
+                         "to every parameter; use inner= with local steps for more")
+    positional = any(n is None for n, _ in named)
+    named = [(f"param.{i}" if positional else n, p) for i, (n, p) in enumerate(named)]
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+    if not trainable:
+        raise ValueError("asgd.Optimizer: none of the parameters requires a gradient")
+    devices = sorted({str(p.device) for _, p in trainable})
+    if len(devices) > 1:
+        raise ValueError(f"asgd.Optimizer: the parameters are on {', '.join(devices)}: put "
+                         "the model on one device (a model split over devices is the "
+                         "built-in worker's worker.devices)")
+    odd = [f"{n} ({p.dtype})" for n, p in trainable if p.dtype != torch.float32]
+    if odd:
+        raise ValueError(f"asgd.Optimizer trains float32 parameters; {odd[0]} is not "
+                         "(keep float32 weights and use torch.autocast for lower precision)")
+    return named, trainable, positional
 
 
 # ----------------------------------------------------------------------------------------------

@@ -117,12 +117,17 @@ def test_log_goes_to_the_run_and_load_reads_the_final_weights(start_server, tmp_
             loss = torch.nn.functional.cross_entropy(net(x), y)
             loss.backward()
             opt.step()
-            opt.log(loss=loss)
+            opt.log(loss=loss, samples=len(x))
         assert opt.done and opt.version == 6 and opt.steps == 6
     records = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in records if r["kind"] == "worker_step"]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
-    assert all(r["worker"] == "w0" and r["staleness"] == 0 and r["loss"] > 0 for r in steps)
+    assert all(r["worker"] == "w0" and r["staleness"] == 0 and r["loss"] > 0
+               and r["samples_per_s"] > 0 for r in steps)
+    assert [r["samples"] for r in steps] == [16, 32, 48, 64, 80, 96]
+    (done,) = [r for r in records if r["kind"] == "worker_done"]
+    assert (done["step"], done["samples"], done["version"], done["reason"]) == \
+        (6, 96, 6, "max_updates")
     assert server.stop() == 0
     fresh = model()
     for p in fresh.parameters():
