@@ -346,8 +346,7 @@ def launch_script(cfg: Config | None, script, args=(), quiet: bool = False,
     if resume_dir is not None:
         cfg, run_dir = resume_script_config(resume_dir, overrides)
         return make(cfg, run_dir.resolve(), True).run()
-    if cfg.model.name:          # a server with a model of its own: it must import
-        check_imports(cfg)
+    check_imports(cfg, builtin_workers=False)    # the scripts bring their own model
     run_dir = make_run_dir(cfg).resolve()
     try:
         return make(cfg, run_dir, False).run()
