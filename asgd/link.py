@@ -45,13 +45,17 @@ class ServerRefused(RuntimeError):
 
 
 class _Named:
-    """What the Exchange takes for a model: (name, parameter) pairs."""
+    """What the Exchange takes for a model: its (name, parameter) pairs, or its parameters
+    in the layout's order (the Exchange of asgd.client takes either)."""
 
     def __init__(self, named):
         self._named = list(named)
 
     def named_parameters(self):
         return iter(self._named)
+
+    def __iter__(self):
+        return (p for _, p in self._named)
 
 
 class Link:
@@ -88,6 +92,12 @@ class Link:
     @property
     def endpoint(self) -> str:
         return self.client.endpoint
+
+    @property
+    def transport(self) -> str:
+        """"shm" or "frames" (a property of the Exchange, or of its client's)."""
+        t = self.ex.transport
+        return t() if callable(t) else t
 
     # ------------------------------------------------------------------------------------------
     # hello
@@ -132,23 +142,27 @@ class Link:
                 return False
         if not found or not all(found) or ",".join(found) == self.client.endpoint:
             return False
-        old = self.client
-        self.client = self.ex.client = connect_client(
-            found, self.id, timeout_s=old.timeout_s, spin_us=self.wcfg.spin_us, curve=self.keys)
-        old.close()
+        if inspect.signature(self.client.reconnect).parameters:
+            self.client.reconnect(",".join(found))     # a client that follows by itself
+        else:
+            old = self.client
+            self.client = self.ex.client = connect_client(
+                found, self.id, timeout_s=old.timeout_s, spin_us=self.wcfg.spin_us,
+                curve=self.keys)
+            old.close()
         log.warning("%s: the server now listens at %s (read from %s)", self.id,
                     self.client.endpoint, ", ".join(map(str, self.server_files)))
         return True
 
-    def _say_hello(self, timeout_s: float, segment):
-        kw = {}
+    def _say_hello(self, timeout_s: float, segment=None):
+        kw = {} if segment is None else {"shm": segment}   # a segment the Exchange offers
         # a Client whose hello carries the model (HELLO.md) is given it: a server without a
         # model learns it from the first hello, one with a model checks it
         if "tensors" in inspect.signature(self.client.hello).parameters:
-            kw = {"tensors": [(s.name, p.detach()) for s, p in zip(self.layout.specs,
-                                                                    self.ex.params)],
-                  "settings": self.settings}
-        return self.client.hello(rank=self.rank, timeout_s=timeout_s, shm=segment, **kw)
+            kw.update(tensors=[(s.name, p.detach()) for s, p in zip(self.layout.specs,
+                                                                     self.ex.params)],
+                      settings=self.settings)
+        return self.client.hello(rank=self.rank, timeout_s=timeout_s, **kw)
 
     def connect(self, what: str = "hello") -> dict:
         """Say hello (again): the model and settings go, the server's weights come back into
@@ -156,7 +170,7 @@ class Link:
         before = self.ex.version
         try:
             self.info = self.ex.connect(
-                lambda seg: self._with_retry(what, lambda t: self._say_hello(t, seg)),
+                lambda seg=None: self._with_retry(what, lambda t: self._say_hello(t, seg)),
                 self._check)
         except ServerError as e:
             raise ValueError(f"worker {self.id}: the server at {self.endpoint} refused this "

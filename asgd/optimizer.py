@@ -138,7 +138,10 @@ class Optimizer(torch.optim.Optimizer):
         self._started = time.monotonic()
         self._rate = (self._started, 0)
         self.rank = api.rank() if rank is None else rank
-        self.workers = max(api.workers(), self.rank + 1)
+        self.workers = api.workers()
+        if rank is None:             # both from the environment: they must agree
+            api.check_place(self.rank, self.workers)
+        self.workers = max(self.workers, self.rank + 1)
         self.id = worker or f"w{self.rank}"
         where = run_dir if run_dir is not None else api.run_dir()
         if where:
@@ -182,7 +185,7 @@ class Optimizer(torch.optim.Optimizer):
             raise
         self.server_cfg = server_config(self.cfg, info.get("config"))
         log.info("%s: connected to %s at version %d (%s)", self.id, self.link.endpoint,
-                 self.version, self.link.ex.transport)
+                 self.version, self.link.transport)
 
     # ------------------------------------------------------------------------------------------
     # what a script reads
@@ -212,7 +215,7 @@ class Optimizer(torch.optim.Optimizer):
 
     @property
     def transport(self) -> str:
-        return self.link.ex.transport if self.link is not None else "standalone"
+        return self.link.transport if self.link is not None else "standalone"
 
     def _show_lr(self) -> float | None:
         """A-SGD: every group's ``lr`` shows the server's rate (for code that logs it)."""

@@ -64,9 +64,14 @@ def test_the_first_hello_brings_the_model_and_later_ones_must_match(start_server
     assert "must carry its parameters" in refused(c0.hello, "bad_request")
     assert "non-finite" in refused(
         lambda: c0.hello(tensors={"w": torch.tensor([1.0, float("nan")])}), "bad_tensor")
+    model = user_model()
+    # an optimizer the server does not know: refused, nothing adopted
+    msg = refused(lambda: c0.hello(tensors=params(model), settings={"optimizer": {
+        "name": "lion"}}), "bad_request")
+    assert "optimizer.name" in msg and "'lion' is not one of" in msg
+    assert "no model yet" in refused(c0.pull, "bad_request")
     assert c0.stats()["version"] == 0 and c0.stats()["workers"] == {}
 
-    model = user_model()
     info, weights = c0.hello(rank=0, tensors=params(model), settings=SETTINGS)
     assert info["version"] == 0
     assert [t["name"] for t in info["tensors"]] == ["0.weight", "2.weight", "2.bias"]
