@@ -429,8 +429,9 @@ def validate(cfg: Config) -> None:
     need(r.workers >= 1, "run.workers", "must be >= 1")
     need(r.max_updates >= 0, "run.max_updates", "must be >= 0")
     need(r.max_seconds >= 0, "run.max_seconds", "must be >= 0")
-    need(r.max_updates > 0 or r.max_seconds > 0 or w.max_steps > 0, "run.max_updates",
-         "a run needs a budget: run.max_updates, run.max_seconds or worker.max_steps")
+    need(r.max_updates > 0 or r.max_seconds > 0 or w.max_steps > 0 or not cfg.model.name,
+         "run.max_updates", "a run needs a budget: run.max_updates, run.max_seconds or "
+         "worker.max_steps (only a server that learns its model from a script may have none)")
     need(r.eval_every_s >= 0, "run.eval_every_s", "must be >= 0")
     need(r.eval_batch_size >= 1, "run.eval_batch_size", "must be >= 1")
     need(r.max_restarts >= 0, "run.max_restarts", "must be >= 0")

@@ -191,7 +191,12 @@ class Launch:
     """The server and the workers start together (each worker builds its model and data
     while the server starts, and reads the server's address from a file once it is there);
     meanwhile this process builds the task it evaluates with. ``resume``: the server(s)
-    start from the run's checkpoint, and the run directory is reused."""
+    start from the run's checkpoint, and the run directory is reused. Subclasses:
+    asgd.launch.onray (the processes as Ray actors), asgd.launch.scripts (a user's script as
+    each worker: started once the server listens; no exit code of its means divergence)."""
+
+    workers_need_address = False      # start the workers only once the servers listen
+    diverged_exit: int | None = WORKER_DIVERGED_EXIT   # a worker's exit code for divergence
 
     def __init__(self, cfg: Config, run_dir: Path, quiet: bool, resume: bool = False):
         self.cfg, self.run_dir, self.resume = cfg, run_dir, resume
@@ -279,8 +284,8 @@ class Launch:
             self.metrics.write("launch_resumed", versions=self.resumed_from)
         for i in range(cfg.server.shards):
             self.servers.append(self._spawn_server(i, self.resume))
-        for r in range(cfg.run.workers):
-            self.workers.append(self._spawn_worker(r, self.env))
+        if not self.workers_need_address:
+            self._spawn_workers()
 
         def sigterm(*_):
             raise KeyboardInterrupt
@@ -288,12 +293,11 @@ class Launch:
         old_term = signal.signal(signal.SIGTERM, sigterm)
         try:
             try:
-                if self.task is None:       # else checked and kept before the start
-                    self.task = prepare_task(cfg)
-                self.guard = DivergenceGuard(self.task.num_classes, cfg.schedule.warmup,
-                                             cfg.run.max_updates)
+                self._prepare()
                 self.endpoints = [wait_for_address(f, p, STARTUP_TIMEOUT_S)
                                   for f, p in zip(self.addr_files, self.servers)]
+                if self.workers_need_address:
+                    self._spawn_workers()
             except (LaunchError, ProcessError) as e:
                 stop(self.workers + self.servers, grace_s=5.0)
                 self.start_failed = True
@@ -309,10 +313,19 @@ class Launch:
             if not self.start_failed:
                 self._stop_all()
         if self.task is None:              # interrupted while it was being built
-            self.task = prepare_task(cfg)
-            self.guard = DivergenceGuard(self.task.num_classes, cfg.schedule.warmup,
-                                         cfg.run.max_updates)
+            self._prepare()
         return self._summarize()
+
+    def _spawn_workers(self) -> None:
+        for r in range(self.cfg.run.workers):
+            self.workers.append(self._spawn_worker(r, self.env))
+
+    def _prepare(self) -> None:
+        """What this process evaluates with: the task and the divergence guard."""
+        if self.task is None:       # else checked and kept before the start
+            self.task = prepare_task(self.cfg)
+        self.guard = DivergenceGuard(self.task.num_classes, self.cfg.schedule.warmup,
+                                     self.cfg.run.max_updates)
 
     def _watch(self) -> None:
         cfg, mon = self.cfg, self.mon
@@ -340,7 +353,8 @@ class Launch:
             self.display.update(mon)
             if self.diverged or self.stop_now:
                 return
-            if all(p.poll() is not None for p in self.workers):
+            if all(p.poll() == 0 or (p.poll() is not None and p.reported)
+                   for p in self.workers):   # a death since the check above: next turn
                 return
             if time.monotonic() > hard_deadline:
                 self.failures.append("workers outlived run.max_seconds; stopped")
@@ -398,7 +412,7 @@ class Launch:
         otherwise it is started again with its rank while restarts are left."""
         p = self.workers[rank]
         p.reported = True
-        if p.returncode == WORKER_DIVERGED_EXIT:
+        if p.returncode == self.diverged_exit:
             self._judge(f"{p.name}: its training loss stayed non-finite")
             return
         rec = self._death("worker", rank, p)
@@ -484,7 +498,7 @@ class Launch:
         """A worker's death while the cluster is being stopped: reported, not restarted."""
         p.reported = True
         rank = self.workers.index(p)
-        if p.returncode == WORKER_DIVERGED_EXIT:
+        if p.returncode == self.diverged_exit:
             self._judge(f"{p.name}: its training loss stayed non-finite")
             return
         rec = self._death("worker", rank, p)
@@ -551,20 +565,15 @@ class Launch:
                 continue
         return out
 
-    def _summarize(self) -> dict:
+    def _final_evaluation(self, summary: dict) -> None:
+        """The checkpoint's weights on the held-out split: test_accuracy, test_loss."""
         from asgd.core.checkpoint import load_checkpoint
         from asgd.tasks.evaluate import evaluate_flat
 
-        cfg, run_dir, failures = self.cfg, self.run_dir, self.failures
-        summary: dict = {"run_dir": str(run_dir), "workers": cfg.run.workers}
-        if cfg.server.shards > 1:
-            summary["shards"] = cfg.server.shards
-        if self.resume:
-            summary["resumed_from"] = self.resumed_from
         try:
-            ckpt = load_checkpoint(run_dir / "checkpoint")
+            ckpt = load_checkpoint(self.run_dir / "checkpoint")
             ckpt.layout.check_same(self.task.layout, "checkpoint's", "configured model's")
-            acc, loss = evaluate_flat(self.task, ckpt.flat, cfg.run.eval_batch_size)
+            acc, loss = evaluate_flat(self.task, ckpt.flat, self.cfg.run.eval_batch_size)
             loss = loss if loss == loss and abs(loss) != float("inf") else None
             summary.update(test_accuracy=acc, test_loss=loss)
             self.metrics.write("eval", version=ckpt.version, accuracy=acc, loss=loss, final=True)
@@ -572,8 +581,21 @@ class Launch:
             if not self.interrupted and not self.stop_now:   # untrained: not a divergence
                 self._judge(self.guard.final(acc))
         except (OSError, ValueError) as e:
-            failures.append(f"final evaluation failed: {e}")
+            self.failures.append(f"final evaluation failed: {e}")
             summary.update(test_accuracy=None, test_loss=None)
+
+    def _summary_fields(self) -> dict:
+        """More of the summary, from a subclass."""
+        return {}
+
+    def _summarize(self) -> dict:
+        cfg, run_dir, failures = self.cfg, self.run_dir, self.failures
+        summary: dict = {"run_dir": str(run_dir), "workers": cfg.run.workers}
+        if cfg.server.shards > 1:
+            summary["shards"] = cfg.server.shards
+        if self.resume:
+            summary["resumed_from"] = self.resumed_from
+        self._final_evaluation(summary)
         self.mon.note = "diverged" if self.diverged else ""
         self.display.close(self.mon)
         records = self._records()
@@ -616,6 +638,7 @@ class Launch:
         )
         if self.evals:
             summary["evals"] = self.evals
+        summary.update(self._summary_fields())
         path = run_dir / "summary.json"
         if self.resume and path.exists():      # the earlier launch's summary is kept
             k = 1
