@@ -287,7 +287,8 @@ def checks(med: dict) -> dict:
     ratio, gap = a.get("time_to_target_over_plain_1"), a.get("loss_gap_at_final_tokens")
     ta, td = a.get("time_to_target_s"), d.get("time_to_target_s")
     return {"asgd_time_to_target_at_most_0.6x_plain_1": ratio is not None and ratio <= 0.6,
-            "asgd_no_later_than_ddp": ta is not None and (td is None or ta <= td),
+            "asgd_no_later_than_ddp": (None if not d else      # None: DDP did not run
+                                       ta is not None and (td is None or ta <= td)),
             "asgd_loss_within_2pct_at_same_tokens": gap is not None and abs(gap) <= 0.02}
 
 
@@ -387,6 +388,11 @@ def main() -> int:
     med = {x: {k: median([rep[x][k] for rep in per_repeat if x in rep])
                for k in next((rep[x] for rep in per_repeat if x in rep), {})}
            for x in systems}
+    for x, m in med.items():        # the time medians are over the repeats that reached it
+        if m:
+            m["repeats"] = sum(x in rep for rep in per_repeat)
+            m["repeats_reaching_target"] = sum(
+                rep[x]["time_to_target_s"] is not None for rep in per_repeat if x in rep)
     target = med.get("plain-1", {}).get("final_val_loss")
     result = {"bench": "lm", "settings": s, "workers": WORKERS, "cores": cores,
               "local_steps": args.local_steps, "asgd_local_server": outer[1::2],
