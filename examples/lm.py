@@ -20,6 +20,10 @@ optimizer; ``if opt.done: break`` (the server's budget is spent); ``opt.close()`
 In A-SGD the server owns the learning rate: ``schedule="cosine"`` with the warm-up, floor
 and ``max_updates`` runs on the server's clock what ``with_cosine`` (the plain version's
 schedule, kept as the reference; tests/test_examples.py checks that they agree) runs here.
+With ``--local-steps H`` the other mode: AdamW and ``with_cosine`` step here and every H steps
+the progress goes to the server's outer rule (each worker then runs ``--steps`` steps). Each
+validation loss also goes to ``opt.log`` with the tokens behind the weights (the run's
+metrics.jsonl under asgd launch; bench/lm.py reads it).
 """
 from __future__ import annotations
 
@@ -146,6 +150,8 @@ def main():
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--local-steps", type=int, default=0,
+                   help="asgd: AdamW steps here between pushes (0: A-SGD, the server steps)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,9 +167,14 @@ def main():
     model = GPT(T, args.layers, args.width)
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters; "
           f"{len(train):,} training bytes, {len(val):,} validation bytes")
-    opt = asgd.Optimizer(model.named_parameters(), "adamw", lr=args.lr, betas=(0.9, 0.95),
-                         weight_decay=args.weight_decay, schedule="cosine", warmup=args.warmup,
-                         min_lr=args.min_lr, max_updates=args.steps)
+    if args.local_steps:         # local steps: the plain version's optimizer as the inner one
+        opt = asgd.Optimizer(inner=with_cosine(torch.optim.AdamW(
+            model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay),
+            args), local_steps=args.local_steps)
+    else:
+        opt = asgd.Optimizer(model.named_parameters(), "adamw", lr=args.lr, betas=(0.9, 0.95),
+                             weight_decay=args.weight_decay, schedule="cosine",
+                             warmup=args.warmup, min_lr=args.min_lr, max_updates=args.steps)
 
     @torch.no_grad()
     def val_loss() -> float:
@@ -171,7 +182,9 @@ def main():
         losses = [model(*batch(val, s, T)).item()
                   for s in val_starts.split(args.batch_size)]
         model.train()
-        return sum(losses) / len(losses)
+        loss = sum(losses) / len(losses)    # logged with the tokens behind these weights
+        opt.log(val_loss=loss, tokens=opt.version * opt.local_steps * args.batch_size * T)
+        return loss
 
     gen = torch.Generator().manual_seed(args.seed)
     t0, loss = time.time(), float("nan")
@@ -188,9 +201,9 @@ def main():
             tok_s = (step + 1) * args.batch_size * T / (time.time() - t0)
             print(f"step {step + 1}: train loss {loss.item():.4f}, val loss {val_loss():.4f}, "
                   f"{tok_s:,.0f} tokens/s", flush=True)
-    opt.close()
     print(f"final: step {step + 1}, train loss {loss.item():.4f}, "
           f"val_loss {val_loss():.4f}, {time.time() - t0:.1f} s")
+    opt.close()
 
 
 if __name__ == "__main__":
