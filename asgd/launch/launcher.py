@@ -8,7 +8,7 @@ and so are the devices: a bad import path or argument, CUDA asked for where ther
 a data set and model the built-in loop cannot train (asgd.tasks.contract: labels that are not
 integers in [0, K), another loss, outputs that are not one per class) fail here with one line,
 and no run directory is left behind (CUDA is only asked whether it is there, never
-initialised here). The server and the workers then run as subprocesses (``python -m server``,
+initialised here; asgd.launch.checks). The server and the workers then run as subprocesses (``python -m server``,
 ``python -m worker``), never imported here. The run directory
 (``runs/<name>/``) gets config.yaml, metrics.jsonl, summary.json, checkpoint/ and logs/.
 
@@ -27,22 +27,25 @@ message. A run that diverges (see ``asgd.launch.guard``) is stopped, reported at
 whatever became of stdout.
 
     summary = resume_launch("runs/x")          # `asgd launch --resume runs/x`: go on with a run
+
+The summary's figures and summary.json: asgd.launch.summary.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import time
-from datetime import datetime
 from pathlib import Path
 
 from rich.markup import escape
 
-from asgd.config import Config, ConfigError, load_config, save_config
+from asgd.config import Config, save_config
+from asgd.launch.checks import (LaunchError, check_before_start, check_imports,  # noqa: F401
+                                checkpoint_state, make_run_dir, prepare_task, resume_config)
 from asgd.launch.display import Display, Monitor
 from asgd.launch.guard import DivergenceGuard
 from asgd.launch.processes import Proc, ProcessError, child_env, spawn, stop, wait_for_address
+from asgd.launch.summary import launch_records, run_status, training_figures, write_summary
 from asgd.metrics import MetricsWriter
 from asgd.rundir import checkpoint_dirs
 
@@ -52,99 +55,6 @@ POLL_S = 0.5
 WORKER_CANNOT_TRAIN_EXIT = 2  # worker/main.py: the configuration cannot train (no restart)
 WORKER_DIVERGED_EXIT = 4     # worker/train.py: its loss stayed non-finite
 FAULT_ENV = "ASGD_FAULT"     # worker/train.py's crash switch: not passed to a restarted worker
-
-
-class LaunchError(RuntimeError):
-    pass
-
-
-def make_run_dir(cfg: Config) -> Path:
-    name = cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.run.out_dir) / name
-    run_dir, k = base, 1
-    while run_dir.exists() and any(run_dir.iterdir()):
-        run_dir = base.with_name(f"{name}-{k}")
-        k += 1
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def checkpoint_state(directory: Path) -> tuple[int | None, str]:
-    """(version, "") of the checkpoint a server would resume from in ``directory``; (None, "")
-    when there is none yet; (None, why) when it cannot be read."""
-    from asgd.core.checkpoint import CheckpointError, load_checkpoint
-
-    if not any(Path(directory).glob("*.asgd")):
-        return None, ""
-    try:
-        return load_checkpoint(directory).version, ""
-    except CheckpointError as e:
-        return None, str(e)
-
-
-def check_imports(cfg: Config, builtin_workers: bool = True) -> None:
-    """A user's model or data set given by import path must import, and a model split into
-    stages (worker.devices) must be one that can be cut so: checked before any process starts
-    (the built-ins always import; their arguments are checked with the task). The built-in
-    workers need a model: without ``model.name`` only workers that bring their own (scripts
-    with asgd.Optimizer: ``builtin_workers`` False) can run."""
-    from asgd.tasks.imports import import_object
-
-    if builtin_workers and not cfg.model.name:
-        raise LaunchError("model.name is empty: the built-in workers build their model from "
-                          "it (a server without a model learns it from the first script "
-                          "worker's asgd.Optimizer)")
-
-    for what, name in (("model", cfg.model.name), ("data set", cfg.data.name)):
-        if ":" in name:
-            try:
-                import_object(name, what)
-            except (ValueError, TypeError) as e:
-                raise LaunchError(str(e)) from None
-    if cfg.worker.devices and len(cfg.worker.devices) > 1:   # a split the model cannot take
-        from asgd.tasks.layers import check_split
-
-        try:
-            check_split(cfg)
-        except (ValueError, TypeError) as e:
-            raise LaunchError(str(e)) from None
-
-
-def prepare_task(cfg: Config):
-    """The run's task in this process (CPU, one thread) for evaluations: a model or data set
-    that cannot be built fails here, and the launch with it."""
-    import torch
-
-    from asgd.tasks.task import build_task
-
-    torch.set_num_threads(1)
-    try:
-        return build_task(cfg)
-    except (ValueError, TypeError) as e:
-        raise LaunchError(str(e)) from None
-
-
-def check_before_start(cfg: Config):
-    """The devices (CUDA asked for where there is none) and a user's model or data set (what
-    the built-in loop can train: asgd.tasks.contract), each a one-line LaunchError; returns
-    the task when it was built (with a user's data set, loaded to check its labels), else
-    None. Built-in models and data sets on the CPU hold the contract by construction: torch
-    is not even imported for them, so the processes start at once."""
-    from asgd.tasks.contract import cuda_names
-
-    user_code = ":" in cfg.model.name or ":" in cfg.data.name
-    if not user_code and not cuda_names(cfg):
-        return None
-    import torch
-
-    from asgd.tasks.task import check_devices, check_task
-
-    torch.set_num_threads(1)
-    try:
-        check_devices(cfg)
-        return check_task(cfg) if user_code else None
-    except (ValueError, TypeError) as e:
-        raise LaunchError(str(e)) from None
 
 
 def launch(cfg: Config, quiet: bool = False) -> dict:
@@ -169,22 +79,6 @@ def resume_launch(run_dir, overrides=(), quiet: bool = False) -> dict:
     cfg, run_dir = resume_config(run_dir, overrides)
     check_before_start(cfg)
     return Launch(cfg, run_dir, quiet, resume=True).run()
-
-
-def resume_config(run_dir, overrides=()) -> tuple[Config, Path]:
-    """The config of a run to go on with, checked: it has a checkpoint to resume from."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise LaunchError(f"{run_dir} is not a run directory: it has no config.yaml")
-    try:
-        cfg = load_config(run_dir / "config.yaml", list(overrides))
-    except ConfigError as e:
-        raise LaunchError(str(e)) from None
-    check_imports(cfg)
-    for d in checkpoint_dirs(cfg, run_dir):
-        if not any(d.glob("*.asgd")):
-            raise LaunchError(f"nothing to resume in {run_dir}: no checkpoint in {d}")
-    return cfg, run_dir
 
 
 class Launch:
@@ -551,19 +445,7 @@ class Launch:
 
     def _records(self) -> list[dict]:
         """This launch's records of metrics.jsonl (a resumed run's file holds earlier ones)."""
-        out = []
-        try:
-            with open(self.metrics_path, "rb") as f:
-                f.seek(self.metrics_start)
-                lines = f.read().splitlines()
-        except OSError:
-            return out
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
+        return launch_records(self.metrics_path, self.metrics_start)
 
     def _final_evaluation(self, summary: dict) -> None:
         """The checkpoint's weights on the held-out split: test_accuracy, test_loss."""
@@ -598,35 +480,9 @@ class Launch:
         self._final_evaluation(summary)
         self.mon.note = "diverged" if self.diverged else ""
         self.display.close(self.mon)
-        records = self._records()
-        done = [r for r in records if r.get("kind") == "worker_done"]
-        samples = sum(r["samples"] for r in done)
-        starts = [r["t"] - r["elapsed_s"] for r in done]
-        train_s = (max(r["t"] for r in done) - min(starts)) if done else 0.0
-        stats = self.final_stats or {}
-        if failures:
-            status = "failed"
-        elif self.diverged:
-            status = "diverged"
-        elif self.interrupted:
-            status = "interrupted"
-        else:
-            status = "ok"
+        figures = training_figures(self._records(), self.final_stats, self.t0)
         summary.update(
-            wall_s=round(time.time() - self.t0, 3),
-            train_s=round(train_s, 3),
-            # since the server (last) started: a restarted server counts afresh; version is whole
-            updates_applied=stats.get("updates_applied", 0),
-            updates_dropped=stats.get("updates_dropped", 0),
-            version=stats.get("version", 0),
-            staleness_mean=stats.get("staleness_mean", 0.0),
-            staleness_max=stats.get("staleness_max", 0),
-            staleness_histogram=stats.get("staleness_histogram", {}),
-            bytes_in=stats.get("bytes_in", 0), bytes_out=stats.get("bytes_out", 0),
-            shm_bytes_in=stats.get("shm_bytes_in", 0),
-            shm_bytes_out=stats.get("shm_bytes_out", 0),
-            samples=samples,
-            samples_per_s=samples / train_s if train_s > 0 else 0.0,
+            **figures,
             policy=cfg.server.policy,
             deaths=self.deaths,
             restarts=self.restarts,
@@ -634,18 +490,12 @@ class Launch:
             failures=failures,
             diverged=self.diverged,
             interrupted=self.interrupted,
-            status=status,
+            status=run_status(failures, self.diverged, self.interrupted),
         )
         if self.evals:
             summary["evals"] = self.evals
         summary.update(self._summary_fields())
-        path = run_dir / "summary.json"
-        if self.resume and path.exists():      # the earlier launch's summary is kept
-            k = 1
-            while (run_dir / f"summary-{k}.json").exists():
-                k += 1
-            path.rename(run_dir / f"summary-{k}.json")
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+        write_summary(run_dir, summary, keep_earlier=self.resume)
         self.metrics.close()
         if self.tb is not None:      # the final evaluation's record too
             self.tb.close()

@@ -306,17 +306,9 @@ def resume_script_config(run_dir, overrides=()) -> tuple[Config, Path]:
     """The config of a script run to go on with (its config.yaml with ``overrides``), checked:
     it has a checkpoint to resume from. (The launcher's resume_config, less the check that
     the built-in workers have a model.)"""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise LaunchError(f"{run_dir} is not a run directory: it has no config.yaml")
-    try:
-        cfg = load_config(run_dir / "config.yaml", list(overrides))
-    except ConfigError as e:
-        raise LaunchError(str(e)) from None
-    for d in checkpoint_dirs(cfg, run_dir):
-        if not any(d.glob("*.asgd")):
-            raise LaunchError(f"nothing to resume in {run_dir}: no checkpoint in {d}")
-    return cfg, run_dir
+    from asgd.launch.checks import resume_config
+
+    return resume_config(run_dir, overrides, builtin_workers=False)
 
 
 def launch_script(cfg: Config | None, script, args=(), quiet: bool = False,
