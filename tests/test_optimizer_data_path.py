@@ -1,16 +1,20 @@
 """asgd.Optimizer over the built-in worker's whole data path, against real server processes:
 a sharded server (every shard's endpoint in ``server=``), flat frames instead of shared
-memory, a lossy encoding with its error feedback in the optimizer's state, and overlap."""
+memory, a lossy encoding with its error feedback in the optimizer's state, overlap, and
+CURVE keys."""
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
+import zmq
 
 import asgd
 from asgd.client import connect_client
 from tests.test_optimizer import assert_same, batches, server_config, train
 from tests.plugins.custom import tiny_linear
+from tests.test_auth import curve_server, make_keys
 
 WIDE = 32           # inputs: 99 values, enough for two shards of at least 16
 
@@ -60,3 +64,23 @@ def test_frames_with_an_encoding_and_overlap(start_server, tmp_path):
         out = torch.zeros(27)
         assert c.pull_flat(out.numpy()) == 10
     assert torch.equal(out, torch.cat([p.detach().reshape(-1) for p in net.parameters()]))
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
+def test_curve_keys_from_the_keywords(start_server, tmp_path):
+    """A CURVE server lets in the script whose keys the keywords name ({id}: the worker id),
+    as asgd worker's worker.secret_key_file and worker.server_key; half a pair is refused
+    before anything is sent."""
+    root = make_keys(tmp_path / "keys")
+    server = start_server(server_config(tmp_path, {"name": "sgd", "lr": 0.1},
+                                        server=curve_server(root)))
+    keys = dict(secret_key_file=str(root / "workers" / "{id}.key_secret"),
+                server_key=str(root / "server" / "server.key"))
+    net = tiny_linear((8,), 3)
+    with pytest.raises(ValueError, match="CURVE needs both"):
+        asgd.Optimizer(net.named_parameters(), optimizer="sgd", lr=0.1,
+                       server=server.endpoint, server_key=keys["server_key"])
+    with asgd.Optimizer(net.named_parameters(), optimizer="sgd", lr=0.1,
+                        server=server.endpoint, **keys) as opt:
+        train(net, opt, batches(3))
+        assert opt.version == 3
