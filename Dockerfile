@@ -19,6 +19,7 @@ COPY asgd asgd
 COPY server server
 COPY worker worker
 COPY configs configs
+COPY examples examples
 RUN pip install .
 
 # Generate the default data set (MNIST-1D, made offline by the mnist1d package) once, into

@@ -5,6 +5,7 @@
     asgd launch --resume runs/<name> --set run.max_updates=6000   # go on with a run
     asgd launch --on ray [--address head:6379]  # the same run as Ray actors (asgd[ray])
     asgd launch --on ray --num-cpus 2           # ... on a local Ray instance of two CPUs
+    asgd launch --workers 2 train.py --lr 3e-4   # your own script as each worker
     asgd server --config c.yaml --bind tcp://0.0.0.0:5555
     asgd worker --config c.yaml --server tcp://host:5555 --rank 1
     asgd eval runs/<name>
@@ -101,9 +102,10 @@ def cli():
     """asgd: asynchronous SGD on a parameter-server cluster for PyTorch."""
 
 
-@cli.command()
+@cli.command(context_settings={"allow_interspersed_args": False})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="YAML run configuration (default: configs/default.yaml).")
+              help="YAML run configuration (default: configs/default.yaml; with a SCRIPT, "
+                   "a server that learns its model from the script, with no budget).")
 @click.option("--workers", default=None, metavar="N|auto",
               help="Number of local workers (run.workers); auto: one per GPU (worker r on "
                    "cuda:r), or run.workers without a GPU.")
@@ -124,9 +126,17 @@ def cli():
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None, metavar="N",
               help="With --on ray and no --address: the local Ray instance's CPUs "
                    "(default: this machine's cores, or what the run's bundles need if more).")
-def launch(config_path, workers, overrides, quiet, resume_dir, on, address, num_cpus):
+@click.argument("script", required=False)
+@click.argument("script_args", nargs=-1, type=click.UNPROCESSED, metavar="[ARGS]...")
+def launch(config_path, workers, overrides, quiet, resume_dir, on, address, num_cpus, script,
+           script_args):
     """Run a server and N workers on this machine (or on Ray), evaluate, write
-    runs/<name>/."""
+    runs/<name>/.
+
+    With SCRIPT, each worker is `python SCRIPT [ARGS...]` (asgd's options come before SCRIPT,
+    everything after it goes to the script), told its place by ASGD_SERVER, ASGD_RANK,
+    ASGD_WORKERS, ASGD_LOCAL_RANK and ASGD_RUN_DIR; the run ends when every script has
+    exited."""
     from pathlib import Path
 
     from asgd.launch.launcher import LaunchError, resume_launch
@@ -140,6 +150,12 @@ def launch(config_path, workers, overrides, quiet, resume_dir, on, address, num_
         raise click.UsageError("--num-cpus sizes the local Ray instance of --on ray; a cluster "
                                "at --address has its own" if address is not None else
                                "--num-cpus sizes a local Ray instance: give it with --on ray")
+    if script is not None:
+        from asgd.launch.scripts import launch_script_command
+
+        launch_script_command(config_path, workers, overrides, quiet, resume_dir, on, address,
+                              num_cpus, script, script_args)
+        return
     path = Path(resume_dir) / "config.yaml" if resume_dir is not None else \
         config_path or default_config_path()
     overrides = list(overrides)
@@ -159,8 +175,14 @@ def launch(config_path, workers, overrides, quiet, resume_dir, on, address, num_
             summary = run_launch(config_or_exit(path, overrides), quiet=quiet)
     except LaunchError as e:
         raise click.ClickException(str(e))
+    report_launch(summary)
+
+
+def report_launch(summary: dict, keys=()) -> None:
+    """A launch's result: its main figures as JSON, the run directory, why it failed (exit
+    1 unless it ended ok)."""
     keys = ("test_accuracy", "test_loss", "wall_s", "updates_applied", "updates_dropped",
-            "staleness_mean", "staleness_max", "samples_per_s", "workers", "status")
+            "staleness_mean", "staleness_max", "samples_per_s", "workers", *keys, "status")
     echo(json.dumps({k: summary.get(k) for k in keys}, indent=2, allow_nan=False))
     echo(f"run directory: {summary['run_dir']}", err=True)
     if summary["status"] != "ok":

@@ -29,6 +29,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "cnn1d"           # a registry name (asgd.tasks.models) or "package.module:factory"
+                                  # ("" = no model: the server learns it from its first
+                                  # worker's hello, asgd.Optimizer in a script; server.adopt)
     args: dict = field(default_factory=dict)
     # Transfer learning (docs/models.md): start from another run's weights, keep some fixed.
     init_from: str = ""           # a run directory or checkpoint folder whose tensors of the
@@ -427,8 +429,9 @@ def validate(cfg: Config) -> None:
     need(r.workers >= 1, "run.workers", "must be >= 1")
     need(r.max_updates >= 0, "run.max_updates", "must be >= 0")
     need(r.max_seconds >= 0, "run.max_seconds", "must be >= 0")
-    need(r.max_updates > 0 or r.max_seconds > 0 or w.max_steps > 0, "run.max_updates",
-         "a run needs a budget: run.max_updates, run.max_seconds or worker.max_steps")
+    need(r.max_updates > 0 or r.max_seconds > 0 or w.max_steps > 0 or not cfg.model.name,
+         "run.max_updates", "a run needs a budget: run.max_updates, run.max_seconds or "
+         "worker.max_steps (only a server that learns its model from a script may have none)")
     need(r.eval_every_s >= 0, "run.eval_every_s", "must be >= 0")
     need(r.eval_batch_size >= 1, "run.eval_batch_size", "must be >= 1")
     need(r.max_restarts >= 0, "run.max_restarts", "must be >= 0")

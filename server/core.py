@@ -40,6 +40,7 @@ from asgd.core import encoding as enc
 from asgd.core import protocol
 from asgd.core.flat import FiniteCheck, copy_checked
 from asgd.core.protocol import ProtocolError, Request
+from server import adopt
 from server.local import LocalPeers
 from server.reply import PER_TENSOR, Reply, ReplyForm, weights_reply
 from server.staleness import Pending, StalenessControl
@@ -88,6 +89,24 @@ class ServerCore:
     def applied(self) -> int:
         """Updates applied since this server started (an update is one version)."""
         return self.store.version - self.start_version
+
+    def model_changed(self, cfg) -> None:
+        """The store adopted a model (server.adopt): its range, the config it runs with (the
+        first worker's settings), and a staleness control sized for it (no worker counts
+        yet: the one adopted from says hello after this)."""
+        self.cfg = cfg
+        self.lo, self.hi = self.store.span
+        self.local.numel = self.store.layout.numel     # what a worker's segment holds
+        self.control = StalenessControl(self.store, cfg, self.clock, self._log)
+
+    def refuse(self, frames, request_id, code: str, message: str) -> Reply:
+        """The error reply to a request refused before it reached ``reply_frames`` (CURVE's
+        ``unauthorized``), counted as every request received and every error reply is."""
+        self.bytes_in += sum(protocol.frame_nbytes(f) for f in frames)
+        self.errors[code] += 1
+        out = Reply(protocol.error_reply(request_id, code, message))
+        self.bytes_out += out.nbytes
+        return out
 
     # ------------------------------------------------------------------------------------------
 
@@ -188,6 +207,9 @@ class ServerCore:
     # ops: (request, worker stats, identity) -> (reply fields, reply tensors) or DEFER
 
     def _hello(self, req: Request, worker: WorkerStats | None, identity: bytes):
+        # a server without a model adopts the first worker's; a later or a different one must
+        # match it (the parameter list, the settings it gives), else nothing changes here
+        adopt.admit(self, req)
         if worker is None:
             worker = self._new_worker(req.worker)
         worker.rank = req.get("rank")
@@ -201,7 +223,7 @@ class ServerCore:
             "version": self.store.version,
             "shard": {"index": self.shard[0], "count": self.shard[1], "start": self.lo,
                       "stop": self.hi},
-            "config": self.training_settings(),
+            "config": adopt.hello_config(self.cfg),
             **({} if self.store.whole else {"params": self.store.specs}),
             **({} if shm is None else {"shm": shm}),
         }, None
@@ -225,6 +247,7 @@ class ServerCore:
         self.local.forget(name)
 
     def _pull(self, req: Request, worker, identity: bytes):
+        adopt.need_model(self.store, req)
         return {"version": self.store.version}, None
 
     def _check_push(self, req: Request):
@@ -323,7 +346,15 @@ class ServerCore:
         return self.store.grad
 
     def _push(self, req: Request, worker: WorkerStats | None, identity: bytes):
-        seq = req.get("seq") if worker is not None else None
+        adopt.need_model(self.store, req)
+        seq = req.get("seq")
+        if seq is not None and worker is None:
+            # replies are remembered in the worker's record, made by hello: without one a push
+            # sent again would be applied again, so a sequence number needs a hello first
+            raise ProtocolError("bad_request", f"push with 'seq' from worker "
+                                f"{req.worker[:64]!r}, which has not said hello (or was "
+                                "forgotten): say hello first; the server answers a push sent "
+                                "again exactly once only for a worker that said hello", req.id)
         if seq is not None and seq in worker.replies:
             return self._repeat(req, worker, identity, seq)
         base, grad = self._check_push(req)
@@ -378,13 +409,6 @@ class ServerCore:
             self.metrics.write(kind, **fields)
 
     # ------------------------------------------------------------------------------------------
-
-    def training_settings(self) -> dict:
-        c = self.cfg.to_dict()
-        return {"optimizer": c["optimizer"], "schedule": c["schedule"],
-                "policy": c["server"]["policy"], "max_staleness": c["server"]["max_staleness"],
-                "model": c["model"], "data": c["data"], "seed": c["run"]["seed"],
-                "max_updates": c["run"]["max_updates"]}
 
     def stats(self) -> dict:
         now = self.clock()

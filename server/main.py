@@ -32,6 +32,7 @@ from server.checkpoint import resume_store, save_store
 from server.core import ServerCore
 from server.local import LocalPeers
 from server.reply import Reply
+from server.router import open_socket, socket_limits  # noqa: F401 (socket_limits: its home)
 from server.store import ParameterStore
 
 log = logging.getLogger("asgd.server")
@@ -54,70 +55,19 @@ def usable_cores() -> int:
 def build_store(cfg: Config, shard: int = 0) -> ParameterStore:
     """The store with the model's initial weights (same seed as every worker), or shard
     ``shard``'s range of them. A built-in data set is not loaded: the model needs only its
-    shape."""
+    shape. Without ``model.name`` the store is empty until the first worker's hello brings
+    the model (server.adopt) or ``--resume`` the checkpoint's."""
     from asgd.core.flat import shard_range
     from asgd.core.layout import ParameterLayout
     from asgd.tasks.task import build_task
 
+    if not cfg.model.name:
+        return ParameterStore.empty(cfg, (shard, cfg.server.shards))
     model = build_task(cfg, data=False).model
     span = None
     if cfg.server.shards > 1:
         span = shard_range(ParameterLayout.from_model(model).numel, shard, cfg.server.shards)
     return ParameterStore.from_model(model, cfg, span=span)
-
-
-# ----------------------------------------------------------------------------------------------
-# the socket: limits, heartbeats, CURVE
-
-QUEUE_BYTES = 64 << 20       # what a few queued messages per peer and direction may hold
-MIN_HWM, MAX_HWM = 4, 1000   # messages queued per peer: at least a few, at most ZeroMQ's default
-HEADER_SLACK = 2 * protocol.MAX_HEADER_BYTES   # frames up to 2 MiB are read: an oversized
-                                               # header still gets its too_large answer
-
-
-def socket_limits(store: ParameterStore, cfg: Config) -> dict:
-    """ZMQ_MAXMSGSIZE and the high-water marks of the server's socket, from the store.
-
-    ZeroMQ applies MAXMSGSIZE to each frame and disconnects a peer that sends a larger one.
-    No frame of a legal request is larger than the whole largest request: the header (1 MiB
-    at most) and the flat gradient of this store's ``numel`` values at 4 bytes each (8 for
-    top-k's int64 indices from 2**31 values on), so that is the limit; ``server.max_message_mb``
-    caps it when smaller, but never below 2 MiB, so that a header of more than 1 MiB is still
-    read and answered ``too_large``. The high-water marks (messages queued per peer, each way)
-    are QUEUE_BYTES over one gradient message, within [4, 1000]."""
-    per_value = 8 if store.numel >= 2 ** 31 else 4
-    largest = protocol.MAX_HEADER_BYTES + per_value * store.numel
-    cap = int(cfg.server.max_message_mb * (1 << 20))
-    maxmsgsize = max(HEADER_SLACK, min(largest, cap))
-    message = 4 * store.numel + (64 << 10)          # a gradient and a generous header
-    hwm = max(MIN_HWM, min(MAX_HWM, QUEUE_BYTES // message))
-    return {"maxmsgsize": maxmsgsize, "rcvhwm": hwm, "sndhwm": hwm}
-
-
-def open_socket(ctx: zmq.Context, bind: str, store: ParameterStore, cfg: Config):
-    """The server's ROUTER, bound: its limits (``socket_limits``), ZeroMQ heartbeats, and with
-    ``server.auth: curve`` CURVE with a ZAP authenticator that lets in the allow-list only.
-    (socket, authenticator or None). AuthError (a ValueError) for keys that cannot be used."""
-    sock = ctx.socket(zmq.ROUTER)
-    sock.linger = 0
-    limits = socket_limits(store, cfg)
-    sock.setsockopt(zmq.MAXMSGSIZE, limits["maxmsgsize"])
-    sock.rcvhwm, sock.sndhwm = limits["rcvhwm"], limits["sndhwm"]
-    auth.set_heartbeats(sock)
-    authenticator = None
-    try:
-        authenticator = auth.secure_server(ctx, sock, cfg.server)
-        sock.bind(bind)
-    except BaseException:
-        sock.close(0)
-        if authenticator is not None:
-            authenticator.stop()
-        raise
-    if authenticator is None and not auth.is_loopback(bind):
-        log.warning("serving %s without authentication: anyone who can reach this port can "
-                    "read the weights and push gradients; set server.auth=curve (README, "
-                    "Across machines) or open the port only to your workers", bind)
-    return sock, authenticator
 
 
 def shard_checkpoint_dir(base: Path, shard: int, shards: int) -> Path:
@@ -146,8 +96,10 @@ class Server:
                                      buffered=True)
         # this host's workers: shared memory, and the local socket unless server.local is off
         self.local = LocalPeers(self.store.layout.numel, socket=cfg.server.local)
-        self.core = ServerCore(self.store, cfg, (shard, cfg.server.shards), metrics=self.metrics,
-                               local=self.local)
+        # the store's config: the server's, with the settings of the worker its model was
+        # adopted from when it resumed such a model (server.adopt)
+        self.core = ServerCore(self.store, self.store.cfg, (shard, cfg.server.shards),
+                               metrics=self.metrics, local=self.local)
         self.ctx = zmq.Context()
         try:
             self.sock, self.authenticator = open_socket(self.ctx, bind, self.store, cfg)
@@ -173,7 +125,7 @@ class Server:
     def extend_budget(self, updates: int) -> None:
         """run.max_updates = the current version + ``updates`` (what hello tells workers)."""
         self.cfg = self.cfg.replace(**{"run.max_updates": self.store.version + updates})
-        self.core.cfg = self.cfg
+        self.core.cfg = self.core.cfg.replace(**{"run.max_updates": self.cfg.run.max_updates})
         log.info("budget extended: run.max_updates is now %d", self.cfg.run.max_updates)
 
     def request_stop(self, *_):
@@ -332,9 +284,10 @@ class Server:
             self._unauthorized_logged.add((user, worker))
             log.warning("unauthorized: a request as worker %r from a key allowed as %r",
                         worker[:64], user)
-        self._send(identity, Reply(protocol.error_reply(
-            rid, "unauthorized", f"worker {worker[:64]!r} is not the id of the key this "
-            f"connection authenticated with ({user or 'none'})")))
+        # counted as every refused request is (stats: errors, bytes_in, bytes_out)
+        self._send(identity, self.core.refuse(
+            request, rid, "unauthorized", f"worker {worker[:64]!r} is not the id of the key "
+            f"this connection authenticated with ({user or 'none'})"))
         return False
 
     def _send(self, identity: bytes, reply: Reply) -> None:
@@ -403,8 +356,11 @@ class Server:
     def close(self) -> None:
         self._status(time.monotonic())       # the last stretch's figures
         try:
-            path = self.checkpoint()
-            log.info("checkpoint at version %d written to %s", self.store.version, path)
+            if not self.store.has_model:
+                log.info("no model yet (no worker said hello with one): no checkpoint written")
+            else:
+                path = self.checkpoint()
+                log.info("checkpoint at version %d written to %s", self.store.version, path)
         finally:
             self._record_stats()
             self.metrics.close()
@@ -444,10 +400,15 @@ def run_server(cfg: Config, bind: str | None, run_dir=None, checkpoint_dir=None,
     if address_file:
         write_address(Path(address_file), server.endpoint)
     lo, hi = server.store.span
-    log.info("serving %d parameters (%d tensors%s) at %s, version %d",
-             server.store.numel, len(server.store.specs),
-             "" if server.store.whole else f"; values {lo}-{hi} of {server.store.layout.numel}",
-             server.endpoint, server.store.version)
+    if not server.store.has_model:
+        log.info("serving at %s without a model: the first worker's hello brings it",
+                 server.endpoint)
+    else:
+        log.info("serving %d parameters (%d tensors%s) at %s, version %d",
+                 server.store.numel, len(server.store.specs),
+                 "" if server.store.whole else
+                 f"; values {lo}-{hi} of {server.store.layout.numel}",
+                 server.endpoint, server.store.version)
     try:
         server.serve()
     finally:

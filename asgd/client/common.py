@@ -1,6 +1,6 @@
 """What the client's modules share: what a request can end in besides its reply (an error
-reply, ``ServerError`` with the protocol's code, or none in time, ``ServerTimeout``), and a
-push as it is sent (``Push``)."""
+reply, ``ServerError`` with the protocol's code, or none in time, ``ServerTimeout``), a
+push as it is sent (``Push``), and a model as hello carries it (``model_frames``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,6 +29,22 @@ def check_reply(head: dict, rid: int) -> bool:
     if not head.get("ok"):
         raise ServerError(head.get("error", "internal"), head.get("message", ""))
     return True
+
+
+def model_frames(tensors) -> list:
+    """A model as hello carries it (docs/protocol.md, hello): (name, float32 array on the
+    host) pairs in model order, from a mapping name -> tensor or such pairs. A list, so that
+    every shard of a sharded server is given the whole of it."""
+    pairs = tensors.items() if hasattr(tensors, "items") else tensors or ()
+    return [(name, _float32(t)) for name, t in pairs]
+
+
+def _float32(t):
+    if hasattr(t, "detach"):          # a torch tensor (torch is loaded when one is given)
+        import torch
+
+        return t.detach().to(device="cpu", dtype=torch.float32)
+    return np.asarray(t, dtype=np.float32)
 
 
 @dataclass

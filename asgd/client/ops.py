@@ -34,7 +34,7 @@ import time
 import numpy as np
 import zmq
 
-from asgd.client.common import Push, ServerError, ServerTimeout, check_reply
+from asgd.client.common import Push, ServerError, ServerTimeout, check_reply, model_frames
 from asgd.client.samehost import LinkFace, LocalGone, SameHost
 from asgd.core import auth, protocol
 from asgd.core.flat import bf16_to_f32, chunk_ranges
@@ -372,8 +372,12 @@ class Client(LinkFace):
         """The server's version, parameter list (``tensors``), shard and settings, with the
         current weights. Offers the shared-memory segment (``share_memory``, or ``shm``: a
         caller's own Segment); ``transport`` then says whether the server mapped it (same
-        host) and ``shm_refused`` why not. ``tensors`` and ``fields``: further frames and
-        header fields, as they are (protocol additions)."""
+        host) and ``shm_refused`` why not. ``tensors``: the model (name -> tensor, or pairs:
+        the parameters that train, in model order; sent as float32 frames) and ``settings``
+        (docs/protocol.md, hello): a server without a model adopts them, one with a model
+        checks them (ServerError naming the first difference); ``fields``: further header
+        fields, as they are (protocol additions)."""
+        tensors = model_frames(tensors)
         if rank is not None:
             fields["rank"] = rank
         if self._own_link:

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import zmq
 
-from asgd.client.common import Push, ServerError, ServerTimeout
+from asgd.client.common import Push, ServerError, ServerTimeout, model_frames
 from asgd.client.ops import Client
 from asgd.client.samehost import LinkFace, SameHost
 from asgd.core import auth, protocol
@@ -181,9 +181,11 @@ class ShardedClient(LinkFace):
     def hello(self, rank: int | None = None, timeout_s: float | None = None, shm=None,
               tensors=(), **fields) -> tuple[dict, list[protocol.Tensor]]:
         """Hello to every shard (offering each the same segment: each reads and writes only
-        its own range of it). The merged answer has ``tensors``: the model's parameter list,
-        ``flat``: true, ``shards``: each shard's ``shard`` map; the weights come back as flat
-        chunks in order (every shard's range, concatenated)."""
+        its own range of it; ``tensors`` and ``settings`` as ``Client.hello``: every shard
+        gets the whole model and keeps its range). The merged answer has ``tensors``: the
+        model's parameter list, ``flat``: true, ``shards``: each shard's ``shard`` map; the
+        weights come back as flat chunks in order (every shard's range, concatenated)."""
+        tensors = model_frames(tensors)          # once, for every shard
         self.link.begin()
         answers = [c.hello(rank, timeout_s, shm, tensors, **fields) for c in self.clients]
         self.link.settle()

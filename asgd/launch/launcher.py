@@ -8,7 +8,7 @@ and so are the devices: a bad import path or argument, CUDA asked for where ther
 a data set and model the built-in loop cannot train (asgd.tasks.contract: labels that are not
 integers in [0, K), another loss, outputs that are not one per class) fail here with one line,
 and no run directory is left behind (CUDA is only asked whether it is there, never
-initialised here). The server and the workers then run as subprocesses (``python -m server``,
+initialised here; asgd.launch.checks). The server and the workers then run as subprocesses (``python -m server``,
 ``python -m worker``), never imported here. The run directory
 (``runs/<name>/``) gets config.yaml, metrics.jsonl, summary.json, checkpoint/ and logs/.
 
@@ -27,22 +27,25 @@ message. A run that diverges (see ``asgd.launch.guard``) is stopped, reported at
 whatever became of stdout.
 
     summary = resume_launch("runs/x")          # `asgd launch --resume runs/x`: go on with a run
+
+The summary's figures and summary.json: asgd.launch.summary.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import time
-from datetime import datetime
 from pathlib import Path
 
 from rich.markup import escape
 
-from asgd.config import Config, ConfigError, load_config, save_config
+from asgd.config import Config, save_config
+from asgd.launch.checks import (LaunchError, check_before_start, check_imports,  # noqa: F401
+                                checkpoint_state, make_run_dir, prepare_task, resume_config)
 from asgd.launch.display import Display, Monitor
 from asgd.launch.guard import DivergenceGuard
 from asgd.launch.processes import Proc, ProcessError, child_env, spawn, stop, wait_for_address
+from asgd.launch.summary import launch_records, run_status, training_figures, write_summary
 from asgd.metrics import MetricsWriter
 from asgd.rundir import checkpoint_dirs
 
@@ -52,92 +55,6 @@ POLL_S = 0.5
 WORKER_CANNOT_TRAIN_EXIT = 2  # worker/main.py: the configuration cannot train (no restart)
 WORKER_DIVERGED_EXIT = 4     # worker/train.py: its loss stayed non-finite
 FAULT_ENV = "ASGD_FAULT"     # worker/train.py's crash switch: not passed to a restarted worker
-
-
-class LaunchError(RuntimeError):
-    pass
-
-
-def make_run_dir(cfg: Config) -> Path:
-    name = cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.run.out_dir) / name
-    run_dir, k = base, 1
-    while run_dir.exists() and any(run_dir.iterdir()):
-        run_dir = base.with_name(f"{name}-{k}")
-        k += 1
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def checkpoint_state(directory: Path) -> tuple[int | None, str]:
-    """(version, "") of the checkpoint a server would resume from in ``directory``; (None, "")
-    when there is none yet; (None, why) when it cannot be read."""
-    from asgd.core.checkpoint import CheckpointError, load_checkpoint
-
-    if not any(Path(directory).glob("*.asgd")):
-        return None, ""
-    try:
-        return load_checkpoint(directory).version, ""
-    except CheckpointError as e:
-        return None, str(e)
-
-
-def check_imports(cfg: Config) -> None:
-    """A user's model or data set given by import path must import, and a model split into
-    stages (worker.devices) must be one that can be cut so: checked before any process starts
-    (the built-ins always import; their arguments are checked with the task)."""
-    from asgd.tasks.imports import import_object
-
-    for what, name in (("model", cfg.model.name), ("data set", cfg.data.name)):
-        if ":" in name:
-            try:
-                import_object(name, what)
-            except (ValueError, TypeError) as e:
-                raise LaunchError(str(e)) from None
-    if cfg.worker.devices and len(cfg.worker.devices) > 1:   # a split the model cannot take
-        from asgd.tasks.layers import check_split
-
-        try:
-            check_split(cfg)
-        except (ValueError, TypeError) as e:
-            raise LaunchError(str(e)) from None
-
-
-def prepare_task(cfg: Config):
-    """The run's task in this process (CPU, one thread) for evaluations: a model or data set
-    that cannot be built fails here, and the launch with it."""
-    import torch
-
-    from asgd.tasks.task import build_task
-
-    torch.set_num_threads(1)
-    try:
-        return build_task(cfg)
-    except (ValueError, TypeError) as e:
-        raise LaunchError(str(e)) from None
-
-
-def check_before_start(cfg: Config):
-    """The devices (CUDA asked for where there is none) and a user's model or data set (what
-    the built-in loop can train: asgd.tasks.contract), each a one-line LaunchError; returns
-    the task when it was built (with a user's data set, loaded to check its labels), else
-    None. Built-in models and data sets on the CPU hold the contract by construction: torch
-    is not even imported for them, so the processes start at once."""
-    from asgd.tasks.contract import cuda_names
-
-    user_code = ":" in cfg.model.name or ":" in cfg.data.name
-    if not user_code and not cuda_names(cfg):
-        return None
-    import torch
-
-    from asgd.tasks.task import check_devices, check_task
-
-    torch.set_num_threads(1)
-    try:
-        check_devices(cfg)
-        return check_task(cfg) if user_code else None
-    except (ValueError, TypeError) as e:
-        raise LaunchError(str(e)) from None
 
 
 def launch(cfg: Config, quiet: bool = False) -> dict:
@@ -164,27 +81,16 @@ def resume_launch(run_dir, overrides=(), quiet: bool = False) -> dict:
     return Launch(cfg, run_dir, quiet, resume=True).run()
 
 
-def resume_config(run_dir, overrides=()) -> tuple[Config, Path]:
-    """The config of a run to go on with, checked: it has a checkpoint to resume from."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise LaunchError(f"{run_dir} is not a run directory: it has no config.yaml")
-    try:
-        cfg = load_config(run_dir / "config.yaml", list(overrides))
-    except ConfigError as e:
-        raise LaunchError(str(e)) from None
-    check_imports(cfg)
-    for d in checkpoint_dirs(cfg, run_dir):
-        if not any(d.glob("*.asgd")):
-            raise LaunchError(f"nothing to resume in {run_dir}: no checkpoint in {d}")
-    return cfg, run_dir
-
-
 class Launch:
     """The server and the workers start together (each worker builds its model and data
     while the server starts, and reads the server's address from a file once it is there);
     meanwhile this process builds the task it evaluates with. ``resume``: the server(s)
-    start from the run's checkpoint, and the run directory is reused."""
+    start from the run's checkpoint, and the run directory is reused. Subclasses:
+    asgd.launch.onray (the processes as Ray actors), asgd.launch.scripts (a user's script as
+    each worker: started once the server listens; no exit code of its means divergence)."""
+
+    workers_need_address = False      # start the workers only once the servers listen
+    diverged_exit: int | None = WORKER_DIVERGED_EXIT   # a worker's exit code for divergence
 
     def __init__(self, cfg: Config, run_dir: Path, quiet: bool, resume: bool = False):
         self.cfg, self.run_dir, self.resume = cfg, run_dir, resume
@@ -272,8 +178,8 @@ class Launch:
             self.metrics.write("launch_resumed", versions=self.resumed_from)
         for i in range(cfg.server.shards):
             self.servers.append(self._spawn_server(i, self.resume))
-        for r in range(cfg.run.workers):
-            self.workers.append(self._spawn_worker(r, self.env))
+        if not self.workers_need_address:
+            self._spawn_workers()
 
         def sigterm(*_):
             raise KeyboardInterrupt
@@ -281,12 +187,11 @@ class Launch:
         old_term = signal.signal(signal.SIGTERM, sigterm)
         try:
             try:
-                if self.task is None:       # else checked and kept before the start
-                    self.task = prepare_task(cfg)
-                self.guard = DivergenceGuard(self.task.num_classes, cfg.schedule.warmup,
-                                             cfg.run.max_updates)
+                self._prepare()
                 self.endpoints = [wait_for_address(f, p, STARTUP_TIMEOUT_S)
                                   for f, p in zip(self.addr_files, self.servers)]
+                if self.workers_need_address:
+                    self._spawn_workers()
             except (LaunchError, ProcessError) as e:
                 stop(self.workers + self.servers, grace_s=5.0)
                 self.start_failed = True
@@ -302,10 +207,19 @@ class Launch:
             if not self.start_failed:
                 self._stop_all()
         if self.task is None:              # interrupted while it was being built
-            self.task = prepare_task(cfg)
-            self.guard = DivergenceGuard(self.task.num_classes, cfg.schedule.warmup,
-                                         cfg.run.max_updates)
+            self._prepare()
         return self._summarize()
+
+    def _spawn_workers(self) -> None:
+        for r in range(self.cfg.run.workers):
+            self.workers.append(self._spawn_worker(r, self.env))
+
+    def _prepare(self) -> None:
+        """What this process evaluates with: the task and the divergence guard."""
+        if self.task is None:       # else checked and kept before the start
+            self.task = prepare_task(self.cfg)
+        self.guard = DivergenceGuard(self.task.num_classes, self.cfg.schedule.warmup,
+                                     self.cfg.run.max_updates)
 
     def _watch(self) -> None:
         cfg, mon = self.cfg, self.mon
@@ -333,7 +247,8 @@ class Launch:
             self.display.update(mon)
             if self.diverged or self.stop_now:
                 return
-            if all(p.poll() is not None for p in self.workers):
+            if all(p.poll() == 0 or (p.poll() is not None and p.reported)
+                   for p in self.workers):   # a death since the check above: next turn
                 return
             if time.monotonic() > hard_deadline:
                 self.failures.append("workers outlived run.max_seconds; stopped")
@@ -391,7 +306,7 @@ class Launch:
         otherwise it is started again with its rank while restarts are left."""
         p = self.workers[rank]
         p.reported = True
-        if p.returncode == WORKER_DIVERGED_EXIT:
+        if p.returncode == self.diverged_exit:
             self._judge(f"{p.name}: its training loss stayed non-finite")
             return
         rec = self._death("worker", rank, p)
@@ -477,7 +392,7 @@ class Launch:
         """A worker's death while the cluster is being stopped: reported, not restarted."""
         p.reported = True
         rank = self.workers.index(p)
-        if p.returncode == WORKER_DIVERGED_EXIT:
+        if p.returncode == self.diverged_exit:
             self._judge(f"{p.name}: its training loss stayed non-finite")
             return
         rec = self._death("worker", rank, p)
@@ -530,34 +445,17 @@ class Launch:
 
     def _records(self) -> list[dict]:
         """This launch's records of metrics.jsonl (a resumed run's file holds earlier ones)."""
-        out = []
-        try:
-            with open(self.metrics_path, "rb") as f:
-                f.seek(self.metrics_start)
-                lines = f.read().splitlines()
-        except OSError:
-            return out
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
+        return launch_records(self.metrics_path, self.metrics_start)
 
-    def _summarize(self) -> dict:
+    def _final_evaluation(self, summary: dict) -> None:
+        """The checkpoint's weights on the held-out split: test_accuracy, test_loss."""
         from asgd.core.checkpoint import load_checkpoint
         from asgd.tasks.evaluate import evaluate_flat
 
-        cfg, run_dir, failures = self.cfg, self.run_dir, self.failures
-        summary: dict = {"run_dir": str(run_dir), "workers": cfg.run.workers}
-        if cfg.server.shards > 1:
-            summary["shards"] = cfg.server.shards
-        if self.resume:
-            summary["resumed_from"] = self.resumed_from
         try:
-            ckpt = load_checkpoint(run_dir / "checkpoint")
+            ckpt = load_checkpoint(self.run_dir / "checkpoint")
             ckpt.layout.check_same(self.task.layout, "checkpoint's", "configured model's")
-            acc, loss = evaluate_flat(self.task, ckpt.flat, cfg.run.eval_batch_size)
+            acc, loss = evaluate_flat(self.task, ckpt.flat, self.cfg.run.eval_batch_size)
             loss = loss if loss == loss and abs(loss) != float("inf") else None
             summary.update(test_accuracy=acc, test_loss=loss)
             self.metrics.write("eval", version=ckpt.version, accuracy=acc, loss=loss, final=True)
@@ -565,39 +463,26 @@ class Launch:
             if not self.interrupted and not self.stop_now:   # untrained: not a divergence
                 self._judge(self.guard.final(acc))
         except (OSError, ValueError) as e:
-            failures.append(f"final evaluation failed: {e}")
+            self.failures.append(f"final evaluation failed: {e}")
             summary.update(test_accuracy=None, test_loss=None)
+
+    def _summary_fields(self) -> dict:
+        """More of the summary, from a subclass."""
+        return {}
+
+    def _summarize(self) -> dict:
+        cfg, run_dir, failures = self.cfg, self.run_dir, self.failures
+        summary: dict = {"run_dir": str(run_dir), "workers": cfg.run.workers}
+        if cfg.server.shards > 1:
+            summary["shards"] = cfg.server.shards
+        if self.resume:
+            summary["resumed_from"] = self.resumed_from
+        self._final_evaluation(summary)
         self.mon.note = "diverged" if self.diverged else ""
         self.display.close(self.mon)
-        records = self._records()
-        done = [r for r in records if r.get("kind") == "worker_done"]
-        samples = sum(r["samples"] for r in done)
-        starts = [r["t"] - r["elapsed_s"] for r in done]
-        train_s = (max(r["t"] for r in done) - min(starts)) if done else 0.0
-        stats = self.final_stats or {}
-        if failures:
-            status = "failed"
-        elif self.diverged:
-            status = "diverged"
-        elif self.interrupted:
-            status = "interrupted"
-        else:
-            status = "ok"
+        figures = training_figures(self._records(), self.final_stats, self.t0)
         summary.update(
-            wall_s=round(time.time() - self.t0, 3),
-            train_s=round(train_s, 3),
-            # since the server (last) started: a restarted server counts afresh; version is whole
-            updates_applied=stats.get("updates_applied", 0),
-            updates_dropped=stats.get("updates_dropped", 0),
-            version=stats.get("version", 0),
-            staleness_mean=stats.get("staleness_mean", 0.0),
-            staleness_max=stats.get("staleness_max", 0),
-            staleness_histogram=stats.get("staleness_histogram", {}),
-            bytes_in=stats.get("bytes_in", 0), bytes_out=stats.get("bytes_out", 0),
-            shm_bytes_in=stats.get("shm_bytes_in", 0),
-            shm_bytes_out=stats.get("shm_bytes_out", 0),
-            samples=samples,
-            samples_per_s=samples / train_s if train_s > 0 else 0.0,
+            **figures,
             policy=cfg.server.policy,
             deaths=self.deaths,
             restarts=self.restarts,
@@ -605,17 +490,12 @@ class Launch:
             failures=failures,
             diverged=self.diverged,
             interrupted=self.interrupted,
-            status=status,
+            status=run_status(failures, self.diverged, self.interrupted),
         )
         if self.evals:
             summary["evals"] = self.evals
-        path = run_dir / "summary.json"
-        if self.resume and path.exists():      # the earlier launch's summary is kept
-            k = 1
-            while (run_dir / f"summary-{k}.json").exists():
-                k += 1
-            path.rename(run_dir / f"summary-{k}.json")
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+        summary.update(self._summary_fields())
+        write_summary(run_dir, summary, keep_earlier=self.resume)
         self.metrics.close()
         if self.tb is not None:      # the final evaluation's record too
             self.tb.close()

@@ -45,8 +45,8 @@ import time
 from pathlib import Path
 
 from asgd.config import Config
-from asgd.launch.launcher import (STARTUP_TIMEOUT_S, WORKER_DIVERGED_EXIT, Launch, LaunchError,
-                                  checkpoint_dirs, checkpoint_state)
+from asgd.launch.launcher import (STARTUP_TIMEOUT_S, Launch, LaunchError, checkpoint_dirs,
+                                  checkpoint_state)
 from asgd.launch.processes import read_address
 
 PLACEMENT_TIMEOUT_S = 60.0
@@ -196,7 +196,7 @@ class ProcessActor:
 
     def _final(self, rc: int) -> bool:
         return self.stopping or rc == 0 or \
-            (self.spec["kind"] == "worker" and rc == WORKER_DIVERGED_EXIT)
+            (self.spec["kind"] == "worker" and rc == self.spec.get("diverged_exit"))
 
     def state(self) -> dict:
         """This actor's process id (a new one after a restart), its child's exit code (None
@@ -448,8 +448,10 @@ class RayLaunch(Launch):
     def _actor(self, spec: dict, options: dict) -> RayProc:
         exit_file = Path(spec["log"]).with_suffix(".exit")
         exit_file.unlink(missing_ok=True)
-        spec = dict(spec, exit_file=str(exit_file), cwd=os.getcwd(), env=dict(self.env),
-                    restart_env=dict(self.restart_env))
+        extra = spec.pop("extra_env", {})      # a script worker's own variables
+        spec = dict(spec, exit_file=str(exit_file), cwd=os.getcwd(),
+                    env=dict(self.env, **extra), restart_env=dict(self.restart_env, **extra),
+                    diverged_exit=self.diverged_exit)
         actor = self.actor_class.options(name=None, max_restarts=self.cfg.run.max_restarts,
                                          max_task_retries=-1, **options).remote(spec)
         return RayProc(self.ray, actor, spec["name"], Path(spec["log"]), exit_file)
@@ -470,14 +472,17 @@ class RayLaunch(Launch):
                 "host": "127.0.0.1" if self.started_ray else ""}
         return self._actor(spec, actor_options(self.cfg.server.resources))
 
-    def _spawn_worker(self, rank: int, env: dict) -> RayProc:
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
+    def _worker_spec(self, rank: int) -> dict:
         files = [a for f in self.addr_files for a in ("--server-file", str(f))]
-        spec = {"kind": "worker", "name": f"worker {rank}",
+        return {"kind": "worker", "name": f"worker {rank}",
                 "log": str(self.run_dir / "logs" / f"worker-{rank}.log"),
                 "args": ["-m", "worker", "--config", self.config_file, *files,
                          "--rank", str(rank), "--run-dir", str(self.run_dir)]}
+
+    def _spawn_worker(self, rank: int, env: dict) -> RayProc:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        spec = self._worker_spec(rank)
         strategy = PlacementGroupSchedulingStrategy(placement_group=self.pg,
                                                     placement_group_bundle_index=rank)
         return self._actor(spec, dict(actor_options(self.bundle),
@@ -521,7 +526,7 @@ class RayLaunch(Launch):
         """Ray gave up on it (its restarts are spent), or it diverged."""
         p = self.workers[rank]
         p.reported = True
-        if p.returncode == WORKER_DIVERGED_EXIT:
+        if p.returncode == self.diverged_exit:
             self._judge(f"{p.name}: its training loss stayed non-finite")
             return
         self._out_of_restarts(p, self._death("worker", rank, p))
