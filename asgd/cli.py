@@ -271,7 +271,7 @@ def worker_command(config_path, endpoint, server_file, rank, worker_id, override
         endpoint = parts[0] if len(parts) == 1 else parts
     from asgd.core import auth
 
-    try:   # CURVE keys (worker.secret_key_file, worker.server_key) for every client it makes
+    try:   # CURVE keys (worker.auth.secret_key_file, .server_key) for every client it makes
         auth.use_client_keys(auth.client_keys(cfg.worker, worker_id or f"w{rank}"))
     except auth.AuthError as e:
         echo(f"Error: {e}", err=True)
@@ -399,8 +399,8 @@ def keys_command(name, out_dir, force):
     NAME.key_secret (secret, mode 0600: keep it where it is used).
 
     For a worker, NAME is the worker id the key lets in (w0, w1, ...): copy NAME.key into the
-    server's server.allowed_keys folder. For the server, the workers set worker.server_key to
-    its NAME.key. See README, Across machines."""
+    server's server.auth.allowed_keys folder. For the server, the workers set
+    worker.auth.server_key to its NAME.key. See README, Across machines."""
     from asgd.core.auth import AuthError, generate
 
     try:
@@ -426,8 +426,8 @@ def keys_command(name, out_dir, force):
               show_default=True, metavar="SECONDS",
               help="Seconds to wait for the server's answer.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="Only for a CURVE server: the configuration whose worker.secret_key_file "
-                   "and worker.server_key to use.")
+              help="Only for a CURVE server: the configuration whose worker.auth.secret_key_file "
+                   "and worker.auth.server_key to use.")
 @click.option("--id", "worker_id", default="status", show_default=True,
               help="The name to ask as (and, with --config, the {id} of the key file).")
 def status_command(endpoint, as_json, watch_s, count, timeout_s, config_path, worker_id):

@@ -84,7 +84,7 @@ def checkpoint_state(directory: Path) -> tuple[int | None, str]:
 
 def check_imports(cfg: Config) -> None:
     """A user's model or data set given by import path must import, and a model split into
-    stages (worker.devices) must be one that can be cut so: checked before any process starts
+    stages (worker.stages.devices) must be one that can be cut so: checked before any process starts
     (the built-ins always import; their arguments are checked with the task)."""
     from asgd.tasks.imports import import_object
 
@@ -94,7 +94,7 @@ def check_imports(cfg: Config) -> None:
                 import_object(name, what)
             except (ValueError, TypeError) as e:
                 raise LaunchError(str(e)) from None
-    if cfg.worker.devices and len(cfg.worker.devices) > 1:   # a split the model cannot take
+    if cfg.worker.stages.devices and len(cfg.worker.stages.devices) > 1:   # a split it can't take
         from asgd.tasks.layers import check_split
 
         try:
