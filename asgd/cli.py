@@ -314,9 +314,7 @@ def export_cmd(run_dir, int8, out, checkpoint, report, batch_size, repeats):
     """Write a run's trained model to one file (fp32, or INT8 with --int8), for asgd predict.
 
     Not a pickle: the checkpoint's container of named raw tensors with a msgpack header."""
-    from pathlib import Path
-
-    from asgd.tasks.export import export_run
+    from asgd.tasks.export import export_run, report_both
 
     try:
         path = export_run(run_dir, out, int8=int8, checkpoint_dir=checkpoint)
@@ -324,35 +322,10 @@ def export_cmd(run_dir, int8, out, checkpoint, report, batch_size, repeats):
             echo(json.dumps({"file": str(path), "bytes": path.stat().st_size,
                              "precision": "int8" if int8 else "fp32"}))
             return
-        import torch
-
-        from asgd.config import from_dict
-        from asgd.core.checkpoint import load_checkpoint
-        from asgd.rundir import checkpoint_dir
-        from asgd.tasks.data import load_dataset
-        from asgd.tasks.export import compare
-
-        torch.set_num_threads(1)
-        other = path.with_name(other_precision_name(path.name, int8))
-        other = export_run(run_dir, other, int8=not int8, checkpoint_dir=checkpoint)
-        ckpt = load_checkpoint(checkpoint_dir(run_dir, checkpoint))
-        cfg = from_dict(ckpt.config)
-        ds = load_dataset(cfg.data, seed=cfg.run.seed)
-        fp32, q8 = (other, path) if int8 else (path, other)
-        result = compare(fp32, q8, ds.x_test, ds.y_test, batch_size, repeats)
+        result = report_both(run_dir, path, int8, checkpoint, batch_size, repeats)
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e))
     echo(json.dumps(result, indent=2, allow_nan=False))
-
-
-def other_precision_name(name: str, int8: bool) -> str:
-    """The file ``asgd export --report`` writes beside ``name`` for the other precision:
-    model-int8.asgd -> model-fp32.asgd (and back), m.asgd -> m-fp32.asgd."""
-    from pathlib import PurePath
-
-    stem, suffix = PurePath(name).stem, PurePath(name).suffix
-    mine, other = ("int8", "fp32") if int8 else ("fp32", "int8")
-    return f"{stem.removesuffix(f'-{mine}')}-{other}{suffix}"
 
 
 @cli.command("predict")
