@@ -293,7 +293,7 @@ def worker_command(config_path, endpoint, server_file, rank, worker_id, override
         endpoint = parts[0] if len(parts) == 1 else parts
     from asgd.core import auth
 
-    try:   # CURVE keys (worker.secret_key_file, worker.server_key) for every client it makes
+    try:   # CURVE keys (worker.auth.secret_key_file, .server_key) for every client it makes
         auth.use_client_keys(auth.client_keys(cfg.worker, worker_id or f"w{rank}"))
     except auth.AuthError as e:
         echo(f"Error: {e}", err=True)
@@ -336,9 +336,7 @@ def export_cmd(run_dir, int8, out, checkpoint, report, batch_size, repeats):
     """Write a run's trained model to one file (fp32, or INT8 with --int8), for asgd predict.
 
     Not a pickle: the checkpoint's container of named raw tensors with a msgpack header."""
-    from pathlib import Path
-
-    from asgd.tasks.export import export_run
+    from asgd.tasks.export import export_run, report_both
 
     try:
         path = export_run(run_dir, out, int8=int8, checkpoint_dir=checkpoint)
@@ -346,35 +344,10 @@ def export_cmd(run_dir, int8, out, checkpoint, report, batch_size, repeats):
             echo(json.dumps({"file": str(path), "bytes": path.stat().st_size,
                              "precision": "int8" if int8 else "fp32"}))
             return
-        import torch
-
-        from asgd.config import from_dict
-        from asgd.core.checkpoint import load_checkpoint
-        from asgd.rundir import checkpoint_dir
-        from asgd.tasks.data import load_dataset
-        from asgd.tasks.export import compare
-
-        torch.set_num_threads(1)
-        other = path.with_name(other_precision_name(path.name, int8))
-        other = export_run(run_dir, other, int8=not int8, checkpoint_dir=checkpoint)
-        ckpt = load_checkpoint(checkpoint_dir(run_dir, checkpoint))
-        cfg = from_dict(ckpt.config)
-        ds = load_dataset(cfg.data, seed=cfg.run.seed)
-        fp32, q8 = (other, path) if int8 else (path, other)
-        result = compare(fp32, q8, ds.x_test, ds.y_test, batch_size, repeats)
+        result = report_both(run_dir, path, int8, checkpoint, batch_size, repeats)
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e))
     echo(json.dumps(result, indent=2, allow_nan=False))
-
-
-def other_precision_name(name: str, int8: bool) -> str:
-    """The file ``asgd export --report`` writes beside ``name`` for the other precision:
-    model-int8.asgd -> model-fp32.asgd (and back), m.asgd -> m-fp32.asgd."""
-    from pathlib import PurePath
-
-    stem, suffix = PurePath(name).stem, PurePath(name).suffix
-    mine, other = ("int8", "fp32") if int8 else ("fp32", "int8")
-    return f"{stem.removesuffix(f'-{mine}')}-{other}{suffix}"
 
 
 @cli.command("predict")
@@ -421,8 +394,8 @@ def keys_command(name, out_dir, force):
     NAME.key_secret (secret, mode 0600: keep it where it is used).
 
     For a worker, NAME is the worker id the key lets in (w0, w1, ...): copy NAME.key into the
-    server's server.allowed_keys folder. For the server, the workers set worker.server_key to
-    its NAME.key. See README, Across machines."""
+    server's server.auth.allowed_keys folder. For the server, the workers set
+    worker.auth.server_key to its NAME.key. See README, Across machines."""
     from asgd.core.auth import AuthError, generate
 
     try:
@@ -448,8 +421,8 @@ def keys_command(name, out_dir, force):
               show_default=True, metavar="SECONDS",
               help="Seconds to wait for the server's answer.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="Only for a CURVE server: the configuration whose worker.secret_key_file "
-                   "and worker.server_key to use.")
+              help="Only for a CURVE server: the configuration whose worker.auth.secret_key_file "
+                   "and worker.auth.server_key to use.")
 @click.option("--id", "worker_id", default="status", show_default=True,
               help="The name to ask as (and, with --config, the {id} of the key file).")
 def status_command(endpoint, as_json, watch_s, count, timeout_s, config_path, worker_id):

@@ -57,12 +57,13 @@ class Link:
             raise ValueError(f"asgd.Optimizer: {e}") from None
         self.client = connect_client(endpoint, worker_id, timeout_s=wcfg.request_timeout_s,
                                      spin_us=wcfg.spin_us, curve=keys)
+        x = wcfg.exchange
         try:
             self.ex = Exchange([p for _, p in named], self.layout, self.client, named[0][1].device,
-                               shared_memory=wcfg.shared_memory, overlap=wcfg.overlap,
-                               encoding=wcfg.encoding, weights_encoding=wcfg.weights_encoding,
-                               encoding_args={"topk_ratio": wcfg.topk_ratio}
-                               if wcfg.encoding == "topk" else {}, retries=wcfg.push_retries)
+                               shared_memory=x.shared_memory, overlap=x.overlap,
+                               encoding=x.encoding, weights_encoding=x.weights_encoding,
+                               encoding_args={"topk_ratio": x.topk_ratio}
+                               if x.encoding == "topk" else {}, retries=x.push_retries)
         except BaseException:
             self.client.close()
             raise

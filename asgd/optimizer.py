@@ -118,7 +118,7 @@ class Optimizer(torch.optim.Optimizer):
         named, trainable, self.positional = parameters(params, groups=inner is not None)
         resolved = resolve(given, config, inner is not None)
         self.cfg, self.settings = resolved.cfg, resolved.settings
-        self.local_steps = self.cfg.worker.local_steps
+        self.local_steps = self.cfg.worker.exchange.local_steps
         o = self.cfg.optimizer
         defaults = {"lr": o.lr, "weight_decay": o.weight_decay}
         super().__init__([p for _, p in named], defaults)

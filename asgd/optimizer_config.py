@@ -8,7 +8,7 @@ carries, and the parameters it trains.
                                                               # setting the server differs in
 
 The keywords are the config's keys by their last name (``lr`` is optimizer.lr, ``warmup``
-schedule.warmup, ``encoding`` worker.encoding; docs/library.md lists them); ``config=`` a
+schedule.warmup, ``encoding`` worker.exchange.encoding; docs/library.md lists them); ``config=`` a
 YAML file (or Config) whose values stand where a keyword is not given. Without a config the
 named optimizer takes torch.optim's defaults (AdamW's weight decay 0.01, Adagrad's eps 1e-10),
 so ``optimizer="adamw"`` means exactly ``torch.optim.AdamW``.
@@ -25,7 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from asgd.config import Config, ConfigError, WorkerConfig, apply_overrides, load_config
+from asgd.config import Config, ConfigError, apply_overrides, load_config
 
 # torch.optim's own defaults for the optimizers the server has
 TORCH_DEFAULTS = {
@@ -45,17 +45,31 @@ KEYS = {"optimizer": "optimizer.name", "lr": "optimizer.lr", "momentum": "optimi
         "weight_decay": "optimizer.weight_decay",
         "schedule": "schedule.kind", "warmup": "schedule.warmup", "total": "schedule.total",
         "min_lr": "schedule.min_lr", "step_size": "schedule.step_size", "gamma": "schedule.gamma",
-        "max_updates": "run.max_updates", "local_steps": "worker.local_steps",
-        "outer": "server.outer_optimizer", "outer_lr": "server.outer_lr",
-        "outer_momentum": "server.outer_momentum", "outer_nesterov": "server.outer_nesterov"}
+        "max_updates": "run.max_updates", "local_steps": "worker.exchange.local_steps",
+        "outer": "server.outer.optimizer", "outer_lr": "server.outer.lr",
+        "outer_momentum": "server.outer.momentum", "outer_nesterov": "server.outer.nesterov"}
 LAUNCH_CONFIG = "ASGD_CONFIG"     # the run's config.yaml, given to a launched script
 SCHEDULE = ("schedule", "warmup", "total", "min_lr", "step_size", "gamma")
 OUTER = ("outer", "outer_lr", "outer_momentum", "outer_nesterov")
 # the worker's data-path settings a script may give (worker.*, as asgd worker reads them)
-WORKER_KEYS = ("shared_memory", "overlap", "encoding", "topk_ratio", "weights_encoding",
-               "request_timeout_s", "reconnect_timeout_s", "push_retries", "spin_us",
-               "secret_key_file", "server_key", "log_every")
-assert all(k in {f.name for f in dataclasses.fields(WorkerConfig)} for k in WORKER_KEYS)
+WORKER_KEYS = {k: f"worker.exchange.{k}" for k in ("shared_memory", "overlap", "encoding",
+                                                   "topk_ratio", "weights_encoding",
+                                                   "push_retries")}
+WORKER_KEYS.update({k: f"worker.{k}" for k in ("request_timeout_s", "reconnect_timeout_s",
+                                               "spin_us", "log_every")})
+WORKER_KEYS.update({k: f"worker.auth.{k}" for k in ("secret_key_file", "server_key")})
+
+
+def _get(cfg: Config, key: str):
+    """The value at a dotted config key: _get(cfg, "worker.exchange.overlap")."""
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+for _key in WORKER_KEYS.values():       # each names a key that exists
+    _get(Config(), _key)
 
 
 @dataclass
@@ -100,7 +114,7 @@ def resolve(given: dict, config=None, inner: bool = False) -> Resolved:
         data["run"]["max_updates"] = 0
     if data["run"]["max_updates"] == 0 and not data["run"]["max_seconds"]:
         data["run"]["max_seconds"] = 1.0      # the config wants a budget; this one is unused
-    pairs = [(KEYS.get(k, f"worker.{k}"), v) for k, v in given.items()]
+    pairs = [(KEYS.get(k) or WORKER_KEYS[k], v) for k, v in given.items()]
     try:
         cfg = apply_overrides(_from(data), pairs, parsed=True)
     except ConfigError as e:
@@ -121,7 +135,7 @@ def launch_worker_settings(env=None) -> dict:
         cfg = load_config(path)
     except ConfigError as e:
         raise ValueError(f"asgd.Optimizer: {LAUNCH_CONFIG}={path}: {e}") from None
-    return {k: getattr(cfg.worker, k) for k in WORKER_KEYS}
+    return {k: _get(cfg, key) for k, key in WORKER_KEYS.items()}
 
 
 def _from(data: dict) -> Config:
@@ -136,30 +150,30 @@ def _keyword_names(message: str) -> str:
     for kw, key in KEYS.items():
         if message.startswith(key + ":"):
             return f"{kw} ({key}){message[len(key):]}"
-    for kw in WORKER_KEYS:
-        if message.startswith(f"worker.{kw}:"):
-            return f"{kw} (worker.{kw}){message[len(kw) + 7:]}"
+    for kw, key in WORKER_KEYS.items():
+        if message.startswith(key + ":"):
+            return f"{kw} ({key}){message[len(key):]}"
     return message
 
 
 def _settings(cfg: Config, given: dict, from_config: bool, inner: bool) -> dict:
     s, sv = cfg.schedule, cfg.server
-    h = cfg.worker.local_steps
+    h = cfg.worker.exchange.local_steps
     out: dict = {"local_steps": h}
     if not inner:
         out["optimizer"] = optimizer_settings(cfg)
     elif h == 1:     # deltas, added by the server's A-SGD rule: SGD at the outer rate
-        out["optimizer"] = {"name": "sgd", "lr": sv.outer_lr if "outer_lr" in given else 1.0,
-                            "momentum": sv.outer_momentum if "outer_momentum" in given else 0.0,
-                            "nesterov": bool(sv.outer_nesterov and "outer_nesterov" in given),
+        out["optimizer"] = {"name": "sgd", "lr": sv.outer.lr if "outer_lr" in given else 1.0,
+                            "momentum": sv.outer.momentum if "outer_momentum" in given else 0.0,
+                            "nesterov": bool(sv.outer.nesterov and "outer_nesterov" in given),
                             "weight_decay": 0.0}
         if given.get("outer", "sgd") != "sgd":
             raise ValueError("asgd.Optimizer: inner= with local_steps=1 pushes deltas that the "
                              "server adds by SGD: outer must be sgd")
         out["schedule"] = {"kind": "constant", "warmup": 0}
     elif from_config or any(k in given for k in OUTER):
-        out["outer"] = {"optimizer": sv.outer_optimizer, "lr": sv.outer_lr,
-                        "momentum": sv.outer_momentum, "nesterov": sv.outer_nesterov}
+        out["outer"] = {"optimizer": sv.outer.optimizer, "lr": sv.outer.lr,
+                        "momentum": sv.outer.momentum, "nesterov": sv.outer.nesterov}
     if not inner and (from_config or any(k in given for k in SCHEDULE)):
         out["schedule"] = {k: getattr(s, k) for k in SCHEDULE_KEYS[s.kind]}
     if from_config or "max_updates" in given:
@@ -284,9 +298,9 @@ def server_config(cfg: Config, server: dict | None) -> Config:
     outer = server.get("outer") or {}
     for k in ("optimizer", "lr", "momentum", "nesterov"):
         if k in outer:
-            pairs.append((f"server.outer_{k}", outer[k]))
+            pairs.append((f"server.outer.{k}", outer[k]))
     if isinstance(server.get("local_steps"), int):
-        pairs.append(("worker.local_steps", server["local_steps"]))
+        pairs.append(("worker.exchange.local_steps", server["local_steps"]))
     try:
         return apply_overrides(cfg, pairs, parsed=True)
     except ConfigError:

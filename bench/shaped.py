@@ -43,13 +43,13 @@ sys.path.insert(0, str(REPO))
 from asgd.bench.compose import run_compose  # noqa: E402
 from asgd.bench.netns import Shaping, shaping_available  # noqa: E402
 
-H8 = ["worker.local_steps=8", "run.max_updates=375"]        # the same 300,000 samples
-H16 = ["worker.local_steps=16", "run.max_updates=188"]
-H32 = ["worker.local_steps=32", "run.max_updates=94"]
-H64 = ["worker.local_steps=64", "run.max_updates=47"]
-FP16 = ["worker.encoding=fp16", "worker.weights_encoding=bf16"]
-TOPK = ["worker.encoding=topk", "worker.weights_encoding=bf16"]
-OVERLAP = ["worker.overlap=true"]
+H8 = ["worker.exchange.local_steps=8", "run.max_updates=375"]        # the same 300,000 samples
+H16 = ["worker.exchange.local_steps=16", "run.max_updates=188"]
+H32 = ["worker.exchange.local_steps=32", "run.max_updates=94"]
+H64 = ["worker.exchange.local_steps=64", "run.max_updates=47"]
+FP16 = ["worker.exchange.encoding=fp16", "worker.exchange.weights_encoding=bf16"]
+TOPK = ["worker.exchange.encoding=topk", "worker.exchange.weights_encoding=bf16"]
+OVERLAP = ["worker.exchange.overlap=true"]
 
 # (name, over the shaped network, overrides)
 SETTINGS = [

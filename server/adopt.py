@@ -47,9 +47,9 @@ SETTINGS: dict = {
     "schedule": {k: f"schedule.{k}" for k in ("kind", "warmup", "total", "min_lr",
                                                "step_size", "gamma")},
     "max_updates": "run.max_updates",
-    "local_steps": "worker.local_steps",
-    "outer": {"optimizer": "server.outer_optimizer", "lr": "server.outer_lr",
-              "momentum": "server.outer_momentum", "nesterov": "server.outer_nesterov"},
+    "local_steps": "worker.exchange.local_steps",
+    "outer": {"optimizer": "server.outer.optimizer", "lr": "server.outer.lr",
+              "momentum": "server.outer.momentum", "nesterov": "server.outer.nesterov"},
 }
 
 NO_MODEL_HELLO = ("the server has no model yet: the first worker's hello must carry its "

@@ -40,7 +40,7 @@ log = logging.getLogger("asgd.server")
 POLL_MS = 100
 STATUS_EVERY_S = 5.0   # a status line in the log this often, when anything changed
 MAX_BATCH = 256   # requests handled per wake-up before periodic work gets a turn
-MAX_REPLIED = 1024  # clients whose last reply time is kept (server.spin_us)
+MAX_REPLIED = 1024  # clients whose last reply time is kept (server.spin.us)
 SPIN_POLL_S = 50e-6   # while spinning for one client, every source is polled this often
 
 
@@ -115,8 +115,8 @@ class Server:
         self._last_checkpoint_t = time.monotonic()
         self._next_status = time.monotonic() + 1.0
         self._status_at = (time.monotonic(), self.store.version)
-        self.spin_s = cfg.server.spin_us * 1e-6
-        self.spare_spin_s = max(self.spin_s, cfg.server.spin_spare_us * 1e-6)
+        self.spin_s = cfg.server.spin.us * 1e-6
+        self.spare_spin_s = max(self.spin_s, cfg.server.spin.spare_us * 1e-6)
         self.cores = usable_cores()
         self.shards = cfg.server.shards
         self._spin_next = None           # the identity to poll for after a reply (_spin)
@@ -210,12 +210,12 @@ class Server:
                     return events
 
     def _spin_window(self) -> float:
-        """How long to poll after a reply: server.spin_spare_us while this host has a core to
+        """How long to poll after a reply: server.spin.spare_us while this host has a core to
         spare for the server (its workers, by their shared-memory segments, and the server
         fewer than or as many as its cores; with ``server.shards`` every shard counted as on
         this host): the core is idle anyway, and a server awake when the next push comes
         answers it sooner than one woken from sleep, its caches warm. Otherwise
-        server.spin_us: the workers need every core. A shard without a core to spare does not
+        server.spin.us: the workers need every core. A shard without a core to spare does not
         spin at all: its clients come back only once every shard has answered, so a shard
         polling for them holds the core that a sibling still needs to finish its range."""
         local = len(self.local)

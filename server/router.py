@@ -47,7 +47,7 @@ def socket_limits(store: ParameterStore, cfg: Config) -> dict:
 
 def open_socket(ctx: zmq.Context, bind: str, store: ParameterStore, cfg: Config):
     """The server's ROUTER, bound: its limits (``socket_limits``), ZeroMQ heartbeats, and with
-    ``server.auth: curve`` CURVE with a ZAP authenticator that lets in the allow-list only.
+    ``server.auth.mode: curve`` CURVE with a ZAP authenticator that lets in the allow-list only.
     (socket, authenticator or None). AuthError (a ValueError) for keys that cannot be used."""
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 0
@@ -66,6 +66,6 @@ def open_socket(ctx: zmq.Context, bind: str, store: ParameterStore, cfg: Config)
         raise
     if authenticator is None and not auth.is_loopback(bind):
         log.warning("serving %s without authentication: anyone who can reach this port can "
-                    "read the weights and push gradients; set server.auth=curve (README, "
+                    "read the weights and push gradients; set server.auth.mode=curve (README, "
                     "Across machines) or open the port only to your workers", bind)
     return sock, authenticator

@@ -121,10 +121,10 @@ def test_allow_list_names_and_bad_keys(tmp_path):
     with pytest.raises(auth.AuthError, match="no such file"):
         auth.AllowList.load(tmp_path / "missing")
     with pytest.raises(auth.AuthError, match="holds no secret key"):
-        auth.load_secret(root / "workers" / "w0.key", "worker.secret_key_file")
+        auth.load_secret(root / "workers" / "w0.key", "worker.auth.secret_key_file")
     assert auth.load_public(w0.decode(), "t") == w0           # Z85 text works as well
     with pytest.raises(auth.AuthError, match="neither an existing key file"):
-        auth.load_public("nope", "worker.server_key")
+        auth.load_public("nope", "worker.auth.server_key")
     assert auth.is_loopback("tcp://127.0.0.1:5555") and auth.is_loopback("ipc:///tmp/x")
     assert not auth.is_loopback("tcp://0.0.0.0:5555") and not auth.is_loopback("tcp://*:1")
 
@@ -196,11 +196,11 @@ def test_missing_or_empty_allow_list_stops_the_server(tmp_path, make_config, pro
     root = make_keys(tmp_path / "keys")
     (tmp_path / "empty").mkdir()
     cases = {
-        "allowed_keys unset": ({"allowed_keys": ""}, "server.allowed_keys is not set"),
+        "allowed_keys unset": ({"allowed_keys": ""}, "server.auth.allowed_keys is not set"),
         "allow-list missing": ({"allowed_keys": str(tmp_path / "nope")}, "no such file"),
         "allow-list empty": ({"allowed_keys": str(tmp_path / "empty")}, "no public keys"),
         "no server key": ({"secret_key_file": str(tmp_path / "nokey")},
-                          "server.secret_key_file: no such file"),
+                          "server.auth.secret_key_file: no such file"),
     }
     for name, (change, message) in cases.items():
         config = make_config(server={**curve_server(root), **change})
@@ -229,8 +229,8 @@ def test_a_worker_with_curve_keys_trains_against_a_curve_server(tmp_path, start_
     config = make_config(run={"workers": 1, "max_updates": 20, "max_seconds": 600},
                          server=curve_server(root))
     server = start_server(config)
-    keyset = ["--set", f"worker.secret_key_file={root}/workers/{{id}}.key_secret",
-              "--set", f"worker.server_key={root}/server/server.key"]
+    keyset = ["--set", f"worker.auth.secret_key_file={root}/workers/{{id}}.key_secret",
+              "--set", f"worker.auth.server_key={root}/server/server.key"]
     worker = processes.spawn(["-m", "worker", "--config", str(config), "--server",
                               server.endpoint, "--rank", "0", *keyset], tmp_path / "w0.log")
     assert worker.wait(timeout=WORKER_TIMEOUT_S) == 0, (tmp_path / "w0.log").read_text()
@@ -249,8 +249,8 @@ def test_a_worker_with_curve_keys_trains_against_a_curve_server(tmp_path, start_
 
     # half the keys is a configuration error (exit 2), before anything trains
     res = processes.run(["-m", "worker", "--config", str(config), "--server", server.endpoint,
-                         "--set", f"worker.server_key={root}/server/server.key"], timeout=60)
-    assert res.returncode == 2 and "worker.secret_key_file is not set" in res.stderr
+                         "--set", f"worker.auth.server_key={root}/server/server.key"], timeout=60)
+    assert res.returncode == 2 and "worker.auth.secret_key_file is not set" in res.stderr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,15 +334,15 @@ def test_compose_curve_file_uses_mounted_keys():
         kinds.setdefault(argv[1], []).append(params)
         sets = dict(o.split("=", 1) for o in params.get("overrides", ()))
         mounts = [v.split(":")[1] for v in svc.get("volumes", [])]
-        for key in ("server.secret_key_file", "server.allowed_keys", "worker.secret_key_file",
-                    "worker.server_key"):
+        for key in ("server.auth.secret_key_file", "server.auth.allowed_keys",
+                    "worker.auth.secret_key_file", "worker.auth.server_key"):
             if key in sets:
                 assert any(sets[key] == m or sets[key].startswith(m + "/") for m in mounts), \
                     (name, key, sets[key], mounts)
     (server,) = kinds["server"]
-    assert "server.auth=curve" in server["overrides"]
+    assert "server.auth.mode=curve" in server["overrides"]
     for params in kinds["server"] + kinds["worker"]:
         load_config(REPO / params["config_path"], params["overrides"])   # keys of the config
     assert len(kinds["worker"]) == 2
-    assert all(any(o.startswith("worker.server_key=") for o in w["overrides"])
+    assert all(any(o.startswith("worker.auth.server_key=") for o in w["overrides"])
                for w in kinds["worker"])

@@ -214,8 +214,9 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_on_and_off_stay_words_for_a_word_valued_key():
     """YAML 1.1 reads `off` as false; a key whose values are words takes it back as "off"."""
-    cfg = load_config(None, ["worker.shared_memory=off"])
-    assert cfg.worker.shared_memory == "off"
-    assert load_config(None, ["worker.shared_memory=on"]).worker.shared_memory == "on"
-    with pytest.raises(ConfigError, match="worker.encoding"):
-        load_config(None, ["worker.encoding=off"])
+    cfg = load_config(None, ["worker.exchange.shared_memory=off"])
+    assert cfg.worker.exchange.shared_memory == "off"
+    cfg = load_config(None, ["worker.exchange.shared_memory=on"])
+    assert cfg.worker.exchange.shared_memory == "on"
+    with pytest.raises(ConfigError, match="worker.exchange.encoding"):
+        load_config(None, ["worker.exchange.encoding=off"])

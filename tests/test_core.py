@@ -136,9 +136,9 @@ def test_max_staleness_drops_with_weights_unchanged():
 
 
 def test_staleness_policies_apply_to_pseudo_gradients_with_the_outer_rate():
-    """worker.local_steps > 1: a push is a pseudo-gradient, stepped with the outer optimizer's
-    rate times the staleness policy's scale (``scale``: 1 / max(1, staleness)), and dropped
-    past the bound as any push is. Plain outer SGD, so each step is lr * scale * g."""
+    """worker.exchange.local_steps > 1: a push is a pseudo-gradient, stepped with the outer
+    optimizer's rate times the staleness policy's scale (``scale``: 1 / max(1, staleness)), and
+    dropped past the bound as any push is. Plain outer SGD, so each step is lr * scale * g."""
     core = make_core(optimizer={"name": "adam", "lr": 0.01}, worker={"local_steps": 4},
                      server={"policy": "scale+max_staleness", "max_staleness": 2,
                              "outer_lr": 0.5, "outer_momentum": 0.0, "outer_nesterov": False})

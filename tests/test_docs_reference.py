@@ -162,7 +162,7 @@ def test_every_config_key_is_in_docs_config_with_its_default():
                  for k, v in keys.items() if k in docs and not same_default(docs[k], v)]
     problems += [f"`{k}` is documented but is no configuration key" for k in docs
                  if k not in keys]
-    assert not problems, "docs/config.md is out of step with asgd/config.py:\n  " + \
+    assert not problems, "docs/config.md is out of step with asgd/config/:\n  " + \
         "\n  ".join(problems)
 
 
@@ -180,3 +180,5 @@ def test_the_checks_catch_drift():
     keys = config_keys()
     assert "data.augment.shift" in keys and "run.workers" in keys
     assert "data.augment" not in keys        # a section, not a key
+    assert "server.spin.us" in keys and "worker.exchange.overlap" in keys   # sub-sections
+    assert "server.spin" not in keys and "worker.exchange" not in keys

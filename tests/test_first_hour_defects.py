@@ -141,7 +141,7 @@ def test_samples_per_s_counts_local_steps_and_updates_stop_at_the_budget():
     from asgd.config import Config
     from asgd.launch.display import Monitor
 
-    cfg = Config().replace(**{"worker.local_steps": 4, "worker.batch_size": 50,
+    cfg = Config().replace(**{"worker.exchange.local_steps": 4, "worker.batch_size": 50,
                               "run.max_updates": 3000})
     mon = Monitor(cfg, time.time())
     for pushes in (10, 30):
@@ -203,7 +203,7 @@ def test_a_launch_on_a_terminal_keeps_its_bar_and_counts_local_steps(child_env, 
     code, out = run_on_a_terminal(
         [sys.executable, "-m", "asgd.cli", "launch", "--set", f"run.out_dir={tmp_path}",
          "--set", "model.args={channels: 8}", "--set", "worker.batch_size=50",
-         "--set", "worker.local_steps=8", "--set", "run.max_updates=100",
+         "--set", "worker.exchange.local_steps=8", "--set", "run.max_updates=100",
          "--set", "run.eval_every_s=0"], child_env, tmp_path, timeout_s=240)
     assert code == 0, out[-3000:]
     assert re.search(r"\[#+-*\]  updates \d+/100", out), out[-3000:]     # the bar, drawn
@@ -342,7 +342,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
 
 @no_cuda
 @pytest.mark.parametrize("setting", ["worker.device=cuda", "worker.device=cuda:1",
-                                     "worker.devices=[cpu, cuda:0]"])
+                                     "worker.stages.devices=[cpu, cuda:0]"])
 def test_cuda_where_there_is_none_is_one_line_and_no_run_directory(processes, tmp_path,
                                                                    setting):
     result = processes.run(["-m", "asgd.cli", "launch", "--quiet", "--set",

@@ -166,7 +166,7 @@ def test_a_server_that_dies_is_noticed_at_once(server, segment_client):
 
 
 def test_a_local_client_in_a_loop_does_not_starve_the_others(server, segment_client, clients):
-    """The server polls for a client that comes straight back (server.spin_us, and
+    """The server polls for a client that comes straight back (server.spin.us, and
     spin_spare_us with a core to spare), but looks at every other source while it does: a
     ZeroMQ client is answered while a local one pushes in a loop. Both make progress at the
     same time: the local loop is running before the other's first pull and still running

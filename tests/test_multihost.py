@@ -31,8 +31,8 @@ SHAPED = netns.Shaping(rate_mbit=100, loss=0.02, delay_ms=50)
 # the fastest over it (docs/performance.md, "Across hosts: a shaped network"): 32 local steps
 # a push (the same 300,000 samples in 94 pushes), pushed while the next 32 compute, as fp16,
 # the weights back as bf16
-BEST = ["worker.local_steps=32", "run.max_updates=94", "worker.overlap=true",
-        "worker.encoding=fp16", "worker.weights_encoding=bf16"]
+BEST = ["worker.exchange.local_steps=32", "run.max_updates=94", "worker.exchange.overlap=true",
+        "worker.exchange.encoding=fp16", "worker.exchange.weights_encoding=bf16"]
 PROBE = [sys.executable, str(Path(relay.__file__).resolve())]
 
 

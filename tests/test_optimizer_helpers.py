@@ -176,7 +176,7 @@ def test_a_launched_script_takes_the_data_path_keys_of_the_run_config(tmp_path, 
     path.write_text("worker:\n  encoding: fp16\n  overlap: true\nschedule:\n  kind: step\n")
     monkeypatch.setenv("ASGD_CONFIG", str(path))
     r = resolve({"optimizer": "sgd", "overlap": False})
-    assert (r.cfg.worker.encoding, r.cfg.worker.overlap) == ("fp16", False)
+    assert (r.cfg.worker.exchange.encoding, r.cfg.worker.exchange.overlap) == ("fp16", False)
     assert "schedule" not in r.settings
     path.write_text("worker:\n  encoding: zip\n")
     with pytest.raises(ValueError, match="ASGD_CONFIG=.*worker.encoding"):

@@ -1,4 +1,4 @@
-"""Mixed precision (worker.precision): the fp16 loss scaler skips an overflowing step, pushes
+"""Mixed precision (worker.stages.precision): the fp16 loss scaler skips an overflowing step, pushes
 nothing and shrinks its scale, then grows it back; fp16 and bf16 autocast give the fp32
 gradient to their precision; bf16 trains a real cluster on the CPU; fp16 on CUDA where there is
 one."""
@@ -112,7 +112,7 @@ def test_a_model_that_cannot_run_in_a_precision_fails_at_start_naming_the_key():
     model = build_model(load_config(None, ["model.name=lstm"]).model, (40,), 10)
     if torch.cuda.is_available():
         pytest.skip("the CPU's limitation")
-    with pytest.raises(ConfigError, match="worker.precision: model LSTMClassifier does not "
+    with pytest.raises(ConfigError, match="worker.stages.precision: model LSTMClassifier does not "
                                           "run in fp16 on cpu"):
         st.build_pipeline(worker_cfg(precision="fp16"), model, 0, example=batch()[0])
 
@@ -179,7 +179,7 @@ def test_fp16_autocast_on_cuda_with_the_scaler():
 def test_bf16_trains_two_workers_on_the_cpu(processes, tmp_path, mnist1d_cached):
     out = tmp_path / "runs"
     result = processes.run(["-m", "asgd.cli", "launch", "--config", str(DEFAULT_CONFIG),
-                            "--set", f"run.out_dir={out}", "--set", "worker.precision=bf16",
+                            "--set", f"run.out_dir={out}", "--set", "worker.stages.precision=bf16",
                             "--set", "run.max_updates=1500", "--set", "run.eval_every_s=0",
                             "--set", "run.max_seconds=0", "--quiet"], timeout=540, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

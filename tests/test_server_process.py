@@ -199,7 +199,7 @@ def test_resume_without_checkpoint_fails_clearly(processes, make_config, tmp_pat
 
 def test_a_spinning_server_serves_a_looping_client_and_goes_back_to_sleep(
         start_server, make_config, clients):
-    """server.spin_us: after answering a client that came straight back, the server polls
+    """server.spin.us: after answering a client that came straight back, the server polls
     for its next request before sleeping. Every request is still answered in order, and once
     the client stops the server sleeps in poll again: over an idle second it uses a small
     part of a core (not a spinning one)."""
@@ -235,7 +235,7 @@ def test_a_spinning_server_serves_a_looping_client_and_goes_back_to_sleep(
                     reason="needs a core to spare, and server.shards = the cores (at most 64)")
 def test_with_a_core_to_spare_the_server_stays_awake_between_a_workers_steps(
         start_server, make_config, clients, tmp_path):
-    """server.spin_spare_us: with one worker on this host (its segment mapped) and a core
+    """server.spin.spare_us: with one worker on this host (its segment mapped) and a core
     to spare, the server polls between that worker's pushes, 2 ms of "compute" apart, instead
     of sleeping: its main thread seldom blocks (few voluntary context switches a push, where
     a server with spin_spare_us 0 blocks in poll after every reply: counts, not times, so a

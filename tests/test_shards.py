@@ -226,8 +226,8 @@ def test_a_worker_given_one_shard_of_two_stops_with_a_clear_error(cluster, make_
     assert "shard 0 of 2" in r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("extra", [[], ["--set", "worker.shared_memory=off",
-                                        "--set", "worker.encoding=fp16"]],
+@pytest.mark.parametrize("extra", [[], ["--set", "worker.exchange.shared_memory=off",
+                                        "--set", "worker.exchange.encoding=fp16"]],
                          ids=["shared-memory", "tcp-fp16"])
 def test_launch_with_two_shards_trains(processes, make_config, tmp_path, extra):
     cfg = make_config(server={"shards": 2, "policy": "scale", "max_staleness": 3},

@@ -1,4 +1,4 @@
-"""Inside the node: a model split into stages (worker.devices), the GPipe pipeline over
+"""Inside the node: a model split into stages (worker.stages.devices), the GPipe pipeline over
 micro-batches, recompute and offload give the whole model's loss and gradient; a bad split is a
 ConfigError naming the key; two workers, each with two stages, four micro-batches and bf16
 autocast, train the default run (the acceptance run of docs/node.md)."""
@@ -154,31 +154,35 @@ def test_more_stages_than_layers_is_a_config_error():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(1), nn.Linear(40, 10))
     x, _ = batch((40,))
-    with pytest.raises(ConfigError, match="worker.devices: 3 stages but the model has only 2"):
+    with pytest.raises(ConfigError, match="worker.stages.devices: 3 stages but the model has "
+                                          "only 2"):
         st.build_pipeline(worker_cfg(devices=["cpu"] * 3), model, 0, example=x)
 
 
 def test_split_points_out_of_range_are_a_config_error():
     model = build_model(load_config(None, ["model.name=cnn1d"]).model, (40,), 10)
     x, _ = batch((40,))
-    with pytest.raises(ConfigError, match="worker.split: split points \\[9\\] out of range"):
+    with pytest.raises(ConfigError, match="worker.stages.split: split points \\[9\\] out of range"):
         st.build_pipeline(worker_cfg(devices=["cpu", "cpu"], split=[9]), model, 0, example=x)
     # the same check before any process starts, from the config alone (cnn1d: 9 layers)
-    with pytest.raises(ConfigError, match="worker.split: split points \\[9\\] out of range"):
-        lay.check_split(load_config(None, ["worker.devices=[cpu, cpu]", "worker.split=[9]"]))
-    lay.check_split(load_config(None, ["worker.devices=[cpu, cpu]", "worker.split=[8]"]))
+    with pytest.raises(ConfigError, match="worker.stages.split: split points \\[9\\] out of range"):
+        lay.check_split(load_config(None, ["worker.stages.devices=[cpu, cpu]",
+                                           "worker.stages.split=[9]"]))
+    lay.check_split(load_config(None, ["worker.stages.devices=[cpu, cpu]",
+                                       "worker.stages.split=[8]"]))
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["worker.precision=fp8"], "worker.precision"),
-    (["worker.devices=[cpu, cpu]", "worker.split=[0]"], "worker.split"),
-    (["worker.devices=[cpu, cpu]", "worker.split=[3, 2]"], "worker.split"),
-    (["worker.devices=[cpu, cpu]", "worker.split=[2, 4]"], "worker.split: 2 split points"),
-    (["worker.split=balanced"], "worker.split"),
-    (["worker.devices=[]"], "worker.devices"),
-    (["worker.devices=[tpu]"], "worker.devices"),
-    (["worker.microbatches=0"], "worker.microbatches"),
-    (["worker.microbatches=101"], "worker.microbatches"),
+    (["worker.stages.precision=fp8"], "worker.stages.precision"),
+    (["worker.stages.devices=[cpu, cpu]", "worker.stages.split=[0]"], "worker.stages.split"),
+    (["worker.stages.devices=[cpu, cpu]", "worker.stages.split=[3, 2]"], "worker.stages.split"),
+    (["worker.stages.devices=[cpu, cpu]", "worker.stages.split=[2, 4]"],
+     "worker.stages.split: 2 split points"),
+    (["worker.stages.split=balanced"], "worker.stages.split"),
+    (["worker.stages.devices=[]"], "worker.stages.devices"),
+    (["worker.stages.devices=[tpu]"], "worker.stages.devices"),
+    (["worker.stages.microbatches=0"], "worker.stages.microbatches"),
+    (["worker.stages.microbatches=101"], "worker.stages.microbatches"),
     (["worker.device=cuda:{rank}"], "worker.device"),
 ])
 def test_bad_keys_name_themselves(overrides, message):
@@ -237,8 +241,8 @@ def test_device_templates_use_the_local_rank():
     with pytest.raises(ValueError, match="CUDA is not available"):
         devices.resolve_device("cuda:{local_rank}", 1)
     cfg = load_config(None, ["worker.device=cuda:{local_rank}",
-                             "worker.devices=['cuda:{local_rank}', cpu]"])   # quoted: YAML
-    assert cfg.worker.devices == ["cuda:{local_rank}", "cpu"]
+                             "worker.stages.devices=['cuda:{local_rank}', cpu]"])   # quoted: YAML
+    assert cfg.worker.stages.devices == ["cuda:{local_rank}", "cpu"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -347,8 +351,10 @@ def test_two_workers_with_two_stages_four_microbatches_and_bf16_train_the_defaul
         processes, tmp_path, mnist1d_cached):
     out = tmp_path / "runs"
     result = processes.run(["-m", "asgd.cli", "launch", "--config", str(DEFAULT_CONFIG),
-                            "--set", f"run.out_dir={out}", "--set", "worker.devices=[cpu, cpu]",
-                            "--set", "worker.microbatches=4", "--set", "worker.precision=bf16",
+                            "--set", f"run.out_dir={out}",
+                            "--set", "worker.stages.devices=[cpu, cpu]",
+                            "--set", "worker.stages.microbatches=4",
+                            "--set", "worker.stages.precision=bf16",
                             "--set", "run.eval_every_s=0", "--set", "run.max_seconds=0",
                             "--quiet"], timeout=540, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -364,7 +370,8 @@ def test_two_workers_with_two_stages_four_microbatches_and_bf16_train_the_defaul
 def test_a_split_the_model_cannot_take_stops_the_launch_before_it_starts(processes, tmp_path):
     out = tmp_path / "runs"
     r = processes.run(["-m", "asgd.cli", "launch", "--quiet", "--set", f"run.out_dir={out}",
-                       "--set", "worker.devices=[cpu,cpu]", "--set", "worker.split=[999]"],
+                       "--set", "worker.stages.devices=[cpu,cpu]",
+                       "--set", "worker.stages.split=[999]"],
                       timeout=60)
     assert r.returncode == 1
     assert "split" in r.stderr and "999" in r.stderr

@@ -368,8 +368,8 @@ def test_push_records_the_scheduled_lr_of_its_version():
 
 
 def test_local_steps_apply_pseudo_gradients_with_the_outer_optimizer():
-    """worker.local_steps > 1: the server's rule is server.outer_* (DiLoCo's Nesterov SGD at
-    a constant rate), not the optimizer section, which the workers use inside."""
+    """worker.exchange.local_steps > 1: the server's rule is server.outer (DiLoCo's Nesterov SGD
+    at a constant rate), not the optimizer section, which the workers use inside."""
     from asgd.core.optim import server_lr
 
     cfg = config({"name": "adam", "lr": 0.01}, worker={"local_steps": 4},

@@ -5,11 +5,12 @@
 
 * Stages: the model as a sequence of layers (asgd/tasks/layers.py: an ``nn.Sequential``, nested
   ones flattened; the registry's models through adapters; any model with a ``stage_layers()``
-  method; else its children in order, if they compute its forward), cut into ``len(worker.devices)``
-  consecutive stages, balanced by parameter count, by measured forward+backward time, or at
-  the split points the config names. The stages hold the model's own modules, so the model's
-  parameters (what the exchange flattens and pushes) are the stages' parameters.
-* Pipeline (GPipe, Huang et al. 2019): the batch is cut into ``worker.microbatches``
+  method; else its children in order, if they compute its forward), cut into
+  ``len(worker.stages.devices)`` consecutive stages, balanced by parameter count, by measured
+  forward+backward time, or at the split points the config names. The stages hold the model's
+  own modules, so the model's parameters (what the exchange flattens and pushes) are the
+  stages' parameters.
+* Pipeline (GPipe, Huang et al. 2019): the batch is cut into ``worker.stages.microbatches``
   micro-batches, each goes forward through every stage (fill: at clock t stage s runs
   micro-batch t - s), the loss of each is weighted by its share of the batch, and one backward
   over all of them (drain: autograd runs the last micro-batch's nodes first) accumulates the
@@ -18,13 +19,13 @@
   kernel launches are asynchronous on CUDA and autograd runs one thread per device, so stages
   on different GPUs overlap. On the CPU the same schedule runs sequentially, with the same
   maths.
-* Recompute (``worker.recompute``): each stage runs as about sqrt(L) checkpointed segments of
+* Recompute (``worker.stages.recompute``): each stage runs as about sqrt(L) checkpointed segments of
   its L layers (``torch.utils.checkpoint``, non-reentrant): only segment inputs are kept, the
   rest is recomputed in backward (Chen et al. 2016).
-* Offload (``worker.offload_activations``): every activation autograd saves is copied to
+* Offload (``worker.stages.offload_activations``): every activation autograd saves is copied to
   host memory (pinned on CUDA) when saved and brought back when backward needs it
   (``saved_tensors_hooks``, as TensorFlow Large Model Support does); weights stay put.
-* Precision: every stage's forward under ``torch.autocast`` (``worker.precision``); the loss
+* Precision: every stage's forward under ``torch.autocast`` (``worker.stages.precision``); the loss
   in float32.
 """
 from __future__ import annotations
@@ -208,7 +209,7 @@ def _probe(pipe: Pipeline, model: nn.Module, example: torch.Tensor, precision: s
         pipe.forward_backward(example.to(pipe.device), labels)
     except RuntimeError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        key = "worker.precision" if precision != "fp32" else "worker.devices"
+        key = "worker.stages.precision" if precision != "fp32" else "worker.stages.devices"
         raise ConfigError(f"{key}: model {type(model).__name__} does not run in "
                           f"{precision} on {pipe.device.type}: {first}") from None
     finally:
@@ -221,8 +222,9 @@ def _probe(pipe: Pipeline, model: nn.Module, example: torch.Tensor, precision: s
 
 def is_plain(wcfg) -> bool:
     """No key of this module set: the worker's plain path (no pipeline object at all)."""
-    return (wcfg.devices is None and wcfg.microbatches == 1 and wcfg.precision == "fp32"
-            and not wcfg.recompute and not wcfg.offload_activations)
+    return (wcfg.stages.devices is None and wcfg.stages.microbatches == 1
+            and wcfg.stages.precision == "fp32" and not wcfg.stages.recompute
+            and not wcfg.stages.offload_activations)
 
 
 def build_pipeline(wcfg, model: nn.Module, rank: int, example: torch.Tensor,
@@ -232,18 +234,18 @@ def build_pipeline(wcfg, model: nn.Module, rank: int, example: torch.Tensor,
     CPU), to check the split and, with ``split: time``, to time the layers."""
     if is_plain(wcfg):
         return None
-    if wcfg.devices:
+    if wcfg.stages.devices:
         try:
-            devices = [resolve_device(d, rank) for d in wcfg.devices]
+            devices = [resolve_device(d, rank) for d in wcfg.stages.devices]
         except ValueError as e:
-            raise ConfigError(f"worker.devices: {e}") from None
+            raise ConfigError(f"worker.stages.devices: {e}") from None
     else:
         devices = [default_device or resolve_device(wcfg.device, rank)]
-    precision = wcfg.precision
+    precision = wcfg.stages.precision
     if precision == "bf16" and any(d.type == "cuda" and not torch.cuda.is_bf16_supported()
                                    for d in devices):
-        raise ConfigError("worker.precision: bf16 is not supported by this GPU")
-    if len(devices) == 1 and not wcfg.recompute:
+        raise ConfigError("worker.stages.precision: bf16 is not supported by this GPU")
+    if len(devices) == 1 and not wcfg.stages.recompute:
         stages = [Stage(model, devices[0], precision)]        # the model's own forward
     else:
         try:
@@ -251,17 +253,17 @@ def build_pipeline(wcfg, model: nn.Module, rank: int, example: torch.Tensor,
         except ConfigError:
             if len(devices) > 1:
                 raise
-            log.warning("worker.recompute: model %s is not a sequence of layers (%s): it is "
+            log.warning("worker.stages.recompute: model %s is not a sequence of layers (%s): it is "
                         "recomputed as one segment", type(model).__name__, HOW_TO_SPLIT)
             layers = [model]
-        micro = example[:max(1, len(example) // wcfg.microbatches)]
-        points = split_points(layers, len(devices), wcfg.split, micro, devices[0])
+        micro = example[:max(1, len(example) // wcfg.stages.microbatches)]
+        points = split_points(layers, len(devices), wcfg.stages.split, micro, devices[0])
         bounds = [0, *points, len(layers)]
-        stages = [Stage(layers[a:b], d, precision, wcfg.recompute, first=a)
+        stages = [Stage(layers[a:b], d, precision, wcfg.stages.recompute, first=a)
                   for a, b, d in zip(bounds[:-1], bounds[1:], devices)]
-    pipe = Pipeline(stages, wcfg.microbatches, offload=wcfg.offload_activations)
+    pipe = Pipeline(stages, wcfg.stages.microbatches, offload=wcfg.stages.offload_activations)
     _probe(pipe, model, example[:2], precision)
-    log.info("pipeline: %d micro-batch(es), %s%s%s; %s", wcfg.microbatches, precision,
-             ", recompute" if wcfg.recompute else "",
-             ", offloaded activations" if wcfg.offload_activations else "", pipe.describe())
+    log.info("pipeline: %d micro-batch(es), %s%s%s; %s", wcfg.stages.microbatches, precision,
+             ", recompute" if wcfg.stages.recompute else "",
+             ", offloaded activations" if wcfg.stages.offload_activations else "", pipe.describe())
     return pipe

@@ -6,10 +6,10 @@ No barrier and no waiting on other workers: each step computes the gradient on t
 version v and sends it with v; the reply carries the weights after the server applied it (and
 whatever other workers pushed meanwhile). The gradient and the weights move as flat buffers
 (``asgd.client.exchange``): through shared memory when the server is on this host, else as chunks
-on the wire; with ``worker.overlap`` the exchange runs while the next step computes. When the
-server goes away the worker reconnects with bounded exponential back-off, and gives up with a
-clear message after ``worker.reconnect_timeout_s``; the gradient in flight at that moment is
-dropped, not resent.
+on the wire; with ``worker.exchange.overlap`` the exchange runs while the next step computes.
+When the server goes away the worker reconnects with bounded exponential back-off, and gives up
+with a clear message after ``worker.reconnect_timeout_s``; the gradient in flight at that moment
+is dropped, not resent.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ class Worker:
             self.model = task.model
             self.device = self.pipeline.device        # batches go in at the first stage
         # fp16: the loss scale; a step whose gradient overflowed is skipped (step() -> None)
-        self.scaler = LossScaler() if cfg.worker.precision == "fp16" else None
+        self.scaler = LossScaler() if cfg.worker.stages.precision == "fp16" else None
         self.params = list(self.model.parameters())
         self.names = self.layout.names
         self.loader = ShardLoader.for_config(cfg, ds, rank, cfg.run.workers, self.device)
@@ -125,7 +125,7 @@ class Worker:
         # one server, or every shard of a sharded one (a list, or endpoints joined by commas)
         self.client = connect_client(endpoint, self.id, timeout_s=cfg.worker.request_timeout_s,
                                      spin_us=cfg.worker.spin_us)
-        w = cfg.worker
+        w = cfg.worker.exchange
         self.ex = Exchange(self.model, self.layout, self.client, self.device,
                            shared_memory=w.shared_memory, overlap=w.overlap,
                            encoding=w.encoding, weights_encoding=w.weights_encoding,
@@ -135,7 +135,7 @@ class Worker:
         # port by asgd launch) if the address files say so, else on a fresh socket
         self.ex.on_timeout = lambda: follow_server_files(self) or self.client.reconnect()
         # local steps (asynchronous Local SGD, DiLoCo): the worker's own optimizer takes
-        # worker.local_steps steps from the weights last pulled, then the difference is pushed
+        # worker.exchange.local_steps steps from the weights last pulled, then pushes the difference
         self.local_steps = w.local_steps
         if self.local_steps > 1:
             from asgd.core.optim import inner_config, make_optimizer
@@ -239,11 +239,11 @@ class Worker:
         h = (info.get("config") or {}).get("local_steps")
         if h is not None and h != self.local_steps:
             raise WorkerError(
-                f"worker {self.id}: worker.local_steps is {self.local_steps}, the server's "
+                f"worker {self.id}: worker.exchange.local_steps is {self.local_steps}, the server's "
                 f"local_steps {h}: it would apply this worker's pushes with the wrong rule "
                 f"(1: gradients for its optimizer; more: pseudo-gradients for its outer "
-                f"optimizer). Set worker.local_steps={h}, or start the server with "
-                f"worker.local_steps={self.local_steps}")
+                f"optimizer). Set worker.exchange.local_steps={h}, or start the server with "
+                f"worker.exchange.local_steps={self.local_steps}")
 
     def connect(self) -> dict:
         log.info("%s: connecting to the server at %s", self.id, self.client.endpoint)

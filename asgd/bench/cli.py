@@ -52,7 +52,7 @@ def bench():
 @click.option("--vs", "vs", type=click.Choice(["torch-rpc"]), multiple=True,
               help="Also measure torch.distributed.rpc's parameter server.")
 @click.option("--curve", is_flag=True, help="Also measure the server with ZeroMQ CURVE "
-              "(server.auth: curve, throwaway keys) right after the plain one in each repeat.")
+              "(server.auth.mode: curve, throwaway keys) right after the plain one in each repeat.")
 @click.option("--spin-us", type=click.FloatRange(0, 100_000), default=None,
               help="Poll for a reply this long before sleeping, in asgd's clients and the raw "
                    "echo's (default: worker.spin_us's default, 200).")

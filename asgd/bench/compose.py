@@ -2,7 +2,7 @@
 in a host of its own, trained to the end, then ``asgd eval`` of the server's checkpoint.
 
     run = run_compose(work, env, shaping=Shaping(rate_mbit=100, loss=0.02, delay_ms=50),
-                      overrides=["worker.local_steps=16"])
+                      overrides=["worker.exchange.local_steps=16"])
     run.test_accuracy, run.train_s, run.loss, run.workers
 
 Used by tests/test_multihost.py and bench/shaped.py (see asgd.bench.netns).

@@ -3,9 +3,9 @@
     asgd bench step --config configs/default.yaml [--workers 1] [--steps 600]
 
 Runs the configuration twice through ``asgd launch`` (its real server and workers, no live
-evaluation), with ``worker.overlap`` off and then on, and reads the workers' records: per step,
-the time computing (forward, backward, gradient to the host, finiteness check) and the time in
-the exchange (sending, and waiting for the weights). Without overlap the exchange is the
+evaluation), with ``worker.exchange.overlap`` off and then on, and reads the workers' records:
+per step, the time computing (forward, backward, gradient to the host, finiteness check) and the
+time in the exchange (sending, and waiting for the weights). Without overlap the exchange is the
 communication; with overlap it is what remains visible of it, the rest being hidden behind the
 next step's compute. Reports medians over the steady state (the first records are warm-up).
 """
@@ -22,7 +22,7 @@ def measure(cfg, overlap: bool, tmp: Path) -> dict:
     from asgd.launch.launcher import launch
     from asgd.metrics import read_metrics
 
-    run = cfg.replace(**{"worker.overlap": overlap, "run.eval_every_s": 0.0,
+    run = cfg.replace(**{"worker.exchange.overlap": overlap, "run.eval_every_s": 0.0,
                          "run.out_dir": str(tmp), "run.name": f"overlap-{overlap}"})
     summary = launch(run, quiet=True)
     records = [r for r in read_metrics(tmp / f"overlap-{overlap}" / "metrics.jsonl")

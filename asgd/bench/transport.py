@@ -10,9 +10,9 @@ T seconds (after a warm-up). ``--transport``: ``tcp`` (loopback), ``ipc`` (a uni
 ``shm`` (the header over ipc, the tensors in each client's shared-memory segment, as
 ``asgd launch`` does on one host; the weights are used where the server wrote them, as a
 worker's parameters are). ``--curve``: the same server again with ZeroMQ CURVE
-(``server.auth: curve``, throwaway keys made in the run's temporary folder), measured right after
-the plain one in each repeat; ``ratio_curve_vs_plain`` is its round trips/s over the plain
-server's. In the same run, the reference: ``raw_echo`` of the same
+(``server.auth.mode: curve``, throwaway keys made in the run's temporary folder), measured
+right after the plain one in each repeat; ``ratio_curve_vs_plain`` is its round trips/s over the
+plain server's. In the same run, the reference: ``raw_echo`` of the same
 bytes over the same socket kind (what the wire allows), and with ``--vs torch-rpc`` the
 parameter server a PyTorch user writes with ``torch.distributed.rpc``. The last line printed is
 one JSON object: round trips/s, GB/s (both directions), latency percentiles, peak RSS of every
@@ -167,8 +167,8 @@ def make_keys(keys: Path, workers: int) -> dict:
     generate("server", keys)
     for name in [f"bench{r}" for r in range(workers)] + ["bench-stats"]:
         generate(name, keys / "allowed")
-    return {"auth": "curve", "secret_key_file": str(keys / "server.key_secret"),
-            "allowed_keys": str(keys / "allowed")}
+    return {"auth": {"mode": "curve", "secret_key_file": str(keys / "server.key_secret"),
+                     "allowed_keys": str(keys / "allowed")}}
 
 
 def client_keys(keys: str, name: str):

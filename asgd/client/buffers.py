@@ -1,5 +1,5 @@
 """A flat vector held in parts, each on its own device: the flat buffers of a model split into
-stages over several devices (worker.devices), so that the server still sees one flat vector.
+stages over several devices (worker.stages.devices), so that the server still sees one flat vector.
 
     runs = device_runs(params, layout)            # [(device, lo, hi), ...]
     weights = Spread(runs)                        # one tensor a part

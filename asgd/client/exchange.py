@@ -34,7 +34,7 @@ gradient leaves in one piece and the weights arrive in one copy.
   into the weights buffer.
 * GPU: the flat buffers live on the device; a step makes one device-to-host copy of the
   gradient into pinned host memory (or the segment) and one host-to-device copy of the weights.
-  A model split into stages over several devices (worker.devices) has its flat buffers in
+  A model split into stages over several devices (worker.stages.devices) has its flat buffers in
   parts, one per run of consecutive parameters on one device (``Spread``); each part copies
   its own range of the host buffer, so the server sees one flat vector as always.
 * Overlap: the push of step k and the weights after it travel while step k+1 computes, on

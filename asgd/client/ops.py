@@ -46,13 +46,13 @@ log = logging.getLogger("asgd.client")
 
 
 _CURVE_HINT = (" (CURVE: a server that refuses this key, or whose public key is not "
-               "worker.server_key, never answers)")
+               "worker.auth.server_key, never answers)")
 
 
 class Client(LinkFace):
     """``curve``: CURVE keys (``asgd.core.auth.ClientKeys``) for a server with
-    ``server.auth: curve``; by default the process's (``auth.use_client_keys``, which
-    ``asgd worker`` sets from worker.secret_key_file and worker.server_key), else none."""
+    ``server.auth.mode: curve``; by default the process's (``auth.use_client_keys``, which
+    ``asgd worker`` sets from worker.auth.secret_key_file and worker.auth.server_key), else none."""
 
     def __init__(self, endpoint: str, worker: str, timeout_s: float = 10.0,
                  context: zmq.Context | None = None, curve: auth.ClientKeys | None = None,

@@ -210,7 +210,7 @@ class SameHost:
             self.close_local(endpoint)      # (taken by some shards only)
         if self.mode == "on":
             raise RuntimeError("the server did not take the shared-memory segment "
-                               f"(worker.shared_memory: on): {self.refused}")
+                               f"(worker.exchange.shared_memory: on): {self.refused}")
         if self._owned:
             log.info("the server cannot share memory with this worker (%s): sending frames",
                      self.refused)

@@ -3,14 +3,14 @@
     asgd keys server --out keys/server          # keys/server/server.key, server.key_secret
     asgd keys w0 --out keys/w0                  # one pair per worker, made where it runs
     cp keys/w0/w0.key keys/allowed/             # the allow-list: public keys, named by worker
-    asgd server --config c.yaml --bind tcp://0.0.0.0:5555 --set server.auth=curve \\
-        --set server.secret_key_file=keys/server/server.key_secret \\
-        --set server.allowed_keys=keys/allowed
+    asgd server --config c.yaml --bind tcp://0.0.0.0:5555 --set server.auth.mode=curve \\
+        --set server.auth.secret_key_file=keys/server/server.key_secret \\
+        --set server.auth.allowed_keys=keys/allowed
     asgd worker --config c.yaml --server tcp://HOST:5555 --rank 0 \\
-        --set worker.secret_key_file=keys/w0/w0.key_secret \\
-        --set worker.server_key=keys/server/server.key
+        --set worker.auth.secret_key_file=keys/w0/w0.key_secret \\
+        --set worker.auth.server_key=keys/server/server.key
 
-With ``server.auth: curve`` every connection is encrypted and authenticated by ZeroMQ's CURVE
+With ``server.auth.mode: curve`` every connection is encrypted and authenticated by ZeroMQ's CURVE
 handshake; a ZAP handler (pyzmq's ``ThreadAuthenticator``) lets in only the public keys of the
 allow-list. The allow-list is a ``.key`` file or a folder of them (pyzmq's certificate format,
 as ``asgd keys`` and ``zmq.auth.create_certificates`` write them), and a file's name is the
@@ -175,8 +175,8 @@ class AllowList:
         import zmq.auth
 
         if not str(path).strip():
-            raise AuthError("server.auth is curve but server.allowed_keys is not set: give a "
-                            "folder of the workers' public keys (asgd keys NAME)")
+            raise AuthError("server.auth.mode is curve but server.auth.allowed_keys is not set: "
+                            "give a folder of the workers' public keys (asgd keys NAME)")
         p = Path(path)
         if p.is_dir():
             files = sorted(f for f in p.iterdir()
@@ -184,7 +184,7 @@ class AllowList:
         elif p.is_file():
             files = [p]
         else:
-            raise AuthError(f"server.allowed_keys: no such file or folder: {p}")
+            raise AuthError(f"server.auth.allowed_keys: no such file or folder: {p}")
         names: dict[bytes, set[str]] = {}
         for f in files:
             name = f.name[:-len(PUBLIC_SUFFIX)] if f.name.endswith(PUBLIC_SUFFIX) else f.stem
@@ -192,10 +192,10 @@ class AllowList:
                 check_name(name)
                 public, _ = zmq.auth.load_certificate(f)
             except (AuthError, OSError, ValueError) as e:
-                raise AuthError(f"server.allowed_keys: {f}: {e}") from None
-            names.setdefault(_z85(public, "server.allowed_keys", f), set()).add(name)
+                raise AuthError(f"server.auth.allowed_keys: {f}: {e}") from None
+            names.setdefault(_z85(public, "server.auth.allowed_keys", f), set()).add(name)
         if not names:
-            raise AuthError(f"server.allowed_keys: no public keys (*{PUBLIC_SUFFIX}) in {p}: "
+            raise AuthError(f"server.auth.allowed_keys: no public keys (*{PUBLIC_SUFFIX}) in {p}: "
                             "the server would let no worker in (make one with "
                             f"`asgd keys w0 --out DIR` and copy DIR/w0{PUBLIC_SUFFIX} there)")
         return cls({k: frozenset(v) for k, v in names.items()}, str(p))
@@ -240,19 +240,20 @@ def _authenticator_class():
 def secure_server(ctx: zmq.Context, sock: zmq.Socket, server_cfg):
     """Make ``sock`` (not yet bound) a CURVE server that lets in the allow-list's keys only;
     the running authenticator (stop it before terminating ``ctx``), or None when
-    ``server.auth`` is ``none``. AuthError for anything missing or unreadable."""
-    if server_cfg.auth == "none":
+    ``server.auth.mode`` is ``none``. AuthError for anything missing or unreadable."""
+    if server_cfg.auth.mode == "none":
         return None
-    if server_cfg.auth != "curve":
-        raise AuthError(f"server.auth: {server_cfg.auth!r} is not one of {', '.join(MODES)}")
+    if server_cfg.auth.mode != "curve":
+        raise AuthError(f"server.auth.mode: {server_cfg.auth.mode!r} is not one of "
+                        f"{', '.join(MODES)}")
     if not zmq.has("curve"):
-        raise AuthError("server.auth is curve but this pyzmq/libzmq has no CURVE support "
+        raise AuthError("server.auth.mode is curve but this pyzmq/libzmq has no CURVE support "
                         "(build libzmq with libsodium)")
-    if not server_cfg.secret_key_file:
-        raise AuthError("server.auth is curve but server.secret_key_file is not set "
+    if not server_cfg.auth.secret_key_file:
+        raise AuthError("server.auth.mode is curve but server.auth.secret_key_file is not set "
                         "(asgd keys server --out DIR makes DIR/server.key_secret)")
-    public, secret = load_secret(server_cfg.secret_key_file, "server.secret_key_file")
-    allow = AllowList.load(server_cfg.allowed_keys)
+    public, secret = load_secret(server_cfg.auth.secret_key_file, "server.auth.secret_key_file")
+    allow = AllowList.load(server_cfg.auth.allowed_keys)
     auth = _authenticator_class()(ctx, log=logging.getLogger("asgd.auth.zap"))
     auth.allow = allow
     auth.start()
@@ -276,8 +277,8 @@ class ClientKeys:
 
     @classmethod
     def load(cls, secret_key_file: str | Path, server_key: str | Path) -> "ClientKeys":
-        public, secret = load_secret(secret_key_file, "worker.secret_key_file")
-        return cls(public, secret, load_public(server_key, "worker.server_key"))
+        public, secret = load_secret(secret_key_file, "worker.auth.secret_key_file")
+        return cls(public, secret, load_public(server_key, "worker.auth.server_key"))
 
     def apply(self, sock: zmq.Socket) -> None:
         """Before ``connect``: talk CURVE to the server with this key."""
@@ -287,14 +288,14 @@ class ClientKeys:
 
 
 def client_keys(worker_cfg, worker_id: str = "") -> ClientKeys | None:
-    """The keys ``worker.secret_key_file`` and ``worker.server_key`` name (``{id}`` in the
+    """The keys ``worker.auth.secret_key_file`` and ``worker.auth.server_key`` name (``{id}`` in the
     file name becomes the worker id), or None when neither is set."""
-    secret_file, server_key = worker_cfg.secret_key_file, worker_cfg.server_key
+    secret_file, server_key = worker_cfg.auth.secret_key_file, worker_cfg.auth.server_key
     if not secret_file and not server_key:
         return None
     if not secret_file or not server_key:
-        missing = "worker.secret_key_file" if not secret_file else "worker.server_key"
-        raise AuthError(f"CURVE needs both worker.secret_key_file and worker.server_key; "
+        missing = "worker.auth.secret_key_file" if not secret_file else "worker.auth.server_key"
+        raise AuthError(f"CURVE needs both worker.auth.secret_key_file and worker.auth.server_key; "
                         f"{missing} is not set")
     return ClientKeys.load(secret_file.replace("{id}", worker_id), server_key)
 

@@ -33,30 +33,30 @@ def scheduled_lr(cfg: Config, version: int) -> float:
 
 def outer_config(cfg: Config) -> Config:
     """The server's update rule: cfg's optimizer for A-SGD, or with local steps
-    (worker.local_steps > 1) the outer optimizer of the server section (DiLoCo)."""
-    if cfg.worker.local_steps <= 1:
+    (worker.exchange.local_steps > 1) the outer optimizer of the server section (DiLoCo)."""
+    if cfg.worker.exchange.local_steps <= 1:
         return cfg
     sv = cfg.server
-    return cfg.replace(**{"optimizer.name": sv.outer_optimizer, "optimizer.lr": sv.outer_lr,
-                          "optimizer.momentum": sv.outer_momentum if sv.outer_optimizer == "sgd"
+    return cfg.replace(**{"optimizer.name": sv.outer.optimizer, "optimizer.lr": sv.outer.lr,
+                          "optimizer.momentum": sv.outer.momentum if sv.outer.optimizer == "sgd"
                           else 0.0,
-                          "optimizer.nesterov": sv.outer_nesterov and
-                          sv.outer_optimizer == "sgd",
+                          "optimizer.nesterov": sv.outer.nesterov and
+                          sv.outer.optimizer == "sgd",
                           "optimizer.weight_decay": 0.0})
 
 
 def server_lr(cfg: Config, version: int) -> float:
     """The server's learning rate at ``version`` (before the staleness policy's scale): the
     schedule for A-SGD; the constant outer rate with local steps."""
-    if cfg.worker.local_steps > 1:
-        return cfg.server.outer_lr
+    if cfg.worker.exchange.local_steps > 1:
+        return cfg.server.outer.lr
     return scheduled_lr(cfg, version)
 
 
 def inner_config(cfg: Config) -> Config:
     """The worker's own schedule with local steps: the same shape over the run's inner steps
-    (run.max_updates pushes of worker.local_steps steps each)."""
-    h = cfg.worker.local_steps
+    (run.max_updates pushes of worker.exchange.local_steps steps each)."""
+    h = cfg.worker.exchange.local_steps
     total = (cfg.schedule.total or cfg.run.max_updates) * h
     return cfg.replace(**{"schedule.total": total}) if total else cfg
 

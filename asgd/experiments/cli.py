@@ -60,7 +60,7 @@ def _experiment_command(kind: str):
                   show_default=True, help="Also run torch DDP (gloo, loopback) on the same "
                   "shards and slowdown.")
     @click.option("--local-steps", "local_steps", default=d.get("local_steps", "1"),
-                  show_default=True, help="Local steps H per push (worker.local_steps), "
+                  show_default=True, help="Local steps H per push (worker.exchange.local_steps), "
                   "comma-separated; every H gets the same training samples.")
     @click.option("--repeats", type=click.IntRange(1, 100), default=1, show_default=True,
                   help="Runs of each configuration (seeds seed..seed+R-1).")

@@ -29,7 +29,7 @@ class RunSpec:
     slow_factor: float = 1.0
     delay_s: float = 0.0
     repeat: int = 0
-    local_steps: int = 1     # worker.local_steps: H steps per push (the same samples a run)
+    local_steps: int = 1     # worker.exchange.local_steps: H steps per push (same samples)
 
     @property
     def name(self) -> str:
@@ -60,11 +60,11 @@ class Experiment:
         overrides = {
             "run.name": spec.name, "run.out_dir": str(self.out / "runs"),
             "run.workers": spec.workers, "run.max_updates": max(1, pushes // per_update),
-            "worker.local_steps": spec.local_steps,
+            "worker.exchange.local_steps": spec.local_steps,
             "run.max_seconds": self.max_seconds, "run.eval_every_s": self.eval_every_s,
             "run.seed": self.base.run.seed + spec.repeat,
-            "worker.slow_factor": spec.slow_factor, "worker.delay_s": spec.delay_s,
-            "worker.slow_ranks": self.slow_ranks if spec.slow_factor != 1 or spec.delay_s
+            "worker.straggler.factor": spec.slow_factor, "worker.straggler.delay_s": spec.delay_s,
+            "worker.straggler.ranks": self.slow_ranks if spec.slow_factor != 1 or spec.delay_s
             else None,
         }
         if spec.policy not in ("ddp", "single"):

@@ -66,7 +66,7 @@ def check_imports(cfg: Config, builtin_workers: bool = True) -> None:
                 import_object(name, what)
             except (ValueError, TypeError) as e:
                 raise LaunchError(str(e)) from None
-    if cfg.worker.devices and len(cfg.worker.devices) > 1:   # a split the model cannot take
+    if cfg.worker.stages.devices and len(cfg.worker.stages.devices) > 1:   # a split the model cannot take
         from asgd.tasks.layers import check_split
 
         try:

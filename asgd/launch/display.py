@@ -50,8 +50,8 @@ class Monitor:
 
     @property
     def samples_per_push(self) -> int:
-        """A push carries worker.local_steps steps of worker.batch_size samples each."""
-        return self.cfg.worker.batch_size * self.cfg.worker.local_steps
+        """A push carries worker.exchange.local_steps steps of worker.batch_size samples each."""
+        return self.cfg.worker.batch_size * self.cfg.worker.exchange.local_steps
 
     @property
     def training(self) -> bool:

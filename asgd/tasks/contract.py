@@ -149,8 +149,8 @@ def check_outputs(model: "torch.nn.Module", name: str, x: torch.Tensor, num_clas
 
 def cuda_names(cfg) -> list[tuple[str, str]]:
     """(key, device) of every CUDA device the workers are asked to run on (worker.device,
-    worker.devices): cuda, cuda:N, N, with {local_rank} for N. Needs no torch."""
+    worker.stages.devices): cuda, cuda:N, N, with {local_rank} for N. Needs no torch."""
     asked = [("worker.device", cfg.worker.device)] + \
-        [("worker.devices", d) for d in (cfg.worker.devices or [])]
+        [("worker.stages.devices", d) for d in (cfg.worker.stages.devices or [])]
     return [(k, d) for k, d in asked if isinstance(d, str) and
             (d.startswith("cuda") or d.replace("{local_rank}", "0").isdigit())]

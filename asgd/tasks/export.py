@@ -274,3 +274,29 @@ def compare(fp32_path, int8_path, x, y, batch_size: int = 100, repeats: int = 5)
     out["latency_ratio"] = out["fp32"]["latency_ms"] / out["int8"]["latency_ms"]
     out["accuracy_drop"] = out["fp32"]["test_accuracy"] - out["int8"]["test_accuracy"]
     return out
+
+
+def other_precision_name(name: str, int8: bool) -> str:
+    """The file ``asgd export --report`` writes beside ``name`` for the other precision:
+    model-int8.asgd -> model-fp32.asgd (and back), m.asgd -> m-fp32.asgd."""
+    stem, suffix = Path(name).stem, Path(name).suffix
+    mine, other = ("int8", "fp32") if int8 else ("fp32", "int8")
+    return f"{stem.removesuffix(f'-{mine}')}-{other}{suffix}"
+
+
+def report_both(run_dir, path: Path, int8: bool, checkpoint_dir=None, batch_size: int = 100,
+                repeats: int = 5) -> dict:
+    """``asgd export --report``: the other precision exported beside ``path`` (the file just
+    written), then both compared on the run's test split (``compare``)."""
+    from asgd.config import from_dict
+    from asgd.core.checkpoint import load_checkpoint
+    from asgd.rundir import checkpoint_dir as find_checkpoint
+    from asgd.tasks.data import load_dataset
+
+    torch.set_num_threads(1)
+    other = path.with_name(other_precision_name(path.name, int8))
+    other = export_run(run_dir, other, int8=not int8, checkpoint_dir=checkpoint_dir)
+    cfg = from_dict(load_checkpoint(find_checkpoint(run_dir, checkpoint_dir)).config)
+    ds = load_dataset(cfg.data, seed=cfg.run.seed)
+    fp32, q8 = (other, path) if int8 else (path, other)
+    return compare(fp32, q8, ds.x_test, ds.y_test, batch_size, repeats)

@@ -109,7 +109,8 @@ def model_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
     else:
         layers, how = _flatten(model.children()), "its children in order"
     if not layers:
-        raise ConfigError(f"worker.devices: model {name} has no layers to split; {HOW_TO_SPLIT}")
+        raise ConfigError(f"worker.stages.devices: model {name} has no layers to split; "
+                          f"{HOW_TO_SPLIT}")
     _check_parameters(model, layers, name)
     _check_equivalent(model, layers, example, name, how)
     return layers
@@ -121,13 +122,13 @@ def _check_parameters(model, layers, name) -> None:
     for i, layer in enumerate(layers):
         for p in layer.parameters():
             if id(p) in owner and owner[id(p)] != i:
-                raise ConfigError(f"worker.devices: a parameter of model {name} is used by "
+                raise ConfigError(f"worker.stages.devices: a parameter of model {name} is used by "
                                   f"layers {owner[id(p)]} and {i}; shared weights cannot be "
                                   "split across stages")
             owner[id(p)] = i
     missing = [n for n, p in model.named_parameters() if id(p) not in owner]
     if missing:
-        raise ConfigError(f"worker.devices: the layers of model {name} do not hold "
+        raise ConfigError(f"worker.stages.devices: the layers of model {name} do not hold "
                           f"{', '.join(missing[:3])}; {HOW_TO_SPLIT}")
 
 
@@ -142,15 +143,15 @@ def _check_equivalent(model, layers, example, name, how) -> None:
                 for layer in layers:
                     got = layer(got)
             except Exception as e:   # noqa: BLE001 - any failure means "not its forward"
-                raise ConfigError(f"worker.devices: model {name} cannot be split: running "
+                raise ConfigError(f"worker.stages.devices: model {name} cannot be split: running "
                                   f"{how} one after another fails ({type(e).__name__}: {e}); "
                                   f"{HOW_TO_SPLIT}") from None
     finally:
         model.train(training)
     if not (isinstance(got, torch.Tensor) and got.shape == want.shape
             and torch.allclose(got, want, rtol=1e-4, atol=1e-5)):
-        raise ConfigError(f"worker.devices: model {name} cannot be split: {how} do not compute "
-                          f"its forward; {HOW_TO_SPLIT}")
+        raise ConfigError(f"worker.stages.devices: model {name} cannot be split: {how} do not "
+                          f"compute its forward; {HOW_TO_SPLIT}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,32 +226,36 @@ def split_points(layers, stages: int, split, example=None, device=None) -> list[
     """Where to cut ``layers`` into ``stages``: ``split`` is params, time or the points."""
     n = len(layers)
     if stages > n:
-        raise ConfigError(f"worker.devices: {stages} stages but the model has only {n} layers")
+        raise ConfigError(f"worker.stages.devices: {stages} stages but the model has only {n} "
+                          "layers")
     if isinstance(split, (list, tuple)):
         points = [int(i) for i in split]
         if len(points) != stages - 1:
-            raise ConfigError(f"worker.split: {len(points)} split points for {stages} stages")
+            raise ConfigError(f"worker.stages.split: {len(points)} split points for {stages} "
+                              "stages")
         if any(not 0 < i < n for i in points) or points != sorted(set(points)):
-            raise ConfigError(f"worker.split: split points {points} out of range: they must "
+            raise ConfigError(f"worker.stages.split: split points {points} out of range: they must "
                               f"increase within 1..{n - 1} (the model has {n} layers)")
         return points
     if split == "params":
         return balance(parameter_costs(layers), stages)
     if split == "time":
         return balance(time_costs(layers, example, device or torch.device("cpu")), stages)
-    raise ConfigError(f"worker.split: {split!r} is not params, time or a list of split points")
+    raise ConfigError(f"worker.stages.split: {split!r} is not params, time or a list of split "
+                      "points")
 
 
 def check_split(cfg) -> None:
-    """ConfigError unless the configured model can be cut as ``worker.devices`` and
-    ``worker.split`` say: what a launcher can check before it starts any process. Nothing is
+    """ConfigError unless the configured model can be cut as ``worker.stages.devices`` and
+    ``worker.stages.split`` say: what a launcher can check before it starts any process. Nothing is
     placed on a device (no CUDA is initialised) and ``split: time`` is not timed."""
     w = cfg.worker
-    if not w.devices or len(w.devices) < 2:
+    if not w.stages.devices or len(w.stages.devices) < 2:
         return
     from asgd.tasks.task import build_task
 
     task = build_task(cfg, data=False)
     example = torch.randn(2, *task.input_shape, generator=torch.Generator().manual_seed(0))
     layers = model_layers(task.model, example)
-    split_points(layers, len(w.devices), w.split if w.split != "time" else "params")
+    split_points(layers, len(w.stages.devices),
+                 w.stages.split if w.stages.split != "time" else "params")

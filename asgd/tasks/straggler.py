@@ -27,10 +27,10 @@ class Straggler:
 
     @classmethod
     def for_rank(cls, worker_cfg, rank: int) -> "Straggler":
-        slowed = worker_cfg.slow_ranks is None or rank in worker_cfg.slow_ranks
+        slowed = worker_cfg.straggler.ranks is None or rank in worker_cfg.straggler.ranks
         if not slowed:
             return cls()
-        return cls(worker_cfg.slow_factor, worker_cfg.delay_s)
+        return cls(worker_cfg.straggler.factor, worker_cfg.straggler.delay_s)
 
     def extra_s(self, compute_s: float, exchange_s: float = 0.0) -> float:
         self._exchanges.append(exchange_s)
