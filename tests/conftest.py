@@ -65,8 +65,12 @@ def mnist1d_cached(asgd_cache):
 
 @pytest.fixture
 def child_env(asgd_cache):
+    # the project's root on the children's path, so that a config may name the test plugins
+    # (tests.plugins.custom:tiny_linear) whatever folder the child runs in
+    root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                ASGD_CACHE=str(asgd_cache))
+                ASGD_CACHE=str(asgd_cache), PYTHONPATH=path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def test_the_first_hello_brings_the_model_and_later_ones_must_match(start_server
     assert "optimizer.lr" in msg and "0.1" in msg and "0.5" in msg
     msg = refused(lambda: c1.hello(tensors=params(model), settings={"local_steps": 4}),
                   "bad_request")
-    assert "local_steps" in msg and "worker.local_steps=4" in msg
+    assert "local_steps" in msg and "worker.exchange.local_steps=4" in msg
     assert "unknown setting 'lr'" in refused(lambda: c1.hello(settings={"lr": 0.5}),
                                              "bad_request")
     s = c0.stats()

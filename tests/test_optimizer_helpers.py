@@ -179,5 +179,5 @@ def test_a_launched_script_takes_the_data_path_keys_of_the_run_config(tmp_path, 
     assert (r.cfg.worker.exchange.encoding, r.cfg.worker.exchange.overlap) == ("fp16", False)
     assert "schedule" not in r.settings
     path.write_text("worker:\n  encoding: zip\n")
-    with pytest.raises(ValueError, match="ASGD_CONFIG=.*worker.encoding"):
+    with pytest.raises(ValueError, match="ASGD_CONFIG=.*worker.exchange.encoding"):
         resolve({})

@@ -55,7 +55,7 @@ def test_the_worker_checks_the_rule_a_server_reports_and_skips_it_where_none_is(
     layout = ParameterLayout.from_specs([{"name": "w", "dtype": "float32", "shape": [2]}])
     me = SimpleNamespace(layout=layout, id="w0", local_steps=1)
     info = {"tensors": layout.to_specs(), "config": {"local_steps": 4}}
-    with pytest.raises(WorkerError, match="worker.local_steps is 1, the server's local_steps 4"):
+    with pytest.raises(WorkerError, match="worker.exchange.local_steps is 1, the server's local_steps 4"):
         Worker._check_layout(me, info)
     Worker._check_layout(me, dict(info, config={"local_steps": 1}))
     Worker._check_layout(me, dict(info, config={"max_updates": 10}))     # an older server
