@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 RUN_DIR = "ASGD_RUN_DIR"          # the run directory of a launched script
+SERVER_FILE = "ASGD_SERVER_FILE"  # files announcing the server's endpoints (a launcher's)
 LOCAL_RANK = "ASGD_LOCAL_RANK"    # the worker's index on its machine
 # torchrun's and Slurm's names, the fall-backs after asgd's own (and Slurm's rank and count)
 TORCHRUN_RANK, TORCHRUN_WORLD, TORCHRUN_LOCAL = "RANK", "WORLD_SIZE", "LOCAL_RANK"
@@ -78,6 +79,33 @@ def run_dir(env=None) -> Path | None:
     """The run directory a launcher gave this process (``ASGD_RUN_DIR``), or None."""
     text = ((os.environ if env is None else env).get(RUN_DIR) or "").strip()
     return Path(text) if text else None
+
+
+def server(option: str | None = None, wait_s: float = 30.0, env=None
+           ) -> tuple[str | None, list[str]]:
+    """(the server's endpoints, its address files): ``server=``, else ``ASGD_SERVER``, else
+    the endpoints announced in the files of ``ASGD_SERVER_FILE`` (comma-separated, one per
+    shard: a launcher that restarts its server on a new port announces it there), waiting
+    up to ``wait_s`` for them; (None, []) when none is given: the script runs standalone."""
+    from asgd.launch import env as envlib
+
+    env = os.environ if env is None else env
+    given = envlib.server_endpoints(option, env)
+    if given is not None:
+        return given.value, []
+    files = [f.strip() for f in (env.get(SERVER_FILE) or "").split(",") if f.strip()]
+    if not files:
+        return None, []
+    from asgd.launch.processes import read_address
+
+    found = []
+    for f in files:
+        address = read_address(Path(f), wait_s)
+        if address is None:
+            raise ConnectionError(f"no server address in {f} ({SERVER_FILE}) after "
+                                  f"{wait_s:g} s")
+        found.append(address)
+    return ",".join(found), files
 
 
 def check_place(rank_: int, workers_: int) -> None:

@@ -127,7 +127,7 @@ def cli():
               help="With --on ray and no --address: the local Ray instance's CPUs "
                    "(default: this machine's cores, or what the run's bundles need if more).")
 @click.argument("script", required=False)
-@click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
+@click.argument("script_args", nargs=-1, type=click.UNPROCESSED, metavar="[ARGS]...")
 def launch(config_path, workers, overrides, quiet, resume_dir, on, address, num_cpus, script,
            script_args):
     """Run a server and N workers on this machine (or on Ray), evaluate, write

@@ -401,14 +401,22 @@ class Client:
         return self.finish(self.send_push_pull_flat(version, grad, op="push", **kw))
 
     def hello(self, rank: int | None = None, timeout_s: float | None = None,
-              shm=None) -> tuple[dict, list[protocol.Tensor]]:
+              shm=None, tensors=None, settings: dict | None = None
+              ) -> tuple[dict, list[protocol.Tensor]]:
         """The server's version, parameter list (``tensors``), shard and settings, with the
         current weights. ``shm``: a Segment (asgd.core.shm) to offer; ``self.segment`` is
-        it if the server mapped it (same host), else None and ``shm_refused`` says why."""
+        it if the server mapped it (same host), else None and ``shm_refused`` says why.
+        ``tensors`` (name -> tensor, the parameters that train, in model order; sent as
+        float32 frames) and ``settings`` (docs/protocol.md, hello): a server without a model
+        adopts them, one with a model checks them (ServerError naming the first difference)."""
         fields = {} if rank is None else {"rank": rank}
         if shm is not None:
             fields["shm"] = str(shm.path)
-        head, tensors = self.request("hello", timeout_s=timeout_s, **fields)
+        if settings is not None:
+            fields["settings"] = settings
+        model = [(n, _float32(t)) for n, t in
+                 (tensors.items() if hasattr(tensors, "items") else tensors or ())]
+        head, tensors = self.request("hello", model, timeout_s=timeout_s, **fields)
         shard = head.get("shard") or {}
         self.span = (shard["start"], shard["stop"]) \
             if shard.get("count", 1) > 1 and "start" in shard else None
@@ -451,6 +459,15 @@ class Client:
     def stats(self) -> dict:
         head, _ = self.request("stats")
         return head
+
+
+def _float32(t):
+    """A parameter as hello sends it: float32, on the host."""
+    if hasattr(t, "detach"):
+        import torch
+
+        return t.detach().to(device="cpu", dtype=torch.float32)
+    return np.asarray(t, dtype=np.float32)
 
 
 def _as_tensor(a):
@@ -612,12 +629,16 @@ class ShardedClient:
         return head
 
     def hello(self, rank: int | None = None, timeout_s: float | None = None,
-              shm=None) -> tuple[dict, list[protocol.Tensor]]:
+              shm=None, tensors=None, settings: dict | None = None
+              ) -> tuple[dict, list[protocol.Tensor]]:
         """Hello to every shard (offering each the same segment: each reads and writes only
-        its own range of it). The merged answer has ``tensors``: the model's parameter list,
-        ``flat``: true, ``shards``: each shard's ``shard`` map; the weights come back as flat
-        chunks in order (every shard's range, concatenated)."""
-        answers = [c.hello(rank, timeout_s, shm) for c in self.clients]
+        its own range of it; ``tensors`` and ``settings`` as ``Client.hello``: every shard
+        gets the whole model and keeps its range). The merged answer has ``tensors``: the
+        model's parameter list, ``flat``: true, ``shards``: each shard's ``shard`` map; the
+        weights come back as flat chunks in order (every shard's range, concatenated)."""
+        if tensors is not None and not hasattr(tensors, "items"):
+            tensors = list(tensors)          # sent to every shard
+        answers = [c.hello(rank, timeout_s, shm, tensors, settings) for c in self.clients]
         by_endpoint = {c.endpoint: w for c, (_, w) in zip(self.clients, answers)}
         heads = self._order([h for h, _ in answers])
         weights = [t for c in self.clients for t in by_endpoint[c.endpoint]]

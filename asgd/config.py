@@ -28,6 +28,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "cnn1d"           # a registry name (asgd.tasks.models) or "package.module:factory"
+                                  # ("" = no model: the server learns it from its first
+                                  # worker's hello, asgd.Optimizer in a script; server.adopt)
     args: dict = field(default_factory=dict)
     # Transfer learning (docs/models.md): start from another run's weights, keep some fixed.
     init_from: str = ""           # a run directory or checkpoint folder whose tensors of the

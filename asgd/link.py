@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from pathlib import Path
 
 # The data path, imported here and nowhere else by the optimizer (it moves into the asgd.client
 # package: these two lines are the ones to re-point).
@@ -44,7 +45,8 @@ class ServerRefused(RuntimeError):
 
 
 class _Named:
-    """What the Exchange takes for a model: (name, parameter) pairs."""
+    """What the Exchange takes for a model: its (name, parameter) pairs, or its parameters
+    in the layout's order (the Exchange of asgd.client takes either)."""
 
     def __init__(self, named):
         self._named = list(named)
@@ -52,19 +54,24 @@ class _Named:
     def named_parameters(self):
         return iter(self._named)
 
+    def __iter__(self):
+        return (p for _, p in self._named)
+
 
 class Link:
     def __init__(self, named, endpoint, rank: int, worker_id: str, wcfg, settings: dict,
-                 positional: bool = False):
+                 positional: bool = False, server_files=None):
         from asgd.core import auth
 
         self.rank, self.id, self.wcfg, self.settings = rank, worker_id, wcfg, settings
         self.positional = positional       # names made up: only shapes are compared
+        self.server_files = list(server_files or [])
         self.layout = ParameterLayout(TensorSpec(n, "float32", tuple(p.shape)) for n, p in named)
         try:
             keys = auth.client_keys(wcfg, worker_id)
         except auth.AuthError as e:
             raise ValueError(f"asgd.Optimizer: {e}") from None
+        self.keys = keys
         self.client = connect_client(endpoint, worker_id, timeout_s=wcfg.request_timeout_s,
                                      spin_us=wcfg.spin_us, curve=keys)
         try:
@@ -76,12 +83,21 @@ class Link:
         except BaseException:
             self.client.close()
             raise
+        # a push resent after a timeout goes to a server that moved, if the address files
+        # say so (the Exchange then says so, and the push is dropped for a hello there)
+        self.ex.on_timeout = lambda: self.follow() or self.client.reconnect()
         self.info: dict = {}
         self._resyncs = 0
 
     @property
     def endpoint(self) -> str:
         return self.client.endpoint
+
+    @property
+    def transport(self) -> str:
+        """"shm" or "frames" (a property of the Exchange, or of its client's)."""
+        t = self.ex.transport
+        return t() if callable(t) else t
 
     # ------------------------------------------------------------------------------------------
     # hello
@@ -98,30 +114,55 @@ class Link:
                 return fn(min(attempt_s, max(0.1, give_up - time.monotonic())))
             except ServerTimeout:
                 now = time.monotonic()
+                if delay == 0.1:       # said at once, even when the budget is already spent
+                    log.warning("%s: waiting for the server at %s (%s; giving up after %g s)",
+                                self.id, self.endpoint, what, budget)
                 if now >= give_up:
                     raise ServerGone(f"worker {self.id}: gave up: no answer from the server at "
                                      f"{self.endpoint} for {budget:g} s "
                                      "(reconnect_timeout_s)") from None
-                if delay == 0.1:
-                    log.warning("%s: waiting for the server at %s (%s; giving up after %g s)",
-                                self.id, self.endpoint, what, budget)
-                elif now >= next_note:
+                if delay > 0.1 and now >= next_note:
                     next_note = now + STATUS_EVERY_S
                     log.warning("%s: still waiting for the server at %s: %.0f s of %g s",
                                 self.id, self.endpoint, now - started, budget)
                 time.sleep(min(delay, max(0.0, give_up - now)))
                 delay = min(delay * 2, 2.0)
-                self.client.reconnect()
+                if not self.follow():
+                    self.client.reconnect()
 
-    def _say_hello(self, timeout_s: float, segment):
-        kw = {}
+    def follow(self) -> bool:
+        """With address files ($ASGD_SERVER_FILE: asgd launch restarts a dead server on a
+        new port and announces it there), a server that moved gets a new client, shared with
+        the Exchange. True when it switched."""
+        found = []
+        for f in self.server_files:
+            try:
+                found.append(Path(f).read_text().strip())
+            except OSError:
+                return False
+        if not found or not all(found) or ",".join(found) == self.client.endpoint:
+            return False
+        if inspect.signature(self.client.reconnect).parameters:
+            self.client.reconnect(",".join(found))     # a client that follows by itself
+        else:
+            old = self.client
+            self.client = self.ex.client = connect_client(
+                found, self.id, timeout_s=old.timeout_s, spin_us=self.wcfg.spin_us,
+                curve=self.keys)
+            old.close()
+        log.warning("%s: the server now listens at %s (read from %s)", self.id,
+                    self.client.endpoint, ", ".join(map(str, self.server_files)))
+        return True
+
+    def _say_hello(self, timeout_s: float, segment=None):
+        kw = {} if segment is None else {"shm": segment}   # a segment the Exchange offers
         # a Client whose hello carries the model (HELLO.md) is given it: a server without a
         # model learns it from the first hello, one with a model checks it
         if "tensors" in inspect.signature(self.client.hello).parameters:
-            kw = {"tensors": [(s.name, p.detach()) for s, p in zip(self.layout.specs,
-                                                                    self.ex.params)],
-                  "settings": self.settings}
-        return self.client.hello(rank=self.rank, timeout_s=timeout_s, shm=segment, **kw)
+            kw.update(tensors=[(s.name, p.detach()) for s, p in zip(self.layout.specs,
+                                                                     self.ex.params)],
+                      settings=self.settings)
+        return self.client.hello(rank=self.rank, timeout_s=timeout_s, **kw)
 
     def connect(self, what: str = "hello") -> dict:
         """Say hello (again): the model and settings go, the server's weights come back into
@@ -129,7 +170,7 @@ class Link:
         before = self.ex.version
         try:
             self.info = self.ex.connect(
-                lambda seg: self._with_retry(what, lambda t: self._say_hello(t, seg)),
+                lambda seg=None: self._with_retry(what, lambda t: self._say_hello(t, seg)),
                 self._check)
         except ServerError as e:
             raise ValueError(f"worker {self.id}: the server at {self.endpoint} refused this "

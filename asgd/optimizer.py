@@ -26,8 +26,9 @@ Design choices (docs/library.md): the server owns the clock and, in A-SGD mode, 
 rate and its schedule (``schedule=``, ``warmup=``, ``max_updates=`` or the server's config): a
 torch learning-rate scheduler attached to this optimizer is refused at the next step with a
 message saying so, where it would silently do nothing. In local-steps mode ``param_groups``
-are the inner optimizer's, so a scheduler on either one drives the inner rate. After a push
-the parameters' gradients are zero (they view the exchange's next gradient buffer).
+are the inner optimizer's, so a scheduler on either one drives the inner rate. The gradients
+stay after a step, as torch's, except where their buffer is still needed (overlap: in flight;
+local steps: the pseudo-gradient was written there): then they are zero.
 """
 from __future__ import annotations
 
@@ -35,12 +36,13 @@ import collections
 import logging
 import math
 import os
+import time
 import weakref
 
 import torch
 
 from asgd import api
-from asgd.optimizer_config import resolve, server_config
+from asgd.optimizer_config import parameters, resolve, server_config
 
 log = logging.getLogger("asgd.optimizer")
 
@@ -54,28 +56,6 @@ SCHEDULER_HELP = (
     "max_updates=10000) (or the server's config: schedule.*), and drop the scheduler; or use "
     "local steps (inner=your optimizer, local_steps=H), where a scheduler on the inner "
     "optimizer works.")
-
-
-def _parse_params(params):
-    """[(name or None, parameter)] and the groups' extra keys, from parameters, (name,
-    parameter) pairs, or param-group dicts of either."""
-    items = list(params)
-    if not items:
-        raise ValueError("asgd.Optimizer got an empty parameter list")
-    groups = items if isinstance(items[0], dict) else [{"params": items}]
-    named, extra = [], {}
-    for g in groups:
-        if not isinstance(g, dict):
-            raise TypeError("asgd.Optimizer: give parameters or parameter groups, not both")
-        ps = g["params"]
-        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
-        for p in ps:
-            name, p = p if isinstance(p, tuple) else (None, p)
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"asgd.Optimizer: {type(p).__name__} is not a parameter")
-            named.append((name, p))
-        extra.update({k: v for k, v in g.items() if k not in ("params", "param_names")})
-    return named, extra
 
 
 class _Resources:
@@ -135,25 +115,7 @@ class Optimizer(torch.optim.Optimizer):
                              "takes the local steps")
         if params is None:
             raise TypeError("asgd.Optimizer: give the parameters to train")
-        named, extra = _parse_params(params)
-        if inner is None and extra:
-            raise ValueError(f"asgd.Optimizer: parameter groups with their own settings "
-                             f"({', '.join(sorted(extra))}): the server applies one optimizer "
-                             "to every parameter; use inner= with local steps for more")
-        self.positional = any(n is None for n, _ in named)
-        named = [(f"param.{i}" if self.positional else n, p) for i, (n, p) in enumerate(named)]
-        trainable = [(n, p) for n, p in named if p.requires_grad]
-        if not trainable:
-            raise ValueError("asgd.Optimizer: none of the parameters requires a gradient")
-        devices = sorted({str(p.device) for _, p in trainable})
-        if len(devices) > 1:
-            raise ValueError(f"asgd.Optimizer: the parameters are on {', '.join(devices)}: put "
-                             "the model on one device (a model split over devices is the "
-                             "built-in worker's worker.devices)")
-        odd = [f"{n} ({p.dtype})" for n, p in trainable if p.dtype != torch.float32]
-        if odd:
-            raise ValueError(f"asgd.Optimizer trains float32 parameters; {odd[0]} is not "
-                             "(keep float32 weights and use torch.autocast for lower precision)")
+        named, trainable, self.positional = parameters(params, groups=inner is not None)
         resolved = resolve(given, config, inner is not None)
         self.cfg, self.settings = resolved.cfg, resolved.settings
         self.local_steps = self.cfg.worker.local_steps
@@ -172,18 +134,21 @@ class Optimizer(torch.optim.Optimizer):
         self._nonfinite_run = 0
         self._local = None
         self.logged = collections.deque(maxlen=LOGGED)
+        self.samples = 0                # as log(samples=) counts them
+        self._started = time.monotonic()
+        self._rate = (self._started, 0)
         self.rank = api.rank() if rank is None else rank
-        self.workers = max(api.workers(), self.rank + 1)
+        self.workers = api.workers()
+        if rank is None:             # both from the environment: they must agree
+            api.check_place(self.rank, self.workers)
+        self.workers = max(self.workers, self.rank + 1)
         self.id = worker or f"w{self.rank}"
         where = run_dir if run_dir is not None else api.run_dir()
         if where:
             from asgd.metrics import MetricsWriter
 
             self._res.metrics = MetricsWriter(os.path.join(where, "metrics.jsonl"))
-        from asgd.launch import env as envlib
-
-        endpoint = envlib.server_endpoints(server, envlib.environ())
-        self.server = endpoint.value if endpoint is not None else None
+        self.server, self.server_files = api.server(server, self.cfg.worker.reconnect_timeout_s)
         self.link = None
         if self.server is None:
             self._standalone()
@@ -209,7 +174,8 @@ class Optimizer(torch.optim.Optimizer):
         from asgd.link import Link
 
         self.link = Link(self._trainable, self.server, self.rank, self.id, self.cfg.worker,
-                         self.settings, positional=self.positional)
+                         self.settings, positional=self.positional,
+                         server_files=self.server_files)
         self._res.link = self.link
         try:
             info = self.link.connect()
@@ -219,7 +185,7 @@ class Optimizer(torch.optim.Optimizer):
             raise
         self.server_cfg = server_config(self.cfg, info.get("config"))
         log.info("%s: connected to %s at version %d (%s)", self.id, self.link.endpoint,
-                 self.version, self.link.ex.transport)
+                 self.version, self.link.transport)
 
     # ------------------------------------------------------------------------------------------
     # what a script reads
@@ -249,7 +215,7 @@ class Optimizer(torch.optim.Optimizer):
 
     @property
     def transport(self) -> str:
-        return self.link.ex.transport if self.link is not None else "standalone"
+        return self.link.transport if self.link is not None else "standalone"
 
     def _show_lr(self) -> float | None:
         """A-SGD: every group's ``lr`` shows the server's rate (for code that logs it)."""
@@ -314,7 +280,8 @@ class Optimizer(torch.optim.Optimizer):
                 self._nonfinite()
                 return loss
             self._push(grad)
-            self.link.ex.zero_grad()
+            if self.link.ex.overlap:     # the buffer the gradients view is in flight
+                self.link.ex.zero_grad()
         self._count_step()
         self._shown_lr = self._show_lr()
         return loss
@@ -377,7 +344,9 @@ class Optimizer(torch.optim.Optimizer):
     def log(self, **scalars) -> dict:
         """Record scalars (e.g. ``loss=loss``) with this worker's step, version and
         staleness: into the run's metrics.jsonl under ``asgd launch`` (a ``worker_step``
-        record, as the built-in worker writes), else printed. Kept in ``opt.logged``."""
+        record, as the built-in worker writes), else printed. Kept in ``opt.logged``.
+        ``samples=`` (the samples since the last log) becomes the running total and a
+        ``samples_per_s`` rate, as the built-in worker records them."""
         values = {}
         for k, v in scalars.items():
             if isinstance(v, torch.Tensor):
@@ -386,6 +355,12 @@ class Optimizer(torch.optim.Optimizer):
                 raise TypeError(f"opt.log({k}=...): a number or a one-value tensor, got "
                                 f"{type(v).__name__}")
             values[k] = v
+        if isinstance(values.get("samples"), int):     # this step's: the rate, the total
+            now = time.monotonic()
+            self.samples += values["samples"]
+            values["samples_per_s"] = (self.samples - self._rate[1]) / max(
+                now - self._rate[0], 1e-9)
+            values["samples"], self._rate = self.samples, (now, self.samples)
         rec = {"worker": self.id, "rank": self.rank, "step": self.steps,
                "version": self.version, "staleness": self.staleness, **values}
         self.logged.append(rec)
@@ -438,7 +413,15 @@ class Optimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def close(self) -> None:
-        """Wait for the last push, say bye, let go of the shared memory (idempotent)."""
+        """Wait for the last push, say bye, let go of the shared memory (idempotent); under
+        a launch, a ``worker_done`` record as the built-in worker's."""
+        if self._finalizer.alive and self._res.metrics is not None:
+            elapsed = time.monotonic() - self._started
+            self._res.metrics.write(
+                "worker_done", worker=self.id, rank=self.rank, step=self.steps,
+                samples=self.samples, version=self.version, elapsed_s=elapsed,
+                samples_per_s=self.samples / max(elapsed, 1e-9),
+                reason="max_updates" if self.done else "closed", transport=self.transport)
         self._finalizer()
 
     def __enter__(self):

@@ -1,4 +1,5 @@
-"""asgd.Optimizer's keywords as a run configuration, and the settings its hello carries.
+"""asgd.Optimizer's arguments: its keywords as a run configuration, the settings its hello
+carries, and the parameters it trains.
 
     resolved = resolve({"optimizer": "adamw", "lr": 3e-4}, config=None, inner=False)
     resolved.cfg              # a Config: optimizer, schedule, run.max_updates, worker.*
@@ -47,6 +48,7 @@ KEYS = {"optimizer": "optimizer.name", "lr": "optimizer.lr", "momentum": "optimi
         "max_updates": "run.max_updates", "local_steps": "worker.local_steps",
         "outer": "server.outer_optimizer", "outer_lr": "server.outer_lr",
         "outer_momentum": "server.outer_momentum", "outer_nesterov": "server.outer_nesterov"}
+LAUNCH_CONFIG = "ASGD_CONFIG"     # the run's config.yaml, given to a launched script
 SCHEDULE = ("schedule", "warmup", "total", "min_lr", "step_size", "gamma")
 OUTER = ("outer", "outer_lr", "outer_momentum", "outer_nesterov")
 # the worker's data-path settings a script may give (worker.*, as asgd worker reads them)
@@ -82,6 +84,8 @@ def resolve(given: dict, config=None, inner: bool = False) -> Resolved:
         raise TypeError(f"asgd.Optimizer got unknown keyword{'s' * (len(unknown) > 1)} "
                         f"{', '.join(unknown)}")
     base = _base(config)
+    if base is None:      # a launched script: the data-path keys of the run's config
+        given = {**launch_worker_settings(), **given}
     data = (base or Config()).to_dict()
     name = given.get("optimizer", base.optimizer.name if base else "adamw")
     if name not in TORCH_DEFAULTS:
@@ -102,6 +106,22 @@ def resolve(given: dict, config=None, inner: bool = False) -> Resolved:
     except ConfigError as e:
         raise ValueError(f"asgd.Optimizer: {_keyword_names(str(e))}") from None
     return Resolved(cfg, _settings(cfg, given, base is not None, inner))
+
+
+def launch_worker_settings(env=None) -> dict:
+    """The worker.* data-path keys of the run's config that a launcher names in
+    ``$ASGD_CONFIG`` (``asgd launch SCRIPT``), the ones ``asgd worker`` would read; its
+    optimizer and schedule are the server's, which has the same config. {} without one."""
+    import os
+
+    path = (os.environ if env is None else env).get(LAUNCH_CONFIG, "").strip()
+    if not path:
+        return {}
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        raise ValueError(f"asgd.Optimizer: {LAUNCH_CONFIG}={path}: {e}") from None
+    return {k: getattr(cfg.worker, k) for k in WORKER_KEYS}
 
 
 def _from(data: dict) -> Config:
@@ -151,6 +171,62 @@ def optimizer_settings(cfg: Config) -> dict:
     o = cfg.optimizer
     return {k: (list(getattr(o, k)) if k == "betas" else getattr(o, k))
             for k in OPTIMIZER_KEYS[o.name]}
+
+
+# ----------------------------------------------------------------------------------------------
+# the parameters
+
+def _parse_params(params):
+    """[(name or None, parameter)] and the groups' extra keys, from parameters, (name,
+    parameter) pairs, or param-group dicts of either."""
+    import torch
+
+    items = list(params)
+    if not items:
+        raise ValueError("asgd.Optimizer got an empty parameter list")
+    groups = items if isinstance(items[0], dict) else [{"params": items}]
+    named, extra = [], {}
+    for g in groups:
+        if not isinstance(g, dict):
+            raise TypeError("asgd.Optimizer: give parameters or parameter groups, not both")
+        ps = g["params"]
+        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        for p in ps:
+            name, p = p if isinstance(p, tuple) else (None, p)
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"asgd.Optimizer: {type(p).__name__} is not a parameter")
+            named.append((name, p))
+        extra.update({k: v for k, v in g.items() if k not in ("params", "param_names")})
+    return named, extra
+
+
+def parameters(params, groups: bool = False):
+    """(every parameter named, the trainable ones named, whether the names are made up):
+    names from ``named_parameters()``, else ``param.<i>``, the i-th given. ValueError for
+    what the server cannot train: no trainable parameter, several devices, other dtypes
+    than float32, and (unless ``groups``: local steps) groups with settings of their own."""
+    import torch
+
+    named, extra = _parse_params(params)
+    if not groups and extra:
+        raise ValueError(f"asgd.Optimizer: parameter groups with their own settings "
+                         f"({', '.join(sorted(extra))}): the server applies one optimizer "
+                         "to every parameter; use inner= with local steps for more")
+    positional = any(n is None for n, _ in named)
+    named = [(f"param.{i}" if positional else n, p) for i, (n, p) in enumerate(named)]
+    trainable = [(n, p) for n, p in named if p.requires_grad]
+    if not trainable:
+        raise ValueError("asgd.Optimizer: none of the parameters requires a gradient")
+    devices = sorted({str(p.device) for _, p in trainable})
+    if len(devices) > 1:
+        raise ValueError(f"asgd.Optimizer: the parameters are on {', '.join(devices)}: put "
+                         "the model on one device (a model split over devices is the "
+                         "built-in worker's worker.devices)")
+    odd = [f"{n} ({p.dtype})" for n, p in trainable if p.dtype != torch.float32]
+    if odd:
+        raise ValueError(f"asgd.Optimizer trains float32 parameters; {odd[0]} is not "
+                         "(keep float32 weights and use torch.autocast for lower precision)")
+    return named, trainable, positional
 
 
 # ----------------------------------------------------------------------------------------------

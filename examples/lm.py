@@ -201,7 +201,7 @@ def main():
             tok_s = (step + 1) * args.batch_size * T / (time.time() - t0)
             print(f"step {step + 1}: train loss {loss.item():.4f}, val loss {val_loss():.4f}, "
                   f"{tok_s:,.0f} tokens/s", flush=True)
-    print(f"final: step {args.steps}, train loss {loss.item():.4f}, "
+    print(f"final: step {step + 1}, train loss {loss.item():.4f}, "
           f"val_loss {val_loss():.4f}, {time.time() - t0:.1f} s")
     opt.close()
 

@@ -16,13 +16,25 @@ def save_store(store, directory, config: dict | None = None) -> Path:
     return write_checkpoint(directory, store.version, store.layout, store.weights,
                             config or store.cfg.to_dict(), store.cfg.optimizer.name, scalars,
                             optim_tensors, span=store.span,
-                            keep=store.cfg.server.checkpoint_keep)
+                            keep=store.cfg.server.checkpoint_keep, settings=store.settings)
 
 
 def resume_store(store, directory) -> list[str]:
     """Load the newest good checkpoint into ``store``; CheckpointError when there is none or
-    it is of another model. Returns why newer ones were skipped (damaged)."""
+    it is of another model. Returns why newer ones were skipped (damaged). A store without
+    a model (no model.name) takes the checkpoint's, with the settings of the worker it was
+    adopted from (``store.cfg`` then holds them: server.adopt)."""
     ckpt = load_checkpoint(directory)
+    if not store.has_model:
+        import torch
+
+        from server.adopt import SettingsError, apply_settings
+
+        try:
+            cfg = apply_settings(store.cfg, ckpt.settings)
+            store.adopt(ckpt.layout, torch.empty(ckpt.layout.numel), cfg, ckpt.settings)
+        except (SettingsError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {directory}: {e}") from None
     try:
         ckpt.layout.check_same(store.layout, "checkpoint's", "configured model's")
     except ValueError as e:

@@ -37,6 +37,7 @@ from asgd.core import protocol
 from asgd.core.flat import FiniteCheck, bf16_to_f32, chunk_ranges, copy_checked
 from asgd.core.protocol import ProtocolError, Request
 from asgd.core.shm import Segment, SegmentError
+from server import adopt
 from server.staleness import Pending, StalenessControl
 from server.store import FlatChunks, ParameterStore
 
@@ -144,6 +145,23 @@ class ServerCore:
     def applied(self) -> int:
         """Updates applied since this server started (an update is one version)."""
         return self.store.version - self.start_version
+
+    def model_changed(self, cfg) -> None:
+        """The store adopted a model (server.adopt): its range, the config it runs with (the
+        first worker's settings), and a staleness control sized for it (no worker counts
+        yet: the one adopted from says hello after this)."""
+        self.cfg = cfg
+        self.lo, self.hi = self.store.span
+        self.control = StalenessControl(self.store, cfg, self.clock, self._log)
+
+    def refuse(self, frames, request_id, code: str, message: str) -> list:
+        """The error reply to a request refused before it reached ``reply_frames`` (CURVE's
+        ``unauthorized``), counted as every request received and every error reply is."""
+        self.bytes_in += sum(protocol.frame_nbytes(f) for f in frames)
+        self.errors[code] += 1
+        out = protocol.error_frames(request_id, code, message)
+        self.bytes_out += sum(protocol.frame_nbytes(f) for f in out)
+        return out
 
     # ------------------------------------------------------------------------------------------
 
@@ -301,6 +319,9 @@ class ServerCore:
     # ops: (request, worker stats, identity) -> (reply fields, reply tensors) or DEFER
 
     def _hello(self, req: Request, worker: WorkerStats | None, identity: bytes):
+        # a server without a model adopts the first worker's; a later or a different one must
+        # match it (the parameter list, the settings it gives), else nothing changes here
+        adopt.admit(self, req)
         if worker is None:
             worker = self._new_worker(req.worker)
         worker.rank = req.get("rank")
@@ -359,7 +380,12 @@ class ServerCore:
         return {"ok": True, **(self.local.offer(req.worker) if self.local is not None else {})}
 
     def _pull(self, req: Request, worker, identity: bytes):
+        self._need_model(req)
         return {"version": self.store.version}, None
+
+    def _need_model(self, req: Request) -> None:
+        if not self.store.has_model:
+            raise ProtocolError("bad_request", adopt.NO_MODEL, req.id)
 
     def _check_push(self, req: Request):
         """The push's base version and its gradient, checked against this server: a flat
@@ -465,7 +491,15 @@ class ServerCore:
         return self.store.grad
 
     def _push(self, req: Request, worker: WorkerStats | None, identity: bytes):
-        seq = req.get("seq") if worker is not None else None
+        self._need_model(req)
+        seq = req.get("seq")
+        if seq is not None and worker is None:
+            # replies are remembered in the worker's record, made by hello: without one a push
+            # sent again would be applied again, so a sequence number needs a hello first
+            raise ProtocolError("bad_request", f"push with 'seq' from worker "
+                                f"{req.worker[:64]!r}, which has not said hello (or was "
+                                "forgotten): say hello first; the server answers a push sent "
+                                "again exactly once only for a worker that said hello", req.id)
         if seq is not None and seq in worker.replies:
             return self._repeat(req, worker, identity, seq)
         base, grad = self._check_push(req)
@@ -526,11 +560,15 @@ class ServerCore:
     # ------------------------------------------------------------------------------------------
 
     def training_settings(self) -> dict:
+        """hello's "config": every server-side setting a worker's behaviour depends on (the
+        update rule: local_steps and the outer optimizer among them)."""
         c = self.cfg.to_dict()
+        own = adopt.server_settings(self.cfg)
         return {"optimizer": c["optimizer"], "schedule": c["schedule"],
                 "policy": c["server"]["policy"], "max_staleness": c["server"]["max_staleness"],
                 "model": c["model"], "data": c["data"], "seed": c["run"]["seed"],
-                "max_updates": c["run"]["max_updates"]}
+                "max_updates": c["run"]["max_updates"], "local_steps": own["local_steps"],
+                "outer": own["outer"]}
 
     def stats(self) -> dict:
         now = self.clock()

@@ -53,11 +53,14 @@ def usable_cores() -> int:
 def build_store(cfg: Config, shard: int = 0) -> ParameterStore:
     """The store with the model's initial weights (same seed as every worker), or shard
     ``shard``'s range of them. A built-in data set is not loaded: the model needs only its
-    shape."""
+    shape. Without ``model.name`` the store is empty until the first worker's hello brings
+    the model (server.adopt) or ``--resume`` the checkpoint's."""
     from asgd.core.flat import shard_range
     from asgd.core.layout import ParameterLayout
     from asgd.tasks.task import build_task
 
+    if not cfg.model.name:
+        return ParameterStore.empty(cfg, (shard, cfg.server.shards))
     model = build_task(cfg, data=False).model
     span = None
     if cfg.server.shards > 1:
@@ -83,12 +86,15 @@ def socket_limits(store: ParameterStore, cfg: Config) -> dict:
     top-k's int64 indices from 2**31 values on), so that is the limit; ``server.max_message_mb``
     caps it when smaller, but never below 2 MiB, so that a header of more than 1 MiB is still
     read and answered ``too_large``. The high-water marks (messages queued per peer, each way)
-    are QUEUE_BYTES over one gradient message, within [4, 1000]."""
-    per_value = 8 if store.numel >= 2 ** 31 else 4
-    largest = protocol.MAX_HEADER_BYTES + per_value * store.numel
+    are QUEUE_BYTES over one gradient message, within [4, 1000]. A shard's frames are those
+    of the whole model (a hello carries every parameter); a server without a model yet takes
+    frames up to the cap, and queues as for a large model."""
     cap = int(cfg.server.max_message_mb * (1 << 20))
+    numel = store.layout.numel if store.has_model else cap
+    per_value = 8 if numel >= 2 ** 31 else 4
+    largest = protocol.MAX_HEADER_BYTES + per_value * numel
     maxmsgsize = max(HEADER_SLACK, min(largest, cap))
-    message = 4 * store.numel + (64 << 10)          # a gradient and a generous header
+    message = 4 * (store.numel if store.has_model else numel) + (64 << 10)   # gradient, header
     hwm = max(MIN_HWM, min(MAX_HWM, QUEUE_BYTES // message))
     return {"maxmsgsize": maxmsgsize, "rcvhwm": hwm, "sndhwm": hwm}
 
@@ -143,7 +149,10 @@ class Server:
             log.info("resumed from %s at version %d", self.checkpoint_dir, self.store.version)
         self.metrics = MetricsWriter(run_dir / "metrics.jsonl" if run_dir else None,
                                      buffered=True)
-        self.core = ServerCore(self.store, cfg, (shard, cfg.server.shards), metrics=self.metrics)
+        # the store's config: the server's, with the settings of the worker its model was
+        # adopted from when it resumed such a model (server.adopt)
+        self.core = ServerCore(self.store, self.store.cfg, (shard, cfg.server.shards),
+                               metrics=self.metrics)
         self.ctx = zmq.Context()
         try:
             self.sock, self.authenticator = open_socket(self.ctx, bind, self.store, cfg)
@@ -174,7 +183,7 @@ class Server:
     def extend_budget(self, updates: int) -> None:
         """run.max_updates = the current version + ``updates`` (what hello tells workers)."""
         self.cfg = self.cfg.replace(**{"run.max_updates": self.store.version + updates})
-        self.core.cfg = self.cfg
+        self.core.cfg = self.core.cfg.replace(**{"run.max_updates": self.cfg.run.max_updates})
         log.info("budget extended: run.max_updates is now %d", self.cfg.run.max_updates)
 
     def request_stop(self, *_):
@@ -357,9 +366,10 @@ class Server:
             self._unauthorized_logged.add((user, worker))
             log.warning("unauthorized: a request as worker %r from a key allowed as %r",
                         worker[:64], user)
-        self._send(identity, protocol.error_frames(
-            rid, "unauthorized", f"worker {worker[:64]!r} is not the id of the key this "
-            f"connection authenticated with ({user or 'none'})"))
+        # counted as every refused request is (stats: errors, bytes_in, bytes_out)
+        self._send(identity, self.core.refuse(
+            request, rid, "unauthorized", f"worker {worker[:64]!r} is not the id of the key "
+            f"this connection authenticated with ({user or 'none'})"))
         return False
 
     def _send(self, identity: bytes, reply: list) -> None:
@@ -416,8 +426,11 @@ class Server:
     def close(self) -> None:
         self._status(time.monotonic())       # the last stretch's figures
         try:
-            path = self.checkpoint()
-            log.info("checkpoint at version %d written to %s", self.store.version, path)
+            if not self.store.has_model:
+                log.info("no model yet (no worker said hello with one): no checkpoint written")
+            else:
+                path = self.checkpoint()
+                log.info("checkpoint at version %d written to %s", self.store.version, path)
         finally:
             self._record_stats()
             self.metrics.close()
@@ -458,10 +471,15 @@ def run_server(cfg: Config, bind: str | None, run_dir=None, checkpoint_dir=None,
     if address_file:
         write_address(Path(address_file), server.endpoint)
     lo, hi = server.store.span
-    log.info("serving %d parameters (%d tensors%s) at %s, version %d",
-             server.store.numel, len(server.store.specs),
-             "" if server.store.whole else f"; values {lo}-{hi} of {server.store.layout.numel}",
-             server.endpoint, server.store.version)
+    if not server.store.has_model:
+        log.info("serving at %s without a model: the first worker's hello brings it",
+                 server.endpoint)
+    else:
+        log.info("serving %d parameters (%d tensors%s) at %s, version %d",
+                 server.store.numel, len(server.store.specs),
+                 "" if server.store.whole else
+                 f"; values {lo}-{hi} of {server.store.layout.numel}",
+                 server.endpoint, server.store.version)
     try:
         server.serve()
     finally:

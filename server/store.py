@@ -124,6 +124,8 @@ class ParameterStore:
     def __init__(self, layout: ParameterLayout, init: torch.Tensor, cfg: Config,
                  version: int = 0, span: tuple[int, int] | None = None):
         self.cfg = cfg
+        self.settings = None           # the settings adopted from the first worker (adopt)
+        self.shard_of = getattr(self, "shard_of", (0, 1))   # (index, count): which range
         self.layout = layout
         for s in layout.specs:
             if s.dtype != "float32":
@@ -160,6 +162,33 @@ class ParameterStore:
         with torch.no_grad():
             init = layout.flatten(model.parameters())
         return cls(layout, init, cfg, span=span)
+
+    @classmethod
+    def empty(cls, cfg: Config, shard: tuple[int, int] = (0, 1)) -> "ParameterStore":
+        """A store without a model (no model.name): it holds nothing until ``adopt``; as
+        shard ``shard`` = (index, count) it then holds that range of the model it adopts."""
+        store = cls.__new__(cls)
+        store.shard_of = shard
+        store.__init__(ParameterLayout([]), torch.empty(0), cfg)
+        return store
+
+    @property
+    def has_model(self) -> bool:
+        """False only for a store that has not yet adopted a model (``empty``)."""
+        return len(self.layout) > 0
+
+    def adopt(self, layout: ParameterLayout, init: torch.Tensor, cfg: Config,
+              settings: dict | None = None, version: int = 0) -> None:
+        """Take a model: the parameter list and the whole model's initial weights (of which a
+        shard keeps its range, ``asgd.core.flat.shard_range``), the config to run it with (its
+        optimizer), and the settings that config took from the worker (kept in checkpoints).
+        The same object, so that everything holding the store sees the model."""
+        from asgd.core.flat import shard_range
+
+        index, count = self.shard_of
+        span = shard_range(layout.numel, index, count) if count > 1 else None
+        self.__init__(layout, init, cfg, version, span)
+        self.settings = settings
 
     @property
     def specs(self) -> list[dict]:

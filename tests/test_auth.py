@@ -259,6 +259,8 @@ def test_a_worker_with_curve_keys_trains_against_a_curve_server(tmp_path, start_
 class _Store:
     def __init__(self, numel):
         self.numel = numel
+        self.has_model = True
+        self.layout = self            # one whole model: its numel is the store's
 
 
 @pytest.mark.parametrize("numel", [18_000, 80_000, 1_000_000, 10_000_000])

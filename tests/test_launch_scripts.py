@@ -34,7 +34,7 @@ CONFIG = {"model": {"name": "mlp"}, "data": {"name": "synthetic"},
 ENV_SCRIPT = """
 import json, os, sys
 names = ["ASGD_SERVER", "ASGD_RANK", "ASGD_WORKERS", "ASGD_LOCAL_RANK", "ASGD_RUN_DIR",
-         "OMP_NUM_THREADS"]
+         "ASGD_CONFIG", "ASGD_SERVER_FILE", "OMP_NUM_THREADS"]
 print("seen " + json.dumps({"env": {n: os.environ.get(n) for n in names},
                             "argv": sys.argv[1:]}))
 print("no newline at the end", end="")
@@ -86,6 +86,8 @@ def test_script_sees_its_place_and_arguments_and_its_output_is_prefixed_and_kept
         assert got["env"] == {"ASGD_SERVER": server, "ASGD_RANK": str(rank),
                               "ASGD_WORKERS": "2", "ASGD_LOCAL_RANK": str(rank),
                               "ASGD_RUN_DIR": str(run_dir.resolve()),
+                              "ASGD_CONFIG": str(run_dir.resolve() / "config.yaml"),
+                              "ASGD_SERVER_FILE": str(run_dir.resolve() / "server.addr"),
                               "OMP_NUM_THREADS": str(max(1, cores // 2))}
         log = (run_dir / "logs" / f"worker-{rank}.log").read_text()
         assert log.startswith("seen ") and json.loads(log.splitlines()[0][5:]) == got
@@ -183,7 +185,14 @@ def test_killed_script_is_restarted_and_the_run_ends_ok(tmp_path, child_env):
 
 ENDING_SCRIPT = """
 import os, time
-time.sleep(0.5 * int(os.environ["ASGD_RANK"]))   # the workers end one after the other
+from asgd.metrics import MetricsWriter
+rank = int(os.environ["ASGD_RANK"])
+# what opt.log(loss=...) writes, without a model on the server
+metrics = MetricsWriter(os.path.join(os.environ["ASGD_RUN_DIR"], "metrics.jsonl"))
+for step in (1, 2):
+    metrics.write("worker_step", worker=f"w{rank}", rank=rank, step=step, loss=rank + step / 10)
+metrics.close()
+time.sleep(0.5 * rank)              # the workers end one after the other
 print("bye", flush=True)
 """
 
@@ -201,6 +210,9 @@ def test_run_ends_when_every_script_has_exited_and_the_server_checkpoints(tmp_pa
     assert load_checkpoint(run_dir / "checkpoint").version == 0
     assert summary["checkpoint_version"] == 0
     assert all(f"[rank {r}] bye" in res.stderr for r in range(3))
+    # each worker's last logged figures
+    assert {w: (v["step"], v["loss"]) for w, v in summary["logged"].items()} == \
+        {"w0": (2, 0.2), "w1": (2, 1.2), "w2": (2, 2.2)}
     kinds = [json.loads(line)["kind"] for line in
              (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert "script" in kinds and "worker_died" not in kinds
@@ -362,3 +374,85 @@ def test_sbatch_runs_the_script_as_each_worker_next_to_the_server(tmp_path):
 def test_sbatch_refuses_a_missing_script_before_starting_anything(tmp_path, args, message):
     res, calls = run_sbatch(tmp_path, 3, *args)
     assert res.returncode == 2 and message in res.stderr and calls == []
+
+
+SLEEPING_SCRIPT = """
+import os, pathlib, sys, time
+here = pathlib.Path(sys.argv[1])
+(here / f"pid-{os.environ['ASGD_RANK']}").write_text(str(os.getpid()))
+print("sleeping", flush=True)
+time.sleep(100)                     # until the launcher is interrupted
+"""
+
+
+def test_ctrl_c_stops_the_scripts_and_the_server_and_writes_the_summary(tmp_path, child_env):
+    run_dir = setup(tmp_path, SLEEPING_SCRIPT)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "asgd.cli", "launch", "--config", "c.yaml", "--quiet",
+         "--workers", "2", "train.py", str(tmp_path)], cwd=tmp_path, env=child_env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not all((tmp_path / f"pid-{r}").exists() for r in (0, 1)):
+            assert launcher.poll() is None and time.monotonic() < deadline, \
+                launcher.communicate()[1]
+            time.sleep(0.05)
+        pids = [int((tmp_path / f"pid-{r}").read_text()) for r in (0, 1)]
+        launcher.send_signal(signal.SIGINT)           # what Ctrl-C sends
+        out, err = launcher.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait(10)
+    assert launcher.returncode == 1 and "interrupted" in err
+    for pid in pids:                                   # the scripts are gone
+        assert not Path(f"/proc/{pid}").exists() or \
+            Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+    summary = summary_of(run_dir)
+    assert summary["status"] == "interrupted" and summary["interrupted"]
+    assert [e["signal"] for e in summary["worker_exits"]] == ["SIGTERM", "SIGTERM"]
+    assert load_checkpoint(run_dir / "checkpoint").version == 0    # the server's, at its stop
+
+
+def test_scripts_on_ray(tmp_path, child_env):
+    pytest.importorskip("ray")
+    run_dir = setup(tmp_path, ENV_SCRIPT)
+    res = run_to_end(["-m", "asgd.cli", "launch", "--config", "c.yaml", "--quiet", "--on",
+                      "ray", "--num-cpus", "2", "--workers", "2", "train.py", "-x"],
+                     RUN_TIMEOUT_S, env=dict(child_env, RAY_AUTH_MODE="disabled"),
+                     cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    summary = summary_of(run_dir)
+    assert summary["status"] == "ok" and summary["on"] == "ray"
+    assert [e["exit_code"] for e in summary["worker_exits"]] == [0, 0]
+    seen = seen_lines(res.stderr)
+    server = (run_dir / "server.addr").read_text().strip()
+    assert {r: (s["env"]["ASGD_RANK"], s["env"]["ASGD_SERVER"], s["argv"])
+            for r, s in seen.items()} == {0: ("0", server, ["-x"]), 1: ("1", server, ["-x"])}
+
+
+def test_resume_goes_on_with_a_script_run_in_its_run_directory(tmp_path, child_env):
+    run_dir = setup(tmp_path, ENV_SCRIPT)
+    first = launch(tmp_path, child_env, "--workers", "1", "train.py", "first")
+    assert first.returncode == 0, first.stderr
+    res = run_to_end(["-m", "asgd.cli", "launch", "--quiet", "--resume", "runs/s", "train.py",
+                      "second"], RUN_TIMEOUT_S, env=child_env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    summary = summary_of(run_dir)
+    assert summary["status"] == "ok" and summary["resumed_from"] == [0]
+    assert json.loads((run_dir / "summary-1.json").read_text())["script"][1:] == ["first"]
+    assert summary["script"][1:] == ["second"]
+    # the resumed launch shows its own script's output, not the first one's again
+    assert [s["argv"] for s in seen_lines(res.stderr).values()] == [["second"]]
+    assert (run_dir / "logs" / "worker-0.log").read_text().count("seen ") == 2
+
+
+def test_options_before_the_script_are_asgds_and_everything_after_it_the_scripts():
+    from asgd.cli import cli
+
+    ctx = cli.commands["launch"].make_context(
+        "launch", ["--workers", "2", "--set", "run.max_restarts=0", "train.py", "--help",
+                   "--workers", "3", "--set", "lr=1"])
+    assert ctx.params["workers"] == "2" and ctx.params["overrides"] == ("run.max_restarts=0",)
+    assert ctx.params["script"] == "train.py"
+    assert ctx.params["script_args"] == ("--help", "--workers", "3", "--set", "lr=1")

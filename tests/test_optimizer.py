@@ -216,3 +216,42 @@ def test_frozen_parameters_stay_off_the_wire_and_nonfinite_is_not_pushed(
     train(net, opt, [(x, y)])
     assert opt.version == 2 and torch.isfinite(net[1].weight).all()
     opt.close()
+
+
+def test_any_call_order_accumulation_and_closure(start_server, tmp_path):
+    """backward before any zero_grad, zero_grad after step, two backward passes accumulated
+    into one step, and step(closure): the same weights as torch's SGD in the same order, and
+    the gradients still there after each step, as torch leaves them."""
+    server = start_server(server_config(tmp_path, {"name": "sgd", "lr": 0.1, "momentum": 0.5}))
+    net, data = model(), batches(12)
+    opt = asgd.Optimizer(net.named_parameters(), optimizer="sgd", lr=0.1, momentum=0.5,
+                         server=server.endpoint)
+    ref = copy.deepcopy(net)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.5)
+
+    def loop(m, o):
+        losses = []
+        for i in range(0, len(data), 2):
+            for x, y in data[i:i + 2]:                    # accumulate two micro-batches
+                torch.nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+            losses.append([p.grad.clone() for p in m.parameters()])   # kept by the step
+            o.zero_grad()                                  # after the step, not before
+        x, y = data[0]
+
+        def closure():
+            o.zero_grad()
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            return loss
+        losses.append(o.step(closure))
+        return losses
+
+    *grads, loss = loop(net, opt)
+    *ref_grads, ref_loss = loop(ref, ref_opt)
+    for a, b in zip(grads, ref_grads):
+        assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(a, b))
+    assert opt.version == len(data) // 2 + 1
+    assert torch.allclose(loss, ref_loss, rtol=1e-5)
+    assert_same(net, ref, "call orders")
+    opt.close()

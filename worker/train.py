@@ -259,14 +259,20 @@ class Worker:
         (``worker_rejoined``), saying when the server's version went back (a server restarted
         from a checkpoint): the worker trains on from the server's weights."""
         def hello(segment):
+            # the settings this worker's pushes depend on: a server with another update rule
+            # refuses the hello (and an older one, that does not compare, is checked below)
             return self._with_retry(what, lambda t: self.client.hello(
-                rank=self.rank, timeout_s=t, shm=segment))
+                rank=self.rank, timeout_s=t, shm=segment,
+                settings={"local_steps": self.local_steps}))
 
         before = self.ex.version
         try:
             info = self.ex.connect(hello, self._check_layout)
         except RuntimeError as e:
             raise WorkerError(f"worker {self.id}: {e}") from None
+        except ServerError as e:       # refused: another model or settings, a key's id, ...
+            raise WorkerError(f"worker {self.id}: the server at {self.client.endpoint} "
+                              f"refused this worker: {e.message}") from None
         if what != "hello":
             back = self.version < before
             log.warning("%s: %s: hello again at version %d%s", self.id, what, self.version,
@@ -284,6 +290,15 @@ class Worker:
         except (ValueError, KeyError, TypeError) as e:
             raise WorkerError(f"worker {self.id}: the model built from the config does not "
                               f"match the server's: {e}") from None
+        # the server's update rule (absent from servers that predate it: not checked)
+        h = (info.get("config") or {}).get("local_steps")
+        if h is not None and h != self.local_steps:
+            raise WorkerError(
+                f"worker {self.id}: worker.local_steps is {self.local_steps}, the server's "
+                f"local_steps {h}: it would apply this worker's pushes with the wrong rule "
+                f"(1: gradients for its optimizer; more: pseudo-gradients for its outer "
+                f"optimizer). Set worker.local_steps={h}, or start the server with "
+                f"worker.local_steps={self.local_steps}")
 
     def connect(self) -> dict:
         log.info("%s: connecting to the server at %s", self.id, self.client.endpoint)

@@ -58,6 +58,8 @@ class Checkpoint:
     optimizer_tensors: dict       # name -> flat tensor
     span: tuple | None = None     # a server shard's [start, stop) of the flat weights; None: all
     skipped: list = field(default_factory=list)   # newer checkpoints found damaged, and why
+    settings: dict | None = None  # a model adopted from its first worker: the settings that
+                                  # worker gave (server.adopt); None for a configured model
 
     @property
     def specs(self) -> list[dict]:
@@ -140,13 +142,16 @@ def versioned(directory) -> list[Path]:
 def write_checkpoint(directory, version: int, layout: ParameterLayout, flat: torch.Tensor,
                      config: dict, optimizer: str, scalars: dict | None = None,
                      optimizer_tensors=(), span: tuple | None = None,
-                     keep: int = KEEP) -> Path:
+                     keep: int = KEEP, settings: dict | None = None) -> Path:
     """Write ``<directory>/state-<version>.asgd`` atomically, point ``state.asgd`` at it, and
     remove all but the newest ``keep``; returns the path of ``state.asgd``. ``span``: the
-    range of the model's flat weights ``flat`` holds (a server shard's)."""
+    range of the model's flat weights ``flat`` holds (a server shard's). ``settings``: those
+    a model adopted from its first worker took from it (a resumed server keeps them)."""
     header = {"kind": "asgd-checkpoint", "format": 2, "version": version,
               "layout": layout.to_specs(), "config": config,
               "optimizer": {"name": optimizer, "scalars": scalars or {}}}
+    if settings is not None:
+        header["settings"] = settings
     if span is not None and tuple(span) != (0, layout.numel):
         header["span"] = [int(span[0]), int(span[1])]
     directory = Path(directory)
@@ -242,6 +247,9 @@ def load_file(path: Path) -> Checkpoint:
                                  all(isinstance(x, int) for x in span) and
                                  0 <= span[0] < span[1] <= layout.numel):
         raise CheckpointError(f"{path} is damaged: span {span!r}")
+    settings = header.get("settings")
+    if settings is not None and not isinstance(settings, dict):
+        raise CheckpointError(f"{path} is damaged: settings {settings!r}")
     numel = layout.numel if span is None else span[1] - span[0]
     flat = by_name.pop("weights", None)
     if flat is None or flat.dim() != 1 or flat.numel() != numel:
@@ -250,7 +258,7 @@ def load_file(path: Path) -> Checkpoint:
         if t.numel() != numel:
             raise CheckpointError(f"{path} is damaged: {name} does not fit the layout")
     return Checkpoint(version, flat, layout, config, scalars, by_name,
-                      None if span is None else tuple(span))
+                      None if span is None else tuple(span), settings=settings)
 
 
 def load_sharded(folder: Path) -> Checkpoint:
@@ -277,4 +285,5 @@ def load_sharded(folder: Path) -> Checkpoint:
     if pos != first.layout.numel:
         raise CheckpointError(f"{folder}: the shards hold values 0-{pos} of "
                               f"{first.layout.numel}: a shard is missing")
-    return Checkpoint(min(c.version for c in parts), flat, first.layout, first.config, {}, {})
+    return Checkpoint(min(c.version for c in parts), flat, first.layout, first.config, {}, {},
+                      settings=first.settings)

@@ -66,9 +66,14 @@ MAX_SEQ = (1 << 63) - 1          # a push's sequence number: a non-negative int6
 #            push_pull: the gradient is in the segment's slot ``shm``; pull, push_pull: the
 #            weights go into the segment, and no tensor frame travels either way
 #   seq      push, push_pull: the worker's sequence number of this push; a push sent again
-#            with the same (worker, seq) is answered from memory, never applied twice
+#            with the same (worker, seq) is answered from memory, never applied twice (only
+#            for a worker that said hello: a push with seq before hello is refused)
+#   settings hello: the settings the worker's behaviour depends on and the server owns
+#            (optimizer, schedule, max_updates, local_steps, outer); a server without a model
+#            adopts them with the model, one with a model compares them (server.adopt)
+# hello may carry tensors: the worker's parameter list and its initial weights, float32
 REQUEST_FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
-    "hello": {"rank": (int, False), "shm": (str, False)},
+    "hello": {"rank": (int, False), "shm": (str, False), "settings": (dict, False)},
     "pull": {"flat": (bool, False), "weights": (str, False), "shm": (bool, False)},
     "push": {"version": (int, True), "encoding": (str, False), "enc": (dict, False),
              "flat": (bool, False), "shm": (int, False), "seq": (int, False)},
@@ -80,6 +85,7 @@ REQUEST_FIELDS: dict[str, dict[str, tuple[type, bool]]] = {
 }
 OPS = tuple(REQUEST_FIELDS)
 TENSOR_OPS = ("push", "push_pull")
+MODEL_OPS = ("hello",)           # ops whose tensors are a parameter list and its weights
 ENCODINGS = ("none", "fp16", "bf16", "int8", "topk")   # gradient encodings of a flat push
 WEIGHT_ENCODINGS = ("none", "fp16", "bf16")             # of flat weights in a reply
 MAX_SHM_PATH = 4096
@@ -364,7 +370,7 @@ def check_request(frames: Sequence, max_bytes: int | None = None) -> Request:
         _, tensors = decode(frames, max_bytes)
     except ProtocolError as e:
         fail(e.code, e.message)
-    if tensors and op not in TENSOR_OPS:
+    if tensors and op not in TENSOR_OPS + MODEL_OPS:
         fail("bad_request", f"{op} takes no tensors")
     return Request(rid, op, w, h, tensors, nbytes)
 

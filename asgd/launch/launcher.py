@@ -81,11 +81,18 @@ def checkpoint_state(directory: Path) -> tuple[int | None, str]:
         return None, str(e)
 
 
-def check_imports(cfg: Config) -> None:
+def check_imports(cfg: Config, builtin_workers: bool = True) -> None:
     """A user's model or data set given by import path must import, and a model split into
     stages (worker.devices) must be one that can be cut so: checked before any process starts
-    (the built-ins always import; their arguments are checked with the task)."""
+    (the built-ins always import; their arguments are checked with the task). The built-in
+    workers need a model: without ``model.name`` only workers that bring their own (scripts
+    with asgd.Optimizer: ``builtin_workers`` False) can run."""
     from asgd.tasks.imports import import_object
+
+    if builtin_workers and not cfg.model.name:
+        raise LaunchError("model.name is empty: the built-in workers build their model from "
+                          "it (a server without a model learns it from the first script "
+                          "worker's asgd.Optimizer)")
 
     for what, name in (("model", cfg.model.name), ("data set", cfg.data.name)):
         if ":" in name:

@@ -9,11 +9,12 @@ same variables a worker started by hand next to ``asgd server`` reads, docs/depl
 | variable | value |
 | --- | --- |
 | ``ASGD_SERVER`` | the server's endpoint (a sharded server's, comma-separated) |
+| ``ASGD_SERVER_FILE`` | the files the launcher announces the endpoints in (one per shard) |
 | ``ASGD_RANK`` | the worker's rank, 0 .. N-1 |
 | ``ASGD_WORKERS`` | N, the number of workers (run.workers) |
 | ``ASGD_LOCAL_RANK`` | its rank among the workers of its machine (here: its rank) |
 | ``ASGD_RUN_DIR`` | the run directory: ``opt.log()`` appends to its metrics.jsonl |
-| ``ASGD_CONFIG`` | the run's config.yaml (the worker.* keys asgd.Optimizer may read) |
+| ``ASGD_CONFIG`` | the run's config.yaml (asgd.Optimizer's defaults: its worker.* keys) |
 | ``OMP_NUM_THREADS`` | the cores over the workers, at least 1, unless it is already set |
 
 Everything else is a launch's (``asgd.launch.launcher.Launch``): the server from the config's
@@ -24,24 +25,27 @@ directory, Ctrl-C, and ``--on ray``. The scripts start once the server listens, 
 and, line by line, to the launcher's output prefixed ``[rank R]`` above the live line (a
 failing script's traceback too). The run ends when every script has exited; the server then
 writes its checkpoint, and summary.json says how each worker ended (``worker_exits``: exit
-code, signal, restarts). There is no model in the launcher, so no held-out evaluation:
-test_accuracy and test_loss are null and ``evaluation`` says why; the scripts report their own
-metrics. Without ``--config`` a script run takes the built-in defaults with no model, no data
-set and no budget (``SCRIPT_DEFAULTS``): it ends when the scripts do.
+code, signal, restarts, the exit code of each death) and what each logged last (``logged``:
+its last ``opt.log()`` record). There is no model in the launcher, so no held-out
+evaluation: test_accuracy and test_loss are null and ``evaluation`` says why. Without
+``--config`` a script run takes the built-in defaults with no model, no data set and no
+budget (``SCRIPT_DEFAULTS``, configs/script.yaml): it ends when the scripts do.
+``asgd launch --resume RUN SCRIPT`` goes on with a script run, its server resumed from its
+checkpoint.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from asgd.api import LOCAL_RANK, RUN_DIR
+from asgd.api import LOCAL_RANK, RUN_DIR, SERVER_FILE
 from asgd.config import Config, ConfigError, from_dict, load_config
 from asgd.launch.display import Monitor
 from asgd.launch.env import RANK, SERVER, WORKERS
 from asgd.launch.launcher import Launch, LaunchError, checkpoint_dirs, checkpoint_state
 
-CONFIG = "ASGD_CONFIG"
-SCRIPT_VARIABLES = (SERVER, RANK, WORKERS, LOCAL_RANK, RUN_DIR, CONFIG)
+CONFIG = "ASGD_CONFIG"       # asgd.optimizer_config.LAUNCH_CONFIG: its data-path keys
+SCRIPT_VARIABLES = (SERVER, RANK, WORKERS, LOCAL_RANK, RUN_DIR, CONFIG, SERVER_FILE)
 # a script run without --config (configs/script.yaml says the same): the server learns its
 # model from the first script, has no budget of its own (the scripts end the run) and the
 # launcher evaluates nothing
@@ -89,9 +93,10 @@ def threads_per_worker(workers: int, environ=None) -> str:
 
 
 def script_env(rank: int, workers: int, endpoints: list[str], run_dir: Path,
-               config_file: str, threads: str) -> dict:
+               config_file: str, threads: str, addr_files=()) -> dict:
     """The variables a script worker gets (see the module's table)."""
-    return {SERVER: ",".join(endpoints), RANK: str(rank), WORKERS: str(workers),
+    return {SERVER: ",".join(endpoints), SERVER_FILE: ",".join(map(str, addr_files)),
+            RANK: str(rank), WORKERS: str(workers),
             LOCAL_RANK: str(rank), RUN_DIR: str(run_dir), CONFIG: str(config_file),
             "OMP_NUM_THREADS": threads}
 
@@ -106,6 +111,7 @@ class OutputPump:
         self.partial: dict[int, bytes] = {}
 
     def lines(self, rank: int, path: Path, final: bool = False) -> list[str]:
+        """The complete lines since the last call (``final``: the rest too)."""
         try:
             with open(path, "rb") as f:
                 f.seek(self.pos.get(rank, 0))
@@ -160,6 +166,11 @@ class ScriptWorkers:
         self.script, self.script_args = Path(script), list(args)
         self.threads = threads_per_worker(self.cfg.run.workers)
         self.pump = OutputPump()
+        for rank in range(self.cfg.run.workers):     # a resumed run's earlier output is shown
+            try:
+                self.pump.pos[rank] = self._log_path(rank).stat().st_size
+            except OSError:
+                pass
         mon = ScriptMonitor(self.cfg, self.t0)
         mon.skip_metrics(self.metrics_start)
         self.mon = mon
@@ -171,7 +182,7 @@ class ScriptWorkers:
 
     def _script_env(self, rank: int) -> dict:
         return script_env(rank, self.cfg.run.workers, self.endpoints, self.run_dir,
-                          self.config_file, self.threads)
+                          self.config_file, self.threads, self.addr_files)
 
     def _log_path(self, rank: int) -> Path:
         return self.run_dir / "logs" / f"worker-{rank}.log"
@@ -225,8 +236,14 @@ class ScriptWorkers:
                           "deaths": [d.get("exit_code") for d in died],
                           "log": str(self._log_path(rank).relative_to(self.run_dir))})
         versions = [checkpoint_state(d)[0] for d in checkpoint_dirs(self.cfg, self.run_dir)]
+        logged: dict = {}      # each worker's last opt.log() record: its own final figures
+        for rec in self._records():
+            if rec.get("kind") == "worker_step" and "worker" in rec:
+                logged[rec["worker"]] = {k: v for k, v in rec.items() if k not in ("kind",
+                                                                                  "worker")}
         return {"script": [str(self.script), *self.script_args], "worker_exits": exits,
-                "checkpoint_version": versions[0] if len(versions) == 1 else versions}
+                "checkpoint_version": versions[0] if len(versions) == 1 else versions,
+                "logged": logged}
 
 
 def _escape(text: str) -> str:
@@ -285,6 +302,23 @@ def ray_script_launch(cfg: Config, run_dir: Path, script: Path, args: list[str],
     return launch
 
 
+def resume_script_config(run_dir, overrides=()) -> tuple[Config, Path]:
+    """The config of a script run to go on with (its config.yaml with ``overrides``), checked:
+    it has a checkpoint to resume from. (The launcher's resume_config, less the check that
+    the built-in workers have a model.)"""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise LaunchError(f"{run_dir} is not a run directory: it has no config.yaml")
+    try:
+        cfg = load_config(run_dir / "config.yaml", list(overrides))
+    except ConfigError as e:
+        raise LaunchError(str(e)) from None
+    for d in checkpoint_dirs(cfg, run_dir):
+        if not any(d.glob("*.asgd")):
+            raise LaunchError(f"nothing to resume in {run_dir}: no checkpoint in {d}")
+    return cfg, run_dir
+
+
 def launch_script(cfg: Config | None, script, args=(), quiet: bool = False,
                   on: str = "local", address: str | None = None, num_cpus: int | None = None,
                   resume_dir=None, overrides=()) -> dict:
@@ -295,7 +329,7 @@ def launch_script(cfg: Config | None, script, args=(), quiet: bool = False,
     resumed from its checkpoint."""
     import shutil
 
-    from asgd.launch.launcher import check_imports, make_run_dir, resume_config
+    from asgd.launch.launcher import check_imports, make_run_dir
 
     script = check_script(script)
     if on == "ray":
@@ -310,9 +344,9 @@ def launch_script(cfg: Config | None, script, args=(), quiet: bool = False,
         return ScriptLaunch(cfg, run_dir, script, list(args), quiet, resume)
 
     if resume_dir is not None:
-        cfg, run_dir = resume_config(resume_dir, overrides)
-        return make(cfg, Path(run_dir).resolve(), True).run()
-    check_imports(cfg)
+        cfg, run_dir = resume_script_config(resume_dir, overrides)
+        return make(cfg, run_dir.resolve(), True).run()
+    check_imports(cfg, builtin_workers=False)    # the scripts bring their own model
     run_dir = make_run_dir(cfg).resolve()
     try:
         return make(cfg, run_dir, False).run()
