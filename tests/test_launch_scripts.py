@@ -155,12 +155,17 @@ print("rank", os.environ["ASGD_RANK"], "done", flush=True)
 """
 
 
-def test_killed_script_is_restarted_and_the_run_ends_ok(tmp_path, child_env):
-    run_dir = setup(tmp_path, KILLED_SCRIPT, max_restarts=1)
-    launcher = subprocess.Popen(
+def start_launch(tmp_path, child_env) -> subprocess.Popen:
+    """``asgd launch --workers 2 train.py TMP`` in ``tmp_path``, in its own session."""
+    return subprocess.Popen(
         [sys.executable, "-m", "asgd.cli", "launch", "--config", "c.yaml", "--quiet",
          "--workers", "2", "train.py", str(tmp_path)], cwd=tmp_path, env=child_env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_killed_script_is_restarted_and_the_run_ends_ok(tmp_path, child_env):
+    run_dir = setup(tmp_path, KILLED_SCRIPT, max_restarts=1)
+    launcher = start_launch(tmp_path, child_env)
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while not (tmp_path / "pid").exists():
@@ -387,10 +392,7 @@ time.sleep(100)                     # until the launcher is interrupted
 
 def test_ctrl_c_stops_the_scripts_and_the_server_and_writes_the_summary(tmp_path, child_env):
     run_dir = setup(tmp_path, SLEEPING_SCRIPT)
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "asgd.cli", "launch", "--config", "c.yaml", "--quiet",
-         "--workers", "2", "train.py", str(tmp_path)], cwd=tmp_path, env=child_env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    launcher = start_launch(tmp_path, child_env)
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while not all((tmp_path / f"pid-{r}").exists() for r in (0, 1)):
