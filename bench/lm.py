@@ -345,7 +345,7 @@ def main() -> int:
                          "validation right after a push, so that its tokens are exact)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="asgd-local's server settings (default: its outer rule adds each "
-                         "worker's progress: server.outer_optimizer=sgd, outer_lr=1, no "
+                         "worker's progress: server.outer.optimizer=sgd, outer.lr=1, no "
                          "momentum)")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--repeats", type=int, default=1)
@@ -366,9 +366,9 @@ def main() -> int:
         ap.error(f"--local-steps {h} must divide --steps / {WORKERS} ({args.steps // WORKERS}) "
                  f"and --eval-every ({args.eval_every})")
     s = {k: getattr(args, k) for k in SETTINGS}
-    outer = [a for kv in (args.set or ["server.outer_optimizer=sgd", "server.outer_lr=1.0",
-                                       "server.outer_momentum=0",
-                                       "server.outer_nesterov=false"]) for a in ("--set", kv)]
+    outer = [a for kv in (args.set or ["server.outer.optimizer=sgd", "server.outer.lr=1.0",
+                                       "server.outer.momentum=0",
+                                       "server.outer.nesterov=false"]) for a in ("--set", kv)]
     cores = len(os.sched_getaffinity(0))
     work = (args.work or ROOT / "runs" / f"bench-lm-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     args.out.mkdir(parents=True, exist_ok=True)
