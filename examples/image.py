@@ -11,11 +11,8 @@ rescaled in brightness, a fresh draw every time the DataLoader yields them. The 
 convolution stages, batch norm, then two linear layers) has 0.63M parameters. Its batch-norm
 statistics are buffers, not parameters: each worker keeps its own.
 
-Five statements make the plain PyTorch script an asgd worker: ``import asgd``; ``asgd.shard``
-of the training data (this worker's part); ``asgd.Optimizer`` in place of the torch
-optimizer; ``if opt.done: break`` (the server's budget is spent); ``opt.close()``. Run alone
-(no ``$ASGD_SERVER``), asgd.Optimizer is that torch optimizer, stepping in this process, and
-``asgd.shard`` gives back all the data: the same file is the single-process reference.
+The five asgd statements are those of examples/lm.py (its docstring says what each does):
+run alone, this file is the single-process reference; under ``asgd launch``, a worker.
 """
 from __future__ import annotations
 

@@ -13,11 +13,8 @@ MLP (10 -> 64 -> 64 -> 1) trained with Adam on the Huber (smooth L1) loss, which
 patients sway less than the squared error; the held-out mean squared error and R^2 are
 reported in the target's own units.
 
-Five statements make the plain PyTorch script an asgd worker: ``import asgd``; ``asgd.shard``
-of the training data (this worker's part); ``asgd.Optimizer`` in place of the torch
-optimizer; ``if opt.done: break`` (the server's budget is spent); ``opt.close()``. Run alone
-(no ``$ASGD_SERVER``), asgd.Optimizer is that torch optimizer, stepping in this process, and
-``asgd.shard`` gives back all the data: the same file is the single-process reference.
+As in examples/lm.py, five asgd statements (import, shard, Optimizer, done, close) make
+this plain script a worker; run alone it is its own single-process reference.
 """
 from __future__ import annotations
 
@@ -26,8 +23,8 @@ import time
 
 import asgd
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 # -----------------------------------------------------------------------------------------------

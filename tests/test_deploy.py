@@ -473,7 +473,7 @@ def test_the_sbatch_script_is_valid_bash_with_its_directives_first():
 SRUN = """#!{python}
 import json, os, sys, time
 log = os.environ["STUB_LOG"]
-if "worker" in sys.argv:    # the workers run while the server does: wait for its record
+if "{worker}" in sys.argv:    # the workers run while the server does: wait for its record
     give_up = time.monotonic() + 30
     while time.monotonic() < give_up and not (os.path.exists(log) and "server" in open(log).read()):
         time.sleep(0.05)
@@ -490,7 +490,8 @@ echo node1; echo node2; echo node3
 def run_sbatch(tmp_path: Path, ntasks: int) -> tuple[subprocess.CompletedProcess, list[dict]]:
     stubs = tmp_path / "bin"
     stubs.mkdir(exist_ok=True)
-    for name, text in (("srun", SRUN.format(python=sys.executable)), ("scontrol", SCONTROL)):
+    for name, text in (("srun", SRUN.format(python=sys.executable, worker="worker")),
+                       ("scontrol", SCONTROL)):
         (stubs / name).write_text(text)
         (stubs / name).chmod(stat.S_IRWXU)
     log = tmp_path / f"srun-{ntasks}.jsonl"

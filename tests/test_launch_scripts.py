@@ -21,6 +21,7 @@ import yaml
 
 from asgd.core.checkpoint import load_checkpoint
 from asgd.launch.processes import run_to_end
+from tests.test_deploy import SRUN
 
 RUN_TIMEOUT_S = 120.0
 
@@ -324,17 +325,7 @@ def test_k8s_statefulset_runs_the_script_against_the_server_service():
     assert server[0]["spec"]["ports"][0]["port"] == 5555
 
 
-SRUN = """#!{python}
-import json, os, sys, time
-log = os.environ["STUB_LOG"]
-if "python" in sys.argv:    # the workers run while the server does: wait for its record
-    give_up = time.monotonic() + 30
-    while time.monotonic() < give_up and not (os.path.exists(log) and "server" in open(log).read()):
-        time.sleep(0.05)
-with open(log, "a") as f:
-    f.write(json.dumps({{"argv": sys.argv[1:], "env": {{k: v for k, v in os.environ.items()
-                        if k.startswith(("ASGD_", "OMP_"))}}}}) + "\\n")
-"""
+# srun: a stub that records what it was asked to start (a script worker runs "python")
 
 
 def run_sbatch(tmp_path: Path, ntasks: int, *args: str):
@@ -342,7 +333,7 @@ def run_sbatch(tmp_path: Path, ntasks: int, *args: str):
     replaced by stubs that record what they were asked to start."""
     stubs = tmp_path / "bin"
     stubs.mkdir(exist_ok=True)
-    for name, text in (("srun", SRUN.format(python=sys.executable)),
+    for name, text in (("srun", SRUN.format(python=sys.executable, worker="python")),
                        ("scontrol", "#!/bin/sh\necho node1; echo node2; echo node3\n")):
         (stubs / name).write_text(text)
         (stubs / name).chmod(0o700)
