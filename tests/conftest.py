@@ -40,6 +40,12 @@ RUN_TIMEOUT_MIN_S = 180.0    # the least a child run to its end is given (Proces
 torch.set_num_threads(1)     # two cores, shared with the children the tests start
 
 
+# Ctrl-C's default action for this run and the processes it starts, even where the run was
+# started with SIGINT ignored (a background job of a shell without job control passes that on
+# through exec): the tests that send SIGINT to a launcher need its handler installed.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 # ----------------------------------------------------------------------------------------------
 # environment
 

@@ -278,9 +278,11 @@ def test_a_closed_stdout_still_leaves_the_summary(child_env, tmp_path, mnist1d_c
         os.killpg(launcher.pid, signal.SIGINT)       # Ctrl-C reaches the whole group
         launcher.wait(timeout=90)
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait(timeout=10)
+        try:                             # the launcher and whatever it left: its whole group
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        launcher.wait(timeout=10)
     summary = json.loads((tmp_path / "piped" / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     assert summary["test_accuracy"] is not None and summary["updates_applied"] > 0

@@ -4,6 +4,7 @@ reached and writes the run directory."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -132,9 +133,11 @@ def test_ctrl_c_stops_the_cluster_and_still_evaluates(child_env, tmp_path, mnist
         launcher.send_signal(signal.SIGINT)
         out, err = launcher.communicate(timeout=90)
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait(timeout=10)
+        try:                             # the launcher and whatever it left: its whole group
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        launcher.wait(timeout=10)
     assert launcher.returncode == 1
     summary = json.loads((tmp_path / "stopped" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["interrupted"] is True
