@@ -162,6 +162,45 @@ def test_local_steps_with_unit_outer_sgd_equal_the_inner_optimizer(h, start_serv
     assert_same(net, ref, f"local_steps={h}")
 
 
+def test_close_pushes_the_trailing_local_steps(start_server, tmp_path):
+    """23 steps with local_steps=10: two pushes in the loop, the last 3 steps pushed by
+    close(), so the server's weights are the 23rd step's (outer SGD at rate 1: exactly the
+    inner optimizer's). A budget already spent pushes nothing more."""
+    sections = {"server": {"policy": "none", "max_staleness": None, "outer_optimizer": "sgd",
+                           "outer_lr": 1.0, "outer_momentum": 0.0, "outer_nesterov": False},
+                "worker": {"local_steps": 10}}
+    server = start_server(server_config(tmp_path, {"name": "adam", "lr": 0.01}, **sections))
+    net, data = model(), batches(23)
+    opt = asgd.Optimizer(net.named_parameters(), inner=torch.optim.SGD(net.parameters(),
+                                                                       lr=0.1),
+                         local_steps=10, server=server.endpoint)
+    ref = copy.deepcopy(net)
+    train(net, opt, data)
+    assert opt.version == 2 and opt.steps == 23
+    opt.close()
+    assert opt.version == 3
+    train(ref, torch.optim.SGD(ref.parameters(), lr=0.1), data)
+    assert_same(net, ref, "23 local steps")
+    for a, b in zip(server_weights(server.endpoint), ref.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), "the trailing steps are lost"
+    opt.close()                                   # idempotent: nothing pushed again
+    assert opt.version == 3
+
+    # a budget of 2 updates, spent by the loop: close() pushes nothing
+    server = start_server(server_config(tmp_path, {"name": "adam", "lr": 0.01},
+                                        run={"max_updates": 2}, **sections))
+    net = model()
+    with asgd.Optimizer(net.named_parameters(), inner=torch.optim.SGD(net.parameters(),
+                                                                      lr=0.1),
+                        local_steps=10, server=server.endpoint) as opt:
+        train(net, opt, data)
+        assert opt.done and opt.version == 2
+    assert opt.version == 2
+    with Client(server.endpoint, "observer", timeout_s=10) as c:
+        version, _ = c.pull()
+    assert version == 2
+
+
 # ----------------------------------------------------------------------------------------------
 # clipping, GradScaler, frozen parameters, non-finite gradients
 
