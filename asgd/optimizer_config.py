@@ -109,8 +109,9 @@ def resolve(given: dict, config=None, inner: bool = False) -> Resolved:
     if base is None or name != base.optimizer.name:      # torch.optim's defaults for it
         data["optimizer"] = {**Config().to_dict()["optimizer"], "name": name,
                              **TORCH_DEFAULTS[name]}
-    if base is None:      # a torch optimizer: a constant rate, no warm-up, no budget
-        data["schedule"].update(kind="constant", warmup=0)
+    if base is None:      # a torch optimizer: a constant rate, no warm-up, no budget; a
+        # cosine asked for decays to 0 as torch's CosineAnnealingLR (eta_min=0)
+        data["schedule"].update(kind="constant", warmup=0, min_lr=0.0)
         data["run"]["max_updates"] = 0
     if data["run"]["max_updates"] == 0 and not data["run"]["max_seconds"]:
         data["run"]["max_seconds"] = 1.0      # the config wants a budget; this one is unused

@@ -248,12 +248,33 @@ class EventWriter:
 # ----------------------------------------------------------------------------------------------
 # metrics.jsonl -> scalars
 
+# a worker_step record's own figures, as train/<key>/<worker>
+TRAIN_KEYS = ("loss", "samples_per_s", "staleness", "compute_ms", "exchange_ms")
+# its bookkeeping: not scalars (samples is the running total, shown as samples_per_s)
+NOT_SCALARS = {"kind", "t", "worker", "rank", "step", "version", "samples"}
+
+
+def worker_scalars(rec: dict) -> dict:
+    """A ``worker_step`` record's scalars by tag: the worker's own figures under ``train/``,
+    any other number (a script's ``opt.log(val_loss=...)``) under its own name; strings and
+    booleans are not scalars."""
+    w = rec.get("worker", "w?")
+    out = {f"train/{k}/{w}": rec.get(k) for k in TRAIN_KEYS[:3]}
+    for k, v in rec.items():
+        if k in NOT_SCALARS or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        out[f"train/{k}/{w}" if k in TRAIN_KEYS else f"{k}/{w}"] = v
+    return out
+
+
 class MetricsToTensorBoard:
     """Follows a run's metrics.jsonl from byte ``start`` on and writes its scalars to
     ``<run_dir>/tensorboard/``:
 
-    - ``worker_step``: ``train/loss/<worker>``, ``train/samples_per_s/<worker>`` and
-      ``train/staleness/<worker>``, at the worker's step;
+    - ``worker_step``: ``train/loss/<worker>``, ``train/samples_per_s/<worker>``,
+      ``train/staleness/<worker>`` (and the built-in worker's ``compute_ms``, ``exchange_ms``),
+      and every other number a script logs with ``opt.log(...)`` under its own name
+      (``opt.log(val_loss=...)``: ``val_loss/<worker>``), at the worker's step;
     - ``server``: ``server/staleness_mean``, ``server/updates_dropped`` and ``server/lr`` (the
       schedule's rate at that version), at the server's version (``.../shard<i>`` per shard);
     - ``eval``: ``eval/accuracy`` and ``eval/loss`` at the version evaluated, the final one
@@ -273,11 +294,7 @@ class MetricsToTensorBoard:
     def record(self, rec: dict) -> None:
         kind, wall = rec.get("kind"), self.t0 + float(rec.get("t") or 0.0)
         if kind == "worker_step":
-            w = rec.get("worker", "w?")
-            self.writer.scalars({f"train/loss/{w}": rec.get("loss"),
-                                 f"train/samples_per_s/{w}": rec.get("samples_per_s"),
-                                 f"train/staleness/{w}": rec.get("staleness")},
-                                int(rec.get("step") or 0), wall)
+            self.writer.scalars(worker_scalars(rec), int(rec.get("step") or 0), wall)
         elif kind == "server":
             sfx = f"/shard{rec['shard']}" if rec.get("shard") is not None else ""
             version = int(rec.get("version") or 0)

@@ -252,6 +252,25 @@ def test_script_config_file_is_the_launchs_default():
     assert load_config(REPO / "configs" / "script.yaml") == script_config(None, [])
     cfg = script_config(None, ["run.workers=3"])
     assert cfg.model.name == "" and cfg.run.max_updates == 0 and cfg.run.workers == 3
+    # a user's script trains at a constant rate unless it (or the config) gives a schedule
+    assert (cfg.schedule.kind, cfg.schedule.warmup) == ("constant", 0)
+
+
+def test_script_config_file_stands_over_the_script_defaults(tmp_path):
+    from asgd.config import ConfigError
+    from asgd.launch.scripts import script_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"server": {"policy": "none"}, "run": {"workers": 3}}))
+    cfg = script_config(path, ["run.max_updates=50"])
+    assert cfg.server.policy == "none" and cfg.run.workers == 3 and cfg.model.name == ""
+    assert (cfg.schedule.kind, cfg.schedule.warmup, cfg.run.max_updates) == ("constant", 0, 50)
+    path.write_text(yaml.safe_dump({"schedule": {"kind": "cosine"}}))
+    assert (script_config(path, []).schedule.kind, script_config(path, []).schedule.warmup) \
+        == ("cosine", 0)
+    path.write_text(yaml.safe_dump({"schedule": {"kind": "nope"}}))
+    with pytest.raises(ConfigError, match="schedule.kind"):
+        script_config(path, [])
 
 
 def server_of(argv: list[str], env: dict):

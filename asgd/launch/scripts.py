@@ -29,7 +29,9 @@ code, signal, restarts, the exit code of each death) and what each logged last (
 its last ``opt.log()`` record). There is no model in the launcher, so no held-out
 evaluation: test_accuracy and test_loss are null and ``evaluation`` says why. Without
 ``--config`` a script run takes the built-in defaults with no model, no data set and no
-budget (``SCRIPT_DEFAULTS``, configs/script.yaml): it ends when the scripts do.
+budget, and a constant learning rate without warm-up unless the script gives a schedule
+(``SCRIPT_DEFAULTS``, configs/script.yaml): it ends when the scripts do. A ``--config``
+file's values stand over these defaults.
 ``asgd launch --resume RUN SCRIPT`` goes on with a script run, its server resumed from its
 checkpoint.
 """
@@ -46,11 +48,16 @@ from asgd.launch.launcher import Launch, LaunchError, checkpoint_dirs, checkpoin
 
 CONFIG = "ASGD_CONFIG"       # asgd.optimizer_config.LAUNCH_CONFIG: its data-path keys
 SCRIPT_VARIABLES = (SERVER, RANK, WORKERS, LOCAL_RANK, RUN_DIR, CONFIG, SERVER_FILE)
-# a script run without --config (configs/script.yaml says the same): the server learns its
-# model from the first script, has no budget of its own (the scripts end the run) and the
-# launcher evaluates nothing
+# a script run's defaults (configs/script.yaml says the same; a --config file's values stand
+# over them): the server learns its model from the first script, trains at a constant rate
+# without warm-up unless the script gives a schedule (asgd.Optimizer(schedule=...), as
+# torch.optim would), has no budget of its own (the scripts end the run) and the launcher
+# evaluates nothing
 SCRIPT_DEFAULTS = {"model": {"name": ""}, "data": {"name": ""},
+                   "schedule": {"kind": "constant", "warmup": 0},
                    "run": {"max_updates": 0, "max_seconds": 0, "eval_every_s": 0}}
+NO_SAMPLES = ("n/a: the scripts counted no samples; opt.log(samples=len(x)) each step gives "
+              "samples and samples_per_s (updates_per_s is the server's rate)")
 PARTIAL_MAX = 1 << 16        # a line longer than this without a newline is shown in pieces
 NO_EVALUATION = ("none: a script run has no model in the launcher; the scripts report their "
                  "own metrics (opt.log, in metrics.jsonl)")
@@ -69,14 +76,27 @@ def check_script(script) -> Path:
 
 
 def script_config(config_path, overrides) -> Config:
-    """A script run's configuration: ``config_path``'s, else ``SCRIPT_DEFAULTS``; then the
+    """A script run's configuration: ``SCRIPT_DEFAULTS`` with ``config_path``'s values over
+    them (a file that names no schedule: a constant rate, as without one); then the
     overrides (ConfigError naming a bad key)."""
-    if config_path is not None:
-        return load_config(config_path, overrides)
+    import yaml
+
     from asgd.config import apply_overrides
 
-    cfg = from_dict(SCRIPT_DEFAULTS)
+    data = SCRIPT_DEFAULTS
+    if config_path is not None:
+        load_config(config_path)        # its errors, as any config's
+        data = _merged(SCRIPT_DEFAULTS, yaml.safe_load(Path(config_path).read_text()) or {})
+    cfg = from_dict(data)
     return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) \
+            else v
+    return out
 
 
 def threads_per_worker(workers: int, environ=None) -> str:
@@ -243,7 +263,22 @@ class ScriptWorkers:
                                                                                   "worker")}
         return {"script": [str(self.script), *self.script_args], "worker_exits": exits,
                 "checkpoint_version": versions[0] if len(versions) == 1 else versions,
-                "logged": logged}
+                "logged": logged, **self._throughput()}
+
+    def _throughput(self) -> dict:
+        """The rates a script run can state honestly. A script's batch is its own, so the
+        samples are the ones the scripts counted (``opt.log(samples=len(x))``): without
+        them ``samples`` and ``samples_per_s`` are null ("n/a"), not 0. ``updates_per_s``
+        is the server's applied updates over the training time (from the first script's
+        start to the last one's close), always known."""
+        done = [r for r in self._records() if r.get("kind") == "worker_done"]
+        starts = [r["t"] - r["elapsed_s"] for r in done if "elapsed_s" in r]
+        train_s = max(r["t"] for r in done) - min(starts) if starts else 0.0
+        applied = (self.final_stats or {}).get("updates_applied", 0)
+        out = {"updates_per_s": round(applied / train_s, 3) if train_s > 0 else None}
+        if not any(r.get("samples") for r in done):
+            out.update(samples=None, samples_per_s=None, samples_note=NO_SAMPLES)
+        return out
 
 
 def _escape(text: str) -> str:
@@ -371,6 +406,6 @@ def launch_script_command(config_path, workers, overrides, quiet, resume_dir, on
                                 resume_dir, overrides)
     except (LaunchError, ConfigError) as e:
         raise click.ClickException(str(e))
-    report_launch(summary, ("worker_exits",))
+    report_launch(summary, ("updates_per_s", "worker_exits"))
 
 
