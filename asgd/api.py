@@ -86,14 +86,16 @@ def server(option: str | None = None, wait_s: float = 30.0, env=None
     """(the server's endpoints, its address files): ``server=``, else ``ASGD_SERVER``, else
     the endpoints announced in the files of ``ASGD_SERVER_FILE`` (comma-separated, one per
     shard: a launcher that restarts its server on a new port announces it there), waiting
-    up to ``wait_s`` for them; (None, []) when none is given: the script runs standalone."""
+    up to ``wait_s`` for them; (None, []) when none is given: the script runs standalone.
+    Without ``server=`` the files come back with ``ASGD_SERVER`` too (asgd launch sets
+    both), so that a server restarted elsewhere is followed."""
     from asgd.launch import env as envlib
 
     env = os.environ if env is None else env
     given = envlib.server_endpoints(option, env)
-    if given is not None:
-        return given.value, []
     files = [f.strip() for f in (env.get(SERVER_FILE) or "").split(",") if f.strip()]
+    if given is not None:     # asgd launch sets both: the files say where a restart went
+        return given.value, files if option is None else []
     if not files:
         return None, []
     from asgd.launch.processes import read_address

@@ -55,8 +55,9 @@ OUTER = ("outer", "outer_lr", "outer_momentum", "outer_nesterov")
 WORKER_KEYS = {k: f"worker.exchange.{k}" for k in ("shared_memory", "overlap", "encoding",
                                                    "topk_ratio", "weights_encoding",
                                                    "push_retries")}
+# (not log_every: the script calls opt.log() where it wants a record)
 WORKER_KEYS.update({k: f"worker.{k}" for k in ("request_timeout_s", "reconnect_timeout_s",
-                                               "spin_us", "log_every")})
+                                               "spin_us")})
 WORKER_KEYS.update({k: f"worker.auth.{k}" for k in ("secret_key_file", "server_key")})
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 
+import pytest
 import torch
 
 import asgd
@@ -13,13 +14,19 @@ from asgd.client import Client
 from tests.test_optimizer import batches, model, server_config, server_weights, train
 
 
-def test_a_server_killed_and_resumed_mid_script(start_server, tmp_path, monkeypatch):
+@pytest.mark.parametrize("env", ["launch", "file"])
+def test_a_server_killed_and_resumed_mid_script(env, start_server, tmp_path, monkeypatch):
+    """``launch``: $ASGD_SERVER and $ASGD_SERVER_FILE both set, as asgd launch sets them;
+    ``file``: the address file alone."""
     config = server_config(tmp_path, {"name": "sgd", "lr": 0.1},
                            server={"checkpoint_every": 1})
     first = start_server(config)
     announced = tmp_path / "server.addr"
     announced.write_text(first.endpoint)
-    monkeypatch.delenv("ASGD_SERVER", raising=False)
+    if env == "launch":
+        monkeypatch.setenv("ASGD_SERVER", first.endpoint)
+    else:
+        monkeypatch.delenv("ASGD_SERVER", raising=False)
     monkeypatch.setenv("ASGD_SERVER_FILE", str(announced))
     net, data = model(), batches(12)
     opt = asgd.Optimizer(net.named_parameters(), optimizer="sgd", lr=0.1,
