@@ -425,7 +425,7 @@ class Optimizer(torch.optim.Optimizer):
             self._res.metrics.write(
                 "worker_done", worker=self.id, rank=self.rank, step=self.steps,
                 samples=self.samples, version=self.version, elapsed_s=elapsed,
-                samples_per_s=self.samples / max(elapsed, 1e-9),
+                samples_per_s=self.samples / max(elapsed, 1e-9) if self.samples else None,
                 reason="max_updates" if self.done else "closed", transport=self.transport)
         self._finalizer()
 

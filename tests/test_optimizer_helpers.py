@@ -109,7 +109,8 @@ def test_settings_say_what_the_script_gave():
         "name": "adamw", "lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-8,
         "weight_decay": 0.01}}                  # torch's AdamW defaults; no schedule given
     given = resolve({"optimizer": "sgd", "schedule": "cosine", "max_updates": 100}).settings
-    assert given["schedule"] == {"kind": "cosine", "warmup": 0, "total": 0, "min_lr": 0.0005}
+    # a cosine decays to 0, as torch's CosineAnnealingLR (not the built-in loop's floor)
+    assert given["schedule"] == {"kind": "cosine", "warmup": 0, "total": 0, "min_lr": 0.0}
     assert given["max_updates"] == 100
     deltas = resolve({"local_steps": 1}, inner=True).settings
     assert deltas["optimizer"]["name"] == "sgd" and deltas["optimizer"]["lr"] == 1.0
@@ -122,6 +123,23 @@ def test_settings_say_what_the_script_gave():
         ("optimizer.name", "adamw", "adam")
     with pytest.raises(TypeError, match="unknown keyword lrr"):
         resolve({"lrr": 0.1})
+    with pytest.raises(TypeError, match="unknown keyword log_every"):   # opt.log() is the call
+        resolve({"log_every": 10})
+
+
+def test_the_server_and_its_address_files_from_the_environment(tmp_path):
+    """asgd launch sets both $ASGD_SERVER and $ASGD_SERVER_FILE: the files come back too, to
+    follow a server restarted elsewhere; server= given is that server alone."""
+    from asgd.api import server
+
+    addr = tmp_path / "server.addr"
+    addr.write_text("tcp://127.0.0.1:6001\n")
+    both = {"ASGD_SERVER": "tcp://127.0.0.1:6000", "ASGD_SERVER_FILE": str(addr)}
+    assert server(None, 1.0, both) == ("tcp://127.0.0.1:6000", [str(addr)])
+    assert server(None, 1.0, {"ASGD_SERVER_FILE": str(addr)}) == \
+        ("tcp://127.0.0.1:6001", [str(addr)])
+    assert server("tcp://h:1", 1.0, both) == ("tcp://h:1", [])
+    assert server(None, 1.0, {}) == (None, [])
 
 
 def test_rank_workers_and_shard_from_the_environment():

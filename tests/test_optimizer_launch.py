@@ -76,3 +76,6 @@ def test_script_run_defaults_tensorboard_scalars_and_honest_rates(tmp_path, chil
         assert all(math.isclose(v, r[key], rel_tol=1e-6)
                    for (_, v), r in zip(scalars[tag], logged))
     assert not any("note" in tag for tag in scalars)
+    (done,) = [r for r in read_metrics(run_dir / "metrics.jsonl")
+               if r["kind"] == "worker_done"]
+    assert done["samples"] == 0 and done["samples_per_s"] is None and done["version"] == 12
