@@ -65,6 +65,7 @@ class _Resources:
     def __init__(self):
         self.link = self.metrics = None
         self.steps = 0
+        self.unpushed = 0      # local steps since the last push (close() pushes them)
         self.closed = False
 
     def close(self) -> None:
@@ -76,6 +77,10 @@ class _Resources:
                 log.warning("asgd.Optimizer: step() was never called: nothing was pushed to "
                             "the server at %s (call opt.step() after loss.backward())",
                             self.link.endpoint)
+            if self.unpushed:
+                log.warning("asgd.Optimizer: the last %d local steps were not pushed to the "
+                            "server at %s: call opt.close() (or use with) at the end",
+                            self.unpushed, self.link.endpoint)
             self.link.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -267,6 +272,8 @@ class Optimizer(torch.optim.Optimizer):
             self._count_step()
             if self.steps % self.local_steps == 0:
                 self._push_delta()
+            if self.link is not None:
+                self._res.unpushed = self.steps % self.local_steps
             return loss
         loss = None
         if closure is not None:
@@ -432,12 +439,14 @@ class Optimizer(torch.optim.Optimizer):
     def _push_trailing(self) -> None:
         if self.inner is None or self.link is None or self.steps % self.local_steps == 0 \
                 or self.done:
+            self._res.unpushed = 0
             return
         try:
             self._push_delta()
         except (ConnectionError, RuntimeError, ValueError) as e:   # the server went away
             log.warning("%s: the last %d local steps were not pushed: %s", self.id,
                         self.steps % self.local_steps, e)
+        self._res.unpushed = 0
 
     def __enter__(self):
         return self

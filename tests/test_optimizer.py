@@ -162,7 +162,7 @@ def test_local_steps_with_unit_outer_sgd_equal_the_inner_optimizer(h, start_serv
     assert_same(net, ref, f"local_steps={h}")
 
 
-def test_close_pushes_the_trailing_local_steps(start_server, tmp_path):
+def test_close_pushes_the_trailing_local_steps(start_server, tmp_path, caplog):
     """23 steps with local_steps=10: two pushes in the loop, the last 3 steps pushed by
     close(), so the server's weights are the 23rd step's (outer SGD at rate 1: exactly the
     inner optimizer's). A budget already spent pushes nothing more."""
@@ -185,6 +185,17 @@ def test_close_pushes_the_trailing_local_steps(start_server, tmp_path):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), "the trailing steps are lost"
     opt.close()                                   # idempotent: nothing pushed again
     assert opt.version == 3
+
+    # a script that ends without close(): the finalizer at exit says what was not pushed
+    before = server_weights(server.endpoint)
+    again = asgd.Optimizer(net.named_parameters(), inner=torch.optim.SGD(net.parameters(),
+                                                                         lr=0.1),
+                           local_steps=10, server=server.endpoint)
+    train(net, again, data[:3])
+    with caplog.at_level(logging.WARNING, logger="asgd.optimizer"):
+        again._finalizer()                        # what runs at exit
+    assert "the last 3 local steps were not pushed" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(server_weights(server.endpoint), before))
 
     # a budget of 2 updates, spent by the loop: close() pushes nothing
     server = start_server(server_config(tmp_path, {"name": "adam", "lr": 0.01},
