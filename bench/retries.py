@@ -91,11 +91,12 @@ def run(clients: int, seconds: float, resend: float, params: int, seed: int = 0,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--resend", type=float, default=0.05)
-    ap.add_argument("--params", type=int, default=1000)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clients", type=int, default=32, help="client threads, a socket each")
+    ap.add_argument("--seconds", type=float, default=60.0, help="how long they push")
+    ap.add_argument("--resend", type=float, default=0.05,
+                    help="the share of pushes sent a second time, with the same sequence number")
+    ap.add_argument("--params", type=int, default=1000, help="the model's parameters")
+    ap.add_argument("--seed", type=int, default=0, help="which pushes are resent")
     ap.add_argument("--pushes", type=int, default=0,
                     help="stop each client after this many acknowledged pushes (0: no limit)")
     a = ap.parse_args()

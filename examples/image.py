@@ -96,13 +96,13 @@ def main():
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--steps", type=int, default=0, help="steps in all (0: --epochs' worth)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=float, default=0.05, help="SGD's, with Nesterov momentum 0.9")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    torch.manual_seed(args.seed)             # the initial weights, the shuffle, the augmentation
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
 
     x, y, x_test, y_test = digits(args.seed)
     loader = DataLoader(asgd.shard(Augmented(x, y)), batch_size=args.batch_size, shuffle=True,

@@ -34,7 +34,7 @@ def run(cfg: Config, endpoint: str | None, rank: int, worker_id: str | None = No
 
         def endpoint(stop):
             # the worker re-reads these files when the server stops answering: a server that
-            # asgd launch restarted listens on a new port (worker.train.follow_server_files)
+            # asgd launch restarted listens on a new port (worker.connect.follow_server_files)
             stop.server_files = files
             found = []
             for f in files:

@@ -1,9 +1,13 @@
-"""What every section's ``check()`` shares: the error, the one-line test, the names of devices
-and of Ray's resources. No torch, no other section.
+"""What every section shares: the error, the one-line tests, the field of a sub-section, the
+names of devices and of Ray's resources. No torch, no other section.
 
     need(cfg.lr > 0, "optimizer.lr", f"must be > 0, got {cfg.lr}")   # ConfigError naming the key
+    need_one_of(cfg.name, OPTIMIZERS, "optimizer.name")   # "optimizer.name: 'x' is not one of ..."
+    exchange: ExchangeConfig = section(ExchangeConfig)    # a sub-section, with its own defaults
 """
 from __future__ import annotations
+
+from dataclasses import field
 
 
 class ConfigError(ValueError):
@@ -14,6 +18,17 @@ def need(ok: bool, key: str, msg: str) -> None:
     """ConfigError ``"<key>: <msg>"`` unless ``ok``: every check names the key a user sets."""
     if not ok:
         raise ConfigError(f"{key}: {msg}")
+
+
+def need_one_of(value, choices, key: str) -> None:
+    """ConfigError ``"<key>: 'x' is not one of a, b, c"`` unless ``value`` is in ``choices``."""
+    need(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def section(cls):
+    """The field of a sub-section: a frozen dataclass of its own, built from its defaults, that
+    owns its ``check()`` (the section holding it calls that)."""
+    return field(default_factory=cls)
 
 
 RAY_RESOURCES = ("CPU", "GPU", "memory")     # asgd launch --on ray: worker/server.resources

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from asgd.config.checks import need
+from asgd.config.checks import need, need_one_of, section
 from asgd.config.server import ServerConfig
 from asgd.config.worker import WorkerConfig
 
@@ -56,7 +56,7 @@ class DataConfig:
     name: str = "mnist1d"         # mnist1d | digits | synthetic | "package.module:factory"
     args: dict = field(default_factory=dict)
     cache_dir: str = ""           # where generated data sets are cached ("" = ~/.cache/asgd)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: AugmentConfig = section(AugmentConfig)
     # The input pipeline (asgd.tasks.data.ShardLoader, docs/models.md).
     prefetch: int = 0             # batches prepared ahead in a thread (0 = none: faster here)
     pin_memory: bool = False      # CUDA: keep the data on the host, pinned, and copy each batch
@@ -78,8 +78,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
 
     def check(self) -> None:
-        need(self.name in OPTIMIZERS, "optimizer.name",
-             f"{self.name!r} is not one of {', '.join(OPTIMIZERS)}")
+        need_one_of(self.name, OPTIMIZERS, "optimizer.name")
         need(self.lr > 0, "optimizer.lr", f"must be > 0, got {self.lr}")
         need(0 <= self.momentum < 1, "optimizer.momentum",
              f"must be in [0, 1), got {self.momentum}")
@@ -101,8 +100,7 @@ class ScheduleConfig:
     gamma: float = 0.1
 
     def check(self) -> None:
-        need(self.kind in SCHEDULES, "schedule.kind",
-             f"{self.kind!r} is not one of {', '.join(SCHEDULES)}")
+        need_one_of(self.kind, SCHEDULES, "schedule.kind")
         need(self.warmup >= 0, "schedule.warmup", "must be >= 0")
         need(self.total >= 0, "schedule.total", "must be >= 0")
         need(self.step_size > 0, "schedule.step_size", "must be > 0")
@@ -136,13 +134,13 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    server: ServerConfig = field(default_factory=ServerConfig)
-    worker: WorkerConfig = field(default_factory=WorkerConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = section(ModelConfig)
+    data: DataConfig = section(DataConfig)
+    optimizer: OptimizerConfig = section(OptimizerConfig)
+    schedule: ScheduleConfig = section(ScheduleConfig)
+    server: ServerConfig = section(ServerConfig)
+    worker: WorkerConfig = section(WorkerConfig)
+    run: RunConfig = section(RunConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from asgd.config.checks import check_resources, need
+from asgd.config.checks import check_resources, need, need_one_of, section
 
 OUTER_OPTIMIZERS = ("sgd", "adam", "adamw")
 AUTH_MODES = ("none", "curve")
@@ -29,8 +29,7 @@ class ServerAuthConfig:
     allowed_keys: str = ""        # the workers' public keys: a .key file or a folder
 
     def check(self) -> None:
-        need(self.mode in AUTH_MODES, "server.auth.mode",
-             f"must be none or curve, got {self.mode!r}")
+        need_one_of(self.mode, AUTH_MODES, "server.auth.mode")
 
 
 @dataclass(frozen=True)
@@ -62,8 +61,7 @@ class OuterConfig:
     nesterov: bool = True         # sgd
 
     def check(self) -> None:
-        need(self.optimizer in OUTER_OPTIMIZERS, "server.outer.optimizer",
-             f"{self.optimizer!r} is not one of {', '.join(OUTER_OPTIMIZERS)}")
+        need_one_of(self.optimizer, OUTER_OPTIMIZERS, "server.outer.optimizer")
         need(self.lr > 0, "server.outer.lr", "must be > 0")
         need(0 <= self.momentum < 1, "server.outer.momentum", "must be in [0, 1)")
         need(not self.nesterov or self.momentum > 0 or self.optimizer != "sgd",
@@ -91,7 +89,7 @@ class ServerConfig:
                                   # newest good one
     stats_every_s: float = 1.0    # how often a "server" record goes to metrics.jsonl
     threads: int = 1
-    spin: SpinConfig = field(default_factory=SpinConfig)
+    spin: SpinConfig = section(SpinConfig)
     # Workers on this host (their shared-memory segment mapped) send their shared-memory
     # requests over a unix socket instead of ZeroMQ: no I/O threads between the two
     # processes (server/local.py). false: everything over ZeroMQ.
@@ -103,8 +101,8 @@ class ServerConfig:
     max_workers: int = 1024       # workers' records kept (from hello); the longest silent go first
     resources: dict = field(default_factory=dict)   # asgd launch --on ray: each server
                                   # (shard) actor's Ray resources, e.g. {CPU: 1} ({} = none)
-    outer: OuterConfig = field(default_factory=OuterConfig)
-    auth: ServerAuthConfig = field(default_factory=ServerAuthConfig)
+    outer: OuterConfig = section(OuterConfig)
+    auth: ServerAuthConfig = section(ServerAuthConfig)
 
     def check(self) -> None:
         from asgd.config.checks import ConfigError

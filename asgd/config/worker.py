@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from asgd.config.checks import check_resources, device_name_ok, need
+from asgd.config.checks import check_resources, device_name_ok, need, need_one_of, section
 
 SHARED_MEMORY = ("auto", "on", "off")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -42,11 +42,10 @@ class ExchangeConfig:
         need(self.local_steps >= 1, "worker.exchange.local_steps", "must be >= 1")
         need(self.shared_memory in SHARED_MEMORY, "worker.exchange.shared_memory",
              f"must be auto, on or off, got {self.shared_memory!r}")
-        need(self.encoding in ENCODINGS, "worker.exchange.encoding",
-             f"{self.encoding!r} is not one of {', '.join(ENCODINGS)}")
+        need_one_of(self.encoding, ENCODINGS, "worker.exchange.encoding")
         need(0 < self.topk_ratio <= 1, "worker.exchange.topk_ratio", "must be in (0, 1]")
-        need(self.weights_encoding in WEIGHT_ENCODINGS, "worker.exchange.weights_encoding",
-             f"{self.weights_encoding!r} is not one of {', '.join(WEIGHT_ENCODINGS)}")
+        need_one_of(self.weights_encoding, WEIGHT_ENCODINGS,
+                    "worker.exchange.weights_encoding")
         need(self.push_retries >= 0, "worker.exchange.push_retries", "must be >= 0")
 
 
@@ -82,8 +81,7 @@ class StagesConfig:
                  f"{len(points)} split points make {len(points) + 1} stages but "
                  f"worker.stages.devices names {stages}")
         need(self.microbatches >= 1, "worker.stages.microbatches", "must be >= 1")
-        need(self.precision in PRECISIONS, "worker.stages.precision",
-             f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        need_one_of(self.precision, PRECISIONS, "worker.stages.precision")
 
 
 @dataclass(frozen=True)
@@ -125,10 +123,10 @@ class WorkerConfig:
     log_every: int = 10           # a worker_step record every N steps
     spin_us: float = 200.0        # poll for a reply this long before sleeping (no wake-up)
     max_steps: int = 0            # per-worker step budget (0 = none)
-    exchange: ExchangeConfig = field(default_factory=ExchangeConfig)
-    stages: StagesConfig = field(default_factory=StagesConfig)
-    straggler: StragglerConfig = field(default_factory=StragglerConfig)
-    auth: WorkerAuthConfig = field(default_factory=WorkerAuthConfig)
+    exchange: ExchangeConfig = section(ExchangeConfig)
+    stages: StagesConfig = section(StagesConfig)
+    straggler: StragglerConfig = section(StragglerConfig)
+    auth: WorkerAuthConfig = section(WorkerAuthConfig)
     # asgd launch --on ray: each worker's bundle in the workers' placement group, e.g.
     # {CPU: 2} or {GPU: 1, memory: 4000000000} (bytes; {} = one GPU for a CUDA device, else
     # one CPU)

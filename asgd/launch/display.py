@@ -12,7 +12,6 @@ Ctrl-C) is given up silently: the run itself goes on to its summary.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from asgd.config import Config
+from asgd.metrics import MetricsTail
 
 PLAIN_EVERY_S = 5.0
 
@@ -40,7 +40,8 @@ class Monitor:
     _last: tuple = (0.0, 0)
     _first: tuple | None = None     # (time, pushes) when pushes were first seen
     _losses: dict = field(default_factory=dict)
-    _metrics_pos: int = 0
+    _metrics_pos: int = 0           # where reading metrics.jsonl starts
+    _tail: MetricsTail | None = None
     _pushes_before: int = 0         # pushes counted by servers that have since restarted
     new_steps: list = field(default_factory=list)   # worker_step records since last asked
 
@@ -78,19 +79,11 @@ class Monitor:
         self._last = (now, pushes)
 
     def update_losses(self, metrics_path: Path) -> None:
-        try:
-            with open(metrics_path, "rb") as f:
-                f.seek(self._metrics_pos)
-                chunk = f.read()
-        except OSError:
-            return
-        end = chunk.rfind(b"\n") + 1
-        self._metrics_pos += end
-        for line in chunk[:end].splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
+        """The workers' ``worker_step`` records added to metrics.jsonl since the last call:
+        the mean of each worker's last loss, and ``new_steps`` for the divergence guard."""
+        if self._tail is None:
+            self._tail = MetricsTail(metrics_path, self._metrics_pos)
+        for rec in self._tail.read():
             if rec.get("kind") == "worker_step":
                 self._losses[rec["worker"]] = rec.get("loss")
                 self.new_steps.append(rec)

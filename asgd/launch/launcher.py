@@ -8,23 +8,23 @@ and so are the devices: a bad import path or argument, CUDA asked for where ther
 a data set and model the built-in loop cannot train (asgd.tasks.contract: labels that are not
 integers in [0, K), another loss, outputs that are not one per class) fail here with one line,
 and no run directory is left behind (CUDA is only asked whether it is there, never
-initialised here; asgd.launch.checks). The server and the workers then run as subprocesses (``python -m server``,
-``python -m worker``), never imported here. The run directory
+initialised here; asgd.launch.checks). The server and the workers then run as subprocesses
+(``python -m server``, ``python -m worker``), never imported here. The run directory
 (``runs/<name>/``) gets config.yaml, metrics.jsonl, summary.json, checkpoint/ and logs/.
 
 A process that dies is reported with the tail of its log and started again, up to
-``run.max_restarts`` restarts in all per run (workers and servers together): a worker with its
-rank (so its data shard) and without ``$ASGD_FAULT`` (an injected crash fires once per run); a
-server, or one shard of several, with ``--resume`` from its checkpoint (none yet: from the
-start) on a new port, announced in its address file, where the workers find it again. Every
-death and restart is said in the display and recorded in metrics.jsonl (``worker_died``,
-``worker_restarted``, ``server_died``, ``server_restarted``) and summary.json (``deaths``,
-``restarts``); the run still ends ``ok`` when the server reaches its budget, and ``failed`` when
-the restarts run out or a server cannot be started again. A worker that exits 2 ("the
-configuration cannot train") is not restarted: the run stops and ends ``failed`` with its
-message. A run that diverges (see ``asgd.launch.guard``) is stopped, reported at once and ends
-``diverged``. Ctrl-C stops everything, and the weights reached so far are still evaluated,
-whatever became of stdout.
+``run.max_restarts`` restarts in all per run (workers and servers together;
+asgd.launch.restarts): a worker with its rank (so its data shard) and without ``$ASGD_FAULT``
+(an injected crash fires once per run); a server, or one shard of several, with ``--resume``
+from its checkpoint (none yet: from the start) on its old port if it can, else a new one,
+announced in its address file, where the workers find it again. Every death and restart is
+said in the display and recorded in metrics.jsonl (``worker_died``, ``worker_restarted``,
+``server_died``, ``server_restarted``) and summary.json (``deaths``, ``restarts``); the run
+still ends ``ok`` when the server reaches its budget, and ``failed`` when the restarts run out
+or a server cannot be started again. A worker that exits 2 ("the configuration cannot train")
+is not restarted: the run stops and ends ``failed`` with its message. A run that diverges (see
+``asgd.launch.guard``) is stopped, reported at once and ends ``diverged``. Ctrl-C stops
+everything, and the weights reached so far are still evaluated, whatever became of stdout.
 
     summary = resume_launch("runs/x")          # `asgd launch --resume runs/x`: go on with a run
 
@@ -37,22 +37,20 @@ import signal
 import time
 from pathlib import Path
 
-from rich.markup import escape
-
 from asgd.config import Config, save_config
 from asgd.launch.checks import (LaunchError, check_before_start, check_imports,  # noqa: F401
                                 checkpoint_state, make_run_dir, prepare_task, resume_config)
 from asgd.launch.display import Display, Monitor
 from asgd.launch.guard import DivergenceGuard
-from asgd.launch.processes import Proc, ProcessError, child_env, spawn, stop, wait_for_address
-from asgd.launch.summary import launch_records, run_status, training_figures, write_summary
-from asgd.metrics import MetricsWriter
+from asgd.launch.processes import (STARTUP_TIMEOUT_S, Proc, ProcessError, child_env, spawn,
+                                   stop, wait_for_address)
+from asgd.launch.restarts import Restarts
+from asgd.launch.summary import run_status, training_figures, write_summary
+from asgd.metrics import MetricsWriter, read_metrics
 from asgd.rundir import checkpoint_dirs
 
-STARTUP_TIMEOUT_S = 60.0
 STOP_GRACE_S = 20.0
 POLL_S = 0.5
-WORKER_CANNOT_TRAIN_EXIT = 2  # worker/main.py: the configuration cannot train (no restart)
 WORKER_DIVERGED_EXIT = 4     # worker/train.py: its loss stayed non-finite
 FAULT_ENV = "ASGD_FAULT"     # worker/train.py's crash switch: not passed to a restarted worker
 
@@ -81,13 +79,14 @@ def resume_launch(run_dir, overrides=(), quiet: bool = False) -> dict:
     return Launch(cfg, run_dir, quiet, resume=True).run()
 
 
-class Launch:
+class Launch(Restarts):
     """The server and the workers start together (each worker builds its model and data
     while the server starts, and reads the server's address from a file once it is there);
     meanwhile this process builds the task it evaluates with. ``resume``: the server(s)
     start from the run's checkpoint, and the run directory is reused. Subclasses:
     asgd.launch.onray (the processes as Ray actors), asgd.launch.scripts (a user's script as
-    each worker: started once the server listens; no exit code of its means divergence)."""
+    each worker: started once the server listens; no exit code of its means divergence).
+    Deaths and restarts: asgd.launch.restarts."""
 
     workers_need_address = False      # start the workers only once the servers listen
     diverged_exit: int | None = WORKER_DIVERGED_EXIT   # a worker's exit code for divergence
@@ -142,23 +141,33 @@ class Launch:
     # ------------------------------------------------------------------------------------------
     # processes
 
+    def _server_name(self, shard: int) -> tuple[str, str]:
+        """Server (shard) ``shard``'s name in messages, and its log's."""
+        return ("server", "server.log") if self.cfg.server.shards == 1 else \
+            (f"server shard {shard}", f"server-{shard}.log")
+
+    def _server_args(self, shard: int) -> list[str]:
+        """``python``'s arguments for server (shard) ``shard``, but --bind and --resume."""
+        return ["-m", "server", "--config", self.config_file, "--run-dir", str(self.run_dir),
+                "--address-file", str(self.addr_files[shard]), "--shard", str(shard)]
+
+    def _worker_args(self, rank: int) -> list[str]:
+        """``python``'s arguments for worker ``rank``: it reads every address file."""
+        files = [a for f in self.addr_files for a in ("--server-file", str(f))]
+        return ["-m", "worker", "--config", self.config_file, *files, "--rank", str(rank),
+                "--run-dir", str(self.run_dir)]
+
     def _spawn_server(self, shard: int, resume: bool, bind: str = "tcp://127.0.0.1:0") -> Proc:
         """Server (shard) ``shard`` on ``bind`` (a free loopback port); its address file is
         removed first, so that nobody reads a dead server's endpoint from it."""
-        addr_file = self.addr_files[shard]
-        addr_file.unlink(missing_ok=True)
-        name, log = ("server", "server.log") if self.cfg.server.shards == 1 else \
-            (f"server shard {shard}", f"server-{shard}.log")
-        return spawn(name, ["-m", "server", "--config", self.config_file,
-                            "--bind", bind, "--run-dir", str(self.run_dir),
-                            "--address-file", str(addr_file), "--shard", str(shard),
+        self.addr_files[shard].unlink(missing_ok=True)
+        name, log = self._server_name(shard)
+        return spawn(name, [*self._server_args(shard), "--bind", bind,
                             *(["--resume"] if resume else [])],
                      self.run_dir / "logs" / log, self.env)
 
     def _spawn_worker(self, rank: int, env: dict) -> Proc:
-        files = [a for f in self.addr_files for a in ("--server-file", str(f))]
-        return spawn(f"worker {rank}", ["-m", "worker", "--config", self.config_file, *files,
-                                        "--rank", str(rank), "--run-dir", str(self.run_dir)],
+        return spawn(f"worker {rank}", self._worker_args(rank),
                      self.run_dir / "logs" / f"worker-{rank}.log", env)
 
     def _connect(self) -> None:
@@ -268,139 +277,6 @@ class Launch:
             pass
 
     # ------------------------------------------------------------------------------------------
-    # deaths and restarts
-
-    def _death(self, kind: str, index: int, p: Proc, rc: int | None = None) -> dict:
-        """Record a death: the summary's ``deaths``, a ``<kind>_died`` record (``rc``: its
-        exit code, when ``p`` no longer tells it)."""
-        rc = p.returncode if rc is None else rc
-        sig = signal.Signals(-rc).name if rc is not None and rc < 0 and \
-            -rc in signal.valid_signals() else None
-        key = "rank" if kind == "worker" else "shard"
-        extra = {"worker": f"w{index}"} if kind == "worker" else \
-            {"version": self.mon.updates}      # the last version seen before it died
-        rec = self.metrics.write(f"{kind}_died", **{key: index}, exit_code=rc, signal=sig,
-                                 **extra)
-        self.deaths.append({"process": p.name, **{k: v for k, v in rec.items() if k != "kind"}})
-        return rec
-
-    def _restart_left(self) -> bool:
-        return len(self.restarts) < self.cfg.run.max_restarts
-
-    def _exit_text(self, p: Proc, rec: dict) -> str:
-        return f"exit {rec.get('exit_code')}" + (f", {rec['signal']}" if rec.get("signal") else "")
-
-    def _out_of_restarts(self, p: Proc, rec: dict) -> None:
-        n = self.cfg.run.max_restarts
-        failure = f"{p.name} died ({self._exit_text(p, rec)})"
-        if n:
-            failure += f" after all {n} restarts (run.max_restarts)"
-        self.failures.append(failure)
-        self.display.message(f"[red]{p.name} died[/red] ({self._exit_text(p, rec)}):\n"
-                             f"{p.tail()}\nnot restarted: "
-                             f"{'no restarts left' if n else 'run.max_restarts is 0'}",
-                             always=True)
-
-    def _worker_died(self, rank: int) -> None:
-        """A worker exited non-zero or was killed: a divergence (exit 4) stops the run;
-        otherwise it is started again with its rank while restarts are left."""
-        p = self.workers[rank]
-        p.reported = True
-        if p.returncode == self.diverged_exit:
-            self._judge(f"{p.name}: its training loss stayed non-finite")
-            return
-        rec = self._death("worker", rank, p)
-        if p.returncode == WORKER_CANNOT_TRAIN_EXIT:
-            self._cannot_train(p)
-            return
-        if not self._restart_left():
-            self._out_of_restarts(p, rec)
-            return
-        self.workers[rank] = self._spawn_worker(rank, self.restart_env)
-        self._restarted("worker", rank, p.name, worker=f"w{rank}")
-        self.display.message(
-            f"[red]{p.name} died[/red] ({self._exit_text(p, rec)}):\n{p.tail()}\n"
-            f"[yellow]restarting {p.name}[/yellow] (restart {len(self.restarts)} of "
-            f"{self.cfg.run.max_restarts} in this run)", always=True)
-
-    def _cannot_train(self, p: Proc) -> None:
-        """A worker exited 2, "the configuration cannot train": a restart would meet the same
-        (three restarts, then untrained weights reported as a divergence), so the run stops
-        here and fails with the worker's own message (its last error line)."""
-        errors = [line.split(" ERROR ", 1)[1] for line in p.tail(50).splitlines()
-                  if " ERROR " in line]
-        why = errors[-1] if errors else (p.tail(1) or "no message in its log")
-        self.failures.append(f"{p.name} cannot train (exit 2, not restarted): {why}")
-        self.stop_now = True
-        self.display.message(f"[red]{p.name} cannot train[/red] (exit 2, not restarted):\n"
-                             f"{escape(p.tail())}", always=True)
-
-    def _server_died(self, shard: int) -> bool:
-        """A server (shard) died: start it again with --resume from its checkpoint (from the
-        start when it has none yet), and follow it. It binds its old port if it can (the
-        workers' sockets find it there by themselves, and a push they resend reaches it),
-        else a new one, announced in its address file, which the workers read again. False
-        when the run cannot go on: no restarts left, or it does not come back."""
-        p = self.servers[shard]
-        p.reported = True
-        rec = self._death("server", shard, p)
-        if not self._restart_left():
-            self._out_of_restarts(p, rec)
-            return False
-        directory = checkpoint_dirs(self.cfg, self.run_dir)[shard]
-        version, unreadable = checkpoint_state(directory)
-        resume = version is not None or bool(unreadable)   # a damaged one: the server decides
-        self.display.message(
-            f"[red]{p.name} died[/red] ({self._exit_text(p, rec)}):\n{p.tail()}\n"
-            f"[yellow]restarting {p.name}[/yellow] "
-            + (f"from its checkpoint at version {version}" if version is not None else
-               f"with --resume (its newest checkpoint is unreadable: {unreadable})"
-               if unreadable else "from the start (no checkpoint yet)"), always=True)
-        endpoint = None
-        for bind in (self.endpoints[shard], "tcp://127.0.0.1:0"):   # the old port, else any
-            self.servers[shard] = self._spawn_server(shard, resume, bind)
-            try:
-                endpoint = wait_for_address(self.addr_files[shard], self.servers[shard],
-                                            STARTUP_TIMEOUT_S)
-                break
-            except ProcessError as e:
-                error = e
-                stop([self.servers[shard]], grace_s=5.0)
-        if endpoint is None:
-            self.servers[shard].reported = True
-            self.failures.append(f"{p.name} died ({self._exit_text(p, rec)}) and could not "
-                                 "be restarted")
-            self.display.message(f"[red]{p.name} could not be restarted:[/red] {error}",
-                                 always=True)
-            return False
-        self.endpoints[shard] = endpoint
-        self._connect()
-        self._restarted("server", shard, p.name, endpoint=endpoint, resumed_version=version,
-                        resume=resume, **({"checkpoint_error": unreadable} if unreadable
-                                          else {}))
-        return True
-
-    def _restarted(self, kind: str, index: int, name: str, **fields) -> None:
-        """Record a restart: the summary's ``restarts``, a ``<kind>_restarted`` record."""
-        key = "rank" if kind == "worker" else "shard"
-        rec = self.metrics.write(f"{kind}_restarted", **{key: index},
-                                 restart=len(self.restarts) + 1, **fields)
-        self.restarts.append({"process": name, **{k: v for k, v in rec.items() if k != "kind"}})
-        self.mon.restarts = len(self.restarts)
-
-    def _worker_died_at_stop(self, p: Proc) -> None:
-        """A worker's death while the cluster is being stopped: reported, not restarted."""
-        p.reported = True
-        rank = self.workers.index(p)
-        if p.returncode == self.diverged_exit:
-            self._judge(f"{p.name}: its training loss stayed non-finite")
-            return
-        rec = self._death("worker", rank, p)
-        self.failures.append(f"{p.name} died ({self._exit_text(p, rec)})")
-        self.display.message(f"[red]{p.name} died[/red] ({self._exit_text(p, rec)}):\n"
-                             f"{p.tail()}", always=True)
-
-    # ------------------------------------------------------------------------------------------
 
     def _judge(self, reason: str) -> None:
         """A divergence found: say it at once, in the display and the log, and stop."""
@@ -445,7 +321,7 @@ class Launch:
 
     def _records(self) -> list[dict]:
         """This launch's records of metrics.jsonl (a resumed run's file holds earlier ones)."""
-        return launch_records(self.metrics_path, self.metrics_start)
+        return read_metrics(self.metrics_path, self.metrics_start)
 
     def _final_evaluation(self, summary: dict) -> None:
         """The checkpoint's weights on the held-out split: test_accuracy, test_loss."""

@@ -24,6 +24,9 @@ from pathlib import Path
 from asgd.core.endpoint import read_address, write_address  # noqa: F401  (their home)
 
 
+STARTUP_TIMEOUT_S = 60.0     # a process's time to announce its address (and a launch's slack)
+
+
 class ProcessError(RuntimeError):
     pass
 
@@ -79,7 +82,7 @@ def spawn(name: str, args: list[str], log_path: Path | None, env: dict | None = 
     return Proc(name, popen, Path(log_path) if log_path is not None else None)
 
 
-def wait_for_address(path: Path, proc: Proc, timeout_s: float = 60.0) -> str:
+def wait_for_address(path: Path, proc: Proc, timeout_s: float = STARTUP_TIMEOUT_S) -> str:
     """The endpoint ``proc`` announced in ``path``; ProcessError if it exits or stays silent
     for ``timeout_s``."""
     path = Path(path)

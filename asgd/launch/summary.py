@@ -1,7 +1,7 @@
 """A launch's summary: its figures from the server's last stats and the workers' records, its
 status, and summary.json.
 
-    records = launch_records(run_dir / "metrics.jsonl", start)   # this launch's records
+    records = read_metrics(run_dir / "metrics.jsonl", start)     # this launch's (asgd.metrics)
     summary.update(training_figures(records, stats, t0))          # samples/s, updates, ...
     summary["status"] = run_status(failures, diverged, interrupted)
     write_summary(run_dir, summary, keep_earlier=resume)          # summary.json
@@ -13,24 +13,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-
-
-def launch_records(path: Path, start: int) -> list[dict]:
-    """The records of metrics.jsonl from byte ``start`` on (a resumed run's file holds the
-    earlier launches' before it); a line that is not JSON is passed over."""
-    out = []
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            lines = f.read().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 def training_figures(records: list[dict], stats: dict | None, t0: float) -> dict:
