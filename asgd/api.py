@@ -7,7 +7,7 @@ data, the run's final weights.
     asgd.load("runs/lm", model)                      # the run's final weights, by name
 
 The place of a process comes from the environment, as ``asgd worker`` takes it
-(asgd.launch.env): ``ASGD_RANK`` (or ``ASGD_RANK_FROM_HOSTNAME=1``, or Slurm's
+(asgd.config.env): ``ASGD_RANK`` (or ``ASGD_RANK_FROM_HOSTNAME=1``, or Slurm's
 ``SLURM_PROCID``), ``ASGD_WORKERS`` (or ``SLURM_NTASKS`` with ``SLURM_PROCID``), and as the
 last fall-backs torchrun's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``; with none of them a
 script is rank 0 of 1, which is what it is when it runs alone. ``ASGD_RUN_DIR`` is the run
@@ -29,7 +29,7 @@ POSITIONAL = re.compile(r"param\.(\d+)\Z")   # the name of a parameter given wit
 
 
 def _rank_setting(env=None):
-    from asgd.launch import env as envlib
+    from asgd.config import env as envlib
 
     env = os.environ if env is None else env
     got = envlib.rank(None, env)
@@ -49,7 +49,7 @@ def rank(env=None) -> int:
 def workers(env=None) -> int:
     """The number of workers: ``ASGD_WORKERS``, ``SLURM_NTASKS`` (with ``SLURM_PROCID``),
     torchrun's ``WORLD_SIZE``, else 1."""
-    from asgd.launch import env as envlib
+    from asgd.config import env as envlib
 
     env = os.environ if env is None else env
     got = envlib.workers((), env, _rank_setting(env).source)
@@ -62,7 +62,7 @@ def workers(env=None) -> int:
 def local_rank(env=None) -> int:
     """This worker's index on its machine (e.g. its GPU): ``ASGD_LOCAL_RANK``,
     ``SLURM_LOCALID``, torchrun's ``LOCAL_RANK``, else 0."""
-    from asgd.launch import env as envlib
+    from asgd.config import env as envlib
 
     env = os.environ if env is None else env
     for name in (LOCAL_RANK, SLURM_LOCAL, TORCHRUN_LOCAL):
@@ -89,7 +89,7 @@ def server(option: str | None = None, wait_s: float = 30.0, env=None
     up to ``wait_s`` for them; (None, []) when none is given: the script runs standalone.
     Without ``server=`` the files come back with ``ASGD_SERVER`` too (asgd launch sets
     both), so that a server restarted elsewhere is followed."""
-    from asgd.launch import env as envlib
+    from asgd.config import env as envlib
 
     env = os.environ if env is None else env
     given = envlib.server_endpoints(option, env)

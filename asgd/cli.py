@@ -18,7 +18,8 @@
 
 Loading this module imports click and the configuration only: each command imports what it
 needs when it runs, so ``asgd --help`` never pays for torch. ``asgd server`` and ``asgd worker``
-hand over to the ``server`` and ``worker`` packages (also ``python -m server`` / ``-m worker``).
+are the ``server`` and ``worker`` packages' own commands (server/command.py, worker/command.py;
+also ``python -m server`` / ``-m worker``), which this group names and loads when asked for.
 ``asgd eval``, ``export`` and ``predict`` are defined in asgd.tasks.commands, ``asgd experiment``
 in asgd.experiments.cli, ``asgd bench`` in asgd.bench.cli, and registered at the end.
 """
@@ -29,51 +30,8 @@ import sys
 
 import click
 
-from asgd.config import ConfigError, default_config_path, load_config
-
-
-def echo(text: str, err: bool = False) -> None:
-    """click.echo that survives a closed pipe (``asgd launch | head``): the run's result is
-    in its run directory whatever became of the terminal."""
-    try:
-        click.echo(text, err=err)
-    except (BrokenPipeError, OSError):
-        from asgd.launch.display import silence
-
-        silence(sys.stderr if err else sys.stdout)
-
-
-def endpoint_or_exit(text: str, option: str, bind: bool = False) -> str:
-    from asgd.core.endpoint import parse_endpoint
-
-    try:
-        return parse_endpoint(text, bind=bind)
-    except ValueError as e:
-        echo(f"Error: {option}: {e}", err=True)     # one line, the usage's exit code
-        sys.exit(2)
-
-
-def config_or_exit(path, overrides):
-    try:
-        return load_config(path, overrides)
-    except ConfigError as e:
-        raise click.ClickException(str(e))
-
-
-def fast_exit(code: int) -> None:
-    """Exit a server or worker process once its work is written: streams and logs flushed,
-    then ``os._exit``, skipping interpreter teardown (torch's takes most of a second, and the
-    launcher waits for it)."""
-    import logging
-    import os
-
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
+from asgd.commandline import config_or_exit, echo, endpoint_or_exit  # noqa: F401 (re-exported)
+from asgd.config import ConfigError, default_config_path
 
 
 def workers_overrides(value: str, cfg, gpus: int | None = None) -> list[str]:
@@ -98,7 +56,27 @@ def workers_overrides(value: str, cfg, gpus: int | None = None) -> list[str]:
     return out
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Commands(click.Group):
+    """The group, plus the server's and worker's commands, named here and defined in their own
+    packages (server/command.py, worker/command.py): loaded when asked for, by name, as an
+    entry point is, so that nothing under asgd/ imports a side."""
+
+    SIDES = {"server": "server.command:server_command",
+             "worker": "worker.command:worker_command"}
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *self.SIDES})
+
+    def get_command(self, ctx, name):
+        if name in self.SIDES and name not in self.commands:
+            import importlib
+
+            module, attr = self.SIDES[name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="asgd")
 def cli():
     """asgd: asynchronous SGD on a parameter-server cluster for PyTorch."""
@@ -193,116 +171,6 @@ def report_launch(summary: dict, keys=()) -> None:
         for d in summary.get("diverged", []):
             echo(f"diverged: {d}", err=True)
         sys.exit(1)
-
-
-@cli.command("server")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True,
-              help="YAML run configuration.")
-@click.option("--bind", default=None, help="ZeroMQ endpoint to bind (default: $ASGD_BIND, else "
-              "server.bind, loopback). Use tcp://0.0.0.0:5555 to serve other machines; port 0 "
-              "picks one.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config key (repeatable).")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-              help="Write metrics.jsonl and the checkpoint here.")
-@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
-              help="Where the checkpoint lives (default: <run-dir>/checkpoint).")
-@click.option("--resume", is_flag=True, help="Start from the checkpoint, keeping its version.")
-@click.option("--address-file", type=click.Path(dir_okay=False), default=None,
-              help="Write the bound endpoint to this file once listening.")
-@click.option("--extend", type=click.IntRange(1), default=None, metavar="N",
-              help="Train N more updates from where it starts (with --resume: from the "
-              "checkpoint's version); workers take this budget from the server.")
-@click.option("--shard", type=click.IntRange(0), default=None,
-              help="With server.shards S > 1: serve the I-th of S ranges of the parameters "
-                   "(default: $ASGD_SHARD, else 0).")
-@click.option("--quiet", is_flag=True, help="No periodic status lines.")
-def server_command(config_path, bind, overrides, run_dir, checkpoint_dir, resume, address_file,
-                   extend, shard, quiet):
-    """Run one parameter server (or one shard of a sharded server).
-
-    Options not given come from the environment: ASGD_BIND, ASGD_SHARD, ASGD_WORKERS
-    (run.workers); see docs/deploy.md."""
-    from asgd.launch import env as envlib
-
-    environ = envlib.environ()
-    try:
-        overrides = envlib.with_workers(overrides, envlib.workers(overrides, environ, None))
-        cfg = config_or_exit(config_path, overrides)
-        where = envlib.bind(bind, environ)
-        shard = envlib.shard(shard, environ, cfg.server.shards)
-    except envlib.EnvError as e:
-        raise click.UsageError(str(e))
-    bind = endpoint_or_exit(where.value, where.source, bind=True) if where else None
-    from server.main import run_server
-
-    fast_exit(run_server(cfg, bind, run_dir, checkpoint_dir, resume, address_file,
-                        extend or 0, quiet, shard))
-
-
-@cli.command("worker")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), required=True,
-              help="YAML run configuration.")
-@click.option("--server", "endpoint", default=None, help="The server's endpoint, e.g. "
-              "tcp://127.0.0.1:5555; for a sharded server every shard's, joined by commas "
-              "(default: $ASGD_SERVER).")
-@click.option("--server-file", type=click.Path(dir_okay=False), multiple=True,
-              help="Instead of --server: read the endpoint from this file once it appears "
-                   "(asgd launch starts the server and workers together); repeat it for "
-                   "each shard.")
-@click.option("--rank", type=int, default=None,
-              help="This worker's rank in [0, run.workers): picks its data shard (default: "
-                   "$ASGD_RANK, the host name's ordinal with ASGD_RANK_FROM_HOSTNAME=1, "
-                   "$SLURM_PROCID, else 0).")
-@click.option("--id", "worker_id", default=None, help="Worker id on the wire (default w<rank>).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config key (repeatable).")
-@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-              help="Append worker_step records to <run-dir>/metrics.jsonl.")
-@click.option("--quiet", is_flag=True, help="No periodic status lines.")
-def worker_command(config_path, endpoint, server_file, rank, worker_id, overrides, run_dir,
-                   quiet):
-    """Run one worker against a parameter server.
-
-    Exit codes: 0 when a budget ends the run, 2 for a configuration or model that cannot
-    train, 3 when the server stayed away longer than worker.reconnect_timeout_s, 4 when the
-    training loss stayed NaN or Inf.
-
-    Options not given come from the environment: ASGD_SERVER, ASGD_RANK (or
-    ASGD_RANK_FROM_HOSTNAME=1, or SLURM_PROCID), ASGD_WORKERS (or SLURM_NTASKS) for
-    run.workers; see docs/deploy.md."""
-    from asgd.launch import env as envlib
-
-    environ = envlib.environ()
-    server_file = list(server_file) or None
-    if endpoint is not None and server_file is not None:
-        raise click.UsageError("give either --server or --server-file, not both")
-    where = envlib.server_endpoints(endpoint, environ) if server_file is None else None
-    if where is None and server_file is None:
-        raise click.UsageError("give the server's address: --server tcp://HOST:PORT "
-                               "(or --server-file PATH, or $ASGD_SERVER)")
-    try:
-        placed = envlib.rank(rank, environ)
-        world = envlib.workers(overrides, environ, placed.source)
-        overrides = envlib.with_workers(overrides, world)
-        cfg = config_or_exit(config_path, overrides)
-        rank = envlib.check_rank(placed, cfg.run.workers, world)
-    except envlib.EnvError as e:
-        raise click.UsageError(str(e))
-    endpoint = None
-    if where is not None:
-        parts = [endpoint_or_exit(e.strip(), where.source) for e in where.value.split(",")]
-        endpoint = parts[0] if len(parts) == 1 else parts
-    from asgd.core import auth
-
-    try:   # CURVE keys (worker.auth.secret_key_file, .server_key) for every client it makes
-        auth.use_client_keys(auth.client_keys(cfg.worker, worker_id or f"w{rank}"))
-    except auth.AuthError as e:
-        echo(f"Error: {e}", err=True)
-        sys.exit(2)
-    from worker.main import run
-
-    fast_exit(run(cfg, endpoint, rank, worker_id, run_dir, quiet, server_file))
 
 
 @cli.command("keys")

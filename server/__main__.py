@@ -1,4 +1,4 @@
 """``python -m server``: the same command as ``asgd server``."""
-from asgd.cli import server_command
+from server.command import server_command
 
 server_command(prog_name="python -m server")

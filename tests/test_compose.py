@@ -2,7 +2,7 @@
 those of run.workers, and in the sharded file every shard is started once and every worker
 lists every shard. A service's rank, shard, bind address and server endpoints may be options
 or environment variables (ASGD_RANK, ASGD_SHARD, ASGD_BIND, ASGD_SERVER): they are resolved
-as the commands resolve them, through asgd.launch.env."""
+as the commands resolve them, through asgd.config.env."""
 from __future__ import annotations
 
 import shlex
@@ -14,7 +14,7 @@ import yaml
 
 from asgd.cli import cli
 from asgd.config import load_config
-from asgd.launch import env as envlib
+from asgd.config import env as envlib
 
 REPO = Path(__file__).resolve().parents[1]
 

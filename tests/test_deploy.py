@@ -1,4 +1,4 @@
-"""Deployment without options: asgd.launch.env's resolution (option > ASGD_* > SLURM_* >
+"""Deployment without options: asgd.config.env's resolution (option > ASGD_* > SLURM_* >
 default), a real worker placed by environment variables only, the Kubernetes manifests
 (deploy/k8s/, checked against small schemas and against the CLI and the config), and the
 Slurm script (deploy/slurm/asgd.sbatch, run by bash with srun and scontrol replaced by
@@ -20,8 +20,8 @@ from click.testing import CliRunner
 
 from asgd.cli import cli
 from asgd.config import load_config
-from asgd.launch import env as envlib
-from asgd.launch.env import EnvError, Setting
+from asgd.config import env as envlib
+from asgd.config.env import EnvError, Setting
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
@@ -29,7 +29,7 @@ SBATCH = REPO / "deploy" / "slurm" / "asgd.sbatch"
 
 
 # ----------------------------------------------------------------------------------------------
-# asgd.launch.env: pure resolution
+# asgd.config.env: pure resolution
 
 @pytest.mark.parametrize("option, env, host, expected", [
     (3, {"ASGD_RANK": "1", "SLURM_PROCID": "2"}, None, Setting(3, "--rank")),

@@ -30,8 +30,9 @@ def commands(group: click.Command, path: tuple = ("asgd",)):
     """(path, command) for the group and every command below it, depth first."""
     yield path, group
     if isinstance(group, click.Group):
-        for name, sub in sorted(group.commands.items()):
-            yield from commands(sub, path + (name,))
+        ctx = click.Context(group)
+        for name in group.list_commands(ctx):     # the server's and worker's load by name
+            yield from commands(group.get_command(ctx, name), path + (name,))
 
 
 def options(cmd: click.Command) -> list[str]:

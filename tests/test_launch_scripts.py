@@ -277,7 +277,7 @@ def server_of(argv: list[str], env: dict):
     """The config and bind address `asgd server ARGV` runs with in ``env``."""
     from asgd.cli import cli
     from asgd.config import load_config
-    from asgd.launch import env as envlib
+    from asgd.config import env as envlib
 
     assert argv[:2] == ["asgd", "server"]
     params = cli.commands["server"].make_context("server", argv[2:]).params
@@ -292,7 +292,7 @@ def check_script_workers(commands: list[list[str]], envs: list[dict], server_hos
     """Each worker runs an existing script with python, and reads from its environment the
     rank 0..N-1, N workers and the server's address, as asgd.Optimizer will."""
     from asgd import api
-    from asgd.launch import env as envlib
+    from asgd.config import env as envlib
 
     for argv in commands:
         assert argv[0] == "python" and (REPO / argv[1]).is_file(), argv

@@ -1,4 +1,4 @@
 """``python -m worker``: the same command as ``asgd worker``."""
-from asgd.cli import worker_command
+from worker.command import worker_command
 
 worker_command(prog_name="python -m worker")

@@ -21,6 +21,8 @@ parsed as YAML scalars. The flat keys from before the sub-sections (``worker.ove
     worker.py    worker and worker.exchange / .stages / .straggler / .auth
     aliases.py   the old flat keys and their new places
     load.py      YAML and overrides to a checked Config, and back
+    env.py       a cluster process's place (rank, workers, server, bind, shard) from its
+                 options, ASGD_* and Slurm variables
 """
 from asgd.config.aliases import ALIASES
 from asgd.config.checks import RAY_RESOURCES, ConfigError

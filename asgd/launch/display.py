@@ -12,12 +12,12 @@ Ctrl-C) is given up silently: the run itself goes on to its summary.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from asgd.commandline import silence
 from asgd.config import Config
 from asgd.metrics import MetricsTail
 
@@ -208,15 +208,3 @@ class Display:
                                  self._live.stop()))
         elif not self.quiet:
             self._guard(self._plain, mon.line())
-
-
-def silence(stream) -> None:
-    """Point a dead stream's descriptor at /dev/null so later writes (and the interpreter's
-    final flush) do not fail again."""
-    try:
-        fd = stream.fileno()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, fd)
-        os.close(devnull)
-    except (OSError, ValueError):
-        pass

@@ -101,7 +101,7 @@ class Launch(Restarts):
         self.config_file = str(run_dir / "config.yaml")
         self.t0 = time.time()
         self.env = child_env(ASGD_T0=repr(self.t0))
-        from asgd.launch.env import CLUSTER_VARIABLES
+        from asgd.config.env import CLUSTER_VARIABLES
 
         for name in CLUSTER_VARIABLES:   # a shell's (or a Slurm job's) must not move ranks
             self.env.pop(name, None)

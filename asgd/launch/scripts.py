@@ -43,7 +43,7 @@ from pathlib import Path
 from asgd.api import LOCAL_RANK, RUN_DIR, SERVER_FILE
 from asgd.config import Config, ConfigError, from_dict, load_config
 from asgd.launch.display import Monitor
-from asgd.launch.env import RANK, SERVER, WORKERS
+from asgd.config.env import RANK, SERVER, WORKERS
 from asgd.launch.launcher import Launch, LaunchError, checkpoint_dirs, checkpoint_state
 
 CONFIG = "ASGD_CONFIG"       # asgd.optimizer_config.LAUNCH_CONFIG: its data-path keys

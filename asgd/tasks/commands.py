@@ -15,7 +15,7 @@ import click
 
 
 def echo(text: str, err: bool = False) -> None:
-    from asgd.cli import echo as cli_echo      # survives a closed pipe
+    from asgd.commandline import echo as cli_echo      # survives a closed pipe
 
     cli_echo(text, err)
 
