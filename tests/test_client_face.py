@@ -4,6 +4,8 @@ the same-host link asked of the client through methods, and a client that follow
 to a new endpoint without being replaced."""
 from __future__ import annotations
 
+import pytest
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ SGD = {"optimizer": {"name": "sgd", "lr": 0.1},
        "schedule": {"kind": "constant", "warmup": 0}}
 
 
+@pytest.mark.slow
 def test_an_exchange_from_the_parameters_alone(start_server, make_config, clients, tmp_path):
     config = make_config(**SGD)
     server = start_server(config, bind=f"ipc://{tmp_path}/s.sock")

@@ -30,6 +30,7 @@ def sgd_server(start_server, make_config, tmp_path):
     return start
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transport", ["tcp", "ipc"])
 def test_flat_push_pull_applies_the_gradient_and_returns_the_weights(
         sgd_server, clients, tmp_path, transport):
@@ -130,6 +131,7 @@ def test_encoded_pushes_apply_what_the_encoding_carries(sgd_server, clients, nam
     assert payload < numel * 4 * (0.6 if name != "topk" else 0.15), payload
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights", ["fp16", "bf16"])
 def test_weights_come_back_in_half_precision_on_request(sgd_server, clients, weights):
     server = sgd_server()
@@ -150,6 +152,7 @@ def _flat_request(op, version, specs, parts, **fields):
     return [protocol.pack_header(h)] + parts
 
 
+@pytest.mark.slow
 def test_malformed_flat_pushes_are_refused_and_change_nothing(sgd_server, clients, raw_peer):
     server = sgd_server()
     c = clients(server.endpoint)
@@ -225,6 +228,7 @@ def test_is_local():
     assert not is_local("tcp://10.0.0.2:5555") and not is_local("tcp://server:5555")
 
 
+@pytest.mark.slow
 def test_a_vector_of_several_chunks_arrives_whole(sgd_server, clients):
     """More than 4 MiB of float32 travels as several frames both ways; the server checks and
     applies the chunks in order, and the client puts the weights' chunks back together."""

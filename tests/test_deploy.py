@@ -173,6 +173,7 @@ def test_asgd_server_refuses_a_bad_environment_with_exit_2(env, message):
 # ----------------------------------------------------------------------------------------------
 # a real worker placed by its environment only
 
+@pytest.mark.slow
 def test_workers_placed_only_by_environment_variables_train_against_a_real_server(
         start_server, make_config, processes, clients, tmp_path):
     cfg = make_config(worker={"max_steps": 20})

@@ -55,6 +55,7 @@ def wait_for_checkpoint(directory: Path, version: int, server,
 # ----------------------------------------------------------------------------------------------
 # server.checkpoint_every
 
+@pytest.mark.slow
 def test_checkpoint_every_n_updates_while_serving(start_server, make_config, clients, tmp_path):
     config = make_config(server={"checkpoint_every": 5, "stats_every_s": 0.5})
     run_dir = tmp_path / "run"
@@ -119,6 +120,7 @@ def finished_run(start_server, make_config, clients, tmp_path):
     return run_dir
 
 
+@pytest.mark.slow
 def test_asgd_eval_prints_the_checkpoints_evaluation(processes, finished_run):
     result = processes.run(["-m", "asgd.cli", "eval", str(finished_run)], timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -135,6 +137,7 @@ def test_asgd_eval_prints_the_checkpoints_evaluation(processes, finished_run):
     assert out["test_loss"] == pytest.approx(here["test_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_asgd_eval_refuses_a_damaged_checkpoint_in_one_line(processes, finished_run):
     path = finished_run / "checkpoint" / FILENAME
     data = bytearray(path.read_bytes())

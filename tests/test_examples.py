@@ -45,6 +45,7 @@ def env_without_server(child_env: dict) -> dict:
             k == "ASGD_CACHE"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(QUICK))
 def test_example_runs_alone(name, tmp_path, child_env):
     res = run_to_end([str(EXAMPLES / name), *QUICK[name]], RUN_TIMEOUT_S,
@@ -96,6 +97,7 @@ def test_lm_schedule_is_the_plain_versions():
 SERVER_LEARNS_MODEL = importlib.util.find_spec("server.adopt") is not None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SERVER_LEARNS_MODEL,
                     reason="the server learns its model from a script's hello (server.adopt) "
                            "on branch optimizer")

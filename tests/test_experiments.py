@@ -90,6 +90,7 @@ def test_straggler_experiment_runs_every_kind_and_writes_its_results(processes, 
     assert "| sync | 2 | 1 | 2 |" in (out / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_recorded_as_failed(processes, tmp_path, mnist1d_cached):
     out = tmp_path / "exp"
     result = processes.run(

@@ -81,6 +81,7 @@ def test_int8_is_3x_smaller_and_loses_at_most_a_point(runs, name, tmp_path):
     assert all(k.endswith("weight") or "weight_" in k for k in int8_tensors)
 
 
+@pytest.mark.slow
 def test_export_and_predict_commands(runs, processes, tmp_path):
     run = runs["mlp"]
     out = tmp_path / "mlp-int8.asgd"

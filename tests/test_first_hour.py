@@ -44,6 +44,7 @@ def only_run(tmp_path) -> Path:
 # ----------------------------------------------------------------------------------------------
 # user code and model switching
 
+@pytest.mark.slow
 def test_a_user_model_in_the_current_folder_trains_and_evaluates(processes, tmp_path,
                                                                  mnist1d_cached):
     (tmp_path / "mymodel.py").write_text(USER_MODEL)
@@ -105,6 +106,7 @@ def test_a_bad_address_is_one_line_with_an_example(processes, tmp_path, make_con
     assert option in result.stderr and "e.g. tcp://" in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_host_port_means_tcp(start_server, make_config, processes, tmp_path):
     server = start_server(make_config(run={"workers": 1, "max_updates": 20}))
     host_port = server.endpoint.removeprefix("tcp://")
@@ -151,6 +153,7 @@ def damaged_run(start_server, make_config, clients, tmp_path):
     return config
 
 
+@pytest.mark.slow
 def test_nan_weights_are_refused_by_eval_and_resume(start_server, make_config, clients,
                                                      processes, tmp_path):
     config = damaged_run(start_server, make_config, clients, tmp_path)

@@ -74,6 +74,7 @@ def test_the_summary_prints_staleness_maxima_as_integers(tmp_path):
     assert "| 1.250 (1.250–1.250) |" in row              # means keep their decimals
 
 
+@pytest.mark.slow
 def test_export_report_writes_the_other_precision_under_its_own_name(processes, tmp_path,
                                                                      mnist1d_cached):
     from asgd.config import from_dict
@@ -95,6 +96,7 @@ def test_export_report_writes_the_other_precision_under_its_own_name(processes, 
 # ----------------------------------------------------------------------------------------------
 # a server started by hand says when its budget is spent
 
+@pytest.mark.slow
 def test_a_server_started_by_hand_says_once_that_its_budget_is_spent(start_server, make_config,
                                                                       processes):
     import time
@@ -294,6 +296,7 @@ def test_a_dict_with_a_key_asgd_does_not_know_is_refused(processes, tmp_path):
     assert "docs/data.md" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_worker_and_a_server_refuse_it_at_their_start(processes, tmp_path, make_config):
     (tmp_path / "userdata.py").write_text(USER_DATA)
     config = make_config(data={"name": "userdata:regression"}, model={"name": "mlp",

@@ -52,6 +52,7 @@ def modelless(make_config):
     return make_config(model={"name": ""}, server={"policy": "none", "max_staleness": None})
 
 
+@pytest.mark.slow
 def test_the_first_hello_brings_the_model_and_later_ones_must_match(start_server, modelless,
                                                                     clients):
     server = start_server(modelless)
@@ -134,6 +135,7 @@ def test_the_first_hello_brings_the_model_and_later_ones_must_match(start_server
                                expected - np.float32(0.05), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_server_with_a_configured_model_checks_a_hello_that_carries_one(start_server,
                                                                            make_config,
                                                                            clients):
@@ -150,6 +152,7 @@ def test_a_server_with_a_configured_model_checks_a_hello_that_carries_one(start_
     assert c.stats()["version"] == 0
 
 
+@pytest.mark.slow
 def test_each_shard_adopts_its_range_of_the_first_workers_model(start_server, make_config,
                                                                 tmp_path):
     cfg = make_config(model={"name": ""}, server={"shards": 2, "policy": "none",

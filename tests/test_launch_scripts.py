@@ -68,6 +68,7 @@ def seen_lines(text: str) -> dict[int, dict]:
     return out
 
 
+@pytest.mark.slow
 def test_script_sees_its_place_and_arguments_and_its_output_is_prefixed_and_kept(
         tmp_path, child_env):
     run_dir = setup(tmp_path, ENV_SCRIPT)
@@ -101,6 +102,7 @@ def test_script_sees_its_place_and_arguments_and_its_output_is_prefixed_and_kept
                                  "-x"]
 
 
+@pytest.mark.slow
 def test_user_threads_are_kept(tmp_path, child_env):
     run_dir = setup(tmp_path, ENV_SCRIPT)
     res = launch(tmp_path, dict(child_env, OMP_NUM_THREADS="3"), "--workers", "1", "train.py")
@@ -119,6 +121,7 @@ if os.environ["ASGD_RANK"] == "1":
 """
 
 
+@pytest.mark.slow
 def test_failing_script_shows_its_traceback_and_the_summary_says_how_it_ended(
         tmp_path, child_env):
     run_dir = setup(tmp_path, FAILING_SCRIPT, max_restarts=1)
@@ -203,6 +206,7 @@ print("bye", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_run_ends_when_every_script_has_exited_and_the_server_checkpoints(tmp_path,
                                                                           child_env):
     run_dir = setup(tmp_path, ENDING_SCRIPT)
@@ -426,6 +430,7 @@ def test_ctrl_c_stops_the_scripts_and_the_server_and_writes_the_summary(tmp_path
     assert load_checkpoint(run_dir / "checkpoint").version == 0    # the server's, at its stop
 
 
+@pytest.mark.slow
 def test_scripts_on_ray(tmp_path, child_env):
     pytest.importorskip("ray")
     run_dir = setup(tmp_path, ENV_SCRIPT)
@@ -443,6 +448,7 @@ def test_scripts_on_ray(tmp_path, child_env):
             for r, s in seen.items()} == {0: ("0", server, ["-x"]), 1: ("1", server, ["-x"])}
 
 
+@pytest.mark.slow
 def test_resume_goes_on_with_a_script_run_in_its_run_directory(tmp_path, child_env):
     run_dir = setup(tmp_path, ENV_SCRIPT)
     first = launch(tmp_path, child_env, "--workers", "1", "train.py", "first")

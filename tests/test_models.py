@@ -83,6 +83,7 @@ def test_bad_mnist1d_arguments_are_named(mnist1d_cached):
         load_dataset(DataConfig(name="mnist1d", args={"num_sampels": 10}))
 
 
+@pytest.mark.slow
 def test_launch_trains_the_2d_cnn_on_digits(processes, tmp_path):
     result = processes.run(
         ["-m", "asgd.cli", "launch", "--quiet", "--set", f"run.out_dir={tmp_path}",

@@ -25,6 +25,7 @@ def wide_batches(n: int, seed: int = 3):
             for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_a_sharded_server_steps_as_one_torch_optimizer(start_server, tmp_path):
     cfg = server_config(tmp_path, {"name": "sgd", "lr": 0.05, "momentum": 0.9},
                         server={"shards": 2})

@@ -42,6 +42,7 @@ opt.close()
 """
 
 
+@pytest.mark.slow
 def test_script_run_defaults_tensorboard_scalars_and_honest_rates(tmp_path, child_env):
     (tmp_path / "train.py").write_text(SCRIPT)
     res = run_to_end(["-m", "asgd.cli", "launch", "--workers", "1", "--quiet",

@@ -125,6 +125,7 @@ def test_the_plain_configuration_builds_no_pipeline():
 # a worker against a real server
 
 
+@pytest.mark.slow
 def test_an_overflowing_fp16_step_is_skipped_and_never_pushed(start_server, make_config,
                                                                tmp_path):
     """The scale starts where the scaled loss overflows float32: those steps are skipped (an

@@ -16,6 +16,7 @@ def wait_for_line(path, text: str, popen, timeout_s: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resume", [True, False])
 def test_worker_survives_a_server_restart(resume, start_server, make_config, processes,
                                           clients, tmp_path):

@@ -231,6 +231,7 @@ def test_a_spinning_server_serves_a_looping_client_and_goes_back_to_sleep(
     assert c.stats()["version"] == version      # and it still answers
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not 2 <= len(os.sched_getaffinity(0)) <= 63,
                     reason="needs a core to spare, and server.shards = the cores (at most 64)")
 def test_with_a_core_to_spare_the_server_stays_awake_between_a_workers_steps(

@@ -3,6 +3,8 @@
 one before it used, and the version never behind the checkpoint it resumed."""
 from __future__ import annotations
 
+import pytest
+
 import signal
 import time
 
@@ -23,6 +25,7 @@ def push(client, n: int, numel: int) -> int:
     return version
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_from_the_newest_good_checkpoint(start_server, make_config,
                                                             clients, tmp_path):
     cfg = make_config(**SGD, server={"checkpoint_every": 20, "checkpoint_keep": 3,

@@ -10,6 +10,7 @@ from conftest import flat
 WORKER_TIMEOUT_S = 120
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server_steps, worker_steps", [(4, 1), (1, 4)])
 def test_a_worker_with_another_update_rule_is_refused_and_changes_nothing(
         start_server, make_config, clients, processes, server_steps, worker_steps):

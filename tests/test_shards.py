@@ -112,6 +112,7 @@ def test_each_shard_keeps_its_own_version_and_staleness(cluster):
         assert head["version"] == 1
 
 
+@pytest.mark.slow
 def test_one_shared_memory_segment_serves_every_shard(cluster, tmp_path):
     endpoints, _, _ = cluster(shards=2, ipc=True)
     with connect_client(endpoints, "w0") as c:
@@ -156,6 +157,7 @@ def test_a_shard_refuses_per_parameter_requests_and_keeps_its_state(cluster, cli
     assert c.stats()["version"] == 0
 
 
+@pytest.mark.slow
 def test_endpoints_that_are_not_the_shards_of_one_server_are_refused(cluster):
     endpoints, _, _ = cluster(shards=2)
     (other,), _, _ = cluster(shards=1)
@@ -166,6 +168,7 @@ def test_endpoints_that_are_not_the_shards_of_one_server_are_refused(cluster):
         ShardedClient([endpoints[0], endpoints[0]], "w0")
 
 
+@pytest.mark.slow
 def test_shard_checkpoints_load_as_the_whole_model_and_resume_per_shard(
         cluster, start_server, make_config, tmp_path):
     endpoints, run_dir, handles = cluster(shards=2)
@@ -201,6 +204,7 @@ def test_shard_checkpoints_load_as_the_whole_model_and_resume_per_shard(
         load_checkpoint(run_dir / "checkpoint")
 
 
+@pytest.mark.slow
 def test_a_shard_will_not_resume_another_layout_of_shards(cluster, start_server, make_config,
                                                            processes, tmp_path):
     endpoints, run_dir, handles = cluster(shards=2)

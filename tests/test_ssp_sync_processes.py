@@ -21,6 +21,7 @@ def read_records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_ssp_no_worker_runs_more_than_slack_ahead(start_server, make_config, processes,
                                                   tmp_path):
     slack = 2

@@ -111,6 +111,7 @@ def test_topk_with_error_feedback_sends_a_fraction_and_loses_nothing(
         ex.close()
 
 
+@pytest.mark.slow
 def test_local_steps_push_the_distance_travelled(start_server, make_config, clients):
     """With local steps the worker's own optimizer moves its weights for H steps; what it
     pushes is the weights it pulled minus its weights now, and the server (outer SGD at rate
@@ -176,6 +177,7 @@ def test_an_unused_parameter_pushes_zeros_and_gradients_keep_their_shapes():
         ex.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared_memory", ["on", "off"])
 def test_a_push_whose_reply_is_late_is_sent_again_and_applied_once(
         start_server, make_config, clients, tmp_path, shared_memory):
@@ -224,6 +226,7 @@ def test_a_push_whose_reply_is_late_is_sent_again_and_applied_once(
         ex.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared_memory", ["on", "off"])
 def test_a_model_in_parts_exchanges_like_a_whole_one(start_server, make_config, clients,
                                                      tmp_path, shared_memory):
