@@ -334,7 +334,7 @@ def test_compose_curve_file_uses_mounted_keys():
     kinds = {}
     for name, svc in doc["services"].items():
         argv = shlex.split(svc["command"])
-        sub = cli.commands[argv[1]]
+        sub = cli.get_command(None, argv[1])
         params = sub.make_context(argv[1], argv[2:]).params
         kinds.setdefault(argv[1], []).append(params)
         sets = dict(o.split("=", 1) for o in params.get("overrides", ()))

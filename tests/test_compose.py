@@ -30,7 +30,7 @@ def services(name: str) -> dict[str, tuple[list[str], dict[str, str]]]:
 def parsed(argv: list[str]) -> tuple[str, dict]:
     """The subcommand and its parameters, as click parses them (nothing runs)."""
     assert argv[0] == "asgd"
-    sub = cli.commands[argv[1]]
+    sub = cli.get_command(None, argv[1])
     ctx = sub.make_context(argv[1], argv[2:])
     return argv[1], ctx.params
 

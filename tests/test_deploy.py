@@ -369,7 +369,7 @@ def container_argvs(container: dict) -> list[list[str]]:
 
 def parsed(argv: list[str]) -> tuple[str, dict]:
     assert argv[0] == "asgd", argv
-    ctx = cli.commands[argv[1]].make_context(argv[1], argv[2:])
+    ctx = cli.get_command(None, argv[1]).make_context(argv[1], argv[2:])
     return argv[1], ctx.params
 
 

@@ -261,6 +261,7 @@ def test_the_throughput_clock_stops_with_training():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_a_closed_stdout_still_leaves_the_summary(child_env, tmp_path, mnist1d_cached):
     """`asgd launch ... | head` with Ctrl-C: the pipe's reader is gone, the run still stops
     its cluster, evaluates the weights and writes summary.json."""

@@ -284,7 +284,7 @@ def server_of(argv: list[str], env: dict):
     from asgd.config import env as envlib
 
     assert argv[:2] == ["asgd", "server"]
-    params = cli.commands["server"].make_context("server", argv[2:]).params
+    params = cli.get_command(None, "server").make_context("server", argv[2:]).params
     overrides = envlib.with_workers(params["overrides"],
                                     envlib.workers(params["overrides"], env, None))
     cfg = load_config(REPO / params["config_path"], overrides)
