@@ -4,6 +4,7 @@ worked out by hand, in process and over a real server process."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from asgd.core.checkpoint import load_checkpoint
@@ -88,3 +89,19 @@ def test_a_stale_push_gets_the_looked_ahead_weights_and_the_checkpoint_the_true_
     ckpt = load_checkpoint(server.run_dir / "checkpoint")
     assert ckpt.version == 2
     np.testing.assert_allclose(ckpt.flat.double().numpy(), w2, rtol=1e-5, atol=1e-7)
+
+
+def test_the_keyword_travels_in_hello_settings_and_the_server_adopts_it():
+    from asgd.config import Config
+    from asgd.optimizer_config import resolve
+    from server.adopt import SettingsError, apply_settings, check_settings
+
+    settings = resolve({"optimizer": "adamw", "lookahead": True}).settings
+    assert settings["lookahead"] is True
+    assert "lookahead" not in resolve({"optimizer": "adamw"}).settings   # the server's own
+    cfg = apply_settings(Config(), settings)
+    assert cfg.server.lookahead is True
+    check_settings(cfg, settings)                                  # the same: accepted
+    with pytest.raises(SettingsError, match="lookahead"):
+        check_settings(apply_settings(Config(), {**settings, "lookahead": False}),
+                       settings)                                   # a server without it
