@@ -47,7 +47,8 @@ KEYS = {"optimizer": "optimizer.name", "lr": "optimizer.lr", "momentum": "optimi
         "min_lr": "schedule.min_lr", "step_size": "schedule.step_size", "gamma": "schedule.gamma",
         "max_updates": "run.max_updates", "local_steps": "worker.exchange.local_steps",
         "outer": "server.outer.optimizer", "outer_lr": "server.outer.lr",
-        "outer_momentum": "server.outer.momentum", "outer_nesterov": "server.outer.nesterov"}
+        "outer_momentum": "server.outer.momentum", "outer_nesterov": "server.outer.nesterov",
+        "lookahead": "server.lookahead"}
 LAUNCH_CONFIG = "ASGD_CONFIG"     # the run's config.yaml, given to a launched script
 SCHEDULE = ("schedule", "warmup", "total", "min_lr", "step_size", "gamma")
 OUTER = ("outer", "outer_lr", "outer_momentum", "outer_nesterov")
@@ -180,6 +181,8 @@ def _settings(cfg: Config, given: dict, from_config: bool, inner: bool) -> dict:
         out["schedule"] = {k: getattr(s, k) for k in SCHEDULE_KEYS[s.kind]}
     if from_config or "max_updates" in given:
         out["max_updates"] = cfg.run.max_updates
+    if "lookahead" in given:        # A-SGD's served weights (server/lookahead.py)
+        out["lookahead"] = cfg.server.lookahead
     return out
 
 

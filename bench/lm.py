@@ -1,7 +1,9 @@
 """The language model (examples/lm.py) side by side, in one run: one plain process with one
 thread (one core, as each worker has: the analogue of one GPU) and with every core; asgd with
-2 workers (A-SGD: the server steps AdamW on each gradient); asgd with 2 workers and local
-steps; torch DDP (gloo, 2 processes of one thread) of the same model, data and schedule.
+2 workers (A-SGD: the server steps AdamW on each gradient, and each worker gets the weights
+looked ahead to where its gradient will land: the example's ``lookahead=True``); asgd with 2
+workers and local steps; torch DDP (gloo, 2 processes of one thread) of the same model, data
+and schedule. ``--systems`` can add asgd-no-lookahead (the example's ``--lookahead 0``).
 
     python bench/lm.py [--steps 300] [--repeats 2] [--local-steps 10] [--out docs/performance/lm]
     python bench/lm.py --steps 40 --eval-every 10 --local-steps 5 --out /tmp/lm   # does it work
@@ -15,9 +17,12 @@ Nesterov at 0.05, suits many more local steps than a run this short has); ``--se
 it.
 
 Every system trains on the same number of tokens, ``--steps`` batches of the example's
-``--batch-size`` x ``--seq-len``: the plain processes take ``--steps`` steps; asgd's server
-stops at ``--steps`` updates (``max_updates``), whichever worker pushed them; with local
-steps and in DDP each of the 2 runs ``--steps`` / 2 steps (its schedule over those). Each
+``--batch-size`` x ``--seq-len``, and all but asgd-local in the same updates: ``--steps`` of
+one batch each. The plain processes take ``--steps`` steps; asgd's server stops at
+``--steps`` updates (``max_updates``), whichever worker pushed them, each one worker's batch;
+DDP is strongly scaled, as it is usually compared: each of its 2 ranks computes half of each
+batch, so its ``--steps`` steps are the plain process's updates, synchronous; with local
+steps each worker runs ``--steps`` / 2 steps (its schedule over those). Each
 validation loss is logged with its time since the system was started and the tokens behind
 the weights: the example's ``opt.log`` (in the run's metrics.jsonl; the plain runs are the
 example alone with ``$ASGD_RUN_DIR`` set, so the same file) and bench/lm_ddp.py's lines.
@@ -45,7 +50,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "lm.py"
-SYSTEMS = ("plain-1", "plain-all", "asgd", "asgd-local", "ddp")
+SYSTEMS = ("plain-1", "plain-all", "asgd", "asgd-local", "ddp", "asgd-no-lookahead")
+DEFAULT_SYSTEMS = SYSTEMS[:5]
 # the example's settings every system gets (its flags), and bench/lm_ddp.py as JSON
 SETTINGS = {"steps": 300, "batch_size": 16, "seq_len": 128, "layers": 4, "width": 256,
             "lr": 1e-3, "min_lr": 1e-4, "warmup": 30, "weight_decay": 0.1, "data_mb": 4.0,
@@ -134,7 +140,8 @@ def base_env(threads: int) -> dict:
 
 def example_flags(s: dict, **over) -> list[str]:
     s = {**s, **over}
-    return [a for k in (*SETTINGS, "threads", "local_steps") if s.get(k) is not None
+    return [a for k in (*SETTINGS, "threads", "local_steps", "lookahead")
+            if s.get(k) is not None
             for a in (f"--{k.replace('_', '-')}", str(s[k]))]
 
 
@@ -197,14 +204,14 @@ def run_plain(name: str, s: dict, threads: int, where: Path, timeout: float):
     return curve(records(run_dir / "metrics.jsonl")), [out]
 
 
-def run_asgd(name: str, s: dict, local_steps: int, outer: list[str], where: Path,
-             timeout: float):
+def run_asgd(name: str, s: dict, local_steps: int, server: list[str], where: Path,
+             timeout: float, **flags):
     out = where / f"{name}.log"
     steps = s["steps"] // WORKERS if local_steps else s["steps"]
     cmd = [sys.executable, "-m", "asgd.cli", "launch", "--workers", str(WORKERS), "--quiet",
            "--set", f"run.out_dir={where}", "--set", f"run.name={name}",
-           "--set", "run.max_restarts=0", *(outer if local_steps else []), str(EXAMPLE),
-           *example_flags(s, steps=steps, threads=1, local_steps=local_steps or None)]
+           "--set", "run.max_restarts=0", *server, str(EXAMPLE),
+           *example_flags(s, steps=steps, threads=1, local_steps=local_steps or None, **flags)]
     env = base_env(1)
     codes, t0 = run_all([(cmd, env, out)], timeout)
     run_dir = where / name
@@ -347,7 +354,10 @@ def main() -> int:
                     help="asgd-local's server settings (default: its outer rule adds each "
                          "worker's progress: server.outer.optimizer=sgd, outer.lr=1, no "
                          "momentum)")
-    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--asgd-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="asgd's (and asgd-no-lookahead's) server settings (default: none)")
+    ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                    help=f"some of {', '.join(SYSTEMS)}")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds a run may take")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "performance" / "lm")
@@ -369,12 +379,15 @@ def main() -> int:
     outer = [a for kv in (args.set or ["server.outer.optimizer=sgd", "server.outer.lr=1.0",
                                        "server.outer.momentum=0",
                                        "server.outer.nesterov=false"]) for a in ("--set", kv)]
+    asgd_server = [a for kv in args.asgd_set for a in ("--set", kv)]
     cores = len(os.sched_getaffinity(0))
     work = (args.work or ROOT / "runs" / f"bench-lm-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = {"plain-1": lambda w: run_plain("plain-1", s, 1, w, args.timeout),
             "plain-all": lambda w: run_plain("plain-all", s, cores, w, args.timeout),
-            "asgd": lambda w: run_asgd("asgd", s, 0, outer, w, args.timeout),
+            "asgd": lambda w: run_asgd("asgd", s, 0, asgd_server, w, args.timeout),
+            "asgd-no-lookahead": lambda w: run_asgd("asgd-no-lookahead", s, 0, asgd_server,
+                                                    w, args.timeout, lookahead=0),
             "asgd-local": lambda w: run_asgd("asgd-local", s, args.local_steps, outer, w,
                                              args.timeout),
             "ddp": lambda w: run_ddp("ddp", s, w, args.timeout)}
@@ -414,6 +427,7 @@ def main() -> int:
     target = med.get("plain-1", {}).get("final_val_loss")
     result = {"bench": "lm", "settings": s, "workers": WORKERS, "cores": cores,
               "local_steps": args.local_steps, "asgd_local_server": outer[1::2],
+              "asgd_server": asgd_server[1::2],
               "repeats": args.repeats, "target_val_loss": target, "systems": med,
               "checks": checks(med), "failures": failures, "work": str(work)}
     if any(curves.values()):

@@ -5,12 +5,13 @@ DDP system (not run by hand).
 
 SETTINGS_JSON holds the example's settings by their argparse names (steps, batch_size, ...).
 The model, the batches and the plain version's schedule are the example's own, imported
-from it. Each rank trains on its contiguous share of the training text (``asgd.shard``, as
-the example's asgd workers do) with the example's batch size, so one step takes WORLD_SIZE
-batches: ``steps`` is the example's total, each rank runs steps / WORLD_SIZE of them, and
-``eval_every`` counts batches as the example's does. The validation windows are the
-example's, split over the ranks. Rank 0 appends one JSON object a line to OUT: ``t`` (seconds
-since $ASGD_T0), ``val_loss`` and ``tokens`` (trained by all ranks).
+from it. Strong scaling, as DDP is compared: the global batch is the example's
+``batch_size``, each rank computing ``batch_size / WORLD_SIZE`` of it on its contiguous
+share of the training text (``asgd.shard``, as the example's asgd workers do), so every
+step is one update of the plain process's batch, and ``steps`` and ``eval_every`` count
+those updates as the example's do. The validation windows are the example's, split over the
+ranks. Rank 0 appends one JSON object a line to OUT: ``t`` (seconds since $ASGD_T0),
+``val_loss`` and ``tokens`` (trained by all ranks).
 """
 from __future__ import annotations
 
@@ -53,10 +54,12 @@ def main() -> None:
     held_out = len(data) // 10
     shard, val = asgd.shard(data[:-held_out], rank, world), data[-held_out:]
     T, B = a.seq_len, a.batch_size
+    if B % world:
+        raise SystemExit(f"bench/lm_ddp.py: batch_size {B} must divide by the {world} ranks")
+    local = B // world                                # this rank's part of each batch
     windows = torch.linspace(0, len(val) - T - 2, a.eval_batches * B).long()
     mine = windows.tensor_split(world)[rank]          # this rank's part of the validation
     model = DistributedDataParallel(lm.GPT(T, a.layers, a.width))
-    a.steps //= world                                 # the schedule runs over this rank's steps
     opt = lm.with_cosine(torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95),
                                            weight_decay=a.weight_decay), a)
 
@@ -71,19 +74,18 @@ def main() -> None:
         dist.all_reduce(total)
         if rank == 0:
             rec = {"t": round(time.time() - t0, 4), "val_loss": (total[0] / total[1]).item(),
-                   "tokens": done * world * B * T}
+                   "tokens": done * B * T}
             with open(out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
     gen = torch.Generator().manual_seed(a.seed)
-    every = max(1, a.eval_every // world)
     for step in range(1, a.steps + 1):
-        starts = torch.randint(len(shard) - T - 1, (B,), generator=gen)
+        starts = torch.randint(len(shard) - T - 1, (local,), generator=gen)
         opt.zero_grad(set_to_none=True)
         model(*lm.batch(shard, starts, T)).backward()    # DDP averages the ranks' gradients
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % every == 0 or step == a.steps:
+        if step % a.eval_every == 0 or step == a.steps:
             evaluate(step)
     dist.destroy_process_group()
 

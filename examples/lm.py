@@ -19,7 +19,10 @@ optimizer; ``if opt.done: break`` (the server's budget is spent); ``opt.close()`
 ``asgd.shard`` gives back all the data: the same file is the single-process reference.
 In A-SGD the server owns the learning rate: ``schedule="cosine"`` with the warm-up, floor
 and ``max_updates`` runs on the server's clock what ``with_cosine`` (the plain version's
-schedule, kept as the reference; tests/test_examples.py checks that they agree) runs here.
+schedule, kept as the reference; tests/test_examples.py checks that they agree) runs here;
+``lookahead=True`` has the server send each worker the weights AdamW's momentum predicts for
+when its gradient will be applied (with several workers a gradient lands an update or more
+after the weights it was computed at; alone, it changes nothing).
 With ``--local-steps H`` the other mode: AdamW and ``with_cosine`` step here and every H steps
 the progress goes to the server's outer rule (each worker then runs ``--steps`` steps). Each
 validation loss also goes to ``opt.log`` with the tokens behind the weights (the run's
@@ -152,6 +155,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--local-steps", type=int, default=0,
                    help="asgd: AdamW steps here between pushes (0: A-SGD, the server steps)")
+    p.add_argument("--lookahead", type=int, default=1, choices=(0, 1),
+                   help="asgd, A-SGD: the weights looked ahead to where the gradient lands")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -174,7 +179,8 @@ def main():
     else:
         opt = asgd.Optimizer(model.named_parameters(), "adamw", lr=args.lr, betas=(0.9, 0.95),
                              weight_decay=args.weight_decay, schedule="cosine",
-                             warmup=args.warmup, min_lr=args.min_lr, max_updates=args.steps)
+                             warmup=args.warmup, min_lr=args.min_lr, max_updates=args.steps,
+                             lookahead=bool(args.lookahead))
 
     @torch.no_grad()
     def val_loss() -> float:

@@ -22,7 +22,7 @@ A refused hello changes nothing: no model, no worker record, no version.
     {"optimizer": {"name", "lr", "momentum", "nesterov", "betas", "eps", "weight_decay"},
      "schedule": {"kind", "warmup", "total", "min_lr", "step_size", "gamma"},
      "max_updates": int, "local_steps": int,
-     "outer": {"optimizer", "lr", "momentum", "nesterov"}}
+     "outer": {"optimizer", "lr", "momentum", "nesterov"}, "lookahead": bool}
 
 ``local_steps`` is the server's update rule: 1, the optimizer above on each gradient (A-SGD);
 H > 1, each push is a pseudo-gradient of H local steps, applied by the ``outer`` optimizer.
@@ -50,6 +50,7 @@ SETTINGS: dict = {
     "local_steps": "worker.exchange.local_steps",
     "outer": {"optimizer": "server.outer.optimizer", "lr": "server.outer.lr",
               "momentum": "server.outer.momentum", "nesterov": "server.outer.nesterov"},
+    "lookahead": "server.lookahead",
 }
 
 NO_MODEL_HELLO = ("the server has no model yet: the first worker's hello must carry its "

@@ -13,7 +13,7 @@ from asgd.core.checkpoint import CheckpointError, load_checkpoint, write_checkpo
 def save_store(store, directory, config: dict | None = None) -> Path:
     """A checkpoint of the store (the newest ``server.checkpoint_keep`` are kept)."""
     scalars, optim_tensors = store.optimizer_state()
-    return write_checkpoint(directory, store.version, store.layout, store.weights,
+    return write_checkpoint(directory, store.version, store.layout, store.true_weights,
                             config or store.cfg.to_dict(), store.cfg.optimizer.name, scalars,
                             optim_tensors, span=store.span,
                             keep=store.cfg.server.checkpoint_keep, settings=store.settings)

@@ -290,11 +290,14 @@ class StalenessControl:
                 grad = store.grad
             self.dc.compensate(grad, store.weights, base, store.version)
         lr = server_lr(self.cfg, store.version) * decision.lr_scale
+        if store.ahead is not None:
+            store.ahead.observe(staleness)
         self._step(lr, grad)
         return Outcome(True, staleness, store.version, lr)
 
     def _step(self, lr: float, grad: torch.Tensor | None = None) -> None:
-        self.store.step(lr, grad)
+        # look-ahead (server.lookahead) predicts the served weights at the next update's rate
+        self.store.step(lr, grad, next_lr=server_lr(self.cfg, self.store.version + 1))
         if self.dc is not None:
             self.dc.remember(self.store.weights, self.store.version)
 

@@ -20,6 +20,11 @@ few reused buffers, each taken back once ZeroMQ reports it sent them.
 What a push does to the store (the learning
 rate, whether it is applied at all, delay compensation, synchronous rounds) is decided by
 ``server.staleness``; the store only holds state and steps.
+
+With ``server.lookahead`` (server.lookahead) the optimizer steps ``param``, the true weights,
+and the flat buffer that replies read holds the weights predicted for when a worker's
+gradient will land: ``weights`` is what workers get, ``true_weights`` what the server
+trains, checkpoints and gives at the end (without look-ahead both are the flat buffer).
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from asgd.core.encoding import by_wire_dtype
 from asgd.core.protocol import DTYPES
 from asgd.core.layout import ParameterLayout
 from asgd.core.optim import make_optimizer, outer_config
+from server.lookahead import LookAhead
 
 POOL_SIZE = 4          # snapshot buffers kept per wire dtype
 FUSED_ADAM = {"Adam": getattr(torch, "_fused_adam_", None),
@@ -136,7 +142,11 @@ class ParameterStore:
         self.flat = torch.nn.Parameter(init.clone())
         self.flat.grad = torch.zeros_like(self.flat)
         self.views = layout.views(self.flat.data) if self.whole else None
-        self.optimizer = make_optimizer(outer_config(cfg), [self.flat], fused=True)
+        # look-ahead in A-SGD: the optimizer steps a parameter of its own, the true weights
+        self.ahead = LookAhead() if cfg.server.lookahead and \
+            cfg.worker.exchange.local_steps <= 1 else None
+        self.param = torch.nn.Parameter(init.clone()) if self.ahead else self.flat
+        self.optimizer = make_optimizer(outer_config(cfg), [self.param], fused=True)
         self.version = version
         self.pool = SnapshotPool(lambda: self.flat.detach())
         self._lent: list = []          # trackers of zero-copy replies from the live buffer
@@ -201,8 +211,13 @@ class ParameterStore:
 
     @property
     def weights(self) -> torch.Tensor:
-        """The live flat weights (changes with every step)."""
+        """The live flat weights that replies carry (changes with every step)."""
         return self.flat.detach()
+
+    @property
+    def true_weights(self) -> torch.Tensor:
+        """The weights the optimizer steps: ``weights`` but with look-ahead."""
+        return self.param.detach()
 
     # ------------------------------------------------------------------------------------------
 
@@ -239,27 +254,34 @@ class ParameterStore:
     def staleness_of(self, base_version: int) -> int:
         return self.version - base_version
 
-    def step(self, lr: float, grad=None) -> None:
+    def step(self, lr: float, grad=None, next_lr: float | None = None) -> None:
         """One optimizer step with the gradient in ``grad`` (a flat float32 tensor: a
         worker's shared-memory slot, read in place; or ``FlatChunks``: the frames it came in)
-        or else already in ``self.grad``; version += 1."""
+        or else already in ``self.grad``; version += 1. With look-ahead the served weights
+        are then predicted at ``next_lr`` (the next update's rate; default ``lr``)."""
         self._own()
         g = self.flat.grad if grad is None else grad
         if isinstance(g, FlatChunks):
             if self._direct(g.spans(), lr):
-                self.version += 1
+                self._stepped(lr if next_lr is None else next_lr)
                 return
             g = g.copy_into(self.flat.grad)
         if not self._direct([(0, self.numel, g)], lr):
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            own = self.flat.grad
-            self.flat.grad = g
+            own = self.param.grad
+            self.param.grad = g
             try:
                 self.optimizer.step()
             finally:
-                self.flat.grad = own
+                self.param.grad = own
+        self._stepped(lr if next_lr is None else next_lr)
+
+    def _stepped(self, next_lr: float) -> None:
         self.version += 1
+        if self.ahead is not None:        # the served weights: looked ahead from the true
+            self.ahead.served(self.param.detach(), self.optimizer, self.param, next_lr,
+                              out=self.flat.data)
 
     def _direct(self, grads: list[tuple[int, int, torch.Tensor]], lr: float) -> bool:
         """The step through torch.optim's functional form, on the optimizer's own state:
@@ -271,7 +293,7 @@ class ParameterStore:
         the state exists, other optimizers): the caller then steps the usual way."""
         opt = self.optimizer
         group = opt.param_groups[0]
-        p = self.flat.data
+        p = self.param.data
         if len(grads) == 1 and grads[0][0] == 0 and grads[0][1] == self.numel:
             ps, gs = [p], [grads[0][2]]           # the common case: no slicing
         else:
@@ -284,7 +306,7 @@ class ParameterStore:
                 for pv, g in zip(ps, gs):
                     pv.add_(g, alpha=-lr)      # what torch's SGD does in this case
                 return True
-            buf = opt.state.get(self.flat, {}).get("momentum_buffer")
+            buf = opt.state.get(self.param, {}).get("momentum_buffer")
             if buf is None:
                 return False
             from torch.optim.sgd import sgd
@@ -295,7 +317,7 @@ class ParameterStore:
                 fused=fused or None, foreach=None if fused else False)
             return True
         if name in ("Adam", "AdamW") and not group["amsgrad"]:
-            st = opt.state.get(self.flat)
+            st = opt.state.get(self.param)
             if not st or "exp_avg" not in st:
                 return False
             from torch.optim.adam import adam
@@ -347,7 +369,7 @@ class ParameterStore:
     # optimizer state, for checkpoints (tensors and plain scalars only: nothing pickled)
 
     def optimizer_state(self) -> tuple[dict, list[tuple[str, torch.Tensor]]]:
-        state = self.optimizer.state.get(self.flat, {})
+        state = self.optimizer.state.get(self.param, {})
         scalars, tensors = {}, []
         for k, v in state.items():
             if torch.is_tensor(v) and v.numel() == self.numel:
@@ -367,11 +389,13 @@ class ParameterStore:
             if k.startswith("optim."):
                 state[k[len("optim."):]] = t.clone().reshape(-1)
         if state:
-            self.optimizer.state[self.flat] = state
+            self.optimizer.state[self.param] = state
 
     def load_weights(self, flat: torch.Tensor, version: int) -> None:
         self._own()
         with torch.no_grad():
             self.flat.data.copy_(flat.reshape(-1))
+            if self.param is not self.flat:
+                self.param.data.copy_(flat.reshape(-1))
         self.version = version
         self.pool.invalidate()

@@ -80,6 +80,11 @@ class ServerConfig:
     dc_adaptive: bool = True      # dc: λ / sqrt(mean square of g), DC-ASGD's adaptive variant
     dc_history: int = 64          # dc: versions of weights kept to compensate against
     ssp_slack: int = 2            # ssp: S, pushes a worker may run ahead of the slowest
+    # A-SGD with momentum (adam, adamw, sgd with momentum): each worker gets the weights
+    # predicted for when its gradient lands, w - tau x the optimizer's next step from its
+    # state, tau the running mean of the measured staleness (DANA; server/lookahead.py).
+    # The server keeps the true weights for its steps, checkpoints and the final model.
+    lookahead: bool = False
     worker_timeout_s: float = 10.0   # ssp/sync: a silent worker stops counting after this
     max_message_mb: float = 512.0
     checkpoint_dir: str = ""      # "" = <run dir>/checkpoint, or ./checkpoint without a run dir
