@@ -74,6 +74,10 @@ class Simulation:
                              "simulated (devices, precision, micro-batches)")
         if cfg.server.shards > 1:
             raise ValueError("the simulator runs one server: server.shards must be 1")
+        ex = cfg.worker.exchange
+        if ex.overlap or ex.encoding != "none" or ex.weights_encoding != "none":
+            raise ValueError("the simulator exchanges exact float32 one push at a time: "
+                             "worker.exchange.overlap and its encodings are not simulated")
         self.cfg, self.delay = cfg, delay
         self.metrics = metrics or MetricsWriter(None)
         torch.manual_seed(cfg.run.seed)           # dropout and the like: the same draws

@@ -173,6 +173,9 @@ def test_the_simulator_refuses_what_it_does_not_model():
         Simulation(small(**{"worker.stages.microbatches": 2}), parse_delay("constant"))
     with pytest.raises(ValueError, match="server.shards"):
         Simulation(small(**{"server.shards": 2}), parse_delay("constant"))
+    for key, value in [("overlap", True), ("encoding", "int8"), ("weights_encoding", "fp16")]:
+        with pytest.raises(ValueError, match="overlap and its encodings"):
+            Simulation(small(**{f"worker.exchange.{key}": value}), parse_delay("constant"))
 
 
 # ----------------------------------------------------------------------------------------------
