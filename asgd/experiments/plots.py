@@ -29,8 +29,8 @@ def _label(r: dict) -> str:
     if r["delay_s"]:
         s += f" +{r['delay_s']:g}s"
     model = r.get("delay_model")
-    if model:     # simulated; a trace by its name only, not its path
-        s += " trace" if model.startswith("trace:") else f" {model}"
+    if model:     # simulated; a trace by its run's folder, not its whole path
+        s += f" trace {Path(model[6:]).name}" if model.startswith("trace:") else f" {model}"
     return s
 
 
