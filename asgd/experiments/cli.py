@@ -42,7 +42,10 @@ def _floats(text: str, what: str) -> list[float]:
 
 def _delay_models(text: str) -> list[str]:
     """The delay models of --delay-model, checked (a trace's run is read here)."""
-    from simulator.delays import parse_delay
+    try:
+        from simulator.delays import parse_delay
+    except ImportError as e:     # an install without the simulator package
+        raise click.ClickException(f"--simulate needs the simulator package beside asgd: {e}")
 
     specs = [m.strip() for m in text.split(",") if m.strip()]
     if not specs:
