@@ -7,6 +7,7 @@ Imported by ``asgd.cli`` when it loads: nothing here imports torch until a comma
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -37,6 +38,24 @@ def _floats(text: str, what: str) -> list[float]:
     except ValueError:
         raise click.BadParameter(f"{what} must be comma-separated numbers, got {text!r}")
     return vals
+
+
+def _delay_models(text: str) -> list[str]:
+    """The delay models of --delay-model, checked (a trace's run is read here)."""
+    try:
+        from simulator.delays import parse_delay
+    except ImportError as e:     # an install without the simulator package
+        raise click.ClickException(f"--simulate needs the simulator package beside asgd: {e}")
+
+    specs = [m.strip() for m in text.split(",") if m.strip()]
+    if not specs:
+        raise click.BadParameter("name at least one delay model", param_hint="--delay-model")
+    for m in specs:
+        try:
+            parse_delay(m)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--delay-model")
+    return specs
 
 
 def _experiment_command(kind: str):
@@ -73,9 +92,17 @@ def _experiment_command(kind: str):
     @click.option("--out", type=click.Path(file_okay=False), default=None,
                   help=f"Output folder (default: experiments/{kind}).")
     @click.option("--quiet", is_flag=True, help="No progress display.")
+    @click.option("--simulate", is_flag=True, help="Simulate every run in this process "
+                  "(the simulator: virtual workers, the server's update code, simulated "
+                  "time; bitwise reproducible) instead of starting a cluster.")
+    @click.option("--delay-model", "delay_models", default="constant", show_default=True,
+                  help="With --simulate: how long each virtual worker's steps take, "
+                  "comma-separated to compare several: constant[:d], uniform[:lo:hi], "
+                  "exponential[:mean], pareto[:alpha[:xm]], inverse[:d] (speeds 1/(i+1)), "
+                  "trace:RUN_DIR (a real run's).")
     def command(config_path, overrides, workers, policies, slow_factor, slow_ranks, delays,
                 versus, local_steps, repeats, samples, target_accuracy, max_seconds, out,
-                quiet):
+                quiet, simulate, delay_models):
         from asgd.experiments.runner import Experiment, RunSpec, run_experiment
         from asgd.core.policies import parse_policy
 
@@ -117,9 +144,16 @@ def _experiment_command(kind: str):
                             specs.append(RunSpec(p, w, factor, delay, r, local_steps=h))
                     if versus == "ddp" and w > 1:
                         specs.append(RunSpec("ddp", w, factor, delay, r))
+        run = None
+        if simulate:
+            models = _delay_models(delay_models)
+            specs = [replace(s, delay_model=m) for s in specs for m in models]
+            # the simulator is a side of its own (it runs the server's update code): this
+            # command hands over to it when it runs, as `asgd server` hands over to server
+            from simulator.runs import run_one as run
         exp = Experiment(kind, base, specs, Path(out or f"experiments/{kind}"), samples,
                          target_accuracy, max_seconds, slow_ranks=ranks)
-        records = run_experiment(exp, quiet=quiet)
+        records = run_experiment(exp, quiet=quiet, run=run)
         click.echo((exp.out / "summary.md").read_text())
         click.echo(f"results: {exp.out}/results.json, results.csv, *.png", err=True)
         if any(r["status"] != "ok" for r in records):

@@ -28,6 +28,9 @@ def _label(r: dict) -> str:
         s += f" x{r['slow_factor']:g}"
     if r["delay_s"]:
         s += f" +{r['delay_s']:g}s"
+    model = r.get("delay_model")
+    if model:     # simulated; a trace by its run's folder, not its whole path
+        s += f" trace {Path(model[6:]).name}" if model.startswith("trace:") else f" {model}"
     return s
 
 
@@ -164,7 +167,9 @@ def plot_experiment(name: str, records: list[dict], out: Path, target: float,
                     suffix: str = "") -> list[Path]:
     """Draw and save every plot of ``records`` into ``out``; the paths written."""
     configs = configs_of(records)
-    paths = [_save(accuracy_figure(name, configs, target, "t", "seconds since training began"),
+    sim = "simulated " if any(r.get("simulated") for r in records) else ""
+    paths = [_save(accuracy_figure(name, configs, target, "t",
+                                   f"{sim}seconds since training began"),
                    out / f"accuracy_vs_time{suffix}.png"),
              _save(accuracy_figure(name, configs, target, "version", "server updates"),
                    out / f"accuracy_vs_updates{suffix}.png")]

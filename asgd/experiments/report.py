@@ -58,26 +58,34 @@ def _time_to_target_cell(records: list[dict]) -> str:
 
 
 def group_key(r: dict) -> tuple:
-    return (r["policy"], r["workers"], r.get("local_steps", 1), r["slow_factor"], r["delay_s"])
+    return (r["policy"], r["workers"], r.get("local_steps", 1), r["slow_factor"], r["delay_s"],
+            r.get("delay_model") or "")
 
 
 def summary_table(exp: Experiment, records: list[dict]) -> str:
     groups: dict[tuple, list] = {}
     for r in records:
         groups.setdefault(group_key(r), []).append(r)
+    simulated = any(r.get("simulated") for r in records)
+    # simulated runs: the delay model's column, and times in simulated seconds
+    model_head, model_rule = ("delay model | ", "--- | ") if simulated else ("", "")
     lines = [f"Experiment `{exp.name}`: {exp.samples:,} training samples a run, target accuracy "
-             f"{exp.target_accuracy:g}; medians (min–max) over repeats.", "",
-             "| policy | workers | local steps | slow factor | delay s | runs ok | test accuracy "
-             "| time to target s | samples/s | updates/s | staleness mean | staleness max "
-             "| MB moved |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-             "| ---: |"]
-    for (policy, workers, local, slow, delay), rs in groups.items():
+             f"{exp.target_accuracy:g}; medians (min–max) over repeats"
+             f"{'; simulated (times and rates in simulated seconds)' if simulated else ''}.",
+             "",
+             f"| policy | workers | local steps | slow factor | delay s | {model_head}runs ok "
+             "| test accuracy | time to target s | samples/s | updates/s | staleness mean "
+             "| staleness max | MB moved |",
+             f"| --- | ---: | ---: | ---: | ---: | {model_rule}---: | ---: | ---: | ---: | ---: "
+             "| ---: | ---: | ---: |"]
+    for (policy, workers, local, slow, delay, model), rs in groups.items():
         ok = [r for r in rs if r["status"] == "ok"]
         tta = _time_to_target_cell(ok)
         moved = [r["bytes_moved"] / 1e6 for r in ok if r.get("bytes_moved")]
+        cell = f"{model or 'real'} | " if simulated else ""
         lines.append(
-            f"| {policy} | {workers} | {local} | {slow:g} | {delay:g} | {len(ok)}/{len(rs)} | "
+            f"| {policy} | {workers} | {local} | {slow:g} | {delay:g} | {cell}"
+            f"{len(ok)}/{len(rs)} | "
             f"{_spread([r.get('test_accuracy') for r in ok])} | {tta} | "
             f"{_spread([r.get('samples_per_s') for r in ok])} | "
             f"{_spread([r.get('updates_per_s') for r in ok])} | "
@@ -119,6 +127,15 @@ def _accuracy_comparison(a, a_ref) -> str:
 def headline(name: str, records: list[dict], target: float | None = None) -> list[str]:
     """The comparisons each experiment is for, from medians over repeats. ``target``, the
     accuracy of time to target, is named where a configuration never reached it."""
+    models = sorted({r.get("delay_model") or "" for r in records})
+    if len(models) > 1:     # simulated under several delay models: compared within each
+        out = []
+        for m in models:
+            lines = headline(name, [r for r in records if (r.get("delay_model") or "") == m],
+                             target)
+            if lines:
+                out += [f"- delay model {m or 'real'}:", *("  " + line for line in lines)]
+        return out
     ok = [r for r in records if r["status"] == "ok"]
     if name == "straggler":
         return _straggler_headline(ok, target)

@@ -66,7 +66,9 @@ def run_one(exp: Experiment, spec: RunSpec) -> dict:
 # ----------------------------------------------------------------------------------------------
 # many runs
 
-def run_experiment(exp: Experiment, quiet: bool = False) -> list[dict]:
+def run_experiment(exp: Experiment, quiet: bool = False, run=None) -> list[dict]:
+    """Every spec of ``exp``, one after the other, each by ``run(exp, spec)`` (default
+    ``run_one``: a real cluster or reference trainer; the simulator's for ``--simulate``)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
         TimeElapsedColumn
@@ -80,7 +82,7 @@ def run_experiment(exp: Experiment, quiet: bool = False) -> list[dict]:
         for spec in exp.specs:
             progress.update(task, description=f"{exp.name}: {spec.name}")
             started = time.monotonic()
-            record = run_one(exp, spec)
+            record = (run or run_one)(exp, spec)
             records.append(record)
             write_results(exp, records)   # a crash later keeps what has run
             tta = record.get("time_to_target_s")

@@ -15,7 +15,7 @@ from pathlib import Path
 from asgd.config import Config
 
 FIELDS = ("experiment", "policy", "workers", "local_steps", "slow_factor", "delay_s", "repeat",
-          "status", "bytes_moved",
+          "delay_model", "simulated", "status", "bytes_moved",
           "test_accuracy", "test_loss", "time_to_target_s", "samples_per_s", "updates_per_s",
           "updates_applied", "samples", "staleness_mean", "staleness_max", "train_s", "wall_s",
           "run_dir", "error")
@@ -30,13 +30,20 @@ class RunSpec:
     delay_s: float = 0.0
     repeat: int = 0
     local_steps: int = 1     # worker.exchange.local_steps: H steps per push (same samples)
+    delay_model: str = ""    # simulated: the step durations' model (simulator.delays); "" real
 
     @property
     def name(self) -> str:
         slow = f"-f{self.slow_factor:g}" if self.slow_factor != 1 else ""
         delay = f"-d{self.delay_s:g}" if self.delay_s else ""
         local = f"-h{self.local_steps}" if self.local_steps != 1 else ""
-        return (f"{self.policy.replace('+', '_')}-w{self.workers}{local}{slow}{delay}"
+        model = ""
+        if self.delay_model:
+            kind, _, args = self.delay_model.partition(":")
+            # a trace's path is not part of the name: its run's folder is enough
+            args = Path(args).name if kind == "trace" else args.replace(":", "_")
+            model = f"-sim-{kind}{'_' + args if args else ''}"
+        return (f"{self.policy.replace('+', '_')}-w{self.workers}{local}{slow}{delay}{model}"
                 f"-r{self.repeat}")
 
 
