@@ -301,6 +301,7 @@ def test_socket_limits_from_the_store(numel):
         c.close()
 
 
+@pytest.mark.slow
 def test_a_frame_above_maxmsgsize_is_dropped_and_the_server_serves_on(start_server, make_config,
                                                                       clients, raw_peer):
     from asgd.core import protocol

@@ -60,6 +60,7 @@ def test_transport_with_an_encoding_moves_fewer_bytes(processes):
     assert out["asgd"]["wire_bytes_per_round_trip"] < 4 * 40_000 * 1.1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_transport_through_two_shards_and_two_clients(processes, transport):
     result = processes.run(["-m", "asgd.cli", "bench", "transport", "--params", "64K",

@@ -13,6 +13,7 @@ HELD_TIMEOUT_S = 0.5      # the client gives up on the held push after this
 ARRIVAL_WAIT_S = 10.0
 
 
+@pytest.mark.slow
 def test_a_late_reply_is_discarded_and_the_next_request_gets_its_own(
         start_server, make_config, clients):
     # Under sync, a push is held until every live participant has pushed in the round: with

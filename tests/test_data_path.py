@@ -54,6 +54,7 @@ def test_flat_push_pull_applies_the_gradient_and_returns_the_weights(
                        atol=1e-5)
 
 
+@pytest.mark.slow
 def test_shared_memory_moves_only_the_header(sgd_server, clients, tmp_path):
     server = sgd_server(f"ipc://{tmp_path}/s.sock")
     c = clients(server.endpoint)
@@ -88,6 +89,7 @@ def test_shared_memory_moves_only_the_header(sgd_server, clients, tmp_path):
         seg.close()
 
 
+@pytest.mark.slow
 def test_the_server_maps_only_segments_it_can_trust(sgd_server, clients, tmp_path):
     server = sgd_server()
     c = clients(server.endpoint)
@@ -112,6 +114,7 @@ def test_the_server_maps_only_segments_it_can_trust(sgd_server, clients, tmp_pat
         elsewhere.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["fp16", "bf16", "int8", "topk"])
 def test_encoded_pushes_apply_what_the_encoding_carries(sgd_server, clients, name):
     server = sgd_server()
@@ -199,6 +202,7 @@ def test_malformed_flat_pushes_are_refused_and_change_nothing(sgd_server, client
     assert v == v0 and np.array_equal(w, w0)
 
 
+@pytest.mark.slow
 def test_large_replies_are_never_torn(sgd_server, clients):
     """Replies of 1 MiB and more go without a copy from the snapshot pool: each one must hold
     the weights of one version, even while pushes keep changing them."""

@@ -371,6 +371,7 @@ def test_the_launchers_checks_leave_cuda_uninitialised():
 # ----------------------------------------------------------------------------------------------
 # a worker that cannot train is not restarted
 
+@pytest.mark.slow
 def test_a_worker_that_exits_2_ends_the_launch_failed_with_its_message(processes, tmp_path,
                                                                        mnist1d_cached):
     import json

@@ -103,6 +103,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_asgd_steps_equal_torch_optim(name, start_server, tmp_path):
     server_opt, kw, reference = CASES[name]

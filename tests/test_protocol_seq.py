@@ -12,6 +12,7 @@ import zmq
 from conftest import REPO, flat, gradients
 
 
+@pytest.mark.slow
 def test_a_push_with_seq_needs_a_hello_and_is_then_applied_exactly_once(start_server,
                                                                         make_config, clients):
     server = start_server(make_config(optimizer={"name": "sgd", "lr": 0.1}))
@@ -43,6 +44,7 @@ def test_a_push_with_seq_needs_a_hello_and_is_then_applied_exactly_once(start_se
     assert stats["workers"]["x7"]["pushes"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
 def test_requests_refused_as_unauthorized_are_counted_in_stats(tmp_path, start_server,
                                                                make_config):

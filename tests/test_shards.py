@@ -63,6 +63,7 @@ def drive(client, numel: int, steps: int, version, seed: int = 0) -> list[np.nda
     return seen
 
 
+@pytest.mark.slow
 def test_two_shards_give_the_same_weights_as_one_server(cluster, clients):
     (one,), _, _ = cluster(shards=1)
     endpoints, _, _ = cluster(shards=2)
@@ -137,6 +138,7 @@ def test_one_shared_memory_segment_serves_every_shard(cluster, tmp_path):
             seg.close()
 
 
+@pytest.mark.slow
 def test_a_shard_refuses_per_parameter_requests_and_keeps_its_state(cluster, clients):
     endpoints, _, _ = cluster(shards=2)
     c = clients(endpoints[1], "w0")
@@ -220,6 +222,7 @@ def test_a_shard_will_not_resume_another_layout_of_shards(cluster, start_server,
     assert r.returncode == 2 and "--shard 3" in r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_a_worker_given_one_shard_of_two_stops_with_a_clear_error(cluster, make_config,
                                                                   processes):
     endpoints, _, _ = cluster(shards=2)

@@ -84,6 +84,7 @@ def test_steps_push_autograds_gradient_and_load_the_servers_weights(
     assert np.array_equal(after.numpy(), server_w)
 
 
+@pytest.mark.slow
 def test_topk_with_error_feedback_sends_a_fraction_and_loses_nothing(
         start_server, make_config, clients, tmp_path):
     config = make_config(**SGD, model={"name": "cnn1d", "args": {"channels": 48}})
