@@ -42,20 +42,12 @@ import weakref
 import torch
 
 from asgd import api
-from asgd.optimizer_config import parameters, resolve, server_config
+from asgd.optimizer_config import SCHEDULER_HELP, parameters, resolve, server_config
 
 log = logging.getLogger("asgd.optimizer")
 
 MAX_NONFINITE_RUN = 10     # non-finite gradients in a row before the model counts as diverged
 LOGGED = 10_000            # log() records kept in ``opt.logged``
-
-SCHEDULER_HELP = (
-    "asgd.Optimizer (A-SGD): the server owns the learning rate and its schedule, so a torch "
-    "learning-rate scheduler cannot drive it ({what}). Give the schedule to the optimizer "
-    "instead, e.g. asgd.Optimizer(params, lr=3e-4, schedule='cosine', warmup=100, "
-    "max_updates=10000) (or the server's config: schedule.*), and drop the scheduler; or use "
-    "local steps (inner=your optimizer, local_steps=H), where a scheduler on the inner "
-    "optimizer works.")
 
 
 class _Resources:

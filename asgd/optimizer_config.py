@@ -61,6 +61,15 @@ WORKER_KEYS.update({k: f"worker.{k}" for k in ("request_timeout_s", "reconnect_t
                                                "spin_us")})
 WORKER_KEYS.update({k: f"worker.auth.{k}" for k in ("secret_key_file", "server_key")})
 
+# asgd.Optimizer's answer to a torch scheduler in A-SGD mode
+SCHEDULER_HELP = (
+    "asgd.Optimizer (A-SGD): the server owns the learning rate and its schedule, so a torch "
+    "learning-rate scheduler cannot drive it ({what}). Give the schedule to the optimizer "
+    "instead, e.g. asgd.Optimizer(params, lr=3e-4, schedule='cosine', warmup=100, "
+    "max_updates=10000) (or the server's config: schedule.*), and drop the scheduler; or use "
+    "local steps (inner=your optimizer, local_steps=H), where a scheduler on the inner "
+    "optimizer works.")
+
 
 def _get(cfg: Config, key: str):
     """The value at a dotted config key: _get(cfg, "worker.exchange.overlap")."""

@@ -23,12 +23,9 @@ times 1 / (1 + tau)).
 """
 from __future__ import annotations
 
-import argparse
 import collections
-import importlib.util
 import json
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -36,41 +33,24 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import asgd
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "lm.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("example_lm", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from lm_ddp import load_example  # noqa: E402  (bench/ is the script's folder: on its path)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=100)
+    lm = load_example()
+    ap = lm.options()       # the example's own options, with this emulation's defaults and rules
+    ap.description = __doc__.splitlines()[0]
+    ap.set_defaults(steps=100, eval_every=20, eval_batches=4, threads=1)
     ap.add_argument("--tau", type=int, default=1)
     ap.add_argument("--data", choices=("shards", "all"), default="shards")
     ap.add_argument("--rule", choices=("adamw", "lookahead", "dc", "scale"), default="adamw")
     ap.add_argument("--beta1", type=float, default=0.9)
     ap.add_argument("--beta2", type=float, default=0.95)
     ap.add_argument("--dc-lambda", type=float, default=2.0)
-    ap.add_argument("--lookahead", type=float, default=None,
-                    help="how many updates ahead to look (default: tau)")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--min-lr", type=float, default=1e-4)
-    ap.add_argument("--warmup", type=int, default=30)
-    ap.add_argument("--weight-decay", type=float, default=0.1)
-    ap.add_argument("--data-mb", type=float, default=4.0)
-    ap.add_argument("--eval-every", type=int, default=20)
-    ap.add_argument("--eval-batches", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ahead", type=float, default=None,
+                    help="with --rule lookahead: how many updates ahead to look (default: tau)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    lm = load_example()
     torch.manual_seed(a.seed)
     tokens = lm.stdlib_bytes(a.data_mb)
     n_val = len(tokens) // 10
@@ -91,7 +71,7 @@ def main() -> None:
                    for r in range(2)]
     sent = collections.deque(maxlen=a.tau + 1)   # the weights sent after each update
     mean_sq = torch.zeros_like(w)                # dc's running mean square of g
-    ahead = a.tau if a.lookahead is None else a.lookahead
+    ahead = a.tau if a.ahead is None else a.ahead
 
     def reply() -> torch.Tensor:
         """The weights a worker gets: the live ones, or looked ahead."""

@@ -137,7 +137,8 @@ def with_cosine(opt, args):
     return opt
 
 
-def main():
+def options() -> argparse.ArgumentParser:
+    """The script's options (bench/lm_stale.py takes them too)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
@@ -157,7 +158,11 @@ def main():
                    help="asgd: AdamW steps here between pushes (0: A-SGD, the server steps)")
     p.add_argument("--lookahead", type=int, default=1, choices=(0, 1),
                    help="asgd, A-SGD: the weights looked ahead to where the gradient lands")
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = options().parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

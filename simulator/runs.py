@@ -44,12 +44,9 @@ def run_one(exp, spec) -> dict:
     """One spec of an experiment, simulated: the record ``asgd.experiments.runner.run_one``
     makes of a real run, with ``simulated`` and ``delay_model`` besides (``ddp`` is
     simulated as ``sync``: the same mean gradient and one optimizer step)."""
-    from asgd.experiments.measures import eval_curve, time_to_target
+    from asgd.experiments.runner import base_record, finish_record
 
-    record = {"experiment": exp.name, "policy": spec.policy, "workers": spec.workers,
-              "local_steps": spec.local_steps, "slow_factor": spec.slow_factor,
-              "delay_s": spec.delay_s, "repeat": spec.repeat, "simulated": True,
-              "delay_model": spec.delay_model}
+    record = {**base_record(exp, spec), "simulated": True, "delay_model": spec.delay_model}
     try:
         cfg = exp.config_for(spec)
         if spec.policy == "ddp":
@@ -59,19 +56,6 @@ def run_one(exp, spec) -> dict:
         record.update(status="failed", error=f"{type(e).__name__}: {e}",
                       traceback=traceback.format_exc())
         return record
-    run_dir = Path(summary["run_dir"])
-    curve = eval_curve(run_dir)
-    train_s = summary.get("train_s") or None
-    record.update(
-        status=summary["status"], test_accuracy=summary["test_accuracy"],
-        test_loss=summary["test_loss"],
-        time_to_target_s=time_to_target(curve, exp.target_accuracy, train_s),
-        samples_per_s=summary["samples_per_s"],
-        updates_per_s=summary["updates_applied"] / train_s if train_s else None,
-        updates_applied=summary["updates_applied"], samples=summary["samples"],
-        staleness_mean=summary["staleness_mean"], staleness_max=summary["staleness_max"],
-        staleness_histogram=summary["staleness_histogram"], bytes_moved=None,
-        train_s=train_s, wall_s=summary["wall_s"], run_dir=str(run_dir),
-        error="; ".join(summary["failures"]) or None, curve=curve,
-    )
+    record = finish_record(record, exp, summary)
+    record["bytes_moved"] = None        # nothing moves: no wire, no segment
     return record

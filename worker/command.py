@@ -1,8 +1,8 @@
-"""``asgd worker`` (and ``python -m worker``): the worker process's command line. The ``asgd``
-command (asgd/cli.py) lists it by name and loads it only when it is asked for, so that nothing
-under asgd/ imports this side.
-
-Click, the configuration and asgd.commandline only until the command runs: no torch.
+"""The worker's command line, as ``asgd worker --config c.yaml --server tcp://host:5555``
+or ``python -m worker ...``: the server's endpoints, this worker's rank and the number of
+workers from options or the environment (asgd.config.env), the CURVE keys, then the training
+loop (worker/main.py, imported when the command runs: loading this module costs no torch).
+asgd/cli.py names this command in its table, so the library never imports the worker.
 """
 from __future__ import annotations
 

@@ -25,13 +25,18 @@ from asgd.experiments.spec import Experiment, RunSpec
 # ----------------------------------------------------------------------------------------------
 # one run
 
+def base_record(exp: Experiment, spec: RunSpec) -> dict:
+    """What a run is, before it runs: its experiment and its spec's settings."""
+    return {"experiment": exp.name, "policy": spec.policy, "workers": spec.workers,
+            "local_steps": spec.local_steps, "slow_factor": spec.slow_factor,
+            "delay_s": spec.delay_s, "repeat": spec.repeat}
+
+
 def run_one(exp: Experiment, spec: RunSpec) -> dict:
     from asgd.experiments.reference import run_reference
     from asgd.launch.launcher import launch
 
-    record = {"experiment": exp.name, "policy": spec.policy, "workers": spec.workers,
-              "local_steps": spec.local_steps, "slow_factor": spec.slow_factor,
-              "delay_s": spec.delay_s, "repeat": spec.repeat}
+    record = base_record(exp, spec)
     try:
         cfg = exp.config_for(spec)
         if spec.policy in ("ddp", "single"):
@@ -42,6 +47,13 @@ def run_one(exp: Experiment, spec: RunSpec) -> dict:
         record.update(status="failed", error=f"{type(e).__name__}: {e}",
                       traceback=traceback.format_exc())
         return record
+    return finish_record(record, exp, summary)
+
+
+def finish_record(record: dict, exp: Experiment, summary: dict) -> dict:
+    """``record`` (what the run was) with what the run's summary and run directory say: its
+    status, accuracy, time to the target, rates, staleness, bytes and evaluation curve (also
+    the simulator's, whose summaries have the same keys)."""
     run_dir = Path(summary["run_dir"])
     curve = eval_curve(run_dir)
     train_s = summary.get("train_s") or None
