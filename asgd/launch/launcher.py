@@ -267,14 +267,15 @@ class Launch(Restarts):
     def _tick(self) -> None:
         """Once a turn of the watch loop, before the stats (asgd.launch.onray's restarts)."""
 
-    def _poll_stats(self) -> None:
+    def _poll_stats(self) -> bool:
         from asgd.client import ServerError, ServerTimeout
 
         try:
             self.final_stats = self.client.stats()
             self.mon.update_stats(self.final_stats)
+            return True
         except (ServerTimeout, ServerError):
-            pass
+            return False
 
     # ------------------------------------------------------------------------------------------
 
@@ -310,7 +311,9 @@ class Launch(Restarts):
             if p.poll() not in (None, 0, -signal.SIGTERM) and not p.reported:
                 self._worker_died_at_stop(p)
         if self.client is not None and all(p.poll() is None for p in self.servers):
-            self._poll_stats()
+            if not self._poll_stats():   # a Ctrl-C in mid-request: the summary's counts from
+                self._connect()          # a fresh connection, not the last turn's
+                self._poll_stats()
             self.client.close()
         self.mon.finish_training()
         self.mon.note = self.mon.note or "evaluating"
