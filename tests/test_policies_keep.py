@@ -340,3 +340,36 @@ def test_the_worker_follows_the_steps_it_is_told():
         assert local.steps == 2
     local.follow({"local_steps": 64})        # never more than the worker's own H
     assert local.steps == 4
+
+
+@pytest.mark.slow
+def test_adaptive_through_a_real_server_counts_who_said_hello(start_server, make_config,
+                                                             clients):
+    """The server's n is the workers that said hello and not bye: the same staleness 2 gets
+    the full rate with two workers (K = 2) and half of it with one (K = 1)."""
+    import numpy as np
+
+    from conftest import gradients
+
+    server = start_server(make_config(
+        optimizer={"name": "sgd", "lr": 0.5}, schedule={"kind": "constant", "warmup": 0},
+        server={"policy": "adaptive", "max_staleness": None}))
+    c0, c1 = clients(server.endpoint, "w0"), clients(server.endpoint, "w1")
+    info, frames = c0.hello()
+    c1.hello()
+    specs = info["tensors"]
+    start = np.concatenate([t.array.reshape(-1) for t in frames]).astype(np.float32)
+    zeros = [(n, 0 * g) for n, g in gradients(specs, 0)]
+    ones = [(n, np.ones_like(g)) for n, g in gradients(specs, 0)]
+    c0.push(0, zeros)
+    c0.push(1, zeros)
+    r = c1.push(0, ones)                      # τ 2 = K: w - 0.5
+    assert r["applied"] and r["staleness"] == 2
+    c1.bye()                                  # n = 1, K = 1
+    c0.push(3, zeros)
+    c0.push(4, zeros)
+    r = c0.push(3, ones)                      # τ 2 > K: w - 0.5 / 2
+    assert r["applied"] and r["staleness"] == 2
+    _, now = c0.pull()
+    got = np.concatenate([t.array.reshape(-1) for t in now])
+    assert np.array_equal(got, start - np.float32(0.5) - np.float32(0.25))
