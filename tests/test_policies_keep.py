@@ -292,6 +292,7 @@ def test_age_alpha_is_the_exponent():
 # ----------------------------------------------------------------------------------------------
 # dylu's local steps in the simulator, and through a real server process
 
+@pytest.mark.slow
 def test_dylu_in_the_simulator_gives_slow_workers_fewer_steps():
     from simulator.delays import parse_delay
     from simulator.engine import Simulation
