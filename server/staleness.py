@@ -13,8 +13,12 @@ policy's state; the pure rules it applies are ``asgd.core.policies``.
 | ``dc`` | ``DelayCompensation``: a ring of the last ``dc_history`` weight versions and, for the adaptive variant, the running mean square of the gradient |
 | ``ssp`` | ``SSPGate``: each worker's clock (pushes answered) and the replies it holds |
 | ``sync`` | ``SyncRound``: the running sum of this round's gradients and its held replies |
+| ``adaptive`` | the participants (below), to count the live workers n |
+| ``age`` | nothing: a factor per push, on the gradient (a copy: never the sender's memory) |
+| ``delayed_nesterov`` | the outer optimizer's own state (``asgd.core.optim.DelayedNesterov``) |
+| ``dylu`` | ``WorkerSpeeds``: each worker's seconds per local step, and the steps it was told |
 
-A *participant* (ssp, sync) is a worker that said hello or pushed and has not said bye. It is
+A *participant* (ssp, sync, adaptive, dylu) is a worker that said hello or pushed and has not said bye. It is
 *live* while it has a reply waiting (it is blocked on us) or it was heard from within
 ``server.worker_timeout_s``; a worker that stays silent longer stops counting, so a dead worker
 never stalls the others. Every time comes from the injected ``clock``.
@@ -28,7 +32,8 @@ from typing import Callable
 import torch
 
 from asgd.core.optim import server_lr
-from asgd.core.policies import dc_compensate, decide, parse_policy, ssp_may_proceed
+from asgd.core.policies import (age_factor, dc_compensate, decide, dylu_steps, parse_policy,
+                                ssp_may_proceed)
 from server.store import FlatChunks
 
 
@@ -56,11 +61,14 @@ class Outcome:
     reason: str = ""
     deferred: bool = False
     repeat: bool = False  # sync: a worker re-sent a push already in the round (not counted)
+    local_steps: int = 0  # dylu: the local steps of the worker's next round (0: not told)
 
     def reply(self) -> dict:
         out = {"version": self.version, "staleness": self.staleness, "applied": self.applied}
         if self.reason:
             out["reason"] = self.reason
+        if self.local_steps:
+            out["local_steps"] = self.local_steps
         return out
 
 
@@ -210,6 +218,44 @@ class SyncRound:
         return n, out
 
 
+class WorkerSpeeds:
+    """DyLU's clock: each worker's seconds per local step, a running mean (weight 1/2 on the
+    newest) of the time from a reply to its next push over the steps that reply asked for;
+    its next count ``policies.dylu_steps`` against the fastest live worker's speed."""
+
+    def __init__(self, steps: int):
+        self.steps = steps                  # H: the fastest worker's local steps
+        self.per_step: dict = {}            # worker -> seconds per local step
+        self.since: dict = {}               # worker -> when it got its last reply (or hello)
+        self.told: dict = {}                # worker -> the steps that reply asked for
+
+    def start(self, worker: str, now: float) -> None:
+        self.since[worker], self.told[worker] = now, self.steps
+
+    def forget(self, worker: str) -> None:
+        for d in (self.per_step, self.since, self.told):
+            d.pop(worker, None)
+
+    def pushed(self, worker: str, now: float) -> None:
+        """A push arrived: the round it ends timed its steps."""
+        if worker not in self.since:
+            return
+        took = (now - self.since[worker]) / max(1, self.told.get(worker, self.steps))
+        old = self.per_step.get(worker)
+        self.per_step[worker] = took if old is None else 0.5 * (old + took)
+
+    def answer(self, worker: str, now: float, live) -> int:
+        """The steps of ``worker``'s next round (its reply goes now); ``live``: the workers
+        that count for the fastest speed."""
+        mine = self.per_step.get(worker)
+        times = [self.per_step[w] for w in live if self.per_step.get(w, 0) > 0]
+        steps = self.steps
+        if mine and times:
+            steps = dylu_steps(self.steps, 1.0 / mine, 1.0 / min(times))
+        self.since[worker], self.told[worker] = now, steps
+        return steps
+
+
 # ----------------------------------------------------------------------------------------------
 # the interface the request handler calls
 
@@ -229,6 +275,13 @@ class StalenessControl:
             else None
         gate = self.ssp or self.sync
         self.people: Participants | None = gate.people if gate else None
+        # adaptive and dylu count the live workers: the gate's participants, or their own
+        self.roster: Participants | None = self.people
+        if self.roster is None and {"adaptive", "dylu"} & self.policy:
+            self.roster = Participants(sv.worker_timeout_s)
+        self.speeds = WorkerSpeeds(cfg.worker.exchange.local_steps) \
+            if "dylu" in self.policy else None
+        self.age = "age" in self.policy
         if self.dc is not None:
             self.dc.remember(store.weights, store.version)
 
@@ -242,16 +295,32 @@ class StalenessControl:
     # ------------------------------------------------------------------------------------------
 
     def hello(self, worker: str) -> None:
+        now = self.clock()
+        if self.roster is not None:
+            self.roster.join(worker, now)
         if self.people is not None:
-            self.people.join(worker, self.clock())
             self.log("join", worker=worker, clock=self.people.clocks[worker],
                      version=self.store.version)
+        if self.speeds is not None:
+            self.speeds.start(worker, now)
 
     def bye(self, worker: str) -> None:
-        """A worker leaves: it stops counting for ssp and sync at once."""
+        """A worker leaves: it stops counting for ssp, sync, adaptive and dylu at once."""
+        if self.roster is not None:
+            self.roster.leave(worker)
+        if self.speeds is not None:
+            self.speeds.forget(worker)
         if self.people is not None:
-            self.people.leave(worker)
             self.log("leave", worker=worker, version=self.store.version)
+
+    def live_workers(self, now: float | None = None) -> int:
+        """n of ``adaptive``: server.adaptive_workers, else the live participants (>= 1)."""
+        fixed = self.cfg.server.adaptive_workers
+        if fixed:
+            return fixed
+        if self.roster is None:
+            return 1
+        return max(1, len(self.roster.live(self.clock() if now is None else now)))
 
     def push(self, p: Pending, base: int, grads) -> Outcome:
         """One validated push (a flat float32 tensor, or ``FlatChunks``: the frames it came
@@ -260,7 +329,11 @@ class StalenessControl:
         now = self.clock()
         if self.sync is not None:
             return self._sync_push(p, base, grads, now)
-        out = self.apply(grads, base)
+        if self.roster is not None and self.roster is not self.people:
+            self.roster.seen(p.worker, now)
+        if self.speeds is not None:
+            self.speeds.pushed(p.worker, now)
+        out = self.apply(grads, base, now)
         record = {"worker": p.worker, "staleness": out.staleness, "applied": out.applied,
                   "version": out.version, "lr": out.lr}
         if self.ssp is not None:
@@ -271,24 +344,41 @@ class StalenessControl:
                 self.ssp.people.waiting[p.worker] = p
                 self.log("push", deferred=True, **record)
                 return Outcome(out.applied, out.staleness, out.version, out.lr, out.reason, True)
+        if self.speeds is not None:
+            out = Outcome(out.applied, out.staleness, out.version, out.lr, out.reason,
+                          local_steps=self._steps_for(p.worker, now))
+            record["local_steps"] = out.local_steps
         self.log("push", deferred=False, **record)
         return out
 
-    def apply(self, grads, base: int) -> Outcome:
-        """The asynchronous update: decide (bound, scale), compensate (dc), step."""
-        store = self.store
+    def _steps_for(self, worker: str, now: float) -> int:
+        return self.speeds.answer(worker, now, self.roster.live(now))
+
+    def apply(self, grads, base: int, now: float | None = None) -> Outcome:
+        """The asynchronous update: decide (bound, scale, adaptive), compensate (dc), scale
+        by age (age), step."""
+        store, sv = self.store, self.cfg.server
         staleness = store.staleness_of(base)
-        decision = decide(self.policy, staleness, self.cfg.server.max_staleness)
+        workers = self.live_workers(now) if "adaptive" in self.policy else 1
+        decision = decide(self.policy, staleness, sv.max_staleness, workers,
+                          sv.adaptive_threshold, sv.adaptive_decay)
         if not decision.apply:
             return Outcome(False, staleness, store.version, 0.0, decision.reason)
+        factor = age_factor(staleness, sv.age_alpha, sv.age_cutoff) if self.age else 1.0
+        if factor == 0.0:
+            return Outcome(False, staleness, store.version, 0.0,
+                           f"staleness {staleness} >= age_cutoff {sv.age_cutoff}")
         grad = grads
-        if self.dc is not None:
+        if self.dc is not None or factor != 1.0:
             if isinstance(grad, FlatChunks):  # compensation needs it whole, and rewrites it:
                 grad = grad.copy_into(store.grad)   # never the sender's memory
             elif grad is not store.grad:
                 store.grad.copy_(grad)
                 grad = store.grad
+        if self.dc is not None:
             self.dc.compensate(grad, store.weights, base, store.version)
+        if factor != 1.0:
+            grad.mul_(factor)
         lr = server_lr(self.cfg, store.version) * decision.lr_scale
         if store.ahead is not None:
             store.ahead.observe(staleness)
@@ -329,6 +419,8 @@ class StalenessControl:
         if self.ssp is not None:
             for p in self.ssp.release(now):
                 p.reply["version"] = self.store.version
+                if self.speeds is not None:
+                    p.reply["local_steps"] = self._steps_for(p.worker, now)
                 self.log("release", worker=p.worker, clock=p.clock,
                          min_clock=self.ssp.min_clock(now), wait_s=round(now - p.since, 6),
                          version=self.store.version)

@@ -36,7 +36,7 @@ from asgd.config import Config
 from asgd.core.encoding import by_wire_dtype
 from asgd.core.protocol import DTYPES
 from asgd.core.layout import ParameterLayout
-from asgd.core.optim import make_optimizer, outer_config
+from asgd.core.optim import make_outer
 from server.lookahead import LookAhead
 
 POOL_SIZE = 4          # snapshot buffers kept per wire dtype
@@ -146,7 +146,7 @@ class ParameterStore:
         self.ahead = LookAhead() if cfg.server.lookahead and \
             cfg.worker.exchange.local_steps <= 1 else None
         self.param = torch.nn.Parameter(init.clone()) if self.ahead else self.flat
-        self.optimizer = make_optimizer(outer_config(cfg), [self.param], fused=True)
+        self.optimizer = make_outer(cfg, [self.param])
         self.version = version
         self.pool = SnapshotPool(lambda: self.flat.detach())
         self._lent: list = []          # trackers of zero-copy replies from the live buffer

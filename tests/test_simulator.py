@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from asgd.config import Config
-from asgd.core.policies import POLICIES
+from asgd.core.policies import LOCAL_STEP_POLICIES, POLICIES
 from asgd.metrics import MetricsWriter
 from simulator import Simulation, parse_delay
 from simulator.delays import read_trace
@@ -102,7 +102,8 @@ def test_equal_speeds_make_every_push_n_minus_1_stale():
     assert sim.summary["train_s"] == pytest.approx(50 / n, abs=1)   # n pushes a second
 
 
-@pytest.mark.parametrize("policy", [*POLICIES, "scale+ssp", "max_staleness+dc"])
+@pytest.mark.parametrize("policy", [*(p for p in POLICIES if p not in LOCAL_STEP_POLICIES),
+                                    "scale+ssp", "max_staleness+dc"])
 def test_every_policy_the_server_accepts_runs(policy):
     cfg = small(workers=4, updates=24, **{"server.policy": policy, "server.max_staleness": 2,
                                           "server.ssp_slack": 1})

@@ -159,6 +159,11 @@ def validate(cfg: Config) -> None:
                     cfg.run):
         section.check()
     r, w = cfg.run, cfg.worker
+    local_only = sorted({"delayed_nesterov", "dylu"} & set(cfg.server.policy.replace(
+        " ", "").split("+")))
+    need(not local_only or w.exchange.local_steps > 1 or not cfg.model.name, "server.policy",
+         f"{' and '.join(local_only)} are rules of local steps: they need "
+         "worker.exchange.local_steps > 1")
     need(r.max_updates > 0 or r.max_seconds > 0 or w.max_steps > 0 or not cfg.model.name,
          "run.max_updates", "a run needs a budget: run.max_updates, run.max_seconds or "
          "worker.max_steps (only a server that learns its model from a script may have none)")

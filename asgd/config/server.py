@@ -73,13 +73,27 @@ class ServerConfig:
     bind: str = "tcp://127.0.0.1:5555"
     # The default is robust to the number of workers (docs/experiments.md): the learning rate
     # scaled by 1/staleness, and pushes staler than 3 updates dropped (the worker pulls afresh).
-    policy: str = "scale"         # none | max_staleness | scale | dc | ssp | sync, '+'-joined
+    policy: str = "scale"         # none | max_staleness | scale | dc | ssp | sync | adaptive |
+                                  # age | delayed_nesterov | dylu, '+'-joined (policies.py)
     max_staleness: Optional[int] = 3      # drop pushes staler than this (null = no bound;
                                           # sync takes every gradient and ignores it)
     dc_lambda: float = 2.0        # dc: λ (λ0 of DC-ASGD-a when dc_adaptive)
     dc_adaptive: bool = True      # dc: λ / sqrt(mean square of g), DC-ASGD's adaptive variant
     dc_history: int = 64          # dc: versions of weights kept to compensate against
     ssp_slack: int = 2            # ssp: S, pushes a worker may run ahead of the slowest
+    # adaptive (Koloskova et al. 2022, Mishchenko et al. 2022): the full rate while a push's
+    # staleness is at most K = adaptive_threshold x n, n the live workers (or
+    # adaptive_workers); past K the rate times 1/staleness (inverse), K/staleness (ratio), or
+    # the push dropped (drop)
+    adaptive_threshold: float = 1.0
+    adaptive_decay: str = "inverse"       # inverse | ratio | drop
+    adaptive_workers: Optional[int] = None  # n fixed (null: the live workers, server-counted)
+    # age: each push times exp(-age_alpha x staleness), and 0 from age_cutoff on (0: no cutoff)
+    age_alpha: float = 0.1
+    age_cutoff: int = 0
+    # delayed_nesterov (local steps): the outer momentum moves every dn_buffer pushes (null:
+    # run.workers), with their mean; each push is applied at server.outer.lr / dn_buffer
+    dn_buffer: Optional[int] = None
     # A-SGD with momentum (adam, adamw, sgd with momentum): each worker gets the weights
     # predicted for when its gradient lands, w - tau x the optimizer's next step from its
     # state, tau the running mean of the measured staleness (DANA; server/lookahead.py).
@@ -114,6 +128,8 @@ class ServerConfig:
         from asgd.core.endpoint import parse_endpoint
         from asgd.core.policies import parse_policy
 
+        from asgd.core.policies import ADAPTIVE_DECAYS
+
         try:
             parse_policy(self.policy)
         except ValueError as e:
@@ -125,6 +141,22 @@ class ServerConfig:
         need(self.dc_lambda >= 0, "server.dc_lambda", "must be >= 0")
         need(self.dc_history >= 1, "server.dc_history", "must be >= 1")
         need(self.ssp_slack >= 0, "server.ssp_slack", "must be >= 0")
+        need(self.adaptive_threshold > 0, "server.adaptive_threshold", "must be > 0")
+        need_one_of(self.adaptive_decay, ADAPTIVE_DECAYS, "server.adaptive_decay")
+        need(self.adaptive_workers is None or self.adaptive_workers >= 1,
+             "server.adaptive_workers", "must be >= 1 or null (the live workers)")
+        need(self.age_alpha >= 0, "server.age_alpha", "must be >= 0")
+        need(self.age_cutoff >= 0, "server.age_cutoff", "must be >= 0 (0: no cutoff)")
+        need(self.dn_buffer is None or self.dn_buffer >= 1, "server.dn_buffer",
+             "must be >= 1 or null (run.workers)")
+        names = parse_policy(self.policy)
+        need("delayed_nesterov" not in names or (self.outer.optimizer == "sgd" and
+                                                 self.outer.momentum > 0),
+             "server.policy", "delayed_nesterov is a rule of outer momentum: it needs "
+             "server.outer.optimizer sgd with server.outer.momentum > 0")
+        need("dylu" not in names or self.shards == 1, "server.policy",
+             "dylu needs one server (server.shards 1): each shard would time the workers "
+             "on its own")
         need(self.worker_timeout_s > 0, "server.worker_timeout_s", "must be > 0")
         need(self.max_staleness is None or self.max_staleness >= 0, "server.max_staleness",
              "must be >= 0 or null")

@@ -11,21 +11,38 @@ Plain functions of integers and tensors, testable without a socket. A configured
 | ``dc``          | delay compensation g + λ g⊙g⊙(w_now − w_base) (DC-ASGD, Zheng et al. 2017)|
 | ``ssp``         | stale synchronous parallel: no worker more than ``ssp_slack`` pushes ahead of the slowest live worker (the server defers its reply) |
 | ``sync``        | synchronous SGD: one gradient from each live worker, their mean applied as one update |
+| ``adaptive``    | delay-adaptive step size: the full rate while staleness <= ``adaptive_threshold`` x the live workers n, past that the rate times ``adaptive_decay``'s factor (Koloskova, Stich, Jaggi 2022, eq. 11; Mishchenko, Bach, Even, Woodworth 2022) |
+| ``age``         | age-aware scaling: the push (gradient or pseudo-gradient) times exp(-``age_alpha`` τ), cut to 0 by a half-cosine gate at ``age_cutoff`` (the form of Shah & Sun 2026, CGAD) |
+| ``delayed_nesterov`` | local steps only: the outer momentum updated every ``dn_buffer`` pushes with their mean, each push applied at lr / ``dn_buffer`` in between (Liu et al. 2024, Delayed Nesterov) |
+| ``dylu``        | local steps only: each worker's local steps scaled by its speed, H_w = max(1, floor(H v_w / v_max)) (Liu et al. 2024, DyLU); the reply to a push carries H_w |
+
+Clashes are refused: ``sync`` with anything; ``scale`` with ``adaptive`` (two rules for one
+rate); ``delayed_nesterov`` with ``dc`` (a correction of gradients, not of pseudo-gradients).
 
 The state these rules need (kept weight versions, clocks, rounds) lives on the server, in
 ``server.staleness``; nothing here imports torch (``dc_compensate`` works on any tensors).
 
     decision = decide(parse_policy("scale"), staleness=4, max_staleness=8)
     decision.apply, decision.lr_scale            # True, 0.25
+    decide(parse_policy("adaptive"), staleness=12, workers=8).lr_scale   # 1/12
+    age_factor(3, alpha=0.1, cutoff=0)           # exp(-0.3)
+    dylu_steps(16, speed=2.0, fastest=5.0)       # 6
     g = dc_compensate(g, w_now, w_base, lam=0.04)
     ssp_may_proceed(clock=7, live_clocks=[5, 7, 6], slack=2)   # True
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-POLICIES = ("none", "max_staleness", "scale", "dc", "ssp", "sync")
+POLICIES = ("none", "max_staleness", "scale", "dc", "ssp", "sync", "adaptive", "age",
+            "delayed_nesterov", "dylu")
+LOCAL_STEP_POLICIES = ("delayed_nesterov", "dylu")   # rules of the outer optimizer, H > 1
+ADAPTIVE_DECAYS = ("inverse", "ratio", "drop")
+CLASHES = (("scale", "adaptive", "both set the rate of a stale push: take one"),
+           ("delayed_nesterov", "dc", "dc corrects gradients; delayed_nesterov applies "
+            "pseudo-gradients of local steps"))
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,9 @@ def parse_policy(policy: str) -> frozenset[str]:
                          f"(known: {', '.join(POLICIES)})")
     if "sync" in names and len(names - {"none"}) > 1:
         raise ValueError("sync cannot be combined with other policies (its staleness is 0)")
+    for a, b, why in CLASHES:
+        if a in names and b in names:
+            raise ValueError(f"{a} cannot be combined with {b} ({why})")
     if "none" in names and len(names) > 1:
         names = names - {"none"}
     return names
@@ -57,9 +77,50 @@ def scale_factor(staleness: int) -> float:
     return 1.0 / max(1, staleness)
 
 
-def decide(policy: str | frozenset, staleness: int, max_staleness: Optional[int] = None
-           ) -> Decision:
-    """Whether a push of this staleness is applied, and the factor on its learning rate.
+def adaptive_factor(staleness: int, workers: int, threshold: float = 1.0,
+                    decay: str = "inverse") -> float:
+    """The delay-adaptive step size's factor on the rate (Koloskova, Stich, Jaggi 2022,
+    eq. 11, after Mishchenko et al. 2022): 1 while staleness τ <= K = threshold · n (n the
+    workers computing at once, the concurrency), and past K a factor no larger than the
+    theorem's min(1, 1/(4 L η τ)), which leaves its rate depending on n, not on the largest
+    delay. ``decay`` picks it: ``inverse`` 1/τ (the paper's practical η_t <= η/τ_t),
+    ``ratio`` K/τ (continuous at K: min(η, 1/(4Lτ)) when η = 1/(4LK)), ``drop`` 0 (allowed
+    by the theorem: such pushes are dropped)."""
+    limit = threshold * max(1, workers)
+    if staleness <= limit:
+        return 1.0
+    if decay == "inverse":
+        return 1.0 / staleness
+    if decay == "ratio":
+        return limit / staleness
+    if decay == "drop":
+        return 0.0
+    raise ValueError(f"unknown adaptive decay {decay!r} (known: {', '.join(ADAPTIVE_DECAYS)})")
+
+
+def age_factor(staleness: int, alpha: float, cutoff: int = 0) -> float:
+    """Age-aware scaling of a push (the form of Shah & Sun 2026, CGAD): σ(τ) = γ(τ) e^(−ατ),
+    γ(τ) = (1 + cos(π τ / cutoff)) / 2 below ``cutoff`` and 0 from it (``cutoff`` 0: no
+    gate, γ = 1). σ(0) = 1: a fresh push is applied as it is."""
+    if cutoff and staleness >= cutoff:
+        return 0.0
+    gate = 0.5 * (1.0 + math.cos(math.pi * staleness / cutoff)) if cutoff else 1.0
+    return gate * math.exp(-alpha * staleness)
+
+
+def dylu_steps(steps: int, speed: float, fastest: float) -> int:
+    """DyLU (Liu et al. 2024): the local steps of a worker of speed ``speed`` (steps/s) when
+    the fastest runs ``steps``: max(1, floor(steps · speed / fastest)), so that every
+    worker's round takes about as long as the fastest one's."""
+    if fastest <= 0 or speed <= 0 or speed >= fastest:
+        return steps
+    return max(1, int(steps * speed / fastest))
+
+
+def decide(policy: str | frozenset, staleness: int, max_staleness: Optional[int] = None,
+           workers: int = 1, threshold: float = 1.0, decay: str = "inverse") -> Decision:
+    """Whether a push of this staleness is applied, and the factor on its learning rate
+    (``workers``, ``threshold``, ``decay``: ``adaptive``'s n, K / n and rule past K).
     ``sync`` takes every gradient and ignores the bound: a round's mean is one update, each
     worker's gradient in it computed from the round's version (server.staleness)."""
     names = parse_policy(policy) if isinstance(policy, str) else policy
@@ -71,6 +132,12 @@ def decide(policy: str | frozenset, staleness: int, max_staleness: Optional[int]
         return Decision(False, 0.0, f"staleness {staleness} > max_staleness {max_staleness}")
     if "scale" in names:
         return Decision(True, scale_factor(staleness))
+    if "adaptive" in names:
+        f = adaptive_factor(staleness, workers, threshold, decay)
+        if f == 0.0:
+            return Decision(False, 0.0, f"staleness {staleness} > {threshold:g} x {workers} "
+                            "workers (adaptive, drop)")
+        return Decision(True, f)
     return Decision(True, 1.0)
 
 
