@@ -190,8 +190,8 @@ for _kind in EXPERIMENT_DEFAULTS:
               help="Seeds of each configuration (default: the budget's).")
 @click.option("--target-accuracy", type=click.FloatRange(0, 1), default=None,
               help="Accuracy of samples and time to target (default: the reproduction's).")
-@click.option("--policy", default=None, help="mishchenko, liu: the server policy to compare "
-              "(a delay-adaptive rule; Delayed Nesterov / DyLU), when the server has it.")
+@click.option("--policy", default=None, help="mishchenko, liu: another server policy to "
+              "compare in place of adaptive / delayed_nesterov+dylu.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: experiments/reproduce-NAME).")
 @click.option("--quiet", is_flag=True, help="No progress display.")

@@ -98,37 +98,45 @@ def dai_specs(b: Budget) -> list[RunSpec]:
 
 def ringmaster_specs(b: Budget) -> list[RunSpec]:
     """64 workers, worker i's step (i + 1) times the fastest's (``inverse``); pushes staler
-    than R dropped (the worker computes afresh from the reply's weights), plain SGD."""
+    than R dropped (the worker computes afresh from the reply's weights), plain SGD; at both
+    of Dai's depths (staleness costs the deeper model more)."""
     n = 64 if not b.tiny else 8
     bounds = RINGMASTER_R if not b.tiny else (2, None)
-    return [_spec("none", n, "inverse", f"R{'inf' if R is None else R}", r,
-                  **{"server.max_staleness": R}, **_opt("sgd", 0.0, 0.1))
-            for r in range(b.repeats) for R in bounds]
+    depths = DAI_DEPTHS if not b.tiny else {"mlp1": [8]}
+    return [_spec("none", n, "inverse", f"{depth}-R{'inf' if R is None else R}", r,
+                  **{"server.max_staleness": R, "model.args": {"hidden": hidden}},
+                  **_opt("sgd", 0.0, 0.1))
+            for r in range(b.repeats) for depth, hidden in depths.items() for R in bounds]
 
 
-def mishchenko_specs(b: Budget, adaptive: str | None = None) -> list[RunSpec]:
+def mishchenko_specs(b: Budget, adaptive: str = "adaptive") -> list[RunSpec]:
     """Heavy-tailed delays (``pareto:1.5``, mean 1): plain ASGD at a constant rate, the
-    delay-adaptive rule ``adaptive`` (a policy name, when the server has one), and minibatch
-    SGD (``sync``: a round waits for every worker), at each worker count."""
+    delay-adaptive rate ``adaptive`` (the server's ``adaptive``: full rate up to staleness
+    n, then lr / staleness), and minibatch SGD (``sync``: a round waits for every worker and
+    applies the mean of n gradients), at each worker count, all at the same rate."""
     counts = MISHCHENKO_WORKERS if not b.tiny else (4,)
-    policies = ["none", *([adaptive] if adaptive else []), "sync"]
     return [_spec(p, n, "pareto:1.5", p.replace("+", "_"), r, **_opt("sgd", 0.0, 0.1))
-            for r in range(b.repeats) for n in counts for p in policies]
+            for r in range(b.repeats) for n in counts for p in ("none", adaptive, "sync")]
 
 
-def liu_specs(b: Budget, delayed: str | None = None) -> list[RunSpec]:
-    """Local SGD, H local steps a push, outer Nesterov, workers of unequal speed
-    (``uniform:0.5:1.5`` a push): synchronous (``sync``) against asynchronous with naive
-    outer Nesterov, and ``delayed`` (the server's Delayed Nesterov / DyLU policy, when it has
-    one)."""
+def liu_specs(b: Budget, delayed: str = "delayed_nesterov+dylu") -> list[RunSpec]:
+    """Local SGD, H local steps of Adam a push, outer Nesterov (momentum 0.9), 16 workers of
+    unequal speed: ranks 0-7 three times slower than ranks 8-15, each step's time
+    uniform in [0.8, 1.2] besides. Synchronous Local SGD (``sync``, DiLoCo's outer rate
+    0.7) against asynchronous with naive outer Nesterov (at 0.7, and at 0.7 / 16, the rate
+    of one push under Delayed Nesterov), Delayed Nesterov alone and with DyLU
+    (``delayed``)."""
     n, h = (16, 8) if not b.tiny else (4, 2)
     outer = {"server.outer.optimizer": "sgd", "server.outer.momentum": 0.9,
-             "server.outer.nesterov": True}
-    inner = _opt("sgd", 0.0, 0.1)
-    runs = [("sync", "sync", 0.7), ("naive", "none", 0.7), ("naive-lr0.1", "none", 0.1)]
-    if delayed:
+             "server.outer.nesterov": True, "worker.straggler.factor": 3.0,
+             "worker.straggler.ranks": list(range(n // 2))}
+    inner = _opt("adam", 0.0, 0.001)
+    runs = [("sync", "sync", 0.7), ("naive", "none", 0.7),
+            (f"naive-lr{0.7 / n:.3g}", "none", 0.7 / n), ("delayed_nesterov",
+                                                          "delayed_nesterov", 0.7)]
+    if delayed != "delayed_nesterov":
         runs.append((delayed.replace("+", "_"), delayed, 0.7))
-    return [_spec(p, n, "uniform:0.5:1.5", label, r, local_steps=h,
+    return [_spec(p, n, "uniform:0.8:1.2", label, r, local_steps=h,
                   **{"server.outer.lr": lr}, **outer, **inner)
             for r in range(b.repeats) for label, p, lr in runs]
 
@@ -140,7 +148,7 @@ REPRODUCTIONS = {
             "staleness"),
     "mishchenko": (mishchenko_specs, 0.55, 3000, 1, "Mishchenko et al. 2022: delay-adaptive "
                    "ASGD against plain ASGD and minibatch SGD under Pareto delays"),
-    "liu": (liu_specs, 0.55, 3000, 1, "Liu et al. 2024: asynchronous Local SGD, naive outer "
+    "liu": (liu_specs, 0.55, 12000, 1, "Liu et al. 2024: asynchronous Local SGD, naive outer "
             "Nesterov against synchronous"),
     "ringmaster": (ringmaster_specs, 0.55, 3000, 1, "Maranjyan et al. 2025 (Ringmaster ASGD): "
                    "time to accuracy against the drop threshold R, speeds 1/(i+1)"),
@@ -150,8 +158,8 @@ REPRODUCTIONS = {
 def reproduction(name: str, out: Path, budget: str = "full", repeats: int | None = None,
                  target: float | None = None, policy: str | None = None) -> Experiment:
     """The Experiment of reproduction ``name``: its base config, every RunSpec and its
-    target. ``policy``: the new policy Mishchenko's and Liu's reproductions compare (a
-    delay-adaptive rule; Delayed Nesterov / DyLU), if the server has it."""
+    target. ``policy``: another policy for Mishchenko's and Liu's reproductions to compare
+    in place of ``adaptive`` / ``delayed_nesterov+dylu``."""
     if name not in REPRODUCTIONS:
         raise ValueError(f"unknown reproduction {name!r} (known: {', '.join(REPRODUCTIONS)})")
     if budget not in BUDGETS:

@@ -124,25 +124,33 @@ def dai_figure(records: list[dict], target: float, budget: int):
 # ----------------------------------------------------------------------------------------------
 # ringmaster, mishchenko, liu
 
-def _r_value(label: str) -> float:
-    return float("inf") if label == "Rinf" else float(label[1:])
+def _r_value(label: str) -> tuple:
+    """(depth, R) of a Ringmaster label ``mlp4-R16`` (R infinite for ``Rinf``)."""
+    depth, _, r = label.rpartition("-R")
+    return depth, float("inf") if r == "inf" else float(r)
+
+
+def _r_name(label: str) -> str:
+    r = label.rpartition("-R")[2]
+    return "∞" if r == "inf" else r
 
 
 def ringmaster_table(records: list[dict], target: float) -> str:
     g = _groups(records, lambda r: r["label"])
     lines = [f"Simulated time to test accuracy {target:g} against R (pushes staler than R "
              "dropped), and what each run applied and dropped.", "",
-             "| R | workers | time to target | final accuracy | simulated time of the run "
-             "| pushes dropped | staleness mean (max) of all pushes |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| model | R | workers | time to target | final accuracy | simulated time of "
+             "the run | pushes dropped | staleness mean (max) of all pushes |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label in sorted(g, key=_r_value):
         rs = g[label]
         t = _median(rs, "time_to_target_s")
         pushes = [r["updates_applied"] + (r.get("updates_dropped") or 0) for r in rs]
         dropped = statistics.median((r.get("updates_dropped") or 0) / p
                                     for r, p in zip(rs, pushes))
-        lines.append(f"| {label[1:] if label != 'Rinf' else '∞ (none)'} | {rs[0]['workers']} "
-                     f"| {'never' if t is None else f'{t:,.0f}'} | "
+        name = _r_name(label)
+        lines.append(f"| {_r_value(label)[0]} | {name if name != '∞' else '∞ (none)'} | "
+                     f"{rs[0]['workers']} | {'never' if t is None else f'{t:,.0f}'} | "
                      f"{_median(rs, 'test_accuracy'):.3f} | {_median(rs, 'train_s'):,.0f} | "
                      f"{dropped:.0%} | {_median(rs, 'staleness_mean'):.1f} "
                      f"({max(r['staleness_max'] for r in rs)}) |")
@@ -151,28 +159,31 @@ def ringmaster_table(records: list[dict], target: float) -> str:
 
 def ringmaster_figure(records: list[dict], target: float):
     g = _groups(records, lambda r: r["label"])
-    labels = sorted(g, key=_r_value)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    xs = list(range(len(labels)))
-    names = [lb[1:] if lb != "Rinf" else "∞" for lb in labels]
-    times = [_median(g[lb], "time_to_target_s") for lb in labels]
-    top = max([t for t in times if t is not None] or [1.0])
-    a.bar(xs, [t if t is not None else 0 for t in times])
-    for x, t in zip(xs, times):
-        if t is None:
-            a.text(x, 0.02 * top, "never", ha="center", color="firebrick", rotation=90)
-    a.set_xticks(xs, names)
-    a.set_xlabel("R (server.max_staleness)")
-    a.set_ylabel(f"simulated time to accuracy {target:g}")
-    for i, lb in enumerate(labels):
-        r = g[lb][0]
-        pts = [p for p in r["curve"] if not p["final"]]
-        b.plot([p["t"] for p in pts], [p["accuracy"] for p in pts], label=f"R={names[i]}",
-               color=f"C{i % 10}")
-    b.axhline(target, color="gray", ls="--", lw=0.8)
-    b.set_xlabel("simulated time")
-    b.set_ylabel("test accuracy")
-    b.legend(fontsize=7)
+    depths = sorted({_r_value(lb)[0] for lb in g})
+    fig, axes = plt.subplots(len(depths), 2, figsize=(11, 4 * len(depths)), squeeze=False)
+    for (a, b), depth in zip(axes, depths):
+        labels = sorted((lb for lb in g if _r_value(lb)[0] == depth), key=_r_value)
+        xs = list(range(len(labels)))
+        names = [_r_name(lb) for lb in labels]
+        times = [_median(g[lb], "time_to_target_s") for lb in labels]
+        top = max([t for t in times if t is not None] or [1.0])
+        a.bar(xs, [t if t is not None else 0 for t in times])
+        for x, t in zip(xs, times):
+            if t is None:
+                a.text(x, 0.02 * top, "never", ha="center", color="firebrick", rotation=90)
+        a.set_xticks(xs, names)
+        a.set_xlabel("R (server.max_staleness)")
+        a.set_ylabel(f"simulated time to {target:g}")
+        a.set_title(depth)
+        for i, lb in enumerate(labels):
+            pts = [p for p in g[lb][0]["curve"] if not p["final"]]
+            b.plot([p["t"] for p in pts], [p["accuracy"] for p in pts], label=f"R={names[i]}",
+                   color=f"C{i % 10}")
+        b.axhline(target, color="gray", ls="--", lw=0.8)
+        b.set_xlabel("simulated time")
+        b.set_ylabel("test accuracy")
+        b.set_title(depth)
+        b.legend(fontsize=7)
     fig.suptitle("Ringmaster: pushes staler than R dropped, speeds 1/(i+1)")
     fig.tight_layout()
     return fig
