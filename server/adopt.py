@@ -22,10 +22,12 @@ A refused hello changes nothing: no model, no worker record, no version.
     {"optimizer": {"name", "lr", "momentum", "nesterov", "betas", "eps", "weight_decay"},
      "schedule": {"kind", "warmup", "total", "min_lr", "step_size", "gamma"},
      "max_updates": int, "local_steps": int,
-     "outer": {"optimizer", "lr", "momentum", "nesterov"}, "lookahead": bool}
+     "outer": {"optimizer", "lr", "momentum", "nesterov"}, "lookahead": bool, "dylu": bool}
 
 ``local_steps`` is the server's update rule: 1, the optimizer above on each gradient (A-SGD);
 H > 1, each push is a pseudo-gradient of H local steps, applied by the ``outer`` optimizer.
+``dylu`` is whether ``server.policy`` has ``dylu``: the worker then runs the local steps each
+push's reply gives (``local_steps``), not always its own H.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ SETTINGS: dict = {
     "outer": {"optimizer": "server.outer.optimizer", "lr": "server.outer.lr",
               "momentum": "server.outer.momentum", "nesterov": "server.outer.nesterov"},
     "lookahead": "server.lookahead",
+    "dylu": "server.policy",          # a bool: whether the policy has dylu (_dylu)
 }
 
 NO_MODEL_HELLO = ("the server has no model yet: the first worker's hello must carry its "
@@ -67,6 +70,22 @@ def _value(data: dict, key: str):
     for part in key.split("."):
         data = data[part]
     return data
+
+
+def _dylu(policy: str) -> bool:
+    from asgd.core.policies import parse_policy
+
+    try:
+        return "dylu" in parse_policy(policy)
+    except ValueError:
+        return False
+
+
+def _with_dylu(policy: str, on: bool) -> str:
+    """``policy`` with ``dylu`` added or taken out."""
+    names = [p.strip() for p in policy.split("+") if p.strip() and p.strip() != "dylu"]
+    names = [p for p in names if p != "none" or not on]
+    return "+".join(names + ["dylu"] if on else names) or "none"
 
 
 def _given(given: dict) -> list[tuple[str, str, object]]:
@@ -98,9 +117,11 @@ def _given(given: dict) -> list[tuple[str, str, object]]:
 def server_settings(cfg: Config) -> dict:
     """The settings ``cfg`` gives a server, in hello's form."""
     data = cfg.to_dict()
-    return {name: _value(data, where) if isinstance(where, str) else
-            {sub: _value(data, key) for sub, key in where.items()}
-            for name, where in SETTINGS.items()}
+    out = {name: _value(data, where) if isinstance(where, str) else
+           {sub: _value(data, key) for sub, key in where.items()}
+           for name, where in SETTINGS.items()}
+    out["dylu"] = _dylu(cfg.server.policy)
+    return out
 
 
 def hello_config(cfg: Config) -> dict:
@@ -111,12 +132,17 @@ def hello_config(cfg: Config) -> dict:
             "policy": c["server"]["policy"], "max_staleness": c["server"]["max_staleness"],
             "model": c["model"], "data": c["data"], "seed": c["run"]["seed"],
             "max_updates": c["run"]["max_updates"], "local_steps": own["local_steps"],
-            "outer": own["outer"]}
+            "outer": own["outer"], "dylu": own["dylu"]}
 
 
 def apply_settings(cfg: Config, given: dict | None) -> Config:
     """``cfg`` with the settings given (each checked as the config key it stands for)."""
-    pairs = {key: value for _, key, value in _given(given or {})}
+    pairs = {key: value for name, key, value in _given(given or {}) if name != "dylu"}
+    if "dylu" in (given or {}):
+        on = given["dylu"]
+        if not isinstance(on, bool):
+            raise SettingsError(f"setting 'dylu' must be true or false, got {on!r}")
+        pairs["server.policy"] = _with_dylu(pairs.get("server.policy", cfg.server.policy), on)
     if not pairs:
         return cfg
     try:
@@ -134,8 +160,18 @@ def check_settings(cfg: Config, given: dict | None) -> None:
     theirs = cfg.to_dict()
     for name, key, _ in _given(given):
         a, b = _value(mine, key), _value(theirs, key)
+        if name == "dylu":
+            a, b = _dylu(a), _dylu(b)
         if a == b:
             continue
+        if name == "dylu":
+            raise SettingsError(
+                f"setting dylu differs: this worker has {a}, the server {b}. With dylu the "
+                "server tells each worker its local steps in every push's reply (by its "
+                "speed); a worker that does not follow them, or follows a server that sends "
+                "none, runs rounds of the wrong length. Give the worker the server's "
+                "server.policy, or start the server with dylu "
+                f"{'in' if a else 'out of'} server.policy")
         if name == "local_steps":
             raise SettingsError(
                 f"setting local_steps differs: this worker has {a}, the server {b}. With "

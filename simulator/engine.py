@@ -12,7 +12,8 @@ shard's ``ShardLoader`` (and its own ``LocalSteps`` optimizer with local steps),
 shared model whose parameters are views of one flat buffer.
 
 Events are pushes, in order of simulated time in a heap; ties go to the lower rank, then the
-earlier step. A worker's gradient is computed when it gets its weights (the reply to its last
+earlier step. With local steps a step's duration is a whole round's of H steps; with ``dylu``
+a worker told fewer steps takes that fraction of it. A worker's gradient is computed when it gets its weights (the reply to its last
 push, or the start) and held until its push is due, its step's duration later (``delays``):
 a virtual worker holds one flat gradient and its data position, not a model. At the push the
 control decides as the server would (apply, scale, drop, compensate, defer); the reply's
@@ -141,7 +142,10 @@ class Simulation:
             w.grad = g.clone()
         else:
             w.grad.copy_(g)
-        heapq.heappush(self.heap, (self.now + w.next_duration(), w.rank, w.steps))
+        d = w.next_duration()
+        if w.local is not None:    # dylu: a round of fewer local steps takes that much less
+            d *= w.local.steps / w.local.full
+        heapq.heappush(self.heap, (self.now + d, w.rank, w.steps))
 
     def _finite(self, w: VirtualWorker) -> bool:
         """A non-finite gradient is not pushed (the server would refuse it): the worker
@@ -178,6 +182,8 @@ class Simulation:
         if out.deferred:
             w.pending = p
         else:
+            if w.local is not None:
+                w.local.follow(out.reply())       # dylu: the next round's local steps
             self._pull_and_compute(w)
         for held in self.control.release():
             self._release(held)
@@ -187,6 +193,8 @@ class Simulation:
     def _release(self, held: Pending) -> None:
         w = self.workers[int(held.worker[1:])]
         w.pending = None
+        if w.local is not None:
+            w.local.follow(held.reply)
         self._pull_and_compute(w)
 
     def _worker_step(self, w: VirtualWorker) -> None:

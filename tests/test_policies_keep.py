@@ -287,3 +287,56 @@ def test_config_checks(overrides, key):
 
 def test_age_alpha_is_the_exponent():
     assert age_factor(3, alpha=0.5) == math.exp(-1.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# dylu's local steps in the simulator, and through a real server process
+
+def test_dylu_in_the_simulator_gives_slow_workers_fewer_steps():
+    from simulator.delays import parse_delay
+    from simulator.engine import Simulation
+
+    cfg = Config().replace(**{"model.name": "mlp", "model.args": {"hidden": [8]},
+                              "data.name": "mnist1d", "worker.batch_size": 16,
+                              "run.workers": 3, "run.max_updates": 24, "run.seed": 0,
+                              "worker.exchange.local_steps": 4, "server.policy": "dylu",
+                              "server.max_staleness": None})
+    sim = Simulation(cfg, parse_delay("inverse"))   # speeds 1, 1/2, 1/3
+    s = sim.run()
+    assert s["status"] == "ok" and s["version"] == 24
+    told = [w.local.steps for w in sim.workers]
+    assert told[0] == 4 and told[0] >= told[1] >= told[2] and told[2] < 4, told
+
+
+@pytest.mark.slow
+def test_dylu_through_a_real_server(start_server, make_config, clients):
+    """hello carries dylu both ways and a mismatch is refused; a push's reply gives the
+    worker its next round's local steps."""
+    from asgd.client import ServerError
+    from conftest import gradients
+
+    server = start_server(make_config(server={"policy": "dylu"},
+                                      worker={"exchange": {"local_steps": 4}}))
+    c = clients(server.endpoint, "w0")
+    with pytest.raises(ServerError) as e:
+        c.hello(settings={"local_steps": 4, "dylu": False})
+    assert e.value.code == "bad_request" and "setting dylu differs" in e.value.message
+    info, weights = c.hello(settings={"local_steps": 4, "dylu": True})
+    assert info["config"]["dylu"] is True and info["config"]["local_steps"] == 4
+    reply = c.push(info["version"], gradients(info["tensors"], 0))
+    assert reply["applied"] and reply["local_steps"] == 4     # the only worker: the fastest
+
+
+def test_the_worker_follows_the_steps_it_is_told():
+    from asgd.tasks.step import LocalSteps, follows_dylu
+
+    cfg = Config().replace(**{"model.name": "mlp", **LOCAL, "server.policy": "dylu"})
+    local = LocalSteps(cfg, [torch.nn.Parameter(torch.zeros(2))])
+    assert follows_dylu(cfg) and not follows_dylu(cfg.replace(**{"server.policy": "scale"}))
+    local.follow({"local_steps": 2})
+    assert local.steps == 2 and local.full == 4
+    for bad in ({"local_steps": 0}, {"local_steps": True}, {"local_steps": "3"}, {}, None):
+        local.follow(bad)                    # nothing usable: the count stays
+        assert local.steps == 2
+    local.follow({"local_steps": 64})        # never more than the worker's own H
+    assert local.steps == 4

@@ -84,6 +84,16 @@ class ServerConnection:
                 if not follow_server_files(self):
                     self.client.reconnect()
 
+    def _settings(self) -> dict:
+        """local_steps, and with local steps whether this worker follows dylu's counts (its
+        config's server.policy: a server that differs refuses it)."""
+        from asgd.tasks.step import follows_dylu
+
+        out = {"local_steps": self.local_steps}
+        if self.local_steps > 1:
+            out["dylu"] = follows_dylu(self.cfg)
+        return out
+
     def _hello(self, what: str) -> dict:
         """Say hello (again), offering the shared-memory segment; the weights it carries are
         loaded. A hello again (``what`` is not "hello") is logged and recorded
@@ -93,7 +103,7 @@ class ServerConnection:
             # the settings this worker's pushes depend on: a server with another update rule
             # refuses the hello (and an older one, that does not compare, is checked below)
             return self._with_retry(what, lambda t: self.client.hello(
-                rank=self.rank, timeout_s=t, settings={"local_steps": self.local_steps}))
+                rank=self.rank, timeout_s=t, settings=self._settings()))
 
         before = self.ex.version
         try:

@@ -188,6 +188,8 @@ class Worker(ServerConnection):
             try:
                 sent = time.perf_counter()
                 reply = self.ex.exchange(grad)
+                if self.local is not None:
+                    self.local.follow(reply)      # dylu: the next round's local steps
                 # a slowed rank's whole step (compute and exchange) takes slow_factor times as
                 # long: it sleeps before its next gradient, as a slower device would compute
                 self.straggler.after_step(sent - step_started,

@@ -35,15 +35,23 @@ def compute_gradient(model, loader, buffers, pipeline=None, scale: float = 1.0):
     return loss, len(x)
 
 
+def follows_dylu(cfg: Config) -> bool:
+    """Whether a worker of ``cfg`` runs the local steps the server's replies give (dylu)."""
+    from asgd.core.policies import parse_policy
+
+    return cfg.worker.exchange.local_steps > 1 and "dylu" in parse_policy(cfg.server.policy)
+
+
 class LocalSteps:
     """Asynchronous Local SGD (DiLoCo) on the worker: ``worker.exchange.local_steps`` steps of
     the worker's own optimizer (its state kept from push to push) from the weights last
-    pulled, on the same schedule shape over the run's inner steps."""
+    pulled, on the same schedule shape over the run's inner steps. With dylu the server's
+    reply to each push gives the next round's steps (``follow``), at most H."""
 
     def __init__(self, cfg: Config, params):
         from asgd.core.optim import inner_config, make_optimizer
 
-        self.steps = cfg.worker.exchange.local_steps
+        self.full = self.steps = cfg.worker.exchange.local_steps
         self.cfg = inner_config(cfg)
         self.optimizer = make_optimizer(cfg, list(params), fused=True)   # 3x faster on a CPU
 
@@ -55,7 +63,7 @@ class LocalSteps:
         from asgd.core.optim import scheduled_lr
 
         buffers.start_local()
-        first = version * self.steps
+        first = version * self.full
         total, loss = 0, None
         for i in range(self.steps):
             for group in self.optimizer.param_groups:
@@ -64,6 +72,13 @@ class LocalSteps:
             self.optimizer.step()
             total += n
         return loss, total, buffers.delta()
+
+    def follow(self, reply) -> None:
+        """dylu: the steps of the next round, from a push's reply (1 <= steps <= H); a
+        reply without them (another policy, a dropped push's) leaves them as they are."""
+        h = reply.get("local_steps") if isinstance(reply, dict) else None
+        if isinstance(h, int) and not isinstance(h, bool) and h >= 1:
+            self.steps = min(h, self.full)
 
 
 class FlatBuffers:
