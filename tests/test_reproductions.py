@@ -84,3 +84,23 @@ def test_every_reproduction_has_its_runs_and_a_bad_name_is_refused(tmp_path):
     out = CliRunner().invoke(cli, ["experiment", "reproduce", "mishchenko", "--policy", "nope",
                                     "--out", str(tmp_path / "m")])
     assert out.exit_code != 0 and "unknown staleness policy" in out.output
+
+
+def test_rmsprop_is_torchs_on_the_server():
+    """Dai et al. compare RMSProp: the server's step is torch.optim.RMSprop's, number for
+    number."""
+    import torch
+
+    from asgd.config import Config
+    from asgd.core.optim import make_optimizer
+
+    cfg = Config().replace(**{"optimizer.name": "rmsprop", "optimizer.lr": 0.01})
+    w = torch.tensor([1.0, -2.0, 3.0])
+    ref = w.clone().requires_grad_()
+    mine = w.clone().requires_grad_()
+    opt, torch_opt = make_optimizer(cfg, [mine], fused=True), torch.optim.RMSprop([ref], lr=0.01)
+    for g in ([0.5, -1.0, 2.0], [0.1, 0.2, -0.3]):
+        mine.grad, ref.grad = torch.tensor(g), torch.tensor(g)
+        opt.step()
+        torch_opt.step()
+    assert isinstance(opt, torch.optim.RMSprop) and torch.equal(mine, ref)
