@@ -249,6 +249,10 @@ def rereport(out: Path, target: float | None = None) -> str:
         from asgd.experiments.plots import plot_experiment
 
         plot_experiment(exp.name, records, out, target, suffix=suffix)
+        if exp.name.startswith("reproduce-") and not suffix:   # a paper's table and plot
+            from asgd.experiments.literature_report import write_literature
+
+            write_literature(exp, records)
     except ImportError:
         pass
     return table
