@@ -79,6 +79,13 @@ def dai_table(records: list[dict], target: float, budget: int) -> str:
                 cells.append(f">{budget / base:.2f}" if m is None else f"{m / base:.2f}")
         first = "never" if base is None else f"{base / 1000:.1f}k"
         lines.append(f"| {depth} | {opt} | {first} | " + " | ".join(cells) + " |")
+    lines += ["", f"Final test accuracy (median over runs) after {budget:,} samples.", "",
+              f"| model | optimizer | {head} |",
+              "| --- | --- | " + " | ".join("---:" for _ in stale) + " |"]
+    for depth, opt in rows:
+        cells = [f"{_median(g[(depth, opt, s)], 'test_accuracy'):.3f}"
+                 if g.get((depth, opt, s)) else "-" for s in stale]
+        lines.append(f"| {depth} | {opt} | " + " | ".join(cells) + " |")
     lines += ["", "Measured staleness: the fraction of pushes exactly s versions stale "
               "(the first s pushes of a run are less stale: every worker's first gradient "
               "is computed from version 0), and the largest.", "",
