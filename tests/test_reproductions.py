@@ -104,3 +104,19 @@ def test_rmsprop_is_torchs_on_the_server():
         opt.step()
         torch_opt.step()
     assert isinstance(opt, torch.optim.RMSprop) and torch.equal(mine, ref)
+
+
+def test_sync_with_more_workers_than_the_stall_guards_pushes_does_not_stall():
+    """A sync update is one push of each of n workers: at n = 64 (more than the simulator's
+    50 pushes an update before it calls a run stalled) the run still ends ok."""
+    from asgd.config import Config
+    from simulator import Simulation, parse_delay
+
+    cfg = Config().replace(**{
+        "model.name": "mlp", "model.args": {"hidden": [4]}, "data.name": "synthetic",
+        "data.args": {"n_train": 2048, "n_test": 64, "shape": [8]}, "worker.batch_size": 8,
+        "server.policy": "sync", "server.max_staleness": None, "run.workers": 64,
+        "run.max_updates": 3, "run.seed": 0})
+    summary = Simulation(cfg, parse_delay("pareto:1.5"), eval_every=3).run()
+    assert summary["status"] == "ok", summary["failures"]
+    assert summary["updates_applied"] == 3 and summary["samples"] > 50 * 8
