@@ -110,13 +110,25 @@ def ringmaster_specs(b: Budget) -> list[RunSpec]:
 
 
 def mishchenko_specs(b: Budget, adaptive: str = "adaptive") -> list[RunSpec]:
-    """Heavy-tailed delays (``pareto:1.5``, mean 1): plain ASGD at a constant rate, the
-    delay-adaptive rate ``adaptive`` (the server's ``adaptive``: full rate up to staleness
-    n, then lr / staleness), and minibatch SGD (``sync``: a round waits for every worker and
-    applies the mean of n gradients), at each worker count, all at the same rate."""
+    """Heavy-tailed delays (``pareto:1.5``, mean 1) at each worker count n. Asynchronous SGD
+    at the one-worker rate 0.1 as it is (``none``), at the rate of Mishchenko et al.'s
+    analysis, proportional to 1/n (0.1 x 16 / n: the same at 16 workers), plain (``none``)
+    and delay-adaptive (``adaptive``: the full rate up to staleness n, then the rate over
+    the staleness); and minibatch SGD (``sync``: a round waits for every worker and applies
+    the mean of n gradients) at 0.1."""
     counts = MISHCHENKO_WORKERS if not b.tiny else (4,)
-    return [_spec(p, n, "pareto:1.5", p.replace("+", "_"), r, **_opt("sgd", 0.0, 0.1))
-            for r in range(b.repeats) for n in counts for p in ("none", adaptive, "sync")]
+    specs = []
+    for r in range(b.repeats):
+        for n in counts:
+            scaled = round(0.1 * min(1.0, 16 / n), 6)
+            runs = [("none", "none", 0.1), ("none", f"none-lr{scaled:g}", scaled),
+                    (adaptive, f"{adaptive.replace('+', '_')}-lr{scaled:g}", scaled),
+                    ("sync", "sync", 0.1)]
+            if scaled == 0.1:       # at 16 workers the 1/n rate is the one-worker rate
+                runs = [x for x in runs if x[1] != f"none-lr{scaled:g}"]
+            specs += [_spec(p, n, "pareto:1.5", label, r, **_opt("sgd", 0.0, lr))
+                      for p, label, lr in runs]
+    return specs
 
 
 def liu_specs(b: Budget, delayed: str = "delayed_nesterov+dylu") -> list[RunSpec]:
@@ -146,7 +158,7 @@ REPRODUCTIONS = {
     # the paper's experiment is)
     "dai": (dai_specs, 0.5, 4000, 3, "Dai et al. 2019: samples to a target against injected "
             "staleness"),
-    "mishchenko": (mishchenko_specs, 0.55, 3000, 1, "Mishchenko et al. 2022: delay-adaptive "
+    "mishchenko": (mishchenko_specs, 0.55, 12000, 1, "Mishchenko et al. 2022: delay-adaptive "
                    "ASGD against plain ASGD and minibatch SGD under Pareto delays"),
     "liu": (liu_specs, 0.55, 12000, 1, "Liu et al. 2024: asynchronous Local SGD, naive outer "
             "Nesterov against synchronous"),
