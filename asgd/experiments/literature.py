@@ -29,6 +29,7 @@ samples applied when the target was first reached, from the evaluation curve),
 """
 from __future__ import annotations
 
+import heapq
 import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -53,6 +54,7 @@ DAI_OPTIMIZERS = {"sgd": ("sgd", 0.0, 0.1), "momentum": ("sgd", 0.9, 0.01),
 DAI_DEPTHS = {"mlp1": [128], "mlp4": [128, 128, 128, 128]}
 DAI_STALENESS = (0, 1, 2, 4, 8, 16)
 RINGMASTER_R = (1, 2, 4, 8, 16, 32, 64, 128, None)      # None: no bound (plain ASGD)
+RINGMASTER_HORIZON = 2000.0   # simulated time of every run: the fastest worker's 2,000 steps
 MISHCHENKO_WORKERS = (16, 64, 256)
 
 
@@ -96,15 +98,37 @@ def dai_specs(b: Budget) -> list[RunSpec]:
     return specs
 
 
+def updates_within(horizon: float, workers: int, bound: int | None, step=lambda r: r + 1.0
+                   ) -> int:
+    """The updates a run of ``workers`` whose worker r's steps take ``step(r)`` (``inverse``:
+    r + 1) applies by simulated time ``horizon`` when pushes staler than ``bound`` are
+    dropped: the simulator's order of events without its gradients (whether a push is
+    dropped depends only on the order of pushes). Ties go to the lower rank, as there."""
+    heap = [(step(r), r) for r in range(workers)]
+    heapq.heapify(heap)
+    base, version = [0] * workers, 0
+    while heap[0][0] <= horizon:
+        t, r = heapq.heappop(heap)
+        if bound is None or version - base[r] <= bound:
+            version += 1
+        base[r] = version                  # applied or dropped: the reply's weights
+        heapq.heappush(heap, (t + step(r), r))
+    return version
+
+
 def ringmaster_specs(b: Budget) -> list[RunSpec]:
     """64 workers, worker i's step (i + 1) times the fastest's (``inverse``); pushes staler
     than R dropped (the worker computes afresh from the reply's weights), plain SGD; at both
-    of Dai's depths (staleness costs the deeper model more)."""
+    of Dai's depths (staleness costs the deeper model more). Every run lasts the same
+    simulated time (RINGMASTER_HORIZON, so the same gradients are computed whatever R drops):
+    its updates are those R lets through by then (``updates_within``)."""
     n = 64 if not b.tiny else 8
     bounds = RINGMASTER_R if not b.tiny else (2, None)
     depths = DAI_DEPTHS if not b.tiny else {"mlp1": [8]}
+    horizon = RINGMASTER_HORIZON if not b.tiny else 3.0
     return [_spec("none", n, "inverse", f"{depth}-R{'inf' if R is None else R}", r,
-                  **{"server.max_staleness": R, "model.args": {"hidden": hidden}},
+                  **{"server.max_staleness": R, "model.args": {"hidden": hidden},
+                     "run.max_updates": updates_within(horizon, n, R)},
                   **_opt("sgd", 0.0, 0.1))
             for r in range(b.repeats) for depth, hidden in depths.items() for R in bounds]
 
