@@ -180,7 +180,7 @@ def liu_specs(b: Budget, delayed: str = "delayed_nesterov+dylu") -> list[RunSpec
 REPRODUCTIONS = {
     # name: (its runs, target accuracy, server updates (H=1) and seeds of the full budget, what
     # the paper's experiment is)
-    "dai": (dai_specs, 0.5, 4000, 3, "Dai et al. 2019: samples to a target against injected "
+    "dai": (dai_specs, 0.5, 4000, 2, "Dai et al. 2019: samples to a target against injected "
             "staleness"),
     "mishchenko": (mishchenko_specs, 0.55, 12000, 1, "Mishchenko et al. 2022: delay-adaptive "
                    "ASGD against plain ASGD and minibatch SGD under Pareto delays"),
