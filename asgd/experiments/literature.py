@@ -125,7 +125,7 @@ def ringmaster_specs(b: Budget) -> list[RunSpec]:
     n = 64 if not b.tiny else 8
     bounds = RINGMASTER_R if not b.tiny else (2, None)
     depths = DAI_DEPTHS if not b.tiny else {"mlp1": [8]}
-    horizon = RINGMASTER_HORIZON if not b.tiny else 3.0
+    horizon = RINGMASTER_HORIZON if not b.tiny else 10.0
     return [_spec("none", n, "inverse", f"{depth}-R{'inf' if R is None else R}", r,
                   **{"server.max_staleness": R, "model.args": {"hidden": hidden},
                      "run.max_updates": updates_within(horizon, n, R)},
