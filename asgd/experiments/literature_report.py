@@ -224,7 +224,8 @@ def curves_figure(records: list[dict], target: float, by, title: str):
     """Accuracy against simulated time, one panel per value of ``by(record)``."""
     panels = _groups(records, by)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (key, rs) in zip(axes[0], sorted(panels.items())):
+    for ax, (key, rs) in zip(axes[0], sorted(panels.items(),
+                                             key=lambda kv: (kv[1][0]["workers"], kv[0]))):
         for i, label in enumerate(sorted({r["label"] for r in rs})):
             r = next(r for r in rs if r["label"] == label)
             pts = [p for p in r["curve"] if not p["final"]]
@@ -232,6 +233,7 @@ def curves_figure(records: list[dict], target: float, by, title: str):
                     color=f"C{i % 10}")
         ax.axhline(target, color="gray", ls="--", lw=0.8)
         ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlim(left=0)
         ax.set_xlabel("simulated time")
         ax.set_ylabel("test accuracy")
         ax.set_title(str(key))
