@@ -5,15 +5,15 @@
     asgd experiment reproduce ringmaster           # time to accuracy against the threshold R
     asgd experiment reproduce mishchenko --budget tiny --out /tmp/m   # a smoke run
 
-    exp = reproduction("dai", Path("docs/experiments/dai"))   # its Experiment, every RunSpec
-    records = run_reproduction(exp)                            # results.json, summary.md, plots
+    exp = reproduction("dai", Path("experiments/reproduce-dai"))   # its Experiment, RunSpecs
+    records = run_reproduction(exp)            # results.json, summary.md, literature.md, plots
 
 | name | paper | what is varied | measure |
 | --- | --- | --- | --- |
 | ``dai`` | Dai et al., ICLR 2019 | staleness s in {0,1,2,4,8,16} x SGD, momentum, Adam, RMSProp x two MLP depths | samples to a target accuracy, over s = 0's |
 | ``mishchenko`` | Mishchenko et al., NeurIPS 2022 | plain ASGD, delay-adaptive ASGD, minibatch SGD (``sync``) at 16, 64, 256 workers, Pareto delays | simulated time to a target |
-| ``liu`` | Liu et al., 2024 | asynchronous Local SGD with outer Nesterov against synchronous, unequal speeds | accuracy against updates and time |
-| ``ringmaster`` | Maranjyan et al., ICML 2025 | ``server.max_staleness`` R at 64 workers, speeds 1/(i+1) | simulated time to a target |
+| ``liu`` | Liu et al., 2024 | synchronous Local SGD, asynchronous with naive outer Nesterov, Delayed Nesterov, + DyLU; half the workers 3x slower | accuracy at the same samples, and against time |
+| ``ringmaster`` | Maranjyan et al., ICML 2025 | ``server.max_staleness`` R at 64 workers, speeds 1/(i+1), two depths, every run the same simulated time | simulated time to a target |
 
 Every run is simulated (``simulator``: virtual workers in simulated time, bitwise
 reproducible), so a result does not depend on the machine's load. The model is an MLP and the
@@ -24,7 +24,7 @@ on a synthetic data set for a few updates: a check that they run, not a result.
 
 Each record has, besides the experiments' usual fields, ``samples_to_target`` (training
 samples applied when the target was first reached, from the evaluation curve),
-``updates_dropped`` and the run's ``lr``. The tables against each paper's claim are
+``updates_dropped``, the run's ``lr`` (and ``outer_lr`` with local steps). The tables against each paper's claim are
 ``asgd.experiments.literature_report``'s.
 """
 from __future__ import annotations
