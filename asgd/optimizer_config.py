@@ -33,6 +33,7 @@ TORCH_DEFAULTS = {
     "adam": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
     "adamw": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 1e-2},
     "adagrad": {"lr": 1e-2, "eps": 1e-10, "weight_decay": 0.0},
+    "rmsprop": {"lr": 1e-2, "momentum": 0.0, "eps": 1e-8, "weight_decay": 0.0},
 }
 # the keys of each that the update depends on (the rest are not compared)
 OPTIMIZER_KEYS = {name: ("name", *d) for name, d in TORCH_DEFAULTS.items()}

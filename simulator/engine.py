@@ -234,7 +234,10 @@ class Simulation:
         for w in self.workers:
             self._pull_and_compute(w)
         budget = cfg.run.max_updates
-        pushes, limit = 0, budget * PUSHES_PER_UPDATE + len(self.workers)
+        # a sync update is one push of every worker: PUSHES_PER_UPDATE rounds of them
+        per_update = PUSHES_PER_UPDATE * (len(self.workers) if "sync" in self.control.policy
+                                          else 1)
+        pushes, limit = 0, budget * per_update + len(self.workers)
         while self.store.version < budget and self.status == "ok":
             if not self.heap:
                 if not self._unblock():

@@ -15,7 +15,7 @@ from asgd.config.checks import need, need_one_of, section
 from asgd.config.server import ServerConfig
 from asgd.config.worker import WorkerConfig
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
 SCHEDULES = ("constant", "cosine", "step")
 
 
@@ -69,9 +69,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    name: str = "adam"            # sgd | adam | adamw | adagrad
+    name: str = "adam"            # sgd | adam | adamw | adagrad | rmsprop
     lr: float = 0.01
-    momentum: float = 0.0         # sgd
+    momentum: float = 0.0         # sgd, rmsprop
     nesterov: bool = False        # sgd
     betas: list = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
     eps: float = 1e-8

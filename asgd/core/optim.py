@@ -81,6 +81,10 @@ def make_optimizer(cfg: Config, params, fused: bool = False) -> torch.optim.Opti
     elif o.name == "adamw":
         make = lambda **k: torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas),  # noqa: E731
                                              eps=o.eps, weight_decay=o.weight_decay, **k)
+    elif o.name == "rmsprop":   # torch's smoothing constant alpha 0.99
+        make = lambda **k: torch.optim.RMSprop(params, lr=o.lr, eps=o.eps,  # noqa: E731
+                                               momentum=o.momentum,
+                                               weight_decay=o.weight_decay, **k)
     elif o.name == "adagrad":
         make = lambda **k: torch.optim.Adagrad(params, lr=o.lr, eps=o.eps,  # noqa: E731
                                                weight_decay=o.weight_decay, **k)

@@ -181,6 +181,42 @@ for _kind in EXPERIMENT_DEFAULTS:
     experiment.add_command(_experiment_command(_kind))
 
 
+@experiment.command("reproduce")
+@click.argument("name", type=click.Choice(["dai", "mishchenko", "liu", "ringmaster"]))
+@click.option("--budget", type=click.Choice(["full", "tiny"]), default="full", show_default=True,
+              help="full: the documented runs; tiny: a few updates on a synthetic data set "
+              "(a check that the runs run, not a result).")
+@click.option("--repeats", type=click.IntRange(1, 100), default=None,
+              help="Seeds of each configuration (default: the budget's).")
+@click.option("--target-accuracy", type=click.FloatRange(0, 1), default=None,
+              help="Accuracy of samples and time to target (default: the reproduction's).")
+@click.option("--policy", default=None, help="mishchenko, liu: another server policy to "
+              "compare in place of adaptive / delayed_nesterov+dylu.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: experiments/reproduce-NAME).")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+def experiment_reproduce(name, budget, repeats, target_accuracy, policy, out, quiet):
+    """A paper's experiment on the simulator (asgd.experiments.literature): dai (staleness
+    against optimizers and depth), mishchenko (delay-adaptive ASGD under heavy-tailed delays),
+    liu (asynchronous Local SGD), ringmaster (dropping pushes staler than R)."""
+    from asgd.experiments.literature import reproduction, run_reproduction
+
+    if policy:
+        from asgd.core.policies import parse_policy
+
+        try:
+            parse_policy(policy)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--policy")
+    exp = reproduction(name, Path(out or f"experiments/reproduce-{name}"), budget, repeats,
+                       target_accuracy, policy)
+    records = run_reproduction(exp, quiet=quiet)
+    click.echo((exp.out / "literature.md").read_text())
+    click.echo(f"results: {exp.out}/results.json, summary.md, literature.md, *.png", err=True)
+    if any(r["status"] != "ok" for r in records):
+        click.echo(f"{sum(r['status'] != 'ok' for r in records)} run(s) failed", err=True)
+
+
 @experiment.command("report")
 @click.argument("out", type=click.Path(exists=True, file_okay=False))
 @click.option("--target-accuracy", type=click.FloatRange(0, 1), default=None,
@@ -199,9 +235,10 @@ def experiment_report(out, target_accuracy):
 def _name_the_commands(group: click.Group, report: click.Command) -> None:
     """The group's help names every command it has (``asgd --help`` shows the short form), so
     a new experiment cannot be left out of it."""
-    names = ", ".join(n for n in group.commands if n != report.name)
-    group.short_help = f"Run {names}; {report.name}."
-    group.help = f"Run an experiment ({names}), or redraw one's {report.name}."
+    names = ", ".join(n for n in group.commands if n not in (report.name, "reproduce"))
+    group.short_help = f"Run {names}; reproduce a paper's; {report.name}."
+    group.help = (f"Run an experiment ({names}), reproduce a paper's (reproduce), or redraw "
+                  f"one's {report.name}.")
 
 
 _name_the_commands(experiment, experiment_report)

@@ -24,6 +24,8 @@ SINGLE_POINT_MS = 13   # marker size of the largest one-value staleness distribu
 
 def _label(r: dict) -> str:
     s = f"{r['policy']} w{r['workers']}"
+    if r.get("label"):
+        s += f" {r['label']}"
     if r["slow_factor"] != 1:
         s += f" x{r['slow_factor']:g}"
     if r["delay_s"]:

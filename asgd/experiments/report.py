@@ -59,7 +59,7 @@ def _time_to_target_cell(records: list[dict]) -> str:
 
 def group_key(r: dict) -> tuple:
     return (r["policy"], r["workers"], r.get("local_steps", 1), r["slow_factor"], r["delay_s"],
-            r.get("delay_model") or "")
+            r.get("delay_model") or "", r.get("label") or "")
 
 
 def summary_table(exp: Experiment, records: list[dict]) -> str:
@@ -78,13 +78,13 @@ def summary_table(exp: Experiment, records: list[dict]) -> str:
              "| staleness max | MB moved |",
              f"| --- | ---: | ---: | ---: | ---: | {model_rule}---: | ---: | ---: | ---: | ---: "
              "| ---: | ---: | ---: |"]
-    for (policy, workers, local, slow, delay, model), rs in groups.items():
+    for (policy, workers, local, slow, delay, model, label), rs in groups.items():
         ok = [r for r in rs if r["status"] == "ok"]
         tta = _time_to_target_cell(ok)
         moved = [r["bytes_moved"] / 1e6 for r in ok if r.get("bytes_moved")]
         cell = f"{model or 'real'} | " if simulated else ""
         lines.append(
-            f"| {policy} | {workers} | {local} | {slow:g} | {delay:g} | {cell}"
+            f"| {policy}{f' ({label})' if label else ''} | {workers} | {local} | {slow:g} | {delay:g} | {cell}"
             f"{len(ok)}/{len(rs)} | "
             f"{_spread([r.get('test_accuracy') for r in ok])} | {tta} | "
             f"{_spread([r.get('samples_per_s') for r in ok])} | "
@@ -249,6 +249,10 @@ def rereport(out: Path, target: float | None = None) -> str:
         from asgd.experiments.plots import plot_experiment
 
         plot_experiment(exp.name, records, out, target, suffix=suffix)
+        if exp.name.startswith("reproduce-") and not suffix:   # a paper's table and plot
+            from asgd.experiments.literature_report import write_literature
+
+            write_literature(exp, records)
     except ImportError:
         pass
     return table

@@ -29,7 +29,8 @@ def base_record(exp: Experiment, spec: RunSpec) -> dict:
     """What a run is, before it runs: its experiment and its spec's settings."""
     return {"experiment": exp.name, "policy": spec.policy, "workers": spec.workers,
             "local_steps": spec.local_steps, "slow_factor": spec.slow_factor,
-            "delay_s": spec.delay_s, "repeat": spec.repeat}
+            "delay_s": spec.delay_s, "repeat": spec.repeat,
+            **({"label": spec.label} if spec.label else {})}
 
 
 def run_one(exp: Experiment, spec: RunSpec) -> dict:

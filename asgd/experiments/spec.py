@@ -14,7 +14,7 @@ from pathlib import Path
 
 from asgd.config import Config
 
-FIELDS = ("experiment", "policy", "workers", "local_steps", "slow_factor", "delay_s", "repeat",
+FIELDS = ("experiment", "label", "policy", "workers", "local_steps", "slow_factor", "delay_s", "repeat",
           "delay_model", "simulated", "status", "bytes_moved",
           "test_accuracy", "test_loss", "time_to_target_s", "samples_per_s", "updates_per_s",
           "updates_applied", "samples", "staleness_mean", "staleness_max", "train_s", "wall_s",
@@ -31,6 +31,8 @@ class RunSpec:
     repeat: int = 0
     local_steps: int = 1     # worker.exchange.local_steps: H steps per push (same samples)
     delay_model: str = ""    # simulated: the step durations' model (simulator.delays); "" real
+    label: str = ""          # what sets this run apart beyond the fields above (e.g. "adam-s4")
+    overrides: tuple = ()    # (key, value) pairs of config overrides of this run alone
 
     @property
     def name(self) -> str:
@@ -43,8 +45,9 @@ class RunSpec:
             # a trace's path is not part of the name: its run's folder is enough
             args = Path(args).name if kind == "trace" else args.replace(":", "_")
             model = f"-sim-{kind}{'_' + args if args else ''}"
+        label = f"-{self.label}" if self.label else ""
         return (f"{self.policy.replace('+', '_')}-w{self.workers}{local}{slow}{delay}{model}"
-                f"-r{self.repeat}")
+                f"{label}-r{self.repeat}")
 
 
 @dataclass
@@ -76,4 +79,5 @@ class Experiment:
         }
         if spec.policy not in ("ddp", "single"):
             overrides["server.policy"] = spec.policy
+        overrides.update(dict(spec.overrides))
         return self.base.replace(**overrides)
