@@ -236,7 +236,8 @@ def _name_the_commands(group: click.Group, report: click.Command) -> None:
     """The group's help names every command it has (``asgd --help`` shows the short form), so
     a new experiment cannot be left out of it."""
     names = ", ".join(n for n in group.commands if n not in (report.name, "reproduce"))
-    group.short_help = f"Run {names}; reproduce a paper's; {report.name}."
+    # one line of asgd --help: its commands, nothing else fits
+    group.short_help = f"{names}, reproduce, {report.name}"
     group.help = (f"Run an experiment ({names}), reproduce a paper's (reproduce), or redraw "
                   f"one's {report.name}.")
 
