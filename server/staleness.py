@@ -33,8 +33,8 @@ from typing import Callable
 import torch
 
 from asgd.core.optim import server_lr
-from asgd.core.policies import (age_factor, decide, kbatch_size, parse_policy,
-                                ssp_may_proceed)
+from asgd.core.policies import (age_factor, decide, kbatch_lr_factor, kbatch_size,
+                                parse_policy, ssp_may_proceed)
 from server.kbatch import KBatch
 from server.policy_state import DelayCompensation, WorkerSpeeds
 from server.store import FlatChunks
@@ -340,7 +340,7 @@ class StalenessControl:
     def _kbatch(self, grads, base: int, now: float | None) -> Outcome:
         """K-batch async SGD (server.kbatch): a kept push joins the sum and is answered at once;
         the K-th makes the update, the mean at the server's rate times the pushes' mean rate
-        factor, and moves the version by K. Staleness counts those updates."""
+        factor and server.kbatch_lr's, and moves the version by K. Staleness counts updates."""
         store, kb = self.store, self.kb
         now = self.clock() if now is None else now
         k = self.kbatch_size(now)
@@ -362,6 +362,7 @@ class StalenessControl:
         if kb.count < k:
             return Outcome(True, staleness, store.version, 0.0)
         count, factor = kb.take_mean(store.grad)
+        factor *= kbatch_lr_factor(count, self.cfg.server.kbatch_lr)
         lr = server_lr(self.cfg, store.version) * factor
         self._step(lr, advance=count)
         kb.mark(store.version, count)

@@ -14,7 +14,7 @@ import torch
 
 from asgd.config import Config, ConfigError
 from asgd.core.layout import ParameterLayout
-from asgd.core.policies import kbatch_size, parse_policy
+from asgd.core.policies import kbatch_lr_factor, kbatch_size, parse_policy
 from server.kbatch import KBatch
 from server.staleness import Pending, StalenessControl
 from server.store import ParameterStore
@@ -58,6 +58,7 @@ def test_k_from_the_config_or_the_live_workers():
     assert kbatch_size(None, 0) == 1                     # nobody yet: every push an update
     assert kbatch_size(None, 16, fraction=0.25) == 4 and kbatch_size(None, 6, 1 / 3) == 2
     assert kbatch_size(5, 8) == 5                        # server.kbatch wins
+    assert kbatch_lr_factor(1, "linear") == 1.0 and kbatch_lr_factor(9, "sqrt") == 3.0
 
 
 @pytest.mark.parametrize("policy, word", [("kbatch+sync", "sync"), ("kbatch+ssp", "ssp"),
@@ -77,6 +78,7 @@ def test_combinations_parse():
     ({"server.kbatch": 0}, "server.kbatch"),
     ({"server.kbatch_fraction": 0}, "server.kbatch_fraction"),
     ({"server.kbatch_fraction": 1.5}, "server.kbatch_fraction"),
+    ({"server.kbatch_lr": "square"}, "server.kbatch_lr"),
     ({"server.policy": "kbatch+sync"}, "server.policy"),
 ])
 def test_config_checks(overrides, key):
@@ -242,3 +244,13 @@ def test_kbatch_in_the_simulator_reaches_its_budget_in_pushes():
     assert s["status"] == "ok" and s["version"] == 24
     assert sim.control.kb.updates == 12                     # K = 2 with four workers
     assert s["updates_dropped"] == 0
+
+
+@pytest.mark.parametrize("rule, lr", [("none", 0.5), ("sqrt", 1.0), ("linear", 2.0)])
+def test_the_rate_of_a_k_push_update(rule, lr):
+    """server.kbatch_lr: the update of K = 4 pushes at 0.5 x 1, x √4 or x 4."""
+    ctl = control(**{"server.kbatch": 4, "server.kbatch_lr": rule})
+    for g in ([1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]):
+        out = push(ctl, "w0", 0, g)
+    # the mean [0.5, 0.5] at the rate lr
+    assert out.lr == lr and weights(ctl) == [1.0 - lr / 2, 2.0 - lr / 2]

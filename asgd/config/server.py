@@ -101,6 +101,8 @@ class ServerConfig:
     # pushes (samples) at any K; a push's staleness counts K-push updates (server/kbatch.py)
     kbatch: Optional[int] = None
     kbatch_fraction: float = 0.5
+    # ... and an update's rate times 1 (none), sqrt(K) or K (linear): fewer, larger steps
+    kbatch_lr: str = "none"
     # A-SGD with momentum (adam, adamw, sgd with momentum): each worker gets the weights
     # predicted for when its gradient lands, w - tau x the optimizer's next step from its
     # state, tau the running mean of the measured staleness (DANA; server/lookahead.py).
@@ -135,7 +137,7 @@ class ServerConfig:
         from asgd.core.endpoint import parse_endpoint
         from asgd.core.policies import parse_policy
 
-        from asgd.core.policies import ADAPTIVE_DECAYS
+        from asgd.core.policies import ADAPTIVE_DECAYS, KBATCH_LR_RULES
 
         try:
             parse_policy(self.policy)
@@ -155,6 +157,7 @@ class ServerConfig:
         need(self.kbatch is None or self.kbatch >= 1, "server.kbatch",
              "must be >= 1 or null (ceil(server.kbatch_fraction x the live workers))")
         need(0 < self.kbatch_fraction <= 1, "server.kbatch_fraction", "must be in (0, 1]")
+        need_one_of(self.kbatch_lr, KBATCH_LR_RULES, "server.kbatch_lr")
         need(self.age_alpha >= 0, "server.age_alpha", "must be >= 0")
         need(self.age_cutoff >= 0, "server.age_cutoff", "must be >= 0 (0: no cutoff)")
         need(self.dn_buffer is None or self.dn_buffer >= 1, "server.dn_buffer",

@@ -32,6 +32,7 @@ The state these rules need (kept weight versions, clocks, rounds) lives on the s
     age_factor(3, alpha=0.1, cutoff=0)           # exp(-0.3)
     dylu_steps(16, speed=2.0, fastest=5.0)       # 6
     kbatch_size(None, workers=8)                 # 4: ceil(0.5 x 8)
+    kbatch_lr_factor(4, "sqrt")                  # 2.0
     g = dc_compensate(g, w_now, w_base, lam=0.04)
     ssp_may_proceed(clock=7, live_clocks=[5, 7, 6], slack=2)   # True
 """
@@ -45,6 +46,7 @@ POLICIES = ("none", "max_staleness", "scale", "dc", "ssp", "sync", "adaptive", "
             "delayed_nesterov", "dylu", "kbatch")
 LOCAL_STEP_POLICIES = ("delayed_nesterov", "dylu")   # rules of the outer optimizer, H > 1
 ADAPTIVE_DECAYS = ("inverse", "ratio", "drop")
+KBATCH_LR_RULES = ("none", "sqrt", "linear")     # the rate of a K-push update: x 1, √K, K
 CLASHES = (("scale", "adaptive", "both set the rate of a stale push: take one"),
            ("delayed_nesterov", "dc", "dc corrects gradients; delayed_nesterov applies "
             "pseudo-gradients of local steps"),
@@ -125,6 +127,19 @@ def kbatch_size(kbatch: Optional[int], workers: int, fraction: float = 0.5) -> i
     if kbatch:
         return kbatch
     return max(1, math.ceil(fraction * max(1, workers) - 1e-9))
+
+
+def kbatch_lr_factor(k: int, rule: str = "none") -> float:
+    """The factor on the rate of an update that is the mean of ``k`` pushes: 1 (``none``),
+    √k (``sqrt``) or k (``linear``), the large-batch rules (a mean of k batches is one batch
+    k times as large); 1 for k = 1 whatever the rule."""
+    if rule == "none" or k <= 1:
+        return 1.0
+    if rule == "sqrt":
+        return math.sqrt(k)
+    if rule == "linear":
+        return float(k)
+    raise ValueError(f"unknown kbatch lr rule {rule!r} (known: {', '.join(KBATCH_LR_RULES)})")
 
 
 def dylu_steps(steps: int, speed: float, fastest: float) -> int:
