@@ -10,15 +10,16 @@ policy's state; the pure rules it applies are ``asgd.core.policies``.
 | policy | state kept here |
 | --- | --- |
 | ``none``, ``max_staleness``, ``scale`` | nothing: a decision per push (``policies.decide``) |
-| ``dc`` | ``DelayCompensation``: a ring of the last ``dc_history`` weight versions and, for the adaptive variant, the running mean square of the gradient |
+| ``dc`` | ``server.policy_state.DelayCompensation``: a ring of the last ``dc_history`` weight versions and, for the adaptive variant, the running mean square of the gradient |
 | ``ssp`` | ``SSPGate``: each worker's clock (pushes answered) and the replies it holds |
 | ``sync`` | ``SyncRound``: the running sum of this round's gradients and its held replies |
 | ``adaptive`` | the participants (below), to count the live workers n |
 | ``age`` | nothing: a factor per push, on the gradient (a copy: never the sender's memory) |
 | ``delayed_nesterov`` | the outer optimizer's own state (``asgd.core.optim.DelayedNesterov``) |
-| ``dylu`` | ``WorkerSpeeds``: each worker's seconds per local step, and the steps it was told |
+| ``dylu`` | ``server.policy_state.WorkerSpeeds``: each worker's seconds per local step, and the steps it was told |
+| ``kbatch`` | ``server.kbatch.KBatch``: the running sum of the pushes kept since the last update, and the versions updates ended at (the participants count the live workers when K is derived) |
 
-A *participant* (ssp, sync, adaptive, dylu) is a worker that said hello or pushed and has not said bye. It is
+A *participant* (ssp, sync, adaptive, dylu, kbatch) is a worker that said hello or pushed and has not said bye. It is
 *live* while it has a reply waiting (it is blocked on us) or it was heard from within
 ``server.worker_timeout_s``; a worker that stays silent longer stops counting, so a dead worker
 never stalls the others. Every time comes from the injected ``clock``.
@@ -32,8 +33,10 @@ from typing import Callable
 import torch
 
 from asgd.core.optim import server_lr
-from asgd.core.policies import (age_factor, dc_compensate, decide, dylu_steps, parse_policy,
-                                ssp_may_proceed)
+from asgd.core.policies import (age_factor, decide, kbatch_lr_factor, kbatch_size,
+                                parse_policy, ssp_may_proceed)
+from server.kbatch import KBatch
+from server.policy_state import DelayCompensation, WorkerSpeeds
 from server.store import FlatChunks
 
 
@@ -74,50 +77,6 @@ class Outcome:
 
 # ----------------------------------------------------------------------------------------------
 # the policies' state
-
-class DelayCompensation:
-    """DC-ASGD (Zheng et al. 2017): g + λ g⊙g⊙(w_now − w_base), against the weights the
-    gradient was computed from. Keeps the last ``history`` versions (history × 4 bytes ×
-    parameters of memory); a push from an older version is compensated against the oldest
-    kept one and counted in ``fallbacks``. Adaptive λ (DC-ASGD-a): λ0 / √(mean square of g),
-    the mean square a running average with momentum 0.95."""
-
-    def __init__(self, numel: int, history: int, lam: float, adaptive: bool):
-        self.lam, self.adaptive = lam, adaptive
-        self.ring = torch.empty(history, numel)
-        self.ring_versions = [-1] * history
-        self.mean_square = torch.zeros(numel) if adaptive else None
-        self.fallbacks = 0
-
-    def remember(self, weights: torch.Tensor, version: int) -> None:
-        slot = version % len(self.ring_versions)
-        self.ring[slot].copy_(weights)
-        self.ring_versions[slot] = version
-
-    def forget(self) -> None:
-        self.ring_versions = [-1] * len(self.ring_versions)
-
-    def weights_at(self, version: int) -> torch.Tensor:
-        """The weights of ``version`` if kept, else the oldest kept (counted in fallbacks)."""
-        slot = version % len(self.ring_versions)
-        if self.ring_versions[slot] == version:
-            return self.ring[slot]
-        self.fallbacks += 1
-        oldest = min(v for v in self.ring_versions if v >= 0)
-        return self.ring[oldest % len(self.ring_versions)]
-
-    def compensate(self, grad: torch.Tensor, weights: torch.Tensor, base: int,
-                   version: int) -> None:
-        """Replace ``grad`` (flat, in place) by its compensated value."""
-        if self.adaptive:
-            self.mean_square.mul_(0.95).addcmul_(grad, grad, value=0.05)
-            lam = self.lam / (self.mean_square.sqrt() + 1e-7)
-        else:
-            lam = self.lam
-        if base == version:
-            return
-        grad.copy_(dc_compensate(grad, weights, self.weights_at(base), lam))
-
 
 @dataclass
 class Participants:
@@ -218,44 +177,6 @@ class SyncRound:
         return n, out
 
 
-class WorkerSpeeds:
-    """DyLU's clock: each worker's seconds per local step, a running mean (weight 1/2 on the
-    newest) of the time from a reply to its next push over the steps that reply asked for;
-    its next count ``policies.dylu_steps`` against the fastest live worker's speed."""
-
-    def __init__(self, steps: int):
-        self.steps = steps                  # H: the fastest worker's local steps
-        self.per_step: dict = {}            # worker -> seconds per local step
-        self.since: dict = {}               # worker -> when it got its last reply (or hello)
-        self.told: dict = {}                # worker -> the steps that reply asked for
-
-    def start(self, worker: str, now: float) -> None:
-        self.since[worker], self.told[worker] = now, self.steps
-
-    def forget(self, worker: str) -> None:
-        for d in (self.per_step, self.since, self.told):
-            d.pop(worker, None)
-
-    def pushed(self, worker: str, now: float) -> None:
-        """A push arrived: the round it ends timed its steps."""
-        if worker not in self.since:
-            return
-        took = (now - self.since[worker]) / max(1, self.told.get(worker, self.steps))
-        old = self.per_step.get(worker)
-        self.per_step[worker] = took if old is None else 0.5 * (old + took)
-
-    def answer(self, worker: str, now: float, live) -> int:
-        """The steps of ``worker``'s next round (its reply goes now); ``live``: the workers
-        that count for the fastest speed."""
-        mine = self.per_step.get(worker)
-        times = [self.per_step[w] for w in live if self.per_step.get(w, 0) > 0]
-        steps = self.steps
-        if mine and times:
-            steps = dylu_steps(self.steps, 1.0 / mine, 1.0 / min(times))
-        self.since[worker], self.told[worker] = now, steps
-        return steps
-
-
 # ----------------------------------------------------------------------------------------------
 # the interface the request handler calls
 
@@ -277,11 +198,12 @@ class StalenessControl:
         self.people: Participants | None = gate.people if gate else None
         # adaptive and dylu count the live workers: the gate's participants, or their own
         self.roster: Participants | None = self.people
-        if self.roster is None and {"adaptive", "dylu"} & self.policy:
+        if self.roster is None and {"adaptive", "dylu", "kbatch"} & self.policy:
             self.roster = Participants(sv.worker_timeout_s)
         self.speeds = WorkerSpeeds(cfg.worker.exchange.local_steps) \
             if "dylu" in self.policy else None
         self.age = "age" in self.policy
+        self.kb = KBatch(store.numel) if "kbatch" in self.policy else None
         if self.dc is not None:
             self.dc.remember(store.weights, store.version)
 
@@ -305,7 +227,8 @@ class StalenessControl:
             self.speeds.start(worker, now)
 
     def bye(self, worker: str) -> None:
-        """A worker leaves: it stops counting for ssp, sync, adaptive and dylu at once."""
+        """A worker leaves: it stops counting for ssp, sync, adaptive, dylu and kbatch at
+        once."""
         if self.roster is not None:
             self.roster.leave(worker)
         if self.speeds is not None:
@@ -322,6 +245,17 @@ class StalenessControl:
             return 1
         return max(1, len(self.roster.live(self.clock() if now is None else now)))
 
+    def kbatch_size(self, now: float | None = None) -> int:
+        """K of ``kbatch``: server.kbatch, else ceil(server.kbatch_fraction x the live
+        participants) (1 without kbatch)."""
+        if self.kb is None:
+            return 1
+        sv = self.cfg.server
+        if sv.kbatch:
+            return sv.kbatch
+        now = self.clock() if now is None else now
+        return kbatch_size(None, len(self.roster.live(now)), sv.kbatch_fraction)
+
     def push(self, p: Pending, base: int, grads) -> Outcome:
         """One validated push (a flat float32 tensor, or ``FlatChunks``: the frames it came
         in) computed from version ``base``. When the outcome is ``deferred`` the reply waits in this object until ``release`` returns
@@ -336,6 +270,8 @@ class StalenessControl:
         out = self.apply(grads, base, now)
         record = {"worker": p.worker, "staleness": out.staleness, "applied": out.applied,
                   "version": out.version, "lr": out.lr}
+        if self.kb is not None:        # pushes waiting in the sum (0: this one made an update)
+            record["kbatch"] = self.kb.count
         if self.ssp is not None:
             clock = self.ssp.pushed(p.worker, now)
             record.update(clock=clock, min_clock=self.ssp.min_clock(now))
@@ -356,9 +292,16 @@ class StalenessControl:
 
     def apply(self, grads, base: int, now: float | None = None) -> Outcome:
         """The asynchronous update: decide (bound, scale, adaptive), compensate (dc), scale
-        by age (age), step."""
+        by age (age), step (kbatch: add to the sum, and step when it has K pushes)."""
+        if self.kb is not None:
+            return self._kbatch(grads, base, now)
+        return self._apply(grads, base, self.store.staleness_of(base), now)
+
+    def _judge(self, grads, base: int, staleness: int, now: float | None):
+        """A push's fate: the Outcome of a dropped push, or its gradient ready to apply
+        (compensated, scaled by age; never the sender's memory rewritten) and its factor on
+        the rate."""
         store, sv = self.store, self.cfg.server
-        staleness = store.staleness_of(base)
         workers = self.live_workers(now) if "adaptive" in self.policy else 1
         decision = decide(self.policy, staleness, sv.max_staleness, workers,
                           sv.adaptive_threshold, sv.adaptive_decay)
@@ -379,15 +322,57 @@ class StalenessControl:
             self.dc.compensate(grad, store.weights, base, store.version)
         if factor != 1.0:
             grad.mul_(factor)
-        lr = server_lr(self.cfg, store.version) * decision.lr_scale
+        return grad, decision.lr_scale
+
+    def _apply(self, grads, base: int, staleness: int, now: float | None) -> Outcome:
+        """One push, one update (every policy but sync, and kbatch with K = 1)."""
+        store = self.store
+        kept = self._judge(grads, base, staleness, now)
+        if isinstance(kept, Outcome):
+            return kept
+        grad, scale = kept
+        lr = server_lr(self.cfg, store.version) * scale
         if store.ahead is not None:
             store.ahead.observe(staleness)
         self._step(lr, grad)
         return Outcome(True, staleness, store.version, lr)
 
-    def _step(self, lr: float, grad: torch.Tensor | None = None) -> None:
+    def _kbatch(self, grads, base: int, now: float | None) -> Outcome:
+        """K-batch async SGD (server.kbatch): a kept push joins the sum and is answered at once;
+        the K-th makes the update, the mean at the server's rate times the pushes' mean rate
+        factor and server.kbatch_lr's, and moves the version by K. Staleness counts updates."""
+        store, kb = self.store, self.kb
+        now = self.clock() if now is None else now
+        k = self.kbatch_size(now)
+        staleness = kb.staleness(store.version, base, k)
+        if k == 1 and kb.count == 0:       # every push an update: the path without kbatch
+            out = self._apply(grads, base, staleness, now)
+            if out.applied:
+                kb.mark(store.version, 1)
+            return out
+        kept = self._judge(grads, base, staleness, now)
+        if isinstance(kept, Outcome):
+            return kept
+        grad, scale = kept
+        if scale != 1.0 and isinstance(grad, FlatChunks):   # weighted: one tensor
+            grad = grad.copy_into(store.grad)
+        kb.add(grad, scale)
+        if store.ahead is not None:
+            store.ahead.observe(staleness)
+        if kb.count < k:
+            return Outcome(True, staleness, store.version, 0.0)
+        count, factor = kb.take_mean(store.grad)
+        factor *= kbatch_lr_factor(count, self.cfg.server.kbatch_lr)
+        lr = server_lr(self.cfg, store.version) * factor
+        self._step(lr, advance=count)
+        kb.mark(store.version, count)
+        return Outcome(True, staleness, store.version, lr)
+
+    def _step(self, lr: float, grad: torch.Tensor | None = None, advance: int = 1) -> None:
         # look-ahead (server.lookahead) predicts the served weights at the next update's rate
-        self.store.step(lr, grad, next_lr=server_lr(self.cfg, self.store.version + 1))
+        store = self.store
+        store.step(lr, grad, next_lr=server_lr(self.cfg, store.version + advance))
+        store.version += advance - 1      # kbatch: the version counts the pushes applied
         if self.dc is not None:
             self.dc.remember(self.store.weights, self.store.version)
 

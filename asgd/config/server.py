@@ -74,7 +74,8 @@ class ServerConfig:
     # The default is robust to the number of workers (docs/experiments.md): the learning rate
     # scaled by 1/staleness, and pushes staler than 3 updates dropped (the worker pulls afresh).
     policy: str = "scale"         # none | max_staleness | scale | dc | ssp | sync | adaptive |
-                                  # age | delayed_nesterov | dylu, '+'-joined (policies.py)
+                                  # age | delayed_nesterov | dylu | kbatch, '+'-joined
+                                  # (policies.py)
     max_staleness: Optional[int] = 3      # drop pushes staler than this (null = no bound;
                                           # sync takes every gradient and ignores it)
     dc_lambda: float = 2.0        # dc: λ (λ0 of DC-ASGD-a when dc_adaptive)
@@ -94,6 +95,14 @@ class ServerConfig:
     # delayed_nesterov (local steps): the outer momentum moves every dn_buffer pushes (null:
     # run.workers), with their mean; each push is applied at server.outer.lr / dn_buffer
     dn_buffer: Optional[int] = None
+    # kbatch (K-batch async SGD, Dutta et al. 2018): the mean of every K pushes is one update
+    # (no reply waits); K = kbatch, or null: ceil(kbatch_fraction x the live workers). The
+    # version moves by the K pushes it applied, so run.max_updates and the schedule count
+    # pushes (samples) at any K; a push's staleness counts K-push updates (server/kbatch.py)
+    kbatch: Optional[int] = None
+    kbatch_fraction: float = 0.5
+    # ... and an update's rate times 1 (none), sqrt(K) or K (linear): fewer, larger steps
+    kbatch_lr: str = "none"
     # A-SGD with momentum (adam, adamw, sgd with momentum): each worker gets the weights
     # predicted for when its gradient lands, w - tau x the optimizer's next step from its
     # state, tau the running mean of the measured staleness (DANA; server/lookahead.py).
@@ -128,7 +137,7 @@ class ServerConfig:
         from asgd.core.endpoint import parse_endpoint
         from asgd.core.policies import parse_policy
 
-        from asgd.core.policies import ADAPTIVE_DECAYS
+        from asgd.core.policies import ADAPTIVE_DECAYS, KBATCH_LR_RULES
 
         try:
             parse_policy(self.policy)
@@ -145,6 +154,10 @@ class ServerConfig:
         need_one_of(self.adaptive_decay, ADAPTIVE_DECAYS, "server.adaptive_decay")
         need(self.adaptive_workers is None or self.adaptive_workers >= 1,
              "server.adaptive_workers", "must be >= 1 or null (the live workers)")
+        need(self.kbatch is None or self.kbatch >= 1, "server.kbatch",
+             "must be >= 1 or null (ceil(server.kbatch_fraction x the live workers))")
+        need(0 < self.kbatch_fraction <= 1, "server.kbatch_fraction", "must be in (0, 1]")
+        need_one_of(self.kbatch_lr, KBATCH_LR_RULES, "server.kbatch_lr")
         need(self.age_alpha >= 0, "server.age_alpha", "must be >= 0")
         need(self.age_cutoff >= 0, "server.age_cutoff", "must be >= 0 (0: no cutoff)")
         need(self.dn_buffer is None or self.dn_buffer >= 1, "server.dn_buffer",

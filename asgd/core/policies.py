@@ -15,9 +15,13 @@ Plain functions of integers and tensors, testable without a socket. A configured
 | ``age``         | age-aware scaling: the push (gradient or pseudo-gradient) times exp(-``age_alpha`` τ), cut to 0 by a half-cosine gate at ``age_cutoff`` (the form of Shah & Sun 2026, CGAD) |
 | ``delayed_nesterov`` | local steps only: the outer momentum updated every ``dn_buffer`` pushes with their mean, each push applied at lr / ``dn_buffer`` in between (Liu et al. 2024, Delayed Nesterov) |
 | ``dylu``        | local steps only: each worker's local steps scaled by its speed, H_w = max(1, floor(H v_w / v_max)) (Liu et al. 2024, DyLU); the reply to a push carries H_w |
+| ``kbatch``      | K-batch asynchronous SGD: the server keeps pushes until it has K (from any workers, of any versions) and applies their mean as one update; no reply waits. K = ``server.kbatch``, or ceil(``kbatch_fraction`` x the live workers) (Dutta, Joshi, Ghosh, Dube, Nagpurkar 2018) |
 
 Clashes are refused: ``sync`` with anything; ``scale`` with ``adaptive`` (two rules for one
-rate); ``delayed_nesterov`` with ``dc`` (a correction of gradients, not of pseudo-gradients).
+rate); ``delayed_nesterov`` with ``dc`` (a correction of gradients, not of pseudo-gradients);
+``kbatch`` with ``ssp`` (which holds replies) and with ``delayed_nesterov`` (two buffers of
+pushes). With ``kbatch`` every other rule (the bound, ``scale``, ``adaptive``, ``age``, ``dc``)
+judges each push as it comes, by its staleness in K-push updates.
 
 The state these rules need (kept weight versions, clocks, rounds) lives on the server, in
 ``server.staleness``; nothing here imports torch (``dc_compensate`` works on any tensors).
@@ -27,6 +31,8 @@ The state these rules need (kept weight versions, clocks, rounds) lives on the s
     decide(parse_policy("adaptive"), staleness=12, workers=8).lr_scale   # 1/12
     age_factor(3, alpha=0.1, cutoff=0)           # exp(-0.3)
     dylu_steps(16, speed=2.0, fastest=5.0)       # 6
+    kbatch_size(None, workers=8)                 # 4: ceil(0.5 x 8)
+    kbatch_lr_factor(4, "sqrt")                  # 2.0
     g = dc_compensate(g, w_now, w_base, lam=0.04)
     ssp_may_proceed(clock=7, live_clocks=[5, 7, 6], slack=2)   # True
 """
@@ -37,12 +43,15 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 POLICIES = ("none", "max_staleness", "scale", "dc", "ssp", "sync", "adaptive", "age",
-            "delayed_nesterov", "dylu")
+            "delayed_nesterov", "dylu", "kbatch")
 LOCAL_STEP_POLICIES = ("delayed_nesterov", "dylu")   # rules of the outer optimizer, H > 1
 ADAPTIVE_DECAYS = ("inverse", "ratio", "drop")
+KBATCH_LR_RULES = ("none", "sqrt", "linear")     # the rate of a K-push update: x 1, √K, K
 CLASHES = (("scale", "adaptive", "both set the rate of a stale push: take one"),
            ("delayed_nesterov", "dc", "dc corrects gradients; delayed_nesterov applies "
-            "pseudo-gradients of local steps"))
+            "pseudo-gradients of local steps"),
+           ("kbatch", "ssp", "ssp holds a worker's reply; kbatch never does"),
+           ("kbatch", "delayed_nesterov", "both apply the mean of a buffer of pushes: take one"))
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,10 @@ def parse_policy(policy: str) -> frozenset[str]:
     if unknown:
         raise ValueError(f"unknown staleness policy {', '.join(unknown)} "
                          f"(known: {', '.join(POLICIES)})")
+    if "sync" in names and "kbatch" in names:
+        raise ValueError("kbatch cannot be combined with sync (sync waits for one push from "
+                         "every live worker and holds their replies; kbatch takes any K pushes "
+                         "and holds none: take one)")
     if "sync" in names and len(names - {"none"}) > 1:
         raise ValueError("sync cannot be combined with other policies (its staleness is 0)")
     for a, b, why in CLASHES:
@@ -108,6 +121,27 @@ def age_factor(staleness: int, alpha: float, cutoff: int = 0) -> float:
     return gate * math.exp(-alpha * staleness)
 
 
+def kbatch_size(kbatch: Optional[int], workers: int, fraction: float = 0.5) -> int:
+    """K of K-batch asynchronous SGD: ``kbatch`` if set, else ceil(``fraction`` x the live
+    workers), at least 1 (one worker: K = 1, every push an update as without kbatch)."""
+    if kbatch:
+        return kbatch
+    return max(1, math.ceil(fraction * max(1, workers) - 1e-9))
+
+
+def kbatch_lr_factor(k: int, rule: str = "none") -> float:
+    """The factor on the rate of an update that is the mean of ``k`` pushes: 1 (``none``),
+    √k (``sqrt``) or k (``linear``), the large-batch rules (a mean of k batches is one batch
+    k times as large); 1 for k = 1 whatever the rule."""
+    if rule == "none" or k <= 1:
+        return 1.0
+    if rule == "sqrt":
+        return math.sqrt(k)
+    if rule == "linear":
+        return float(k)
+    raise ValueError(f"unknown kbatch lr rule {rule!r} (known: {', '.join(KBATCH_LR_RULES)})")
+
+
 def dylu_steps(steps: int, speed: float, fastest: float) -> int:
     """DyLU (Liu et al. 2024): the local steps of a worker of speed ``speed`` (steps/s) when
     the fastest runs ``steps``: max(1, floor(steps · speed / fastest)), so that every
@@ -122,7 +156,8 @@ def decide(policy: str | frozenset, staleness: int, max_staleness: Optional[int]
     """Whether a push of this staleness is applied, and the factor on its learning rate
     (``workers``, ``threshold``, ``decay``: ``adaptive``'s n, K / n and rule past K).
     ``sync`` takes every gradient and ignores the bound: a round's mean is one update, each
-    worker's gradient in it computed from the round's version (server.staleness)."""
+    worker's gradient in it computed from the round's version (server.staleness). With
+    ``kbatch`` the staleness counts K-push updates, not pushes (server.kbatch)."""
     names = parse_policy(policy) if isinstance(policy, str) else policy
     if staleness < 0:
         raise ValueError(f"staleness must be >= 0, got {staleness}")
