@@ -13,31 +13,14 @@ import pytest
 import torch
 
 from asgd.config import Config, ConfigError
-from asgd.core.layout import ParameterLayout
 from asgd.core.policies import kbatch_lr_factor, kbatch_size, parse_policy
 from server.kbatch import KBatch
 from server.staleness import Pending, StalenessControl
-from server.store import ParameterStore
-
-SPECS = [{"name": "w", "dtype": "float32", "shape": [2]}]
-
-
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.test_policies_keep import SPECS, Clock, control as keep_control
 
 
 def control(clock=None, init=(1.0, 2.0), specs=SPECS, **overrides) -> StalenessControl:
-    base = {"optimizer.name": "sgd", "optimizer.lr": 0.5, "schedule.kind": "constant",
-            "schedule.warmup": 0, "server.max_staleness": None, "server.policy": "kbatch"}
-    base.update(overrides)
-    cfg = Config().replace(**base)
-    store = ParameterStore(ParameterLayout.from_specs(specs),
-                           torch.tensor(init, dtype=torch.float32), cfg)
-    return StalenessControl(store, cfg, clock=clock or Clock())
+    return keep_control(clock, init, specs, **{"server.policy": "kbatch", **overrides})
 
 
 def push(ctl: StalenessControl, worker: str, base: int, grad):

@@ -33,12 +33,13 @@ class Clock:
         return self.t
 
 
-def control(clock=None, init=(1.0, 2.0), **overrides) -> StalenessControl:
+def control(clock=None, init=(1.0, 2.0), specs=SPECS, **overrides) -> StalenessControl:
+    """A staleness control over a store of ``init`` (SGD at rate 0.5, constant, no bound)."""
     base = {"optimizer.name": "sgd", "optimizer.lr": 0.5, "schedule.kind": "constant",
             "schedule.warmup": 0, "server.max_staleness": None}
     base.update(overrides)
     cfg = Config().replace(**base)
-    store = ParameterStore(ParameterLayout.from_specs(SPECS),
+    store = ParameterStore(ParameterLayout.from_specs(specs),
                            torch.tensor(init, dtype=torch.float32), cfg)
     return StalenessControl(store, cfg, clock=clock or Clock())
 

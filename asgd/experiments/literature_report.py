@@ -266,30 +266,31 @@ def liu_table(records: list[dict], target: float) -> str:
 
 # ----------------------------------------------------------------------------------------------
 
+def _views(kind: str, records: list[dict], target: float, budget: int):
+    """A reproduction's (table, figure) makers, bound to its records."""
+    views = {
+        "dai": (lambda: dai_table(records, target, budget),
+                lambda: dai_figure(records, target, budget)),
+        "ringmaster": (lambda: ringmaster_table(records, target),
+                       lambda: ringmaster_figure(records, target)),
+        "mishchenko": (lambda: mishchenko_table(records, target),
+                       lambda: curves_figure(records, target, lambda r: f"{r['workers']} workers",
+                                             "Mishchenko: Pareto(1.5) delays")),
+        "liu": (lambda: liu_table(records, target),
+                lambda: curves_figure(records, target, lambda r: f"{r['workers']} workers, "
+                                      f"H={r['local_steps']}", "Liu: Local SGD, unequal speeds")),
+    }
+    if kind not in views:
+        raise ValueError(f"no reproduction {kind!r} (known: dai, ringmaster, mishchenko, liu)")
+    return views[kind]
+
+
 def literature_table(name: str, records: list[dict], target: float, budget: int) -> str:
-    kind = name.removeprefix("reproduce-")
-    if kind == "dai":
-        return dai_table(records, target, budget)
-    if kind == "ringmaster":
-        return ringmaster_table(records, target)
-    if kind == "mishchenko":
-        return mishchenko_table(records, target)
-    if kind == "liu":
-        return liu_table(records, target)
-    raise ValueError(f"no table for {name!r}")
+    return _views(name.removeprefix("reproduce-"), records, target, budget)[0]()
 
 
 def literature_figure(name: str, records: list[dict], target: float, budget: int):
-    kind = name.removeprefix("reproduce-")
-    if kind == "dai":
-        return dai_figure(records, target, budget)
-    if kind == "ringmaster":
-        return ringmaster_figure(records, target)
-    if kind == "mishchenko":
-        return curves_figure(records, target, lambda r: f"{r['workers']} workers",
-                             "Mishchenko: Pareto(1.5) delays")
-    return curves_figure(records, target, lambda r: f"{r['workers']} workers, "
-                         f"H={r['local_steps']}", "Liu: Local SGD, unequal speeds")
+    return _views(name.removeprefix("reproduce-"), records, target, budget)[1]()
 
 
 def write_literature(exp, records: list[dict]) -> tuple[Path, Path | None]:
