@@ -21,8 +21,10 @@ that is samples, at any K: 3,000 at batch 100 is 300,000 samples whatever K is, 
 (K = 1) is the run without ``kbatch``, bit for bit. The optimizer steps are about
 ``updates_applied / K``. A push's staleness, what the bound, ``scale``, ``adaptive`` and ``age``
 judge it by, counts updates (K-push steps) applied since its base version: about (n - 1) / K
-with n workers. The pushes of a partial sum are not in a checkpoint (at most K - 1 pushes are
-lost when the server stops).
+with n workers. The pushes of a partial sum are applied as one update of their mean when the
+server stops, before its checkpoint (``StalenessControl.flush``): a kept push is never lost.
+A periodic checkpoint does not hold them (a server killed without warning loses at most
+K - 1 pushes, answered ``applied``).
 """
 from __future__ import annotations
 

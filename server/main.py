@@ -359,6 +359,9 @@ class Server:
             if not self.store.has_model:
                 log.info("no model yet (no worker said hello with one): no checkpoint written")
             else:
+                kept = self.core.control.flush()     # kbatch: a partial sum is applied
+                if kept:
+                    log.info("applied the %d kept push(es) of a partial K-batch", kept)
                 path = self.checkpoint()
                 log.info("checkpoint at version %d written to %s", self.store.version, path)
         finally:

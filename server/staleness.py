@@ -368,6 +368,19 @@ class StalenessControl:
         kb.mark(store.version, count)
         return Outcome(True, staleness, store.version, lr)
 
+    def flush(self) -> int:
+        """Apply what is kept but not yet applied (kbatch: a partial sum of fewer than K
+        pushes, answered ``applied``) as one update of those pushes, as the server stops and
+        before its checkpoint: a kept push is never lost. Returns the pushes applied."""
+        kb, store = self.kb, self.store
+        if kb is None or kb.count == 0:
+            return 0
+        count, factor = kb.take_mean(store.grad)
+        factor *= kbatch_lr_factor(count, self.cfg.server.kbatch_lr)
+        self._step(server_lr(self.cfg, store.version) * factor, advance=count)
+        kb.mark(store.version, count)
+        return count
+
     def _step(self, lr: float, grad: torch.Tensor | None = None, advance: int = 1) -> None:
         # look-ahead (server.lookahead) predicts the served weights at the next update's rate
         store = self.store

@@ -211,6 +211,14 @@ def test_kbatch_through_a_real_server(start_server, make_config, clients):
     assert r["applied"] and r["staleness"] == 1 and r["version"] == 2
     stats = c0.stats()
     assert stats["version"] == 2 and stats["updates_dropped"] == 0
+    # stopped, the server applies the kept push (a partial sum of 1) before its checkpoint
+    from asgd.core.checkpoint import load_checkpoint
+
+    assert server.stop() == 0
+    ckpt = load_checkpoint(server.run_dir / "checkpoint")
+    saved = np.concatenate([t.reshape(-1).numpy() for t in ckpt.weights().values()])
+    assert ckpt.version == 3
+    assert np.array_equal(saved, start - np.float32(1.0) - np.float32(0.5))   # 1 at 0.5
 
 
 @pytest.mark.slow
@@ -237,3 +245,17 @@ def test_the_rate_of_a_k_push_update(rule, lr):
         out = push(ctl, "w0", 0, g)
     # the mean [0.5, 0.5] at the rate lr
     assert out.lr == lr and weights(ctl) == [1.0 - lr / 2, 2.0 - lr / 2]
+
+
+def test_a_partial_sum_is_applied_when_the_server_stops():
+    """flush (called by the server before its last checkpoint): the pushes kept below K are
+    one update of their mean, the version moves by their count; nothing kept is lost."""
+    ctl = control(**{"server.kbatch": 4})
+    push(ctl, "w0", 0, [2.0, 0.0])
+    push(ctl, "w1", 0, [0.0, 4.0])
+    assert weights(ctl) == [1.0, 2.0] and ctl.store.version == 0
+    assert ctl.flush() == 2
+    # the mean [1, 2] at 0.5: [1, 2] - [0.5, 1] = [0.5, 1]
+    assert weights(ctl) == [0.5, 1.0] and ctl.store.version == 2
+    assert ctl.kb.count == 0 and ctl.flush() == 0 and weights(ctl) == [0.5, 1.0]
+    assert control(**{"server.policy": "scale"}).flush() == 0   # nothing kept without kbatch
