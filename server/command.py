@@ -40,11 +40,13 @@ def server_command(config_path, bind, overrides, run_dir, checkpoint_dir, resume
     Options not given come from the environment: ASGD_BIND, ASGD_SHARD, ASGD_WORKERS
     (run.workers); see docs/deploy.md."""
     from asgd.config import env as envlib
+    from asgd.config import split_batch
 
     environ = envlib.environ()
     try:
         overrides = envlib.with_workers(overrides, envlib.workers(overrides, environ, None))
         cfg = config_or_exit(config_path, overrides)
+        cfg = split_batch(cfg)     # as asgd launch does: both sides derive the same numbers
         where = envlib.bind(bind, environ)
         shard = envlib.shard(shard, environ, cfg.server.shards)
     except envlib.EnvError as e:

@@ -88,7 +88,7 @@ TEST_CONFIG = {
     "data": {"name": "mnist1d"},
     "optimizer": {"name": "adam", "lr": 0.01},
     "server": {"stats_every_s": 0.5, "policy": "none", "max_staleness": None},
-    "worker": {"batch_size": 50, "threads": 1},
+    "worker": {"batch_size": 50, "batch_split": False, "threads": 1},   # whole batches
     "run": {"workers": 2, "max_seconds": 600},     # a bound only: runs end on their budgets
 }
 

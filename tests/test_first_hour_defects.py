@@ -206,6 +206,7 @@ def test_a_launch_on_a_terminal_keeps_its_bar_and_counts_local_steps(child_env, 
         [sys.executable, "-m", "asgd.cli", "launch", "--set", f"run.out_dir={tmp_path}",
          "--set", "model.args={channels: 8}", "--set", "worker.batch_size=50",
          "--set", "worker.exchange.local_steps=8", "--set", "run.max_updates=100",
+         "--set", "worker.batch_split=false",        # the budget as given: 100 pushes
          "--set", "run.eval_every_s=0"], child_env, tmp_path, timeout_s=240)
     assert code == 0, out[-3000:]
     assert re.search(r"\[#+-*\]  updates \d+/100", out), out[-3000:]     # the bar, drawn

@@ -97,7 +97,7 @@ def step(config_path, workers, steps, overrides):
     try:
         cfg = load_config(config_path or default_config_path(), list(overrides))
         cfg = cfg.replace(**{"run.workers": workers, "worker.max_steps": steps,
-                             "run.max_updates": 0})
+                             "run.max_updates": 0, "worker.batch_split": False})
     except ConfigError as e:
         raise click.ClickException(str(e))
     click.echo(json.dumps(run_step(cfg)))

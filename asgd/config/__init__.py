@@ -27,7 +27,8 @@ parsed as YAML scalars. The flat keys from before the sub-sections (``worker.ove
 from asgd.config.aliases import ALIASES
 from asgd.config.checks import RAY_RESOURCES, ConfigError
 from asgd.config.load import (apply_overrides, default_config_path, did_you_mean, dump_config,
-                              from_dict, load_config, resolve_workers, save_config)
+                              from_dict, load_config, resolve_workers, save_config,
+                              split_batch)
 from asgd.config.sections import (OPTIMIZERS, SCHEDULES, AugmentConfig, Config, DataConfig,
                                   ModelConfig, OptimizerConfig, RunConfig, ScheduleConfig,
                                   validate)
@@ -38,6 +39,7 @@ from asgd.config.worker import (PRECISIONS, SPLITS, ExchangeConfig, StagesConfig
 __all__ = [
     "ALIASES", "RAY_RESOURCES", "ConfigError", "apply_overrides", "default_config_path",
     "did_you_mean", "dump_config", "from_dict", "load_config", "resolve_workers", "save_config",
+    "split_batch",
     "OPTIMIZERS", "SCHEDULES", "AugmentConfig", "Config", "DataConfig", "ModelConfig",
     "OptimizerConfig", "RunConfig", "ScheduleConfig", "validate", "OuterConfig",
     "ServerAuthConfig", "ServerConfig", "SpinConfig", "PRECISIONS", "SPLITS", "ExchangeConfig",

@@ -174,6 +174,46 @@ def load_config(path: str | Path | None = None, overrides=()) -> Config:
     return apply_overrides(cfg, overrides) if overrides else cfg
 
 
+def split_batch(cfg: Config) -> Config:
+    """The run as its built-in workers train it. With ``worker.batch_split`` (the default
+    run's), each of the ``run.workers`` workers takes b = round(batch_size / workers) samples
+    a step, and the settings counted in server versions (``run.max_updates``,
+    ``schedule.warmup``, ``schedule.total``, ``schedule.step_size``, ``server.max_staleness``,
+    ``server.checkpoint_every``) are multiplied by batch_size / b, so that they keep counting
+    the samples they count at one worker. A push is still about n - 1 versions old with n
+    workers, but those versions now hold about one batch of samples in all: the staleness
+    measured in samples stays about one batch, whatever the number of workers, and nothing
+    needs to be dropped (docs/experiments.md, "Every push counts: the batch split"). Under
+    ``sync`` a version is a round of every worker's b, batch_size samples: the batch is split
+    and nothing scaled.
+
+    Returns the config with those numbers made explicit and ``batch_split`` false, so that
+    applying it again (every process of a launch reads the run directory's config.yaml)
+    changes nothing. A run without a built-in model (a server for scripts, which own their
+    batches) or of one worker keeps its numbers."""
+    if not cfg.worker.batch_split:
+        return cfg
+    n, batch = cfg.run.workers, cfg.worker.batch_size
+    if n <= 1 or not cfg.model.name:
+        return cfg.replace(**{"worker.batch_split": False})
+    from asgd.core.policies import parse_policy
+
+    b = max(1, round(batch / n))
+    f = 1.0 if "sync" in parse_policy(cfg.server.policy) else batch / b
+
+    def scaled(v):          # 0 and null mean "none": they stay so
+        return v if not v else max(1, round(v * f))
+
+    s = cfg.schedule
+    return cfg.replace(**{
+        "worker.batch_split": False, "worker.batch_size": b,
+        "run.max_updates": scaled(cfg.run.max_updates),
+        "schedule.warmup": round(s.warmup * f), "schedule.total": scaled(s.total),
+        "schedule.step_size": scaled(s.step_size),
+        "server.max_staleness": scaled(cfg.server.max_staleness),
+        "server.checkpoint_every": scaled(cfg.server.checkpoint_every)})
+
+
 def resolve_workers(value, cfg: Config, gpus: int | None = None) -> int:
     """The number of workers ``--workers VALUE`` asks for: a count as it is, or ``auto``:
     one worker per GPU on a machine with GPUs (worker r then runs on ``cuda:r``), else the

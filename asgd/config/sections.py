@@ -115,7 +115,7 @@ class RunConfig:
     seed: int = 0
     workers: int = 2
     max_updates: int = 3000       # stop once the server's version reaches this (0 = none)
-    max_seconds: float = 75.0     # stop the workers after this long (0 = none)
+    max_seconds: float = 300.0    # stop the workers after this long (0 = none)
     eval_every_s: float = 2.0     # evaluate the live weights this often during a launch (0 = never)
     eval_batch_size: int = 1000
     max_restarts: int = 3         # asgd launch: dead workers and servers restarted, in all per run

@@ -116,6 +116,10 @@ class WorkerAuthConfig:
 @dataclass(frozen=True)
 class WorkerConfig:
     batch_size: int = 100
+    # the run's batch split among its built-in workers: each of run.workers takes
+    # batch_size / workers a step, and the settings counted in updates are scaled to keep
+    # counting the same samples (asgd.config.split_batch); false: batch_size each
+    batch_split: bool = True
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     threads: int = 1              # torch.set_num_threads for each worker process
     request_timeout_s: float = 30.0   # longer than server.worker_timeout_s: ssp/sync hold replies

@@ -48,6 +48,11 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, damaged or not one of ours."""
 
 
+class NonFiniteCheckpoint(CheckpointError):
+    """A checkpoint whose weights or optimizer state hold NaN or Inf: what a diverged run
+    leaves."""
+
+
 @dataclass
 class Checkpoint:
     version: int
@@ -233,14 +238,15 @@ def load_file(path: Path) -> Checkpoint:
     for k, v in (scalars.items() if isinstance(scalars, dict) else ()):
         x = v.get("tensor") if isinstance(v, dict) else v
         if isinstance(x, float) and not math.isfinite(x):
-            raise CheckpointError(f"{path}: optimizer state {k} is {x}; refusing to use it")
+            raise NonFiniteCheckpoint(f"{path}: optimizer state {k} is {x}; refusing to use "
+                                      "it")
     by_name = {}
     for t in tensors:
         x = t.to_torch().clone()
         if x.is_floating_point() and not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).sum())
-            raise CheckpointError(f"{path}: {t.name} holds {bad} non-finite value(s) "
-                                  "(NaN or Inf); refusing to use it")
+            raise NonFiniteCheckpoint(f"{path}: {t.name} holds {bad} non-finite value(s) "
+                                      "(NaN or Inf); refusing to use it")
         by_name[t.name] = x
     span = header.get("span")
     if span is not None and not (isinstance(span, list) and len(span) == 2 and

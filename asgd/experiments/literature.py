@@ -44,7 +44,7 @@ TINY_DATA = {"data.name": "synthetic", "data.args": {"n_train": 4096, "n_test": 
 BASE = {"model.name": "mlp", "model.args": {"hidden": [128]}, "worker.batch_size": 32,
         "worker.threads": 1, "schedule.kind": "constant", "schedule.warmup": 0,
         "server.policy": "none", "server.max_staleness": None, "run.seed": 0,
-        "run.max_seconds": 1e9}
+        "run.max_seconds": 1e9, "worker.batch_split": False}
 EVALS = 60     # evaluations a run: samples to a target to within 1/60 of the budget
 
 # Dai et al.: the optimizers (name, momentum, lr: each SGD variant at its usual rate) and two

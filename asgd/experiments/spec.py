@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from asgd.config import Config
+from asgd.config import Config, split_batch
 
 FIELDS = ("experiment", "label", "policy", "workers", "local_steps", "slow_factor", "delay_s", "repeat",
           "delay_model", "simulated", "status", "bytes_moved",
@@ -79,5 +79,10 @@ class Experiment:
         }
         if spec.policy not in ("ddp", "single"):
             overrides["server.policy"] = spec.policy
+        if spec.policy in ("sync", "ddp", "single"):
+            # their updates above count rounds of whole batches per worker, as measured
+            overrides["worker.batch_split"] = False
         overrides.update(dict(spec.overrides))
-        return self.base.replace(**overrides)
+        # with worker.batch_split (configs/default.yaml's, not experiments.yaml's) the budget
+        # above, in pushes of the whole batch, is scaled to the split batch's pushes
+        return split_batch(self.base.replace(**overrides))

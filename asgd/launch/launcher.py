@@ -37,7 +37,7 @@ import signal
 import time
 from pathlib import Path
 
-from asgd.config import Config, save_config
+from asgd.config import Config, save_config, split_batch
 from asgd.launch.checks import (LaunchError, check_before_start, check_imports,  # noqa: F401
                                 checkpoint_state, make_run_dir, prepare_task, resume_config)
 from asgd.launch.display import Display, Monitor
@@ -56,7 +56,10 @@ FAULT_ENV = "ASGD_FAULT"     # worker/train.py's crash switch: not passed to a r
 
 
 def launch(cfg: Config, quiet: bool = False) -> dict:
-    """Run a whole cluster on this machine; returns the summary (also in summary.json)."""
+    """Run a whole cluster on this machine; returns the summary (also in summary.json).
+    The run directory's config.yaml, which every process reads, is ``cfg`` with the batch
+    split among the workers (asgd.config.split_batch)."""
+    cfg = split_batch(cfg)
     check_imports(cfg)
     task = check_before_start(cfg)
     run_dir = make_run_dir(cfg)
@@ -328,7 +331,7 @@ class Launch(Restarts):
 
     def _final_evaluation(self, summary: dict) -> None:
         """The checkpoint's weights on the held-out split: test_accuracy, test_loss."""
-        from asgd.core.checkpoint import load_checkpoint
+        from asgd.core.checkpoint import NonFiniteCheckpoint, load_checkpoint
         from asgd.tasks.evaluate import evaluate_flat
 
         try:
@@ -342,8 +345,10 @@ class Launch(Restarts):
             if not self.interrupted and not self.stop_now:   # untrained: not a divergence
                 self._judge(self.guard.final(acc))
         except (OSError, ValueError) as e:
-            self.failures.append(f"final evaluation failed: {e}")
             summary.update(test_accuracy=None, test_loss=None)
+            if isinstance(e, NonFiniteCheckpoint) and self.diverged:
+                return      # the divergence is the run's verdict: its weights are not numbers
+            self.failures.append(f"final evaluation failed: {e}")
 
     def _summary_fields(self) -> dict:
         """More of the summary, from a subclass."""
