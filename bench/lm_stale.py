@@ -9,6 +9,7 @@ does to the loss, isolated from processes, transport and timing.
     python bench/lm_stale.py --tau 0 --data all             # the plain process exactly
     python bench/lm_stale.py --tau 1 --rule lookahead       # the server's look-ahead
     python bench/lm_stale.py --tau 1 --beta1 0.5            # less explicit momentum
+    python bench/lm_stale.py --tau 1 --rule lookahead --cautious   # and the cautious mask
 
 Prints one JSON object a validation (step, validation loss) and the last line is the whole
 curve. ``--data all``: one generator over all the training text, as the plain process (with
@@ -19,7 +20,9 @@ Rules: ``adamw`` (torch's, on one flat parameter); ``lookahead`` (the gradient c
 weights predicted for when it lands: w - tau x the update AdamW would make from its moments
 alone, DANA's idea for Adam); ``dc`` (DC-ASGD-a's compensation g + lambda g*g*(w_now -
 w_then) / sqrt(mean g^2) before AdamW, as the server's ``dc`` policy); ``scale`` (the rate
-times 1 / (1 + tau)).
+times 1 / (1 + tau)). ``--cautious`` (with any rule): AdamW's step only where it agrees in sign
+with the gradient, rescaled by the share kept (C-AdamW, Liang et al. 2024), written out here
+on the same state as torch's AdamW.
 """
 from __future__ import annotations
 
@@ -47,6 +50,8 @@ def main() -> None:
     ap.add_argument("--beta1", type=float, default=0.9)
     ap.add_argument("--beta2", type=float, default=0.95)
     ap.add_argument("--dc-lambda", type=float, default=2.0)
+    ap.add_argument("--cautious", action="store_true",
+                    help="AdamW's step only where it agrees in sign with the gradient")
     ap.add_argument("--ahead", type=float, default=None,
                     help="with --rule lookahead: how many updates ahead to look (default: tau)")
     a = ap.parse_args()
@@ -114,7 +119,10 @@ def main() -> None:
             for group in opt.param_groups:
                 group["lr"] /= 1 + a.tau
         w.grad = g
-        opt.step()                               # the schedule's hook sets the next rate
+        if a.cautious:
+            cautious_step(opt, w, g)
+        else:
+            opt.step()                           # the schedule's hook sets the next rate
         sent.append((w.detach().clone(), reply()))
         if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
             rec = {"step": step + 1, "val_loss": round(val_loss(), 4),
@@ -122,6 +130,29 @@ def main() -> None:
             curve.append(rec)
             print(json.dumps(rec), flush=True)
     print(json.dumps({"args": vars(a), "curve": curve}))
+
+
+@torch.no_grad()
+def cautious_step(opt, w, g) -> None:
+    """One AdamW step on ``w`` (the state torch's AdamW keeps, so that look-ahead reads it)
+    with the update masked where it disagrees in sign with ``g``, then the optimizer's step
+    hooks (the example's schedule)."""
+    group, st = opt.param_groups[0], opt.state[w]
+    if "exp_avg" not in st:
+        st.update(exp_avg=torch.zeros_like(w), exp_avg_sq=torch.zeros_like(w),
+                  step=torch.tensor(0.0))
+    b1, b2 = group["betas"]
+    st["step"] += 1
+    k = float(st["step"])
+    st["exp_avg"].lerp_(g, 1 - b1)
+    st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+    u = (st["exp_avg"] / (1 - b1 ** k)) / ((st["exp_avg_sq"] / (1 - b2 ** k)).sqrt()
+                                         + group["eps"])
+    mask = (u * g > 0).to(u.dtype)
+    u.mul_(mask / mask.mean().clamp(min=1e-3))
+    w.mul_(1 - group["lr"] * group["weight_decay"]).add_(u, alpha=-group["lr"])
+    for hook in list(opt._optimizer_step_post_hooks.values()):
+        hook(opt, (), {})
 
 
 if __name__ == "__main__":
