@@ -105,3 +105,24 @@ def test_a_launch_trains_each_worker_on_its_part_of_the_batch(tmp_path):
     done = [r for r in records if r.get("kind") == "worker_done"]
     assert len(done) == 4 and all(r["step"] > 0 for r in done)
     assert all(r["samples"] == 25 * r["step"] for r in done)     # 25 samples a step
+
+
+def test_a_run_made_before_the_split_is_resumed_with_whole_batches(tmp_path):
+    """A run directory whose config.yaml has no worker.batch_split trained whole batches; the
+    default (split) must not change that when it goes on."""
+    from asgd.config import dump_config
+    from asgd.launch.checks import resume_config
+
+    old = yaml.safe_load(dump_config(load_config(DEFAULT)))
+    del old["worker"]["batch_split"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.asgd").write_bytes(b"")
+    cfg, _ = resume_config(tmp_path, ["run.max_updates=6000"])
+    assert cfg.worker.batch_split is False and cfg.run.max_updates == 6000
+    assert split_batch(cfg).worker.batch_size == 100
+    # a run made since keeps what it says
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
+        yaml.safe_load(dump_config(split_batch(with_workers(4))))))
+    cfg, _ = resume_config(tmp_path)
+    assert cfg.worker.batch_size == 25 and cfg.run.max_updates == 12000

@@ -112,6 +112,20 @@ def check_before_start(cfg: Config):
         raise LaunchError(str(e)) from None
 
 
+def whole_batches(run_dir: Path) -> list[str]:
+    """A run made before ``worker.batch_split`` existed trained each worker on the whole
+    batch: its config.yaml, which lacks the key, goes on that way (the default would split)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []          # load_config says what is wrong with it
+    worker = saved.get("worker") if isinstance(saved, dict) else None
+    return [] if isinstance(worker, dict) and "batch_split" in worker else \
+        ["worker.batch_split=false"]
+
+
 def resume_config(run_dir, overrides=(), builtin_workers: bool = True
                   ) -> tuple[Config, Path]:
     """The config of a run to go on with (its config.yaml with ``overrides``), checked: it
@@ -120,7 +134,7 @@ def resume_config(run_dir, overrides=(), builtin_workers: bool = True
     if not (run_dir / "config.yaml").is_file():
         raise LaunchError(f"{run_dir} is not a run directory: it has no config.yaml")
     try:
-        cfg = load_config(run_dir / "config.yaml", list(overrides))
+        cfg = load_config(run_dir / "config.yaml", whole_batches(run_dir) + list(overrides))
     except ConfigError as e:
         raise LaunchError(str(e)) from None
     check_imports(cfg, builtin_workers)
