@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from asgd.config import load_config
+from asgd.config import load_config, split_batch
 from asgd.tasks.evaluate import evaluate_checkpoint
 from asgd.metrics import read_metrics
 from asgd.core.checkpoint import load_checkpoint
@@ -39,17 +39,19 @@ def test_launch_trains_mnist1d_with_two_workers(processes, tmp_path, mnist1d_cac
     assert printed["test_accuracy"] == summary["test_accuracy"]
     assert summary["workers"] == 2
     assert summary["updates_applied"] >= MAX_UPDATES
-    # the default bound drops exactly the pushes staler than server.max_staleness (3)
-    dropped = sum(n for s, n in summary["staleness_histogram"].items() if int(s) > 3)
+    # the run's config: the default's, with the batch split between the two workers
+    cfg = load_config(run_dir / "config.yaml")
+    assert cfg == split_batch(load_config(DEFAULT_CONFIG, [f"run.out_dir={out}",
+                                                           f"run.max_updates={MAX_UPDATES}",
+                                                           "run.max_seconds=0"]))
+    assert cfg.worker.batch_size == 50 and cfg.server.max_staleness == 6
+    # the bound drops exactly the pushes staler than server.max_staleness
+    bound = cfg.server.max_staleness
+    dropped = sum(n for s, n in summary["staleness_histogram"].items() if int(s) > bound)
     assert summary["updates_dropped"] == dropped
     assert 0 <= summary["staleness_mean"] <= summary["staleness_max"]
     assert summary["samples_per_s"] > 0 and summary["wall_s"] > 0
     assert summary.get("status") == "ok"
-
-    cfg = load_config(run_dir / "config.yaml")
-    assert cfg == load_config(DEFAULT_CONFIG, [f"run.out_dir={out}",
-                                               f"run.max_updates={MAX_UPDATES}",
-                                               "run.max_seconds=0"])
 
     records = read_metrics(run_dir / "metrics.jsonl")
     assert all(isinstance(r["t"], (int, float)) and "kind" in r for r in records)

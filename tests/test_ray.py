@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from asgd.config import load_config
+from asgd.config import load_config, split_batch
 from asgd.core.checkpoint import load_checkpoint
 from asgd.metrics import read_metrics
 from tests.conftest import DEFAULT_CONFIG
@@ -228,7 +228,7 @@ def test_the_default_run_trains_on_a_local_ray_instance_of_two_cpus(
     assert summary["on"] == "ray" and summary["workers"] == 2
     assert summary["deaths"] == [] and summary["restarts"] == [] and summary["failures"] == []
     assert load_config(run_dir / "config.yaml") == \
-        load_config(DEFAULT_CONFIG, ["run.max_seconds=0"])
+        split_batch(load_config(DEFAULT_CONFIG, ["run.max_seconds=0"]))    # as a local launch
     assert load_checkpoint(run_dir / "checkpoint").version >= 3000
     assert sorted(p.name for p in (run_dir / "logs").iterdir()) == \
         ["server.log", "worker-0.log", "worker-1.log"]
@@ -266,7 +266,8 @@ def test_on_a_ray_cluster_ray_restarts_a_killed_server_and_a_crashed_worker(
     run_dir = (tmp_path / "runs" / "faults").resolve()
     sets = {"run.out_dir": tmp_path / "runs", "run.name": "faults",
             "server.checkpoint_every": 250, "worker.request_timeout_s": 3,
-            "worker.reconnect_timeout_s": 60, "run.max_seconds": 0}   # the budget: updates
+            "worker.reconnect_timeout_s": 60, "run.max_seconds": 0,   # the budget: updates
+            "worker.batch_split": "false"}      # whole batches: the versions as counted here
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     env = dict(ray_env, ASGD_FAULT="exit:100:1")
     killed: dict = {}
