@@ -176,15 +176,15 @@ def load_config(path: str | Path | None = None, overrides=()) -> Config:
 
 def split_batch(cfg: Config) -> Config:
     """The run as its built-in workers train it. With ``worker.batch_split`` (the default
-    run's), each of the ``run.workers`` workers takes b = round(batch_size / workers) samples
-    a step, and the settings counted in server versions (``run.max_updates``,
+    run's), each of the n = ``run.workers`` workers takes b = round(batch_size / (n - 1))
+    samples a step, and the settings counted in server versions (``run.max_updates``,
     ``schedule.warmup``, ``schedule.total``, ``schedule.step_size``, ``server.max_staleness``,
     ``server.checkpoint_every``) are multiplied by batch_size / b, so that they keep counting
-    the samples they count at one worker. A push is still about n - 1 versions old with n
-    workers, but those versions now hold about one batch of samples in all: the staleness
-    measured in samples stays about one batch, whatever the number of workers, and nothing
-    needs to be dropped (docs/experiments.md, "Every push counts: the batch split"). Under
-    ``sync`` a version is a round of every worker's b, batch_size samples: the batch is split
+    the samples they count at one worker. A push is about n - 1 versions old with n workers;
+    split so, those versions hold one batch of samples in all, as at two workers (where
+    nothing changes): the staleness measured in samples stays one batch whatever the number
+    of workers, and nothing needs to be dropped (docs/experiments.md, "Every push counts: the
+    batch split"). Under ``sync`` a version is a round of every worker's b: the batch is split
     and nothing scaled.
 
     Returns the config with those numbers made explicit and ``batch_split`` false, so that
@@ -198,7 +198,7 @@ def split_batch(cfg: Config) -> Config:
         return cfg.replace(**{"worker.batch_split": False})
     from asgd.core.policies import parse_policy
 
-    b = max(1, round(batch / n))
+    b = max(1, round(batch / (n - 1)))
     f = 1.0 if "sync" in parse_policy(cfg.server.policy) else batch / b
 
     def scaled(v):          # 0 and null mean "none": they stay so

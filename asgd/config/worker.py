@@ -116,8 +116,8 @@ class WorkerAuthConfig:
 @dataclass(frozen=True)
 class WorkerConfig:
     batch_size: int = 100
-    # the run's batch split among its built-in workers: each of run.workers takes
-    # batch_size / workers a step, and the settings counted in updates are scaled to keep
+    # the run's batch split among its built-in workers: each of n = run.workers takes
+    # batch_size / (n - 1) a step, and the settings counted in updates are scaled to keep
     # counting the same samples (asgd.config.split_batch); false: batch_size each
     batch_split: bool = True
     device: str = "auto"          # auto | cpu | cuda | cuda:N
