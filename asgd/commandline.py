@@ -52,6 +52,17 @@ def config_or_exit(path, overrides):
         raise click.ClickException(str(e))
 
 
+def split_or_exit(cfg):
+    """``cfg`` as its built-in workers train it (asgd.config.split_batch), or exit with the
+    reason it cannot be split."""
+    from asgd.config import split_batch
+
+    try:
+        return split_batch(cfg)
+    except ConfigError as e:
+        raise click.ClickException(str(e))
+
+
 def fast_exit(code: int) -> None:
     """Exit a server or worker process once its work is written: streams and logs flushed,
     then ``os._exit``, skipping interpreter teardown (torch's takes most of a second, and the

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from asgd.commandline import config_or_exit, endpoint_or_exit, fast_exit
+from asgd.commandline import config_or_exit, split_or_exit, endpoint_or_exit, fast_exit
 
 
 @click.command("server")
@@ -40,13 +40,12 @@ def server_command(config_path, bind, overrides, run_dir, checkpoint_dir, resume
     Options not given come from the environment: ASGD_BIND, ASGD_SHARD, ASGD_WORKERS
     (run.workers); see docs/deploy.md."""
     from asgd.config import env as envlib
-    from asgd.config import split_batch
 
     environ = envlib.environ()
     try:
         overrides = envlib.with_workers(overrides, envlib.workers(overrides, environ, None))
         cfg = config_or_exit(config_path, overrides)
-        cfg = split_batch(cfg)     # as asgd launch does: both sides derive the same numbers
+        cfg = split_or_exit(cfg)   # as asgd launch does: both sides derive the same numbers
         where = envlib.bind(bind, environ)
         shard = envlib.shard(shard, environ, cfg.server.shards)
     except envlib.EnvError as e:

@@ -129,3 +129,20 @@ def test_a_run_made_before_the_split_is_resumed_with_whole_batches(tmp_path):
         yaml.safe_load(dump_config(split_batch(with_workers(4))))))
     cfg, _ = resume_config(tmp_path)
     assert cfg.worker.batch_size == 33 and cfg.run.max_updates == 9091
+
+
+def test_a_setting_the_share_cannot_take_is_one_clear_error(tmp_path):
+    """20 micro-batches fit the whole batch of 100, not 16 workers' 7 each: refused before
+    anything starts, naming the split and the way out, and no run directory is left."""
+    from asgd.config import ConfigError
+
+    cfg = with_workers(16, **{"worker.stages.microbatches": 20})
+    with pytest.raises(ConfigError, match="worker.batch_split: 16 workers take 7 samples"):
+        split_batch(cfg)
+    out = subprocess.run(
+        [sys.executable, "-m", "asgd.cli", "launch", "--quiet", "--workers", "16",
+         "--set", "worker.stages.microbatches=20", "--set", f"run.out_dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "worker.batch_split=false" in out.stderr and "micro-batches" in out.stderr
+    assert not any(tmp_path.iterdir())

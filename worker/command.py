@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from asgd.commandline import config_or_exit, echo, endpoint_or_exit, fast_exit
+from asgd.commandline import config_or_exit, split_or_exit, echo, endpoint_or_exit, fast_exit
 
 
 @click.command("worker")
@@ -45,7 +45,6 @@ def worker_command(config_path, endpoint, server_file, rank, worker_id, override
     ASGD_RANK_FROM_HOSTNAME=1, or SLURM_PROCID), ASGD_WORKERS (or SLURM_NTASKS) for
     run.workers; see docs/deploy.md."""
     from asgd.config import env as envlib
-    from asgd.config import split_batch
 
     environ = envlib.environ()
     server_file = list(server_file) or None
@@ -60,7 +59,7 @@ def worker_command(config_path, endpoint, server_file, rank, worker_id, override
         world = envlib.workers(overrides, environ, placed.source)
         overrides = envlib.with_workers(overrides, world)
         cfg = config_or_exit(config_path, overrides)
-        cfg = split_batch(cfg)     # as asgd launch does: both sides derive the same numbers
+        cfg = split_or_exit(cfg)   # as asgd launch does: both sides derive the same numbers
         rank = envlib.check_rank(placed, cfg.run.workers, world)
     except envlib.EnvError as e:
         raise click.UsageError(str(e))

@@ -205,13 +205,18 @@ def split_batch(cfg: Config) -> Config:
         return v if not v else max(1, round(v * f))
 
     s = cfg.schedule
-    return cfg.replace(**{
-        "worker.batch_split": False, "worker.batch_size": b,
-        "run.max_updates": scaled(cfg.run.max_updates),
-        "schedule.warmup": round(s.warmup * f), "schedule.total": scaled(s.total),
-        "schedule.step_size": scaled(s.step_size),
-        "server.max_staleness": scaled(cfg.server.max_staleness),
-        "server.checkpoint_every": scaled(cfg.server.checkpoint_every)})
+    try:
+        return cfg.replace(**{
+            "worker.batch_split": False, "worker.batch_size": b,
+            "run.max_updates": scaled(cfg.run.max_updates),
+            "schedule.warmup": round(s.warmup * f), "schedule.total": scaled(s.total),
+            "schedule.step_size": scaled(s.step_size),
+            "server.max_staleness": scaled(cfg.server.max_staleness),
+            "server.checkpoint_every": scaled(cfg.server.checkpoint_every)})
+    except ConfigError as e:     # a setting the whole batch allows and a share does not
+        raise ConfigError(f"worker.batch_split: {n} workers take {b} samples a step each "
+                          f"(worker.batch_size {batch} / {n - 1}), and then {e}; give a "
+                          "larger worker.batch_size, or worker.batch_split=false") from None
 
 
 def resolve_workers(value, cfg: Config, gpus: int | None = None) -> int:

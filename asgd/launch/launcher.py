@@ -37,7 +37,7 @@ import signal
 import time
 from pathlib import Path
 
-from asgd.config import Config, save_config, split_batch
+from asgd.config import Config, ConfigError, save_config, split_batch
 from asgd.launch.checks import (LaunchError, check_before_start, check_imports,  # noqa: F401
                                 checkpoint_state, make_run_dir, prepare_task, resume_config)
 from asgd.launch.display import Display, Monitor
@@ -59,7 +59,10 @@ def launch(cfg: Config, quiet: bool = False) -> dict:
     """Run a whole cluster on this machine; returns the summary (also in summary.json).
     The run directory's config.yaml, which every process reads, is ``cfg`` with the batch
     split among the workers (asgd.config.split_batch)."""
-    cfg = split_batch(cfg)
+    try:
+        cfg = split_batch(cfg)
+    except ConfigError as e:
+        raise LaunchError(str(e)) from None
     check_imports(cfg)
     task = check_before_start(cfg)
     run_dir = make_run_dir(cfg)

@@ -319,7 +319,7 @@ def launch_on_ray(cfg: Config, quiet: bool = False, address: str | None = None,
     actors: on the cluster at ``address``, else on a local instance of ``num_cpus`` CPUs."""
     import shutil
 
-    from asgd.config import split_batch
+    from asgd.config import ConfigError, split_batch
     from asgd.launch.launcher import check_imports, make_run_dir, resume_config
 
     import_ray()
@@ -327,7 +327,10 @@ def launch_on_ray(cfg: Config, quiet: bool = False, address: str | None = None,
         cfg, run_dir = resume_config(resume_dir, overrides)
         return RayLaunch(cfg, run_dir, quiet, resume=True, address=address,
                          num_cpus=num_cpus).run()
-    cfg = split_batch(cfg)
+    try:
+        cfg = split_batch(cfg)
+    except ConfigError as e:
+        raise LaunchError(str(e)) from None
     check_imports(cfg)
     run_dir = make_run_dir(cfg)
     try:
