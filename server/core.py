@@ -16,13 +16,12 @@ were. What a push does is ``server.staleness``'s to decide; a policy may hold a 
 sync), and ``handle`` then returns no reply for it now and the held one later. Nothing a
 client sends can make ``handle`` raise.
 
-A gradient arrives in one of three forms, and the weights go back the same way:
-per parameter (a frame each, the protocol's first form), flat (the whole vector in chunks of a
-few MiB, optionally encoded: fp16, bf16, int8, top-k), or in the worker's shared-memory
-segment (same host: only the header travels). Each is copied at most once, into the store's
-gradient buffer (shared memory: read in place), checked for NaN and Inf block by block while
-in cache, and applied by one fused optimizer step. Large replies are sent without copying from
-the store's snapshot pool; small ones are copied once.
+A gradient comes per parameter (a frame each), flat (in chunks of a few MiB, maybe encoded:
+fp16, bf16, int8, top-k) or in the worker's shared-memory segment (only the header travels),
+and the weights go back the same way. Each is copied at most once, into the store's gradient
+buffer (shared memory: read in place), checked for NaN and Inf, and applied by one fused step
+(which writes a large model's weights into the segment block by block as it goes). Large
+replies are sent without copying from the store's snapshot pool; small ones are copied once.
 """
 from __future__ import annotations
 
@@ -79,6 +78,7 @@ class ServerCore:
         self.bytes_in = self.bytes_out = 0
         self.shm_bytes_in = self.shm_bytes_out = 0   # tensors moved through shared memory
         self.check = FiniteCheck()
+        self._filled = None      # (segment, version): a push's step wrote the weights there
         # this host's workers: their segments and the local socket (server.local)
         self.local = local if local is not None else LocalPeers(store.layout.numel, False)
         self._ops = {"hello": self._hello, "pull": self._pull, "push": self._push,
@@ -194,7 +194,9 @@ class ServerCore:
                 if form.segment.weights is None:   # closed by a later hello or a bye
                     return Reply(protocol.error_reply(request_id, "bad_request",
                                                       "the shared-memory segment was replaced"))
-                np.copyto(form.segment.weights[self.lo:self.hi], store.weights.numpy())
+                filled, self._filled = self._filled, None
+                if filled != (form.segment, store.version):   # not written by the step
+                    np.copyto(form.segment.weights[self.lo:self.hi], store.weights.numpy())
                 self.shm_bytes_out += store.numel * 4
                 header["shm"] = True
             out = weights_reply(store, header, form)
@@ -359,8 +361,13 @@ class ServerCore:
             return self._repeat(req, worker, identity, seq)
         base, grad = self._check_push(req)
         form = self._reply_form(req) if req.op == "push_pull" else PER_TENSOR
-        out = self.control.push(Pending(identity, req.worker, req.id, req.op, form=form,
-                                        seq=seq), base, grad)
+        store, seg = self.store, form.segment   # a step writes a segment's weights as it goes
+        store.reply_to = None if seg is None else seg.weights[self.lo:self.hi]
+        try:
+            out = self.control.push(Pending(identity, req.worker, req.id, req.op, form=form,
+                                            seq=seq), base, grad)
+        finally:
+            self._filled, store.reply_to, store.filled = (seg, store.filled), None, None
         if not out.repeat:
             k = bucket(out.staleness)
             self.staleness[k] += 1
@@ -429,15 +436,11 @@ class ServerCore:
             "workers_known": len(self.workers),
             "workers_alive": sum(now - s.last_seen <= timeout for s in self.workers.values()),
             "workers_evicted": self.evicted,
-            "repeats": self.repeats,
-            "requests": dict(self.requests),
-            "errors": dict(self.errors),
-            "waiting": self.control.waiting(),
+            "repeats": self.repeats, "requests": dict(self.requests),
+            "errors": dict(self.errors), "waiting": self.control.waiting(),
             "dc_fallbacks": self.control.dc_fallbacks,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "shm_bytes_in": self.shm_bytes_in,
-            "shm_bytes_out": self.shm_bytes_out,
+            "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "shm_bytes_in": self.shm_bytes_in, "shm_bytes_out": self.shm_bytes_out,
             "local": self.local.stats(),
             "shard": {"index": self.shard[0], "count": self.shard[1], "start": self.lo,
                       "stop": self.hi},

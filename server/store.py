@@ -40,6 +40,10 @@ from asgd.core.optim import make_outer
 from server.lookahead import LookAhead
 
 POOL_SIZE = 4          # snapshot buffers kept per wire dtype
+# a push whose reply goes into a worker's segment: the step and the copy out block by block,
+# each block of new weights copied while it is still in cache (one read of them fewer)
+FUSE_BLOCK = 1 << 20   # values a block (4 MB)
+FUSE_MIN = 4 * FUSE_BLOCK    # smaller stores: the step, then one copy
 FUSED_ADAM = {"Adam": getattr(torch, "_fused_adam_", None),
               "AdamW": getattr(torch, "_fused_adamw_", None)}
 
@@ -157,6 +161,10 @@ class ParameterStore:
         self._live = self.flat.data.numpy()
         self.moves = 0                 # copies on write (the live buffer was still being sent)
         self._fast = True              # torch's fused Adam kernel called directly (_fused_adam)
+        # where a push's reply carries the new weights (a worker's segment: set by the core
+        # around the push), and the version whose weights a step wrote there
+        self.reply_to = None
+        self.filled = None
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, cfg: Config,
@@ -261,6 +269,11 @@ class ParameterStore:
         are then predicted at ``next_lr`` (the next update's rate; default ``lr``)."""
         self._own()
         g = self.flat.grad if grad is None else grad
+        if self.reply_to is not None and self.ahead is None and torch.is_tensor(g) \
+                and self.numel >= FUSE_MIN and self._blockwise(g, lr, self.reply_to):
+            self._stepped(lr if next_lr is None else next_lr)
+            self.filled = self.version
+            return
         if isinstance(g, FlatChunks):
             if self._direct(g.spans(), lr):
                 self._stepped(lr if next_lr is None else next_lr)
@@ -339,6 +352,23 @@ class ParameterStore:
                 maximize=group["maximize"])
             return True
         return False
+
+    def _blockwise(self, g: torch.Tensor, lr: float, dest) -> bool:
+        """``_direct`` ``FUSE_BLOCK`` values at a time, each block of the new weights copied
+        into ``dest`` (a float32 array of the store's size) right after its step. The same
+        numbers as one step: the rules are elementwise, and the step counter (Adam's), which
+        each call advances, is put back before every block but the first. False where
+        ``_direct`` does not apply: nothing is stepped, the caller steps and copies."""
+        out = torch.from_numpy(dest)
+        step = (self.optimizer.state.get(self.param) or {}).get("step")
+        for a in range(0, self.numel, FUSE_BLOCK):
+            b = min(a + FUSE_BLOCK, self.numel)
+            if a and torch.is_tensor(step):
+                step -= 1
+            if not self._direct([(a, b, g[a:b])], lr):
+                return False         # only ever the first block: the rule does not change
+            out[a:b].copy_(self.param.data[a:b])
+        return True
 
     def _fused_adam(self, kernel, group, st, ps, gs, grads, lr: float) -> bool:
         """torch's fused Adam (AdamW) kernel called directly: what ``torch.optim.adam``

@@ -90,6 +90,59 @@ def test_shared_memory_moves_only_the_header(sgd_server, clients, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("optimizer", [
+    {"name": "sgd", "lr": 1.0},
+    {"name": "adam", "lr": 0.01, "betas": [0.9, 0.95], "weight_decay": 0.1}])
+def test_a_large_model_over_shared_memory_gets_every_version_whole(
+        start_server, make_config, clients, tmp_path, optimizer):
+    """Above server.store.FUSE_MIN values the step writes the pusher's segment block by block
+    as it goes, instead of one copy after it: two workers in turn, each with its segment,
+    get exactly the weights of their own push's version (the other worker's segment is
+    copied into as before), equal to the same torch optimizer stepped in one process."""
+    from server.store import FUSE_BLOCK, FUSE_MIN
+
+    server = start_server(make_config(
+        optimizer=optimizer, schedule=SGD["schedule"],
+        model={"name": "cnn1d", "args": {"channels": 896}}), bind=f"ipc://{tmp_path}/s.sock")
+    a, b = clients(server.endpoint, "a"), clients(server.endpoint, "b")
+    _, tensors = a.hello(rank=0)
+    numel = sum(t.array.size for t in tensors)
+    assert numel >= FUSE_MIN and numel % FUSE_BLOCK      # several blocks, a short last one
+    segs = [Segment.create(numel), Segment.create(numel)]
+    try:
+        for c, seg, rank in ((a, segs[0], 0), (b, segs[1], 1)):
+            c.hello(rank=rank, shm=seg)
+            assert c.segment is seg, c.shm_refused
+        version, w0 = flat_weights(a, numel)
+        ref = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+        kw = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in optimizer.items() if k != "name"}
+        opt = (torch.optim.SGD if optimizer["name"] == "sgd" else torch.optim.Adam)([ref], **kw)
+        rng = np.random.default_rng(0)
+        out = np.empty(numel, np.float32)
+        for k in range(6):
+            c, seg = (a, segs[0]) if k % 2 == 0 else (b, segs[1])
+            g = rng.normal(size=numel).astype(np.float32) * 1e-2
+            seg.grad(0)[:] = g
+            reply = c.push_pull_flat(version, None, out, slot=0)
+            assert reply["version"] == version + 1 and reply["applied"], reply
+            ref.grad = torch.from_numpy(g)
+            opt.step()
+            assert np.array_equal(seg.weights, out)
+            np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+            other = segs[1] if c is a else segs[0]
+            pulled = np.empty(numel, np.float32)
+            assert (b if c is a else a).pull_flat(pulled) == reply["version"]
+            assert np.array_equal(pulled, out) and np.array_equal(other.weights, out)
+            version = reply["version"]
+    finally:
+        for c in (a, b):
+            c.bye()
+        for seg in segs:
+            seg.close()
+
+
+@pytest.mark.slow
 def test_the_server_maps_only_segments_it_can_trust(sgd_server, clients, tmp_path):
     server = sgd_server()
     c = clients(server.endpoint)

@@ -241,6 +241,46 @@ def test_a_gradient_in_pieces_steps_exactly_as_a_whole(name):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_step_that_writes_a_segment_as_it_goes_steps_as_a_whole(name, monkeypatch):
+    """A push whose reply goes into a worker's segment (``reply_to``) is stepped block by
+    block, each block of the new weights copied there as it goes: the weights and optimizer
+    state of one step over the whole (to the rounding of a short block's scalar tail), and
+    the segment holds exactly the weights. A rule it cannot take (Adagrad; a first step,
+    before the optimizer's state exists) steps as usual and leaves the copy to the reply."""
+    import server.store as store_module
+
+    monkeypatch.setattr(store_module, "FUSE_BLOCK", 16)
+    monkeypatch.setattr(store_module, "FUSE_MIN", 40)
+    section, _ = OPTIMIZERS[name]
+    whole = ParameterStore.from_model(small_model(), config(section))
+    fused = ParameterStore.from_model(small_model(), config(section))
+    assert fused.numel % 16 and fused.numel >= 40     # a short last block
+    wrote = []
+    for step in range(5):
+        g = torch.cat([x.reshape(-1) for x in gradients(small_model(), step)])
+        seg = np.full(fused.numel, np.nan, np.float32)
+        whole.step(0.03, g.clone())
+        fused.reply_to = seg
+        fused.step(0.03, g.clone())
+        fused.reply_to = None
+        torch.testing.assert_close(fused.weights, whole.weights, rtol=1e-6, atol=1e-7)
+        if fused.filled is not None:
+            assert fused.filled == fused.version
+            assert np.array_equal(seg, fused.weights.numpy())
+            fused.filled = None
+        else:
+            assert np.isnan(seg).all()             # not touched: the reply copies
+        wrote.append(not np.isnan(seg).any())
+    assert wrote == ([False] * 5 if name == "adagrad" else
+                     [True] * 5 if name == "sgd" else [False] + [True] * 4)
+    (s1, t1), (s2, t2) = fused.optimizer_state(), whole.optimizer_state()
+    assert s1 == s2
+    for (n1, a), (n2, b) in zip(t1, t2):
+        assert n1 == n2
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_lent_weights_are_moved_only_while_zeromq_holds_them():
     """Large replies are sent from the live weights themselves. A step while such a reply is
     still queued moves the weights to another buffer first (the reply keeps its bytes); a
