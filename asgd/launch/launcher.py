@@ -51,6 +51,7 @@ from asgd.rundir import checkpoint_dirs
 
 STOP_GRACE_S = 20.0
 POLL_S = 0.5
+EXIT_POLL_S = 0.02       # within a turn: how often to look for a process that exited
 WORKER_DIVERGED_EXIT = 4     # worker/train.py: its loss stayed non-finite
 FAULT_ENV = "ASGD_FAULT"     # worker/train.py's crash switch: not passed to a restarted worker
 
@@ -268,7 +269,14 @@ class Launch(Restarts):
             if time.monotonic() > hard_deadline:
                 self.failures.append("workers outlived run.max_seconds; stopped")
                 return
-            time.sleep(POLL_S)
+            self._rest()
+
+    def _rest(self) -> None:
+        """POLL_S, or until a process running now exits: the end of a run is seen at once."""
+        running = [p for p in (*self.workers, *self.servers) if p.poll() is None]
+        end = time.monotonic() + POLL_S
+        while time.monotonic() < end and all(p.poll() is None for p in running):
+            time.sleep(EXIT_POLL_S)
 
     def _tick(self) -> None:
         """Once a turn of the watch loop, before the stats (asgd.launch.onray's restarts)."""

@@ -38,11 +38,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 from asgd.config import Config
 from asgd.core.endpoint import read_address
-from asgd.launch.launcher import STARTUP_TIMEOUT_S, Launch, LaunchError, checkpoint_dirs
+from asgd.launch.launcher import POLL_S, STARTUP_TIMEOUT_S, Launch, LaunchError, checkpoint_dirs
 from asgd.launch.rayproc import ProcessActor, RayProc
 from asgd.launch.restarts import resume_how
 
@@ -268,6 +269,9 @@ class RayLaunch(Launch):
 
     # ------------------------------------------------------------------------------------------
     # deaths: Ray restarts; the launcher records what it sees
+
+    def _rest(self) -> None:        # each poll of an actor is a call to Ray: a turn's sleep
+        time.sleep(POLL_S)
 
     def _tick(self) -> None:
         for kind, procs in (("server", self.servers), ("worker", self.workers)):
