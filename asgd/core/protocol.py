@@ -235,11 +235,14 @@ def parse_specs(header: dict) -> list[dict]:
     return specs
 
 
-def decode(frames: Sequence, max_bytes: int | None = None) -> tuple[dict, list[Tensor]]:
-    """Header and tensors of one message. Raises ProtocolError on anything malformed."""
+def decode(frames: Sequence, max_bytes: int | None = None, header: dict | None = None
+           ) -> tuple[dict, list[Tensor]]:
+    """Header and tensors of one message (``header``: the first frame already decoded).
+    Raises ProtocolError on anything malformed."""
     if not frames:
         raise ProtocolError("bad_request", "empty message")
-    header = decode_header(frames[0])
+    if header is None:
+        header = decode_header(frames[0])
     specs = parse_specs(header)
     if len(frames) - 1 != len(specs):
         raise ProtocolError(
@@ -388,7 +391,7 @@ def check_request(frames: Sequence, max_bytes: int | None = None) -> Request:
             fail("bad_request", "a push through shared memory carries no frames, flat or "
                  "encoding")
     try:
-        _, tensors = decode(frames, max_bytes)
+        _, tensors = decode(frames, max_bytes, h)
     except ProtocolError as e:
         fail(e.code, e.message)
     if tensors and op not in TENSOR_OPS + MODEL_OPS:
