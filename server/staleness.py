@@ -384,7 +384,8 @@ class StalenessControl:
     def _step(self, lr: float, grad: torch.Tensor | None = None, advance: int = 1) -> None:
         # look-ahead (server.lookahead) predicts the served weights at the next update's rate
         store = self.store
-        store.step(lr, grad, next_lr=server_lr(self.cfg, store.version + advance))
+        store.step(lr, grad, next_lr=None if store.ahead is None else
+                   server_lr(self.cfg, store.version + advance))
         store.version += advance - 1      # kbatch: the version counts the pushes applied
         if self.dc is not None:
             self.dc.remember(self.store.weights, self.store.version)

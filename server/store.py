@@ -269,8 +269,8 @@ class ParameterStore:
         are then predicted at ``next_lr`` (the next update's rate; default ``lr``)."""
         self._own()
         g = self.flat.grad if grad is None else grad
-        if self.reply_to is not None and self.ahead is None and torch.is_tensor(g) \
-                and self.numel >= FUSE_MIN and self._blockwise(g, lr, self.reply_to):
+        if self.reply_to is not None and self.numel >= FUSE_MIN and self.ahead is None \
+                and torch.is_tensor(g) and self._blockwise(g, lr, self.reply_to):
             self._stepped(lr if next_lr is None else next_lr)
             self.filled = self.version
             return
