@@ -78,7 +78,7 @@ class ServerCore:
         self.bytes_in = self.bytes_out = 0
         self.shm_bytes_in = self.shm_bytes_out = 0   # tensors moved through shared memory
         self.check = FiniteCheck()
-        self._filled = None      # (segment, version): a push's step wrote the weights there
+        self._form = None        # the reply form a push_pull's step used (and maybe filled)
         # this host's workers: their segments and the local socket (server.local)
         self.local = local if local is not None else LocalPeers(store.layout.numel, False)
         self._ops = {"hello": self._hello, "pull": self._pull, "push": self._push,
@@ -133,7 +133,7 @@ class ServerCore:
 
     def reply_frames(self, identity: bytes, frames, local: str | None = None) -> Reply | None:
         """The reply to one request's frames, or DEFER. Never raises."""
-        request_id = None
+        request_id, self._form = None, None
         self.bytes_in += sum(protocol.frame_nbytes(f) for f in frames)
         try:
             req = protocol.check_request(frames, self.max_bytes)
@@ -151,7 +151,7 @@ class ServerCore:
                 return DEFER
             fields, tensors = result
             if req.op in ("pull", "push_pull"):
-                form = self._reply_form(req)
+                form = self._form or self._reply_form(req)
             else:   # a shard's hello carries its range of the weights, flat
                 form = PER_TENSOR if self.store.whole else ReplyForm(True)
             return self._answer(req.id, req.op, fields, tensors, form)
@@ -194,8 +194,7 @@ class ServerCore:
                 if form.segment.weights is None:   # closed by a later hello or a bye
                     return Reply(protocol.error_reply(request_id, "bad_request",
                                                       "the shared-memory segment was replaced"))
-                filled, self._filled = self._filled, None
-                if filled != (form.segment, store.version):   # not written by the step
+                if form.filled != store.version:     # not written by the step as it went
                     np.copyto(form.segment.weights[self.lo:self.hi], store.weights.numpy())
                 self.shm_bytes_out += store.numel * 4
                 header["shm"] = True
@@ -360,14 +359,16 @@ class ServerCore:
         if seq is not None and seq in worker.replies:
             return self._repeat(req, worker, identity, seq)
         base, grad = self._check_push(req)
-        form = self._reply_form(req) if req.op == "push_pull" else PER_TENSOR
-        store, seg = self.store, form.segment   # a step writes a segment's weights as it goes
+        form = self._form = self._reply_form(req) if req.op == "push_pull" else None
+        store, seg = self.store, form and form.segment   # a step writes it as it goes
         store.reply_to = None if seg is None else seg.weights[self.lo:self.hi]
         try:
-            out = self.control.push(Pending(identity, req.worker, req.id, req.op, form=form,
-                                            seq=seq), base, grad)
+            out = self.control.push(Pending(identity, req.worker, req.id, req.op,
+                                            form=form or PER_TENSOR, seq=seq), base, grad)
         finally:
-            self._filled, store.reply_to, store.filled = (seg, store.filled), None, None
+            if seg is not None:
+                form.filled = store.filled
+            store.reply_to = store.filled = None
         if not out.repeat:
             k = bucket(out.staleness)
             self.staleness[k] += 1
@@ -426,8 +427,7 @@ class ServerCore:
                         reverse=True)[:STATS_WORKERS]
         return {
             "version": self.store.version,
-            "updates_applied": self.applied,
-            "updates_dropped": self.dropped,
+            "updates_applied": self.applied, "updates_dropped": self.dropped,
             "staleness_histogram": {str(k): v for k, v in sorted(self.staleness.items())},
             "staleness_mean": mean,
             "staleness_max": max(self.staleness) if self.staleness else 0,

@@ -28,10 +28,11 @@ ZERO_COPY_BYTES = 1 << 20    # float32 replies at least this large are sent from
 class ReplyForm:
     """How one reply carries the weights: per parameter, flat in a wire dtype, or written
     into the worker's shared-memory segment."""
-    __slots__ = ("flat", "dtype", "segment")
+    __slots__ = ("flat", "dtype", "segment", "filled")
 
     def __init__(self, flat: bool = False, dtype: str = "float32", segment=None):
         self.flat, self.dtype, self.segment = flat, dtype, segment
+        self.filled = None       # the version whose weights a push's step wrote in the segment
 
 
 PER_TENSOR = ReplyForm()
