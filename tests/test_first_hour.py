@@ -219,6 +219,9 @@ def test_the_guard_tells_learning_from_not_learning():
     assert "collapsed to 0.100" in h.accuracy(300, 0.10)
     assert "at chance" in DivergenceGuard(10).final(0.089)
     assert DivergenceGuard(10).final(0.5) == ""
+    short = DivergenceGuard(10, warmup=50, max_updates=61)     # ends inside its grace period
+    assert short.final(0.116, version=61) == ""                 # untrained, not diverged
+    assert "at chance" in short.final(0.116, version=short.grace_until)
 
 
 def test_a_diverging_run_is_stopped_and_reported(processes, tmp_path, mnist1d_cached):

@@ -3,7 +3,7 @@
     guard = DivergenceGuard(num_classes=10, warmup=50, max_updates=6000)
     reason = guard.loss(version=700, loss=2.3021)      # "" while all is well
     reason = guard.accuracy(version=900, accuracy=0.09)
-    reason = guard.final(accuracy=0.089)
+    reason = guard.final(accuracy=0.089, version=6000)
 
 A run has diverged when its training loss is not finite, when the loss still sits at chance
 (ln K for K classes) once the warm-up and a grace period are over, when its live accuracy
@@ -72,8 +72,12 @@ class DivergenceGuard:
                                f"{version} (it had reached {self.best_accuracy:.3f})")
         return ""
 
-    def final(self, accuracy: float | None) -> str:
-        """Judge the final evaluation: a model at chance is never a success."""
+    def final(self, accuracy: float | None, version: int | None = None) -> str:
+        """Judge the final evaluation: a model at chance is never a success, once the run has
+        had the warm-up and the grace period to learn (a shorter run is untrained, not
+        diverged; its non-finite loss is caught by ``loss``)."""
+        if version is not None and version < self.grace_until:
+            return ""
         if accuracy is not None and accuracy <= self.chance_accuracy:
             return self._found(f"the final test accuracy {accuracy:.3f} is at chance "
                                f"(1/{self.num_classes} = {1 / self.num_classes:.3f})")

@@ -354,7 +354,7 @@ class Launch(Restarts):
             self.metrics.write("eval", version=ckpt.version, accuracy=acc, loss=loss, final=True)
             self.mon.accuracy = acc
             if not self.interrupted and not self.stop_now:   # untrained: not a divergence
-                self._judge(self.guard.final(acc))
+                self._judge(self.guard.final(acc, ckpt.version))
         except (OSError, ValueError) as e:
             summary.update(test_accuracy=None, test_loss=None)
             if isinstance(e, NonFiniteCheckpoint) and self.diverged:
